@@ -1,0 +1,65 @@
+"""The causal text transformer, pooled at the end-of-text token and projected to the shared space."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.config import CLIPConfig
+from clip_jax.models.layers import (
+    BATCH, EMBED, LENGTH, VOCAB, LayerNorm, Transformer, constrain, normal, partitioned,
+)
+
+
+class TextTransformer(nn.Module):
+    config: CLIPConfig
+
+    @nn.compact
+    def __call__(self, texts: jax.Array) -> jax.Array:
+        """(batch, length <= context_length) int ids -> (batch, embed_dim) unnormalised embeddings."""
+        cfg, text = self.config, self.config.text
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, length = texts.shape
+        if length > text.context_length:
+            raise ValueError(f"texts have {length} tokens; the context length is {text.context_length}")
+        token_embedding = self.param(
+            "token_embedding",
+            partitioned(normal(0.02), (VOCAB, EMBED)),
+            (text.vocab_size, text.width),
+            param_dtype,
+        )
+        positional_embedding = self.param(
+            "positional_embedding",
+            partitioned(normal(0.01), (LENGTH, EMBED)),
+            (text.context_length, text.width),
+            param_dtype,
+        )
+        x = jnp.take(token_embedding, texts, axis=0).astype(dtype)
+        # Causal attention makes the pooled token blind to what follows it, so a shorter
+        # (unpadded) input gives the same embedding as the padded one.
+        x = x + positional_embedding[:length].astype(dtype)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        x = Transformer(
+            cfg,
+            width=text.width,
+            heads=text.heads,
+            layers=text.layers,
+            mlp_ratio=text.mlp_ratio,
+            causal=True,
+            name="transformer",
+        )(x)
+        x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_final")(x)
+        if text.pooling == "argmax":  # CLIP BPE: the EOT id is the largest id in the vocabulary
+            pool_index = jnp.argmax(texts, axis=-1)
+        else:  # "last": the last position that is not padding
+            positions = jnp.arange(length)[None, :]
+            pool_index = jnp.max(jnp.where(texts != text.pad_id, positions, 0), axis=-1)
+        x = x[jnp.arange(batch), pool_index]  # (batch, width)
+        projection = self.param(
+            "projection",
+            partitioned(normal(text.width**-0.5), (EMBED, "projection")),
+            (text.width, cfg.embed_dim),
+            param_dtype,
+        )
+        return x @ projection.astype(dtype)
