@@ -1,0 +1,493 @@
+"""Contrastive losses of CLIP (softmax) and SigLIP (sigmoid): single-device references, and
+sharded versions that run inside `jax.shard_map` and see the global batch across devices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+LOSSES = ("softmax", "sigmoid")
+IMPLEMENTATIONS = ("all_gather", "ring")
+
+AxisNames = str | tuple[str, ...]
+
+# A logit scale near 100 magnifies the rounding of the dot products: the default float32 matmul on
+# TPU (bf16 passes) errs by about 1e-3 per product, i.e. 0.1 in a logit. The loss matmuls are tiny
+# next to the encoders, so they are done in full float32.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _similarity(rows: jax.Array, columns: jax.Array) -> jax.Array:
+    """Dot products of every row with every column: (m, dim) x (n, dim) -> (m, n)."""
+    return jnp.einsum("md,nd->mn", rows, columns, precision=_PRECISION)
+
+
+def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {choices}")
+
+
+def _check_embeddings(image_embeds: jax.Array, text_embeds: jax.Array) -> None:
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "image and text embeddings must both be (batch, dim) and of equal shape; got "
+            f"{image_embeds.shape} and {text_embeds.shape}"
+        )
+
+
+def _as_axis_tuple(axis_names: AxisNames) -> tuple[str, ...]:
+    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+    if not names:
+        raise ValueError(f"axis_names must name at least one mesh axis; got {axis_names!r}")
+    return names
+
+
+def _float32(*arrays: Any) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(array, jnp.float32) for array in arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# Single-device references: the whole batch on one device.
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_contrastive_loss(
+    image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array | float
+) -> jax.Array:
+    """CLIP loss: mean cross-entropy of image->text and text->image logits, averaged.
+
+    Embeddings are (batch, dim) and already L2-normalised; `logit_scale` is already exponentiated.
+    """
+    _check_embeddings(image_embeds, text_embeds)
+    image_embeds, text_embeds, logit_scale = _float32(image_embeds, text_embeds, logit_scale)
+    logits = logit_scale * _similarity(image_embeds, text_embeds)  # (batch, batch)
+    positive_logits = jnp.diagonal(logits)
+    image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive_logits)
+    text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0) - positive_logits)
+    return (image_to_text + text_to_image) / 2
+
+
+def sigmoid_contrastive_loss(
+    image_embeds: jax.Array,
+    text_embeds: jax.Array,
+    logit_scale: jax.Array | float,
+    logit_bias: jax.Array | float,
+) -> jax.Array:
+    """SigLIP loss: -sum_ij log_sigmoid(z_ij * (scale * x_i.y_j + bias)) / batch, z = +1 on the
+    diagonal (matching pairs) and -1 elsewhere."""
+    _check_embeddings(image_embeds, text_embeds)
+    image_embeds, text_embeds, logit_scale, logit_bias = _float32(
+        image_embeds, text_embeds, logit_scale, logit_bias
+    )
+    batch_size = image_embeds.shape[0]
+    logits = logit_scale * _similarity(image_embeds, text_embeds) + logit_bias
+    signs = 2 * jnp.eye(batch_size, dtype=jnp.float32) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / batch_size
+
+
+def in_batch_accuracy(
+    image_embeds: jax.Array, text_embeds: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Fractions of images whose most similar text is their own caption, and of texts whose most
+    similar image is their own; for logging (a positive logit scale does not change the argmax)."""
+    _check_embeddings(image_embeds, text_embeds)
+    similarity = _similarity(*_float32(image_embeds, text_embeds))  # (batch, batch)
+    targets = jnp.arange(similarity.shape[0])
+    image_to_text = jnp.mean(jnp.argmax(similarity, axis=1) == targets)
+    text_to_image = jnp.mean(jnp.argmax(similarity, axis=0) == targets)
+    return image_to_text, text_to_image
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded losses: called inside shard_map on each device's local rows; every device returns the
+# loss of the global batch, and gradients are those of the single-device loss on that batch.
+# --------------------------------------------------------------------------------------------
+
+
+def sharded_contrastive_loss(
+    local_image_embeds: jax.Array,
+    local_text_embeds: jax.Array,
+    logit_scale: jax.Array | float,
+    logit_bias: jax.Array | float | None,
+    *,
+    loss: str,
+    axis_names: AxisNames,
+    impl: str,
+) -> jax.Array:
+    """Loss of the global batch whose rows are split over the mesh axes `axis_names`.
+
+    Must run inside `jax.shard_map` with the batch sharded over `axis_names` (several axes are
+    flattened row-major, as `PartitionSpec((axis, ...))` lays them out). `loss` is "softmax"
+    (CLIP; `logit_bias` is ignored and may be None) or "sigmoid" (SigLIP). `impl` is
+    "all_gather" (gather the embeddings, O(local_batch * global_batch) memory) or "ring"
+    (embeddings pass around the devices block by block, O(local_batch^2) memory for the loss).
+    """
+    _check_choice("loss", loss, LOSSES)
+    _check_choice("impl", impl, IMPLEMENTATIONS)
+    _check_embeddings(local_image_embeds, local_text_embeds)
+    axes = _as_axis_tuple(axis_names)
+    if loss == "sigmoid" and logit_bias is None:
+        raise ValueError("the sigmoid loss needs a logit_bias; got None")
+    image, text, scale = _float32(local_image_embeds, local_text_embeds, logit_scale)
+    if loss == "softmax":
+        if impl == "all_gather":
+            return _all_gather_softmax_loss(image, text, scale, axes)
+        return _ring_softmax_loss(image, text, scale, axes)
+    (bias,) = _float32(logit_bias)
+    if impl == "all_gather":
+        return _all_gather_sigmoid_loss(image, text, scale, bias, axes)
+    return _ring_sigmoid_loss(image, text, scale, bias, axes)
+
+
+def sharded_in_batch_accuracy(
+    local_image_embeds: jax.Array, local_text_embeds: jax.Array, *, axis_names: AxisNames
+) -> tuple[jax.Array, jax.Array]:
+    """`in_batch_accuracy` of the global batch from inside shard_map (identical on every device).
+
+    Gathers the embeddings, so it needs O(local_batch * global_batch) memory; meant for logging.
+    """
+    _check_embeddings(local_image_embeds, local_text_embeds)
+    axes = _as_axis_tuple(axis_names)
+    image, text = _float32(local_image_embeds, local_text_embeds)
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    targets = jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
+    image_to_text = jnp.argmax(_similarity(image, _gather(text, axes)), axis=1) == targets
+    text_to_image = jnp.argmax(_similarity(text, _gather(image, axes)), axis=1) == targets
+    return (
+        jax.lax.psum(jnp.sum(image_to_text), axes) / global_batch,
+        jax.lax.psum(jnp.sum(text_to_image), axes) / global_batch,
+    )
+
+
+# ---- all_gather: local rows x global columns --------------------------------------------------
+
+
+def _gather(local_rows: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """(local_batch, dim) on each device -> (global_batch, dim), in the mesh's row-major order.
+
+    Under autodiff its transpose is a reduce-scatter: the gradient a device gets for its own rows
+    sums what every device's logits contributed to them, which keeps the gradients exact.
+    """
+    return jax.lax.all_gather(local_rows, axes, tiled=True)
+
+
+def _positive_mask(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
+    """(local_batch, global_batch) booleans: True where a local row meets its own pair."""
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    first_row = jax.lax.axis_index(axes) * local_batch
+    local_rows = first_row + jnp.arange(local_batch)
+    return jnp.arange(global_batch)[None, :] == local_rows[:, None]
+
+
+def _all_gather_softmax_loss(
+    image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]
+) -> jax.Array:
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    positives = _positive_mask(local_batch, axes)
+    # Each direction owns the rows of its local queries: local images against all texts, and
+    # local texts against all images, so every global row is counted exactly once.
+    partial_sum = 0.0
+    for queries, candidates in ((image, text), (text, image)):
+        logits = scale * _similarity(queries, _gather(candidates, axes))  # (local, global)
+        positive_logits = jnp.sum(jnp.where(positives, logits, 0.0), axis=1)
+        partial_sum += jnp.sum(jax.nn.logsumexp(logits, axis=1) - positive_logits)
+    return jax.lax.psum(partial_sum, axes) / (2 * global_batch)
+
+
+def _all_gather_sigmoid_loss(
+    image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax.Array, axes: tuple[str, ...]
+) -> jax.Array:
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    # Every (image, text) pair appears once in the sum, so one direction covers them all.
+    logits = scale * _similarity(image, _gather(text, axes)) + bias  # (local, global)
+    signs = jnp.where(_positive_mask(local_batch, axes), 1.0, -1.0)
+    partial_sum = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+    return jax.lax.psum(partial_sum, axes) / global_batch
+
+
+# ---- ring: text blocks travel around the devices; nothing global is ever stored ---------------
+#
+# Device k holds local images I_k and texts T_k. The texts (with whatever per-column statistics
+# travel with them) hop one device per step, so at step s device k sees T_{k+s}: the diagonal
+# block (the matching pairs) at step 0, then every other block once. A block's logits are only
+# (local_batch, local_batch). Column statistics and column gradients ride along with their text
+# block and, after a full turn, arrive back on the block's home device.
+
+
+def _shift(tree: Any, axes: tuple[str, ...]) -> Any:
+    """Send every array one device down the ring: device j -> j - 1, so each device receives the
+    block of the device after it."""
+    num_devices = jax.lax.axis_size(axes)
+    permutation = [(source, (source - 1) % num_devices) for source in range(num_devices)]
+    return jax.tree.map(lambda array: jax.lax.ppermute(array, axes, permutation), tree)
+
+
+def _ring_pass(
+    step: Callable[[Any, Any, Any, bool], tuple[Any, Any]],
+    resident: Any,
+    visitor: Any,
+    accumulator: Any,
+    axes: tuple[str, ...],
+) -> tuple[Any, Any]:
+    """Run `step(resident, visitor, accumulator, is_diagonal) -> (resident, accumulator)` once
+    per block of the ring.
+
+    `resident` stays on the device (its own rows' statistics or gradients); `visitor` is read-only
+    data that travels (a text block and its fixed statistics); `accumulator` travels with the
+    visitor and is updated by every device it visits. Returns the final resident and the
+    accumulator of this device's own block, back home.
+    """
+    num_devices = jax.lax.axis_size(axes)
+    # The diagonal block is peeled off the loop: it alone holds the positive pairs, so the other
+    # blocks need no mask. The next visitor is sent before the current block is computed (it
+    # does not depend on it) so that the transfer can overlap the matmuls.
+    next_visitor = _shift(visitor, axes)
+    resident, accumulator = step(resident, visitor, accumulator, True)
+    accumulator = _shift(accumulator, axes)
+
+    def off_diagonal_step(_, carry):
+        resident, visitor, accumulator = carry
+        next_visitor = _shift(visitor, axes)
+        resident, accumulator = step(resident, visitor, accumulator, False)
+        return resident, next_visitor, _shift(accumulator, axes)
+
+    # After num_devices shifts each accumulator is home again. (The visitor is shifted once more
+    # than needed: one extra block transfer per pass, the price of the overlap.)
+    resident, _, accumulator = jax.lax.fori_loop(
+        1, num_devices, off_diagonal_step, (resident, next_visitor, accumulator)
+    )
+    return resident, accumulator
+
+
+def _block_gradients(
+    image: jax.Array,
+    visitor_text: jax.Array,
+    similarity: jax.Array,
+    logit_gradient: jax.Array,
+    scale: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chain rule through logits = scale * image @ text.T (+ bias) for one block: gradients for the
+    local images (local, dim), the visiting texts (local, dim) and the scale (scalar)."""
+    image_gradient = scale * jnp.matmul(logit_gradient, visitor_text, precision=_PRECISION)
+    text_gradient = scale * jnp.matmul(logit_gradient.T, image, precision=_PRECISION)
+    return image_gradient, text_gradient, jnp.sum(logit_gradient * similarity)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ring_softmax_loss(
+    image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]
+) -> jax.Array:
+    loss, _ = _ring_softmax_forward(image, text, scale, axes)
+    return loss
+
+
+def _ring_softmax_forward(image, text, scale, axes):
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+
+    def step(resident, visitor_text, column_log_sum_exp, is_diagonal):
+        row_log_sum_exp, positive_logits = resident
+        logits = scale * _similarity(image, visitor_text)  # (local images, visiting texts)
+        if is_diagonal:
+            positive_logits = jnp.diagonal(logits)
+        row_log_sum_exp = jnp.logaddexp(row_log_sum_exp, jax.nn.logsumexp(logits, axis=1))
+        column_log_sum_exp = jnp.logaddexp(column_log_sum_exp, jax.nn.logsumexp(logits, axis=0))
+        return (row_log_sum_exp, positive_logits), column_log_sum_exp
+
+    empty = jnp.full((local_batch,), -jnp.inf, jnp.float32)
+    (row_log_sum_exp, positive_logits), column_log_sum_exp = _ring_pass(
+        step, (empty, jnp.zeros_like(empty)), text, empty, axes
+    )
+    # Image->text rows and text->image columns (those of this device's texts) share the positives.
+    partial_sum = (
+        jnp.sum(row_log_sum_exp) + jnp.sum(column_log_sum_exp) - 2 * jnp.sum(positive_logits)
+    )
+    loss = jax.lax.psum(partial_sum, axes) / (2 * global_batch)
+    return loss, (image, text, scale, row_log_sum_exp, column_log_sum_exp)
+
+
+def _ring_softmax_backward(axes, residuals, loss_gradient):
+    image, text, scale, row_log_sum_exp, column_log_sum_exp = residuals
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    weight = loss_gradient / (2 * global_batch)
+
+    def step(resident, visitor, text_gradient, is_diagonal):
+        image_gradient, scale_gradient = resident
+        visitor_text, visitor_column_log_sum_exp = visitor
+        similarity = _similarity(image, visitor_text)  # recomputed, never stored
+        logits = scale * similarity
+        # d loss / d logit: the row softmax plus the column softmax, minus 2 on the positives.
+        logit_gradient = jnp.exp(logits - row_log_sum_exp[:, None]) + jnp.exp(
+            logits - visitor_column_log_sum_exp[None, :]
+        )
+        if is_diagonal:
+            logit_gradient = logit_gradient - 2 * jnp.eye(local_batch, dtype=jnp.float32)
+        image_block, text_block, scale_block = _block_gradients(
+            image, visitor_text, similarity, weight * logit_gradient, scale
+        )
+        resident = (image_gradient + image_block, scale_gradient + scale_block)
+        return resident, text_gradient + text_block
+
+    (image_gradient, scale_gradient), text_gradient = _ring_pass(
+        step,
+        (jnp.zeros_like(image), jnp.zeros((), jnp.float32)),
+        (text, column_log_sum_exp),
+        jnp.zeros_like(text),
+        axes,
+    )
+    # The scale is replicated: its gradient is the sum of every device's share.
+    return image_gradient, text_gradient, jax.lax.psum(scale_gradient, axes)
+
+
+_ring_softmax_loss.defvjp(_ring_softmax_forward, _ring_softmax_backward)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring_sigmoid_loss(
+    image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax.Array, axes: tuple[str, ...]
+) -> jax.Array:
+    loss, _ = _ring_sigmoid_forward(image, text, scale, bias, axes)
+    return loss
+
+
+def _ring_sigmoid_forward(image, text, scale, bias, axes):
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+
+    def step(partial_sum, visitor_text, no_accumulator, is_diagonal):
+        logits = scale * _similarity(image, visitor_text) + bias
+        if is_diagonal:
+            signs = 2 * jnp.eye(local_batch, dtype=jnp.float32) - 1
+            terms = -jax.nn.log_sigmoid(signs * logits)
+        else:
+            terms = jax.nn.softplus(logits)  # -log_sigmoid(-x): every pair here is negative
+        return partial_sum + jnp.sum(terms), no_accumulator
+
+    partial_sum, _ = _ring_pass(step, jnp.zeros((), jnp.float32), text, (), axes)
+    loss = jax.lax.psum(partial_sum, axes) / global_batch
+    return loss, (image, text, scale, bias)
+
+
+def _ring_sigmoid_backward(axes, residuals, loss_gradient):
+    image, text, scale, bias = residuals
+    local_batch = image.shape[0]
+    global_batch = local_batch * jax.lax.axis_size(axes)
+    weight = loss_gradient / global_batch
+
+    def step(resident, visitor_text, text_gradient, is_diagonal):
+        image_gradient, scale_gradient, bias_gradient = resident
+        similarity = _similarity(image, visitor_text)  # recomputed, never stored
+        # d loss / d logit = sigmoid(logit) - 1 on the positives, sigmoid(logit) elsewhere.
+        logit_gradient = jax.nn.sigmoid(scale * similarity + bias)
+        if is_diagonal:
+            logit_gradient = logit_gradient - jnp.eye(local_batch, dtype=jnp.float32)
+        logit_gradient = weight * logit_gradient
+        image_block, text_block, scale_block = _block_gradients(
+            image, visitor_text, similarity, logit_gradient, scale
+        )
+        resident = (
+            image_gradient + image_block,
+            scale_gradient + scale_block,
+            bias_gradient + jnp.sum(logit_gradient),
+        )
+        return resident, text_gradient + text_block
+
+    zero = jnp.zeros((), jnp.float32)
+    (image_gradient, scale_gradient, bias_gradient), text_gradient = _ring_pass(
+        step, (jnp.zeros_like(image), zero, zero), text, jnp.zeros_like(text), axes
+    )
+    # The scale and bias are replicated: their gradients sum every device's share.
+    return (
+        image_gradient,
+        text_gradient,
+        jax.lax.psum(scale_gradient, axes),
+        jax.lax.psum(bias_gradient, axes),
+    )
+
+
+_ring_sigmoid_loss.defvjp(_ring_sigmoid_forward, _ring_sigmoid_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapper over a mesh, for the trainer and the tests.
+# --------------------------------------------------------------------------------------------
+
+
+def make_sharded_loss_fn(
+    mesh: Mesh,
+    batch_axes: AxisNames = ("data",),
+    loss: str = "softmax",
+    impl: str = "all_gather",
+) -> Callable[..., jax.Array]:
+    """`fn(image_embeds, text_embeds, logit_scale, logit_bias=None) -> scalar`: the loss of the
+    global batch, with the batch dimension sharded over `batch_axes` of `mesh`.
+
+    Global (batch, dim) inputs are placed on the mesh as needed (with explicit mesh axes they are
+    resharded; with auto axes shard_map does it). Differentiate it under `jax.jit`.
+    """
+    _check_choice("loss", loss, LOSSES)
+    _check_choice("impl", impl, IMPLEMENTATIONS)
+    axes = _as_axis_tuple(batch_axes)
+    unknown = [axis for axis in axes if axis not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"batch axes {unknown} are not axes of the mesh {mesh.axis_names}")
+    num_shards = 1
+    for axis in axes:
+        num_shards *= mesh.shape[axis]
+    batch_spec = P(axes)
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = all(axis_types[axis] == jax.sharding.AxisType.Explicit for axis in axes)
+
+    def per_device(image_embeds, text_embeds, logit_scale, logit_bias):
+        return sharded_contrastive_loss(
+            image_embeds,
+            text_embeds,
+            logit_scale,
+            logit_bias,
+            loss=loss,
+            axis_names=axes,
+            impl=impl,
+        )
+
+    sharded_loss = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(batch_spec, batch_spec, P(), P()), out_specs=P()
+    )
+
+    def loss_fn(
+        image_embeds: jax.Array,
+        text_embeds: jax.Array,
+        logit_scale: jax.Array | float,
+        logit_bias: jax.Array | float | None = None,
+    ) -> jax.Array:
+        _check_embeddings(image_embeds, text_embeds)
+        if image_embeds.shape[0] % num_shards:
+            raise ValueError(
+                f"global batch {image_embeds.shape[0]} does not split evenly over {num_shards} "
+                f"shards of mesh axes {axes}"
+            )
+        if logit_bias is None:
+            if loss == "sigmoid":
+                raise ValueError("the sigmoid loss needs a logit_bias; got None")
+            logit_bias = 0.0  # unused by the softmax loss; keeps shard_map's inputs fixed
+        if explicit:
+            placement = NamedSharding(mesh, batch_spec)
+            image_embeds = jax.reshard(image_embeds, placement)
+            text_embeds = jax.reshard(text_embeds, placement)
+        return sharded_loss(
+            image_embeds,
+            text_embeds,
+            jnp.asarray(logit_scale, jnp.float32),
+            jnp.asarray(logit_bias, jnp.float32),
+        )
+
+    return loss_fn
