@@ -1,0 +1,604 @@
+"""PyTorch CLIP checkpoints (OpenAI, open_clip, Hugging Face) <-> clip_jax variables, and the CLI.
+
+Every source is first brought to open_clip's state-dict layout (numpy arrays keyed like
+`visual.transformer.resblocks.0.attn.in_proj_weight`); one pair of functions then maps that layout
+to and from the Flax variable tree, so the three formats share one well-tested path.
+
+    python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import zipfile
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
+
+StateDict = dict[str, np.ndarray]
+FlatVariables = dict[tuple[str, ...], np.ndarray]
+
+# Keys that carry no learned value: buffers rebuilt by the model, or OpenAI's hyper-parameter scalars.
+_IGNORED_KEYS = re.compile(
+    r"(^|\.)(attn_mask|input_resolution|context_length|vocab_size|position_ids)$|num_batches_tracked$"
+)
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not match the CLIP architecture: a missing, extra or mis-shaped tensor."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints into open_clip's layout
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; bf16/fp16 weights are widened to fp32
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path} needs PyTorch (pickled and TorchScript checkpoints); `pip install torch`, "
+            "or convert a .safetensors file, which needs no torch"
+        ) from error
+    return torch
+
+
+def read_checkpoint(path: str) -> tuple[StateDict, str, dict[str, Any]]:
+    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    hints: dict[str, Any] = {}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            raw = load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError type
+            raise ConversionError(f"{path!r} is not a readable safetensors file: {error}") from error
+        kind = None
+    elif _is_torchscript(path):
+        torch = _import_torch(path)
+        raw = {k: _to_numpy(v) for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+        kind, hints["activation"] = "openai", "quick_gelu"
+    else:
+        torch = _import_torch(path)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ConversionError(f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}") from error
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]  # an open_clip training checkpoint
+        if not isinstance(loaded, dict):
+            raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict")
+        raw = {k: _to_numpy(v) for k, v in loaded.items() if hasattr(v, "shape")}
+        kind = None
+    raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+    if kind is None:
+        kind = "hf" if any(k.startswith(("text_model.", "vision_model.")) for k in raw) else "open_clip"
+    if kind == "hf":
+        hints.update(_hf_hints(path))
+        raw = hf_to_openclip(raw)
+    if "token_embedding.weight" not in raw or not any(k.startswith("visual.") for k in raw):
+        sample = ", ".join(sorted(raw)[:5]) or "no tensors"
+        raise ConversionError(f"{path!r} is not a CLIP checkpoint: no text and image towers among its keys ({sample}, …)")
+    return raw, kind, hints
+
+
+def _hf_hints(path: str) -> dict[str, Any]:
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path) as file:
+        hf_config = json.load(file)
+    act = hf_config.get("text_config", {}).get("hidden_act") or hf_config.get("hidden_act")
+    return {"activation": "quick_gelu" if act == "quick_gelu" else "gelu"} if act else {}
+
+
+_HF_RENAMES = [
+    (r"^text_model\.embeddings\.token_embedding\.weight$", "token_embedding.weight"),
+    (r"^text_model\.embeddings\.position_embedding\.weight$", "positional_embedding"),
+    (r"^text_model\.final_layer_norm\.", "ln_final."),
+    (r"^text_model\.encoder\.layers\.", "transformer.resblocks."),
+    (r"^vision_model\.embeddings\.class_embedding$", "visual.class_embedding"),
+    (r"^vision_model\.embeddings\.patch_embedding\.weight$", "visual.conv1.weight"),
+    (r"^vision_model\.embeddings\.position_embedding\.weight$", "visual.positional_embedding"),
+    (r"^vision_model\.pre_layrnorm\.", "visual.ln_pre."),
+    (r"^vision_model\.post_layernorm\.", "visual.ln_post."),
+    (r"^vision_model\.encoder\.layers\.", "visual.transformer.resblocks."),
+    (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
+    (r"\.layer_norm1\.", ".ln_1."),
+    (r"\.layer_norm2\.", ".ln_2."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+]
+
+
+def hf_to_openclip(hf: StateDict) -> StateDict:
+    """A Hugging Face `CLIPModel` state dict in open_clip's layout (q/k/v fused into in_proj)."""
+    out: StateDict = {}
+    separate_qkv: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in hf.items():
+        if key == "visual_projection.weight":
+            out["visual.proj"] = value.T
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T
+            continue
+        for pattern, replacement in _HF_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        match = re.match(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+        if match:
+            separate_qkv.setdefault(f"{match[1]}.attn.in_proj_{match[3]}", {})[match[2]] = value
+            continue
+        out[key] = value
+    for key, parts in separate_qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ConversionError(f"attention {key!r} lacks its {sorted({'q', 'k', 'v'} - set(parts))} projection")
+        out[key] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return out
+
+
+def _count(state_dict: StateDict, pattern: str) -> int:
+    return len({m[1] for k in state_dict if (m := re.match(pattern, k))})
+
+
+def infer_config(state_dict: StateDict, activation: str = "quick_gelu") -> CLIPConfig:
+    """The model spec read off tensor shapes, as OpenAI's `build_model` does."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ConversionError(f"cannot infer the architecture: missing tensor {key!r}")
+        return state_dict[key].shape
+
+    if "visual.class_embedding" in state_dict:  # a ViT; ModifiedResNets have no class token
+        width, _, patch, _ = shape("visual.conv1.weight")
+        grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+        vision = VisionConfig(
+            image_size=patch * grid,
+            width=width,
+            layers=_count(state_dict, r"visual\.transformer\.resblocks\.(\d+)\."),
+            patch_size=patch,
+        )
+    else:
+        width = shape("visual.layer1.0.conv1.weight")[0]
+        grid = round((shape("visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
+        vision = VisionConfig(
+            image_size=grid * 32,
+            width=width,
+            layers=tuple(_count(state_dict, rf"visual\.layer{s}\.(\d+)\.") for s in range(1, 5)),
+            patch_size=None,
+        )
+    text_width = shape("ln_final.weight")[0]
+    text = TextConfig(
+        context_length=shape("positional_embedding")[0],
+        vocab_size=shape("token_embedding.weight")[0],
+        width=text_width,
+        heads=text_width // 64,
+        layers=_count(state_dict, r"transformer\.resblocks\.(\d+)\."),
+    )
+    projection = state_dict.get("text_projection")
+    embed_dim = projection.shape[1] if projection is not None else shape("text_projection.weight")[0]
+    return CLIPConfig(
+        embed_dim=embed_dim,
+        vision=vision,
+        text=text,
+        activation=activation,
+        logit_bias_init=-10.0 if "logit_bias" in state_dict else None,
+    ).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip layout <-> Flax variables
+# ----------------------------------------------------------------------------------------------
+# Each rule maps torch tensors to Flax leaves and back. `to_flax` receives the torch tensors named in
+# `torch_keys` and returns {flax_path: array}; `to_torch` receives those Flax leaves and returns the
+# torch tensors. Writing both directions side by side keeps the round trip exact by construction.
+
+
+class _Rule:
+    def __init__(
+        self,
+        torch_keys: list[str],
+        flax_paths: list[tuple[str, ...]],
+        to_flax: Callable[..., list[np.ndarray]],
+        to_torch: Callable[..., list[np.ndarray]],
+    ):
+        self.torch_keys, self.flax_paths, self.to_flax, self.to_torch = torch_keys, flax_paths, to_flax, to_torch
+
+
+def _copy(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
+    return _Rule([torch_key], [flax_path], lambda t: [t], lambda f: [f])
+
+
+def _transposed(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
+    return _Rule([torch_key], [flax_path], lambda t: [t.T], lambda f: [f.T])
+
+
+def _conv(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
+    # torch (out, in, kh, kw) <-> flax (kh, kw, in, out)
+    return _Rule(
+        [torch_key], [flax_path], lambda t: [t.transpose(2, 3, 1, 0)], lambda f: [f.transpose(3, 2, 0, 1)]
+    )
+
+
+def _layer_norm(torch_prefix: str, flax_prefix: tuple[str, ...]) -> list[_Rule]:
+    return [
+        _copy(f"{torch_prefix}.weight", (*flax_prefix, "norm", "scale")),
+        _copy(f"{torch_prefix}.bias", (*flax_prefix, "norm", "bias")),
+    ]
+
+
+def _batch_norm(torch_prefix: str, flax_prefix: tuple[str, ...]) -> list[_Rule]:
+    return [
+        _copy(f"{torch_prefix}.weight", ("params", *flax_prefix, "scale")),
+        _copy(f"{torch_prefix}.bias", ("params", *flax_prefix, "bias")),
+        _copy(f"{torch_prefix}.running_mean", ("batch_stats", *flax_prefix, "mean")),
+        _copy(f"{torch_prefix}.running_var", ("batch_stats", *flax_prefix, "var")),
+    ]
+
+
+def _fused_attention(torch_prefix: str, flax_prefix: tuple[str, ...], heads: int) -> list[_Rule]:
+    """torch in_proj (3W, W) + out_proj (W, W) <-> flax query/key/value (W, heads, head_dim) + out."""
+    names = ("query", "key", "value")
+
+    def weights_to_flax(in_proj):
+        return [w.T.reshape(w.shape[1], heads, -1) for w in np.split(in_proj, 3, axis=0)]
+
+    def biases_to_flax(in_bias):
+        return [b.reshape(heads, -1) for b in np.split(in_bias, 3)]
+
+    return [
+        _Rule(
+            [f"{torch_prefix}.in_proj_weight"],
+            [(*flax_prefix, n, "kernel") for n in names],
+            weights_to_flax,
+            lambda q, k, v: [np.concatenate([x.reshape(x.shape[0], -1).T for x in (q, k, v)], axis=0)],
+        ),
+        _Rule(
+            [f"{torch_prefix}.in_proj_bias"],
+            [(*flax_prefix, n, "bias") for n in names],
+            biases_to_flax,
+            lambda q, k, v: [np.concatenate([x.reshape(-1) for x in (q, k, v)])],
+        ),
+        *_attention_output(f"{torch_prefix}.out_proj", flax_prefix, heads),
+    ]
+
+
+def _attention_output(torch_prefix: str, flax_prefix: tuple[str, ...], heads: int) -> list[_Rule]:
+    return [
+        _Rule(
+            [f"{torch_prefix}.weight"],
+            [(*flax_prefix, "out", "kernel")],
+            lambda w: [w.T.reshape(heads, -1, w.shape[0])],
+            lambda k: [k.reshape(-1, k.shape[-1]).T],
+        ),
+        _copy(f"{torch_prefix}.bias", (*flax_prefix, "out", "bias")),
+    ]
+
+
+def _separate_projection(torch_prefix: str, flax_path: tuple[str, ...], heads: int) -> list[_Rule]:
+    """A torch Linear (W, W) <-> a flax DenseGeneral (W, heads, head_dim)."""
+    return [
+        _Rule(
+            [f"{torch_prefix}.weight"],
+            [(*flax_path, "kernel")],
+            lambda w: [w.T.reshape(w.shape[1], heads, -1)],
+            lambda k: [k.reshape(k.shape[0], -1).T],
+        ),
+        _Rule(
+            [f"{torch_prefix}.bias"],
+            [(*flax_path, "bias")],
+            lambda b: [b.reshape(heads, -1)],
+            lambda b: [b.reshape(-1)],
+        ),
+    ]
+
+
+def _transformer(torch_prefix: str, flax_prefix: tuple[str, ...], layers: int, heads: int) -> list[_Rule]:
+    rules = []
+    for i in range(layers):
+        t, f = f"{torch_prefix}.resblocks.{i}", (*flax_prefix, f"block_{i}")
+        rules += _layer_norm(f"{t}.ln_1", (*f, "ln_1"))
+        rules += _fused_attention(f"{t}.attn", (*f, "attn"), heads)
+        rules += _layer_norm(f"{t}.ln_2", (*f, "ln_2"))
+        rules += [
+            _transposed(f"{t}.mlp.c_fc.weight", (*f, "mlp", "fc", "kernel")),
+            _copy(f"{t}.mlp.c_fc.bias", (*f, "mlp", "fc", "bias")),
+            _transposed(f"{t}.mlp.c_proj.weight", (*f, "mlp", "proj", "kernel")),
+            _copy(f"{t}.mlp.c_proj.bias", (*f, "mlp", "proj", "bias")),
+        ]
+    return rules
+
+
+def _conv_norm(torch_conv: str, torch_bn: str, flax_prefix: tuple[str, ...]) -> list[_Rule]:
+    return [_conv(torch_conv, ("params", *flax_prefix, "conv", "kernel")), *_batch_norm(torch_bn, (*flax_prefix, "bn"))]
+
+
+def _rules(config: CLIPConfig, state_dict_keys: set[str] | None = None) -> list[_Rule]:
+    vision, text = config.vision, config.text
+    params = ("params",)
+    rules: list[_Rule] = []
+    if vision.is_vit:
+        v = (*params, "visual")
+        rules += [
+            _conv("visual.conv1.weight", (*v, "patch_embedding")),
+            _copy("visual.class_embedding", (*v, "class_embedding")),
+            _copy("visual.positional_embedding", (*v, "positional_embedding")),
+            *_layer_norm("visual.ln_pre", (*v, "ln_pre")),
+            *_transformer("visual.transformer", (*v, "transformer"), vision.layers, vision.num_heads),
+            *_layer_norm("visual.ln_post", (*v, "ln_post")),
+            _copy("visual.proj", (*v, "projection")),
+        ]
+    else:
+        rules += _conv_norm("visual.conv1.weight", "visual.bn1", ("visual", "stem1"))
+        rules += _conv_norm("visual.conv2.weight", "visual.bn2", ("visual", "stem2"))
+        rules += _conv_norm("visual.conv3.weight", "visual.bn3", ("visual", "stem3"))
+        in_planes = vision.width
+        for stage, depth in enumerate(vision.layers):
+            planes = vision.width * 2**stage
+            for index in range(depth):
+                t, f = f"visual.layer{stage + 1}.{index}", ("visual", f"layer{stage + 1}_{index}")
+                for conv in ("conv1", "conv2", "conv3"):
+                    rules += _conv_norm(f"{t}.{conv}.weight", f"{t}.bn{conv[-1]}", (*f, conv))
+                stride = 2 if (stage > 0 and index == 0) else 1
+                if stride > 1 or in_planes != planes * 4:
+                    rules += _conv_norm(f"{t}.downsample.0.weight", f"{t}.downsample.1", (*f, "downsample"))
+                in_planes = planes * 4
+        a = (*params, "visual", "attnpool")
+        rules += [
+            _copy("visual.attnpool.positional_embedding", (*a, "positional_embedding")),
+            *_separate_projection("visual.attnpool.q_proj", (*a, "attn", "query"), vision.num_heads),
+            *_separate_projection("visual.attnpool.k_proj", (*a, "attn", "key"), vision.num_heads),
+            *_separate_projection("visual.attnpool.v_proj", (*a, "attn", "value"), vision.num_heads),
+            *_attention_output("visual.attnpool.c_proj", (*a, "attn"), vision.num_heads),
+        ]
+    t = (*params, "text")
+    # open_clip's own text towers may hold the projection as a Linear ("text_projection.weight").
+    if state_dict_keys is not None and "text_projection.weight" in state_dict_keys:
+        text_projection = _Rule(
+            ["text_projection.weight"], [(*t, "projection")], lambda w: [w.T], lambda p: [p.T]
+        )
+    else:
+        text_projection = _copy("text_projection", (*t, "projection"))
+    rules += [
+        _copy("token_embedding.weight", (*t, "token_embedding")),
+        _copy("positional_embedding", (*t, "positional_embedding")),
+        *_transformer("transformer", (*t, "transformer"), text.layers, text.heads),
+        *_layer_norm("ln_final", (*t, "ln_final")),
+        text_projection,
+        _copy("logit_scale", (*params, "logit_scale")),
+    ]
+    if config.logit_bias_init is not None:
+        rules.append(_copy("logit_bias", (*params, "logit_bias")))
+    return rules
+
+
+def _expected_shapes(config: CLIPConfig) -> FlatVariables:
+    unscanned = CLIP(config.replace(scan_layers=False, remat_policy="none"))
+    shapes = jax.eval_shape(lambda: unscanned.init_variables(jax.random.key(0)))
+    from flax import linen as nn
+
+    return traverse_util.flatten_dict(nn.unbox(shapes))
+
+
+def _stack_layers(flat: FlatVariables, config: CLIPConfig) -> FlatVariables:
+    """Unrolled `block_{i}` leaves -> one `blocks` leaf per parameter, layers on axis 0 (nn.scan layout)."""
+    out: FlatVariables = {}
+    groups: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
+    for path, value in flat.items():
+        block = next((i for i, p in enumerate(path) if p.startswith("block_")), None)
+        if block is None:
+            out[path] = value
+            continue
+        key = (*path[:block], "blocks", *path[block + 1:])
+        groups.setdefault(key, {})[int(path[block][len("block_"):])] = value
+    for key, by_layer in groups.items():
+        out[key] = np.stack([by_layer[i] for i in range(len(by_layer))])
+    return out
+
+
+def _unstack_layers(flat: FlatVariables) -> FlatVariables:
+    out: FlatVariables = {}
+    for path, value in flat.items():
+        if "blocks" not in path:
+            out[path] = value
+            continue
+        at = path.index("blocks")
+        for i in range(value.shape[0]):
+            out[(*path[:at], f"block_{i}", *path[at + 1:])] = value[i]
+    return out
+
+
+def openclip_to_variables(state_dict: StateDict, config: CLIPConfig) -> dict[str, Any]:
+    """Flax variables ({"params", ["batch_stats"]}) of numpy arrays from an open_clip-layout state dict.
+
+    Raises ConversionError naming the first missing or mis-shaped tensor, or the tensors left unused.
+    """
+    expected = _expected_shapes(config)
+    flat: FlatVariables = {}
+    used: set[str] = set()
+    for rule in _rules(config, set(state_dict)):
+        missing = [k for k in rule.torch_keys if k not in state_dict]
+        if missing:
+            tower = "ViT" if config.vision.is_vit else "ModifiedResNet"
+            raise ConversionError(f"missing tensor {missing[0]!r} (needed by a {tower} CLIP)")
+        inputs = [np.asarray(state_dict[k], dtype=np.float32) for k in rule.torch_keys]
+        try:
+            outputs = rule.to_flax(*inputs)
+        except ValueError as error:  # a reshape that the shape cannot satisfy
+            raise ConversionError(
+                f"tensor {rule.torch_keys[0]!r} has shape {tuple(inputs[0].shape)}, which does not fit the model"
+            ) from error
+        for path, value in zip(rule.flax_paths, outputs):
+            if path not in expected:
+                raise ConversionError(f"internal: no parameter {'/'.join(path)} in the model")
+            want = tuple(expected[path].shape)
+            if tuple(value.shape) != want:
+                raise ConversionError(
+                    f"tensor {rule.torch_keys[0]!r} has shape {tuple(inputs[0].shape)}; the model needs "
+                    f"{'/'.join(path)} of shape {want}"
+                )
+            flat[path] = np.array(value, order="C")
+        used.update(rule.torch_keys)
+    unused = sorted(k for k in state_dict if k not in used and not _IGNORED_KEYS.search(k))
+    if unused:
+        raise ConversionError(f"tensors not used by the model: {unused[:10]}{' …' if len(unused) > 10 else ''}")
+    not_filled = sorted("/".join(p) for p in expected if p not in flat)
+    if not_filled:
+        raise ConversionError(f"internal: model parameters not filled: {not_filled[:5]}")
+    if config.scan_layers:
+        flat = _stack_layers(flat, config)
+    return traverse_util.unflatten_dict(flat)
+
+
+def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> StateDict:
+    """The inverse of `openclip_to_variables`: an open_clip-layout state dict of float32 numpy arrays.
+
+    BatchNorm's `num_batches_tracked` counters are written as 0: they count training steps, are unused
+    when the momentum is set (as in CLIP), and Flax keeps no such counter.
+    """
+    from flax import linen as nn
+
+    flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
+    flat = {path: np.asarray(jax.device_get(value), dtype=np.float32) for path, value in flat.items()}
+    if config.scan_layers:
+        flat = _unstack_layers(flat)
+    state_dict: StateDict = {}
+    for rule in _rules(config):
+        outputs = rule.to_torch(*[flat[p] for p in rule.flax_paths])
+        for key, value in zip(rule.torch_keys, outputs):
+            state_dict[key] = np.array(value, order="C")
+        for key in rule.torch_keys:
+            if key.endswith(".running_var"):
+                state_dict[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def convert_state_dict(
+    state_dict: StateDict, model: str | CLIPConfig | None = None, activation: str | None = None, **overrides: Any
+) -> tuple[CLIPConfig, dict[str, Any]]:
+    """(spec, variables) for an open_clip-layout state dict; the spec from `model` or read off the shapes."""
+    if isinstance(model, CLIPConfig):
+        config = model
+    elif model is not None:
+        config = get_model_config(model)
+    else:
+        config = infer_config(state_dict, activation or "gelu")
+    if activation is not None:
+        config = config.replace(activation=activation)
+    if overrides:
+        config = config.replace(**overrides)
+    return config, openclip_to_variables(state_dict, config)
+
+
+def load_checkpoint(
+    path: str, model: str | CLIPConfig | None = None, activation: str | None = None, **overrides: Any
+) -> tuple[CLIPConfig, dict[str, Any]]:
+    """(spec, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
+
+    Without `model`, the spec is read off the tensor shapes. The activation cannot be: OpenAI files
+    imply QuickGELU, HF files carry it in their config.json, and other open_clip files default to GELU
+    (open_clip's default) unless `activation="quick_gelu"` is passed (the "-quickgelu" models).
+    """
+    state_dict, kind, hints = read_checkpoint(path)
+    return convert_state_dict(state_dict, model, activation or hints.get("activation"), **overrides)
+
+
+def save_state_dict(state_dict: StateDict, path: str) -> None:
+    """Write an open_clip-layout state dict: safetensors by extension, a torch pickle otherwise."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
+        return
+    torch = _import_torch(path)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
+
+
+def _hf_tokenizer_files(path: str) -> tuple[str, str] | None:
+    directory = os.path.dirname(os.path.abspath(path))
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    return (vocab, merges) if os.path.isfile(vocab) and os.path.isfile(merges) else None
+
+
+def convert_checkpoint(
+    source: str,
+    output_dir: str,
+    model: str | None = None,
+    activation: str | None = None,
+    bpe_path: str | None = None,
+    overwrite: bool = False,
+) -> CLIPConfig:
+    """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`)."""
+    from clip_jax import checkpoint, tokenizer as tokenizers
+
+    checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
+    config, variables = load_checkpoint(source, model, activation)
+    hf_files = _hf_tokenizer_files(source)
+    if bpe_path is None and hf_files is not None:
+        text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
+    else:
+        text_tokenizer = tokenizers.ClipTokenizer(bpe_path, context_length=config.text.context_length)
+    checkpoint.save_model_directory(output_dir, config, variables, text_tokenizer, overwrite=overwrite)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_jax.convert",
+        description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
+        "or (--to-open-clip) a clip_jax directory back into an open_clip state dict.",
+    )
+    parser.add_argument("source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip")
+    parser.add_argument("output", help="the directory to create (or the state-dict file with --to-open-clip)")
+    parser.add_argument("--model", help="a registered spec name (default: read off the tensor shapes)")
+    parser.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the MLP activation")
+    parser.add_argument("--bpe", help="path of bpe_simple_vocab_16e6.txt.gz (default: CLIP_JAX_BPE or open_clip's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--to-open-clip", action="store_true", help="export a clip_jax directory to open_clip")
+    args = parser.parse_args(argv)
+    if args.to_open_clip:
+        from clip_jax import checkpoint
+
+        if os.path.exists(args.output) and not args.overwrite:
+            parser.error(f"{args.output} exists; pass --overwrite to replace it")
+        config, variables = checkpoint.load_model_directory(args.source)
+        save_state_dict(variables_to_openclip(variables, config), args.output)
+        print(f"wrote {args.output}")
+        return
+    config = convert_checkpoint(args.source, args.output, args.model, args.activation, args.bpe, args.overwrite)
+    kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
+    print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
+
+
+if __name__ == "__main__":
+    main()

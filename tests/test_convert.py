@@ -1,0 +1,355 @@
+"""Conversion tests: parity with open_clip / OpenAI TorchScript / Hugging Face, exact export, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import clip_jax
+from clip_jax import checkpoint, convert
+from clip_jax.tokenizer import ClipTokenizer
+
+open_clip = pytest.importorskip("open_clip")  # in requirements-dev.txt: a missing reference is an install error
+from open_clip.model import CLIP as OpenClipModel, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+
+TOLERANCE = 1e-4
+CAPTIONS = ["a photo of a dog.", "a diagram of two red circles on a white background", "zebra"]
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Noise on every tensor: open_clip zero-initialises some (ResNet bn3), which would hide a mismatch."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.dtype.is_floating_point or name.endswith("attn_mask"):
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name.endswith("running_var") or (".bn" in name or "downsample.1" in name) and name.endswith("weight"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif name.endswith("logit_scale"):
+                tensor.fill_(3.0)
+            else:
+                tensor.add_(0.02 * noise + 0.02 * noise.sign() * (name.endswith("bias") or "running_mean" in name))
+    return model.eval()
+
+
+def _small_vit() -> OpenClipModel:
+    return OpenClipModel(
+        32,
+        CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+    )
+
+
+def _small_vit_config():
+    return clip_jax.get_model_config("tiny-vit", text=dict(context_length=77, vocab_size=49408))
+
+
+def _small_resnet() -> OpenClipModel:
+    return OpenClipModel(
+        32,
+        CLIPVisionCfg(layers=(1, 2, 1, 1), width=16, head_width=128, image_size=64),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+    )
+
+
+def _small_resnet_config():
+    return clip_jax.get_model_config(
+        "tiny-resnet", vision=dict(layers=(1, 2, 1, 1)), text=dict(context_length=77, vocab_size=49408)
+    )
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _inputs(image_size: int, seed: int = 0):
+    images = np.random.default_rng(seed).normal(size=(len(CAPTIONS), image_size, image_size, 3)).astype(np.float32)
+    return images, ClipTokenizer()(CAPTIONS)
+
+
+def _torch_outputs(model: OpenClipModel, images: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        image = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2))
+        text = model.encode_text(torch.from_numpy(texts.astype(np.int64)))
+        logits, _ = model.get_logits(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(texts.astype(np.int64)))
+    return {"image": image.numpy(), "text": text.numpy(), "logits": logits.numpy()}
+
+
+def _jax_outputs(model: clip_jax.CLIP, variables, images: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
+    @jax.jit
+    def run(variables, images, texts):
+        image = model.apply(variables, images, method=model.encode_image)
+        text = model.apply(variables, texts, method=model.encode_text)
+        out = model.apply(variables, images, texts)
+        return image, text, out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+
+    image, text, logits = run(variables, images, texts)
+    return {"image": np.asarray(image), "text": np.asarray(text), "logits": np.asarray(logits)}
+
+
+def _assert_parity(label: str, reference: dict, ours: dict) -> None:
+    for key in ("image", "text", "logits"):
+        difference = float(np.abs(reference[key] - ours[key]).max())
+        print(f"{label} {key}: max abs difference {difference:.2e} (reference magnitude {np.abs(reference[key]).max():.2f})")
+        assert difference <= TOLERANCE, (label, key, difference)
+
+
+PARITY_CASES = {
+    "small-vit": (lambda: _small_vit(), _small_vit_config),
+    "small-resnet": (lambda: _small_resnet(), _small_resnet_config),
+    "ViT-B-32": (lambda: open_clip.create_model("ViT-B-32-quickgelu", pretrained=None), lambda: "ViT-B-32"),
+    "RN50": (lambda: open_clip.create_model("RN50-quickgelu", pretrained=None), lambda: "RN50"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity_with_open_clip_and_exact_export(case):
+    build_reference, spec = PARITY_CASES[case]
+    torch.manual_seed(0)
+    reference_model = _randomise(build_reference())
+    state_dict = _state_dict(reference_model)
+    config, variables = convert.convert_state_dict(state_dict, spec())
+    if case in ("ViT-B-32", "RN50"):  # full size: the shapes alone must give back the registered spec
+        assert convert.infer_config(state_dict, "quick_gelu") == clip_jax.get_model_config(case)
+    model = clip_jax.create_model(config)
+    images, texts = _inputs(config.vision.image_size)
+    _assert_parity(case, _torch_outputs(reference_model, images, texts), _jax_outputs(model, variables, images, texts))
+
+    exported = convert.variables_to_openclip(variables, config)
+    expected = {k: v for k, v in state_dict.items() if not k.endswith("attn_mask")}
+    assert sorted(exported) == sorted(expected)
+    for key, value in expected.items():
+        assert exported[key].shape == value.shape, key
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_scanned_conversion_matches_and_exports_exactly():
+    reference_model = _randomise(_small_vit(), seed=1)
+    state_dict = _state_dict(reference_model)
+    config, variables = convert.convert_state_dict(state_dict, _small_vit_config().replace(scan_layers=True))
+    assert "blocks" in variables["params"]["text"]["transformer"]
+    images, texts = _inputs(32)
+    _assert_parity(
+        "scanned", _torch_outputs(reference_model, images, texts),
+        _jax_outputs(clip_jax.create_model(config), variables, images, texts),
+    )
+    exported = convert.variables_to_openclip(variables, config)
+    for key, value in state_dict.items():
+        if not key.endswith("attn_mask"):
+            np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.convert", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
+    """An OpenAI-style TorchScript archive -> CLI (spec read off the shapes) -> clip_jax.load in a new process."""
+    # Heads follow OpenAI's width // 64, so the architecture can be read off the shapes alone.
+    reference_model = _randomise(
+        OpenClipModel(
+            64,
+            CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
+            CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=3),
+            quick_gelu=True,
+        ),
+        seed=2,
+    )
+    source = str(tmp_path / "model.pt")
+    torch.jit.script(reference_model).save(source)
+    output = tmp_path / "converted"
+    result = _run_cli(source, str(output))
+    assert result.returncode == 0, result.stderr
+    files = sorted(os.listdir(output))
+    assert "config.json" in files and "bpe_simple_vocab_16e6.txt.gz" in files and "variables" in files
+    stored = clip_jax.CLIPConfig.from_dict(json.loads((output / "config.json").read_text())["model"])
+    assert stored.activation == "quick_gelu"  # implied by the OpenAI format
+    assert (stored.vision.width, stored.vision.layers, stored.vision.num_heads) == (128, 2, 2)
+    assert (stored.text.width, stored.text.layers, stored.text.heads, stored.embed_dim) == (128, 3, 2, 64)
+
+    images, texts = _inputs(32)
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys, numpy as np, clip_jax.checkpoint as c\n"
+        "model, variables, preprocess, tokenizer = c.load(sys.argv[1])\n"
+        "texts = tokenizer(sys.argv[3:])\n"
+        "images = np.load(sys.argv[2])\n"
+        "np.save(sys.argv[1] + '.image.npy', model.apply(variables, images, method=model.encode_image))\n"
+        "np.save(sys.argv[1] + '.text.npy', model.apply(variables, texts, method=model.encode_text))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(output), str(tmp_path / "images.npy"), *CAPTIONS],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    reference = _torch_outputs(reference_model, images, texts)
+    for key in ("image", "text"):
+        loaded = np.load(f"{output}.{key}.npy")
+        difference = float(np.abs(loaded - reference[key]).max())
+        print(f"fresh-process load {key}: max abs difference {difference:.2e}")
+        assert difference <= TOLERANCE
+
+
+def test_cli_round_trip_through_safetensors(tmp_path):
+    """A ResNet open_clip .safetensors -> clip_jax directory -> --to-open-clip -> loads strictly into open_clip."""
+    from safetensors.torch import save_file
+
+    def small_openai_resnet():  # heads = width * 32 // 64, OpenAI's rule, so the shapes give the spec
+        return OpenClipModel(
+            64,
+            CLIPVisionCfg(layers=(1, 1, 2, 1), width=16, image_size=64),
+            CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+            quick_gelu=True,
+        )
+
+    reference_model = _randomise(small_openai_resnet(), seed=3)
+    state_dict = {k: v.contiguous() for k, v in reference_model.state_dict().items() if not k.endswith("attn_mask")}
+    source = tmp_path / "rn50.safetensors"
+    save_file(state_dict, str(source))
+    result = _run_cli(str(source), str(tmp_path / "out"), "--activation", "quick_gelu")
+    assert result.returncode == 0, result.stderr
+    assert "ResNet" in result.stdout
+    stored = json.loads((tmp_path / "out" / "config.json").read_text())
+    stored_config = clip_jax.CLIPConfig.from_dict(stored["model"])
+    assert (stored_config.vision.layers, stored_config.vision.width, stored_config.vision.num_heads) == ((1, 1, 2, 1), 16, 8)
+    result = _run_cli(str(tmp_path / "out"), str(tmp_path / "back.safetensors"), "--to-open-clip")
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    back = load_file(str(tmp_path / "back.safetensors"))
+    fresh = small_openai_resnet()
+    fresh.load_state_dict(back, strict=True)
+    for key, value in state_dict.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_hugging_face_safetensors_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.CLIPConfig(
+        text_config=dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+            image_size=32, patch_size=8, hidden_act="quick_gelu",
+        ),
+        projection_dim=32,
+    )
+    torch.manual_seed(4)
+    hf_model = _randomise(transformers.CLIPModel(hf_config))
+    hf_model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    config, variables = convert.load_checkpoint(str(tmp_path / "hf" / "model.safetensors"), _small_vit_config())
+    assert config.activation == "quick_gelu"
+    model = clip_jax.create_model(config)
+    images, texts = _inputs(32)
+    with torch.no_grad():
+        out = hf_model(
+            input_ids=torch.from_numpy(texts.astype(np.int64)),
+            pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+        )
+    ours = model.apply(variables, images, texts)
+    for key, theirs in (("image_embeds", out.image_embeds), ("text_embeds", out.text_embeds)):
+        difference = float(np.abs(np.asarray(ours[key]) - theirs.numpy()).max())
+        print(f"hugging face {key}: max abs difference {difference:.2e}")
+        assert difference <= TOLERANCE
+    logits = np.asarray(ours["logit_scale"] * ours["image_embeds"] @ ours["text_embeds"].T)
+    assert float(np.abs(logits - out.logits_per_image.numpy()).max()) <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing half-written
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_state_dict():
+    return _state_dict(_randomise(_small_vit(), seed=5))
+
+
+def test_missing_tensor_is_named(small_state_dict):
+    del small_state_dict["transformer.resblocks.1.mlp.c_fc.bias"]
+    with pytest.raises(convert.ConversionError, match=r"transformer\.resblocks\.1\.mlp\.c_fc\.bias"):
+        convert.convert_state_dict(small_state_dict, _small_vit_config())
+
+
+def test_misshaped_tensor_is_named_with_its_shape(small_state_dict):
+    small_state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"] = np.zeros((200, 64), np.float32)
+    with pytest.raises(convert.ConversionError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight.*\(200, 64\)"):
+        convert.convert_state_dict(small_state_dict, _small_vit_config())
+
+
+def test_extra_tensor_is_named(small_state_dict):
+    small_state_dict["visual.extra_head.weight"] = np.zeros((3,), np.float32)
+    with pytest.raises(convert.ConversionError, match=r"visual\.extra_head\.weight"):
+        convert.convert_state_dict(small_state_dict, _small_vit_config())
+
+
+def _assert_nothing_written(parent) -> None:
+    leftovers = [name for name in os.listdir(parent) if name.startswith((".out", "out"))]
+    assert leftovers == [], leftovers
+
+
+def test_unknown_model_name_writes_nothing(tmp_path, small_state_dict):
+    from safetensors.numpy import save_file
+
+    save_file(small_state_dict, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="ViT-Q-99"):
+        convert.convert_checkpoint(str(tmp_path / "model.safetensors"), str(tmp_path / "out"), model="ViT-Q-99")
+    _assert_nothing_written(tmp_path)
+    result = _run_cli(str(tmp_path / "model.safetensors"), str(tmp_path / "out"), "--model", "ViT-Q-99")
+    assert result.returncode != 0 and "ViT-Q-99" in result.stderr
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["text-as-pt", "garbage-safetensors", "foreign-safetensors", "foreign-pickle"])
+def test_not_a_clip_checkpoint(tmp_path, kind):
+    from safetensors.numpy import save_file
+
+    if kind == "text-as-pt":
+        path = tmp_path / "notes.pt"
+        path.write_text("these are not weights")
+    elif kind == "garbage-safetensors":
+        path = tmp_path / "broken.safetensors"
+        path.write_bytes(b"\x00\x01garbage" * 10)
+    elif kind == "foreign-safetensors":
+        path = tmp_path / "resnet.safetensors"
+        save_file({"fc.weight": np.zeros((10, 4), np.float32)}, str(path))
+    else:
+        path = tmp_path / "resnet.bin"
+        torch.save({"fc.weight": torch.zeros(10, 4)}, str(path))
+    with pytest.raises(convert.ConversionError, match=path.name):
+        convert.convert_checkpoint(str(path), str(tmp_path / "out"))
+    _assert_nothing_written(tmp_path)
+
+
+def test_failed_save_leaves_no_partial_directory(tmp_path, small_state_dict, monkeypatch):
+    config, variables = convert.convert_state_dict(small_state_dict, _small_vit_config())
+    tokenizer = ClipTokenizer()
+
+    def broken_assets():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer, "asset_files", broken_assets)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, tokenizer)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    config, variables = convert.convert_state_dict(small_state_dict, _small_vit_config())
+    with pytest.raises(FileExistsError, match="not empty"):
+        checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer())
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
