@@ -15,6 +15,8 @@ REMAT_POLICIES = (
     "nothing_saveable",
 )
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto": cuDNN's fused (flash) attention on GPU with a 16-bit compute dtype, XLA's otherwise.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +98,18 @@ class CLIPConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_implementation: str = "auto"
 
     def validate(self) -> "CLIPConfig":
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention_implementation {self.attention_implementation!r}; "
+                f"expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}; expected one of {DTYPES}")

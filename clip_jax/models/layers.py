@@ -58,6 +58,66 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class HeadProjection(nn.Module):
+    """x (..., embed) -> (..., heads, head_dim) with a kernel kept as (embed, heads, head_dim).
+
+    Written as a parameter and an einsum rather than `nn.DenseGeneral`, which reshapes its kernel
+    to 2-D before boxing it and so cannot carry three logical axis names under a mesh.
+    """
+
+    heads: int
+    head_dim: int
+    stddev: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", partitioned(normal(self.stddev), (EMBED, HEADS, KV)),
+            (x.shape[-1], self.heads, self.head_dim), self.param_dtype,
+        )
+        bias = self.param(
+            "bias", partitioned(nn.initializers.zeros, (HEADS, KV)), (self.heads, self.head_dim), self.param_dtype
+        )
+        return jnp.einsum("...e,ehk->...hk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class OutputProjection(nn.Module):
+    """(..., heads, head_dim) -> (..., features) with a kernel kept as (heads, head_dim, features)."""
+
+    features: int
+    stddev: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        heads, head_dim = x.shape[-2:]
+        kernel = self.param(
+            "kernel", partitioned(normal(self.stddev), (HEADS, KV, EMBED)),
+            (heads, head_dim, self.features), self.param_dtype,
+        )
+        bias = self.param("bias", partitioned(nn.initializers.zeros, (EMBED,)), (self.features,), self.param_dtype)
+        return jnp.einsum("...hk,hke->...e", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, implementation: str) -> jax.Array:
+    """Scaled dot-product attention over (batch, length, heads, head_dim) inputs.
+
+    "auto" takes cuDNN's fused kernel where it applies (GPU, 16-bit inputs) and XLA's otherwise;
+    cuDNN's checks run at trace time, so a shape it does not support falls back to XLA.
+    """
+    if implementation == "auto":
+        if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="cudnn")
+            except Exception:  # noqa: BLE001 - any refusal of the fused kernel means: use XLA's
+                pass
+        implementation = "xla"
+    return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation=implementation)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections kept as (embed, heads, head_dim)."""
 
@@ -68,6 +128,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     causal: bool = False
     out_features: int | None = None  # default: the input width
+    implementation: str = "auto"  # see `attention`
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None) -> jax.Array:
@@ -76,14 +137,9 @@ class Attention(nn.Module):
         width = inputs_q.shape[-1]
         head_dim = width // self.num_heads
 
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(normal(self.in_stddev), (EMBED, HEADS, KV)),
-                bias_init=partitioned(nn.initializers.zeros, (HEADS, KV)),
-                name=name,
+        def projection(name: str) -> HeadProjection:
+            return HeadProjection(
+                self.num_heads, head_dim, self.in_stddev, self.dtype, self.param_dtype, name=name
             )
 
         query = projection("query")(inputs_q)  # (batch, q_length, heads, head_dim)
@@ -92,20 +148,14 @@ class Attention(nn.Module):
         query = constrain(query, (BATCH, LENGTH, HEADS, KV))
         key = constrain(key, (BATCH, LENGTH, HEADS, KV))
         value = constrain(value, (BATCH, LENGTH, HEADS, KV))
-        out = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        out = attention(query, key, value, self.causal, self.implementation)
         out = constrain(out, (BATCH, LENGTH, HEADS, KV))
-        return nn.DenseGeneral(
-            features=self.out_features or width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(normal(self.out_stddev), (HEADS, KV, EMBED)),
-            bias_init=partitioned(nn.initializers.zeros, (EMBED,)),
-            name="out",
+        return OutputProjection(
+            self.out_features or width, self.out_stddev, self.dtype, self.param_dtype, name="out"
         )(out)
 
 
-class MLP(nn.Module):
+class MlpBlock(nn.Module):
     hidden: int
     activation: str
     in_stddev: float
@@ -162,11 +212,12 @@ class ResidualBlock(nn.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             causal=self.causal,
+            implementation=cfg.attention_implementation,
             name="attn",
         )(y)
         x = x + y
         y = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_2")(x)
-        y = MLP(
+        y = MlpBlock(
             hidden=int(self.width * self.mlp_ratio),
             activation=cfg.activation,
             in_stddev=fc_std,

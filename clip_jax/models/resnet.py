@@ -110,6 +110,7 @@ class AttentionPool2d(nn.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             out_features=self.output_dim,
+            implementation=self.config.attention_implementation,
             name="attn",
         )(x[:, :1], x)
         return out[:, 0]
