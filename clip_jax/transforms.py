@@ -122,10 +122,16 @@ def _center_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 def _to_normalized_array(image: PIL.Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """RGB-converts, scales to [0, 1] and normalises; (H, W, 3) float32."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    height, width, _ = pixels.shape
     # float32 throughout, with the same operation order as torch (divide, subtract, divide),
-    # so results match open_clip to the last bit.
-    scaled = pixels.astype(np.float32) / np.float32(255)
-    return (scaled - mean) / std
+    # so results match open_clip to the last bit. In place on an (H, W*3) view with the channel
+    # constants tiled along the row: numpy's inner loop then spans whole rows rather than
+    # 3-element pixels, about 4x faster for the same operations.
+    out = pixels.reshape(height, width * 3).astype(np.float32)
+    out /= np.float32(255)
+    out -= np.tile(mean.astype(np.float32), width)
+    out /= np.tile(std.astype(np.float32), width)
+    return out.reshape(height, width, 3)
 
 
 def eval_transform(
