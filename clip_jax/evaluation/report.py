@@ -1,0 +1,243 @@
+"""Writing evaluation results: results.json, a Markdown summary (results.md) and PNG plots
+(zero-shot vs k-shot linear probes as in the CLIP paper, per-dataset bars, prompt modes,
+ImageNet accuracy against accuracy under distribution shift)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+JSON_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
+PLOT_FILES = {
+    "few_shot": "zero_shot_vs_few_shot.png",
+    "per_dataset": "per_dataset.png",
+    "prompt_modes": "prompt_modes.png",
+    "robustness": "effective_robustness.png",
+}
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def write_json(results: dict[str, Any], output_dir: str) -> str:
+    path = os.path.join(output_dir, JSON_FILE)
+    with open(path, "w") as file:
+        json.dump(_json_ready(results), file, indent=2)
+    return path
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _best_mode(entry: dict[str, Any]) -> str | None:
+    for mode in ("ensemble", "single", "class_name"):
+        if mode in entry:
+            return mode
+    return None
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    """Tables in percent: zero-shot per prompt mode, retrieval recall@k, linear probe, few-shot,
+    robustness; one section per task present."""
+    lines = ["# Evaluation results", ""]
+    if "checkpoint" in results:
+        lines += [f"Checkpoint: `{results['checkpoint']}`", ""]
+    zero_shot = results.get("zero_shot") or {}
+    if zero_shot:
+        modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
+        lines += ["## Zero-shot classification (top-1 %, top-5 % of the richest prompts)", ""]
+        lines += ["| dataset | " + " | ".join(f"top-1 {m}" for m in modes) + " | top-5 | mean per-class recall | classes | images |"]
+        lines += ["|---" * (len(modes) + 5) + "|"]
+        for name, entry in zero_shot.items():
+            best = entry[_best_mode(entry)]
+            cells = [_percent(entry[m]["top1"]) if m in entry else "–" for m in modes]
+            lines.append(
+                f"| {name} | " + " | ".join(cells)
+                + f" | {_percent(best.get('top5'))} | {_percent(best['mean_per_class_recall'])} | {best['num_classes']} | {best['num_examples']} |"
+            )
+        lines.append("")
+    if results.get("retrieval"):
+        lines += ["## Retrieval (recall %)", ""]
+        names = [k for k in next(iter(results["retrieval"].values())) if "R@" in k]
+        lines += ["| dataset | " + " | ".join(names) + " | images | captions |", "|---" * (len(names) + 3) + "|"]
+        for name, entry in results["retrieval"].items():
+            lines.append(f"| {name} | " + " | ".join(_percent(entry[k]) for k in names) + f" | {entry['num_images']} | {entry['num_texts']} |")
+        lines.append("")
+    if results.get("linear_probe"):
+        lines += ["## Linear probe (L-BFGS logistic regression, L2 chosen on a validation split)", ""]
+        lines += ["| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |", "|---|---|---|---|---|---|"]
+        for name, entry in results["linear_probe"].items():
+            lines.append(
+                f"| {name} | {_percent(entry['top1'])} | {_percent(entry.get('top5'))} | "
+                f"{_percent(entry['mean_per_class_recall'])} | {entry['l2']:.3g} | {entry['num_train']} |"
+            )
+        lines.append("")
+    if results.get("few_shot"):
+        shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
+        lines += ["## Few-shot linear probes (top-1 %, mean ± std over seeds) against zero-shot", ""]
+        lines += ["| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 2) + "|"]
+        for name, entry in results["few_shot"].items():
+            zero = zero_shot.get(name, {})
+            zero_cell = _percent(zero[_best_mode(zero)]["top1"]) if _best_mode(zero) else "–"
+            cells = []
+            for k in shots:
+                run = entry["shots"].get(k) or entry["shots"].get(str(k))
+                cells.append(f"{_percent(run['top1_mean'])} ± {_percent(run['top1_std'])}" if run else "–")
+            lines.append(f"| {name} | {zero_cell} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results.get("robustness"):
+        summary = results["robustness"]
+        lines += ["## Robustness to distribution shift (zero-shot top-1 %)", ""]
+        lines += ["| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |", "|---" * (len(summary["shift_top1"]) + 2) + "|"]
+        lines.append(
+            f"| {_percent(summary['imagenet_top1'])} | " + " | ".join(_percent(v) for v in summary["shift_top1"].values())
+            + f" | {_percent(summary['mean_shift_top1'])} |"
+        )
+        lines.append("")
+    if results.get("skipped"):
+        lines += ["## Skipped", ""] + [f"- {entry}" for entry in results["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict[str, Any], output_dir: str) -> str:
+    path = os.path.join(output_dir, MARKDOWN_FILE)
+    with open(path, "w") as file:
+        file.write(markdown_summary(results))
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_plotting_available() -> None:
+    """Fail before a long evaluation, not after it, when matplotlib is missing."""
+    try:
+        _pyplot()
+    except ImportError as error:
+        raise ImportError("PNG plots need matplotlib: pip install matplotlib (or pass --noplots)") from error
+
+
+def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
+    """The PNGs the results allow; returns their paths."""
+    plt = _pyplot()
+    written = []
+    zero_shot = results.get("zero_shot") or {}
+
+    if results.get("few_shot"):
+        # The paper's figure: k-shot linear probes against zero-shot (drawn at k = 0 and as a line).
+        figure, axis = plt.subplots(figsize=(6, 4.5))
+        for index, (name, entry) in enumerate(results["few_shot"].items()):
+            color = f"C{index % 10}"
+            shots = sorted(int(k) for k in entry["shots"])
+            runs = [entry["shots"].get(k) or entry["shots"].get(str(k)) for k in shots]
+            means = np.array([100 * run["top1_mean"] for run in runs])
+            stds = np.array([100 * run["top1_std"] for run in runs])
+            axis.errorbar(shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe")
+            axis.fill_between(shots, means - stds, means + stds, color=color, alpha=0.15)
+            mode = _best_mode(zero_shot.get(name, {}))
+            if mode:
+                value = 100 * zero_shot[name][mode]["top1"]
+                axis.axhline(value, color=color, linestyle="--", label=f"{name}: zero-shot ({mode})")
+        axis.set_xscale("log", base=2)
+        all_shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
+        axis.set_xticks(all_shots, [str(k) for k in all_shots])
+        axis.set_xlabel("labelled training examples per class")
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.set_title("Zero-shot vs few-shot linear probes")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        written.append(_save(figure, output_dir, PLOT_FILES["few_shot"]))
+
+    bars: dict[str, dict[str, float]] = {}
+    for name, entry in zero_shot.items():
+        mode = _best_mode(entry)
+        if mode:
+            bars.setdefault("zero-shot", {})[name] = 100 * entry[mode]["top1"]
+    for name, entry in (results.get("linear_probe") or {}).items():
+        bars.setdefault("linear probe", {})[name] = 100 * entry["top1"]
+    if bars:
+        datasets = list(dict.fromkeys(name for series in bars.values() for name in series))
+        figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(datasets) + 2), 4))
+        width = 0.8 / len(bars)
+        for index, (label, series) in enumerate(bars.items()):
+            positions = np.arange(len(datasets)) + (index - (len(bars) - 1) / 2) * width
+            axis.bar(positions, [series.get(name, 0.0) for name in datasets], width, label=label)
+        axis.set_xticks(np.arange(len(datasets)), datasets, rotation=30, ha="right")
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.set_title("Accuracy per dataset")
+        axis.legend()
+        written.append(_save(figure, output_dir, PLOT_FILES["per_dataset"]))
+
+    modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
+    if len(modes) > 1:
+        datasets = list(zero_shot)
+        figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(datasets) + 2), 4))
+        width = 0.8 / len(modes)
+        for index, mode in enumerate(modes):
+            positions = np.arange(len(datasets)) + (index - (len(modes) - 1) / 2) * width
+            values = [100 * zero_shot[name][mode]["top1"] if mode in zero_shot[name] else 0.0 for name in datasets]
+            axis.bar(positions, values, width, label=mode.replace("_", " "))
+        axis.set_xticks(np.arange(len(datasets)), datasets, rotation=30, ha="right")
+        axis.set_ylabel("zero-shot top-1 accuracy (%)")
+        axis.set_title("Prompts: class name only, one template, ensemble")
+        axis.legend()
+        written.append(_save(figure, output_dir, PLOT_FILES["prompt_modes"]))
+
+    if results.get("robustness"):
+        summary = results["robustness"]
+        figure, axis = plt.subplots(figsize=(5, 5))
+        reference = 100 * summary["imagenet_top1"]
+        limit = max([reference, *[100 * v for v in summary["shift_top1"].values()], 1.0]) * 1.1
+        axis.plot([0, limit], [0, limit], "k--", linewidth=1, label="y = x (perfectly robust)")
+        for index, (name, value) in enumerate(summary["shift_top1"].items()):
+            axis.scatter([reference], [100 * value], color=f"C{index}", label=name, zorder=3)
+        axis.set_xlim(0, limit)
+        axis.set_ylim(0, limit)
+        axis.set_xlabel("ImageNet top-1 (%)")
+        axis.set_ylabel("top-1 under distribution shift (%)")
+        axis.set_title("Effective robustness")
+        axis.legend(fontsize=8)
+        written.append(_save(figure, output_dir, PLOT_FILES["robustness"]))
+    return written
+
+
+def _save(figure: Any, output_dir: str, filename: str) -> str:
+    path = os.path.join(output_dir, filename)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
+
+
+def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -> list[str]:
+    """results.json, results.md and (when `plots`) the PNGs into `output_dir`; returns the paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = [write_json(results, output_dir), write_markdown(results, output_dir)]
+    if plots:
+        paths += write_plots(results, output_dir)
+    return paths

@@ -1,0 +1,413 @@
+"""Running the evaluation tasks (zero-shot, retrieval, linear probe, few-shot) over datasets for one
+model: what `evaluate.py` runs, and what a training loop can call every N steps.
+
+Datasets: "synthetic" (the built-in shapes: zero-shot on the held-out colour x shape combinations,
+retrieval on validation captions), "synthetic_seen" (validation images of the combinations seen in
+training), TFDS classification datasets (clip_jax.data.classification) and TFDS image-caption
+datasets ("coco_captions") for retrieval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+
+from clip_jax.evaluation import linear_probe as probes
+from clip_jax.evaluation import retrieval
+from clip_jax.evaluation.features import Encoder, extract_image_features
+from clip_jax.evaluation.templates import PROMPT_MODES, DatasetPrompts, get_prompts, synthetic_prompts
+from clip_jax.evaluation.zero_shot import class_embeddings, classification_metrics, zero_shot_predict
+from clip_jax.models import CLIP
+
+TASKS: tuple[str, ...] = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+PROBE_TASKS: tuple[str, ...] = ("linear_probe", "few_shot")
+SYNTHETIC_DATASETS: tuple[str, ...] = ("synthetic", "synthetic_seen")
+# Image-caption datasets and the split retrieval is scored on (COCO: the 5k Karpathy test split).
+RETRIEVAL_SPLITS: dict[str, str] = {"coco_captions": "test"}
+IMAGENET = "imagenet2012"
+IMAGENET_SHIFTS: tuple[str, ...] = ("imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch")
+# The presets `evaluate.py --preset` names: the tasks and datasets each runs.
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "robustness": {"tasks": ("zero_shot",), "datasets": (IMAGENET, *IMAGENET_SHIFTS)},
+}
+# Test-only datasets: no split to fit linear / few-shot probes on.
+WITHOUT_TRAIN_SPLIT: tuple[str, ...] = (*IMAGENET_SHIFTS, "imagenet2012_real")
+# Scored among the classes their images show (ImageNet-R and -A hold 200 of ImageNet's 1,000).
+SCORED_AMONG_PRESENT_LABELS: tuple[str, ...] = ("imagenet_r", "imagenet_a")
+
+# Synthetic images per split when `max_examples` / `max_train_examples` are not set.
+SYNTHETIC_TEST_EXAMPLES = 1024
+SYNTHETIC_TRAIN_EXAMPLES = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+    """What to evaluate, and how much of each dataset."""
+
+    tasks: tuple[str, ...] = ("zero_shot",)
+    datasets: tuple[str, ...] = ("synthetic",)
+    prompt_modes: tuple[str, ...] = PROMPT_MODES
+    batch_size: int = 256
+    max_examples: int | None = None  # test images per dataset; None = the whole split
+    max_train_examples: int | None = 10_000  # the probes' training pool; None = the whole split
+    shots: tuple[int, ...] = probes.DEFAULT_SHOTS
+    seeds: tuple[int, ...] = probes.DEFAULT_SEEDS
+    data_dir: str | None = None  # TFDS data directory
+    tfds_reader: str = "auto"  # "auto", "data_source" or "tf_data" (clip_jax.data.tfds)
+    tfds_image_decoder: str = "pipeline"  # or "tfds"
+    # Who decodes TFDS images: "process" (a pool of processes) or "thread" (needed where the data
+    # exists only in this process, e.g. under tfds.testing.mock_data). None: the pipeline's default.
+    tfds_worker_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown task(s) {unknown or list(self.tasks)}; expected some of {TASKS}")
+        if not self.datasets:
+            raise ValueError("no dataset to evaluate on")
+        unknown = sorted(set(self.prompt_modes) - set(PROMPT_MODES))
+        if unknown or not self.prompt_modes:
+            raise ValueError(f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("max_examples", "max_train_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"shots must be positive, got {self.shots}")
+        if not self.seeds:
+            raise ValueError("few-shot needs at least one seed")
+
+
+@dataclasses.dataclass
+class _Classification:
+    """A classification dataset made uniform: prompts, test / train batch streams, scored classes."""
+
+    name: str
+    prompts: DatasetPrompts
+    test_batches: Callable[[int], Iterator[dict[str, Any]]]  # batch size -> stream
+    train_batches: Callable[[int], Iterator[dict[str, Any]]] | None
+    class_subset: Sequence[int] | None  # the classes predictions are made among; None: all
+    process_local: bool  # True: each process streams its own share
+    test_limit: int | None
+    train_limit: int | None
+    among_present_labels: bool = False  # predict among the classes the test images show
+
+
+def _synthetic_stream(dataset: Any, split: str, start: int, count: int) -> Callable[[int], Iterator[dict]]:
+    def stream(batch_size: int) -> Iterator[dict[str, Any]]:
+        for first in range(start, start + count, batch_size):
+            yield dataset.get_batch(split, np.arange(first, min(first + batch_size, start + count)))
+
+    return stream
+
+
+def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSettings) -> _Classification:
+    test_count = settings.max_examples or SYNTHETIC_TEST_EXAMPLES
+    train_count = settings.max_train_examples or SYNTHETIC_TRAIN_EXAMPLES
+    # "synthetic": the held-out combinations, the task of the built-in default (compositional
+    # transfer); "synthetic_seen": combinations seen in training. Probes learn from other
+    # examples of the same split (indices after the test examples).
+    split, classes = ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    return _Classification(
+        name=name,
+        prompts=synthetic_prompts(dataset),
+        test_batches=_synthetic_stream(dataset, split, 0, test_count),
+        train_batches=_synthetic_stream(dataset, split, test_count, train_count),
+        class_subset=[int(label) for label in classes],
+        process_local=False,
+        test_limit=test_count,
+        train_limit=train_count,
+    )
+
+
+def _tfds_classification(name: str, settings: EvaluationSettings, image_size: int) -> _Classification:
+    import jax
+
+    from clip_jax.data.classification import load_classification
+
+    def open_split(split: str | None) -> Any:
+        return load_classification(
+            name, split, settings.data_dir, reader=settings.tfds_reader, image_decoder=settings.tfds_image_decoder
+        )
+
+    test = open_split(None)
+    try:
+        prompts = get_prompts(name)
+        if len(prompts.class_names) != test.num_classes:
+            raise ValueError(f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}")
+    except ValueError:
+        # A dataset without curated prompts: its own (readable) label names and ImageNet-style prompts.
+        from clip_jax.evaluation.templates import PHOTO_TEMPLATES
+
+        prompts = DatasetPrompts(tuple(test.class_names), PHOTO_TEMPLATES)
+    train = None
+    if test.split != "train" and name.split(":")[0] not in WITHOUT_TRAIN_SPLIT:
+        try:
+            train = open_split("train")
+        except ValueError:
+            train = None  # no training split (the ImageNet shift sets): no probes
+
+    options = {} if settings.tfds_worker_kind is None else {"worker_kind": settings.tfds_worker_kind}
+
+    def streamer(split_dataset: Any) -> Callable[[int], Iterator[dict]]:
+        return lambda batch_size: split_dataset.batches(
+            image_size, batch_size, jax.process_index(), jax.process_count(), **options
+        )
+
+    return _Classification(
+        name=name,
+        prompts=prompts,
+        test_batches=streamer(test),
+        train_batches=streamer(train) if train is not None else None,
+        class_subset=None,
+        process_local=True,
+        test_limit=settings.max_examples,
+        train_limit=settings.max_train_examples,
+        among_present_labels=name.split(":")[0] in SCORED_AMONG_PRESENT_LABELS,
+    )
+
+
+def _scored_classes(data: _Classification, labels: np.ndarray) -> list[int] | None:
+    if data.among_present_labels:
+        return sorted(set(np.asarray(labels).tolist()))
+    return None if data.class_subset is None else list(data.class_subset)
+
+
+def _features(encoder: Encoder, data: _Classification, stream: Callable, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    batch_size = encoder.local_batch_size if data.process_local else encoder.batch_size
+    return extract_image_features(encoder, stream(batch_size), max_examples=limit, process_local=data.process_local)
+
+
+class _ClassifierCache:
+    """Class embeddings by (class names, templates): ImageNet and its four shift sets share them."""
+
+    def __init__(self, encoder: Encoder, tokenizer: Callable) -> None:
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        key = (tuple(class_names), tuple(templates))
+        if key not in self._cache:
+            self._cache[key] = class_embeddings(self.encoder, self.tokenizer, class_names, templates)
+        return self._cache[key]
+
+
+def evaluate_classification(
+    encoder: Encoder,
+    classifiers: _ClassifierCache,
+    data: _Classification,
+    settings: EvaluationSettings,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Zero-shot (every prompt mode) and the probes of one classification dataset, sharing the
+    test features."""
+    results: dict[str, Any] = {}
+    started = time.time()
+    test_features, test_labels = _features(encoder, data, data.test_batches, data.test_limit)
+    subset = _scored_classes(data, test_labels)
+    log(f"{data.name}: {len(test_labels)} test images embedded in {time.time() - started:.1f}s")
+    if "zero_shot" in settings.tasks:
+        zero_shot: dict[str, Any] = {}
+        for mode in settings.prompt_modes:
+            templates = data.prompts.templates_for(mode)
+            classifier = classifiers(data.prompts.class_names, templates)
+            metrics = classification_metrics(zero_shot_predict(test_features, classifier), test_labels, subset)
+            zero_shot[mode] = {**metrics, "num_templates": len(templates)}
+            log(f"{data.name}: zero-shot ({mode}, {len(templates)} templates) top-1 {metrics['top1']:.4f}")
+        if subset is not None:
+            # Among every class too (for the synthetic held-out split: can the model tell the novel
+            # combinations apart from the seen ones?).
+            best = "ensemble" if "ensemble" in zero_shot else settings.prompt_modes[-1]
+            classifier = classifiers(data.prompts.class_names, data.prompts.templates_for(best))
+            zero_shot["top1_among_all_classes"] = classification_metrics(
+                zero_shot_predict(test_features, classifier), test_labels, top_k=(1,)
+            )["top1"]
+            zero_shot["scored_classes"] = len(subset)
+            zero_shot["chance_top1"] = 1.0 / len(subset)
+        results["zero_shot"] = zero_shot
+    wanted_probes = [task for task in PROBE_TASKS if task in settings.tasks]
+    if wanted_probes and data.train_batches is None:
+        log(f"{data.name}: no training split, linear probe and few-shot skipped")
+        results["skipped"] = [f"{task}: no training split" for task in wanted_probes]
+    elif wanted_probes:
+        started = time.time()
+        train_features, train_labels = _features(encoder, data, data.train_batches, data.train_limit)
+        log(f"{data.name}: {len(train_labels)} training images embedded in {time.time() - started:.1f}s")
+        num_classes = len(data.prompts.class_names)
+        counts = np.bincount(train_labels)
+        fewest = int(counts[counts > 0].min())
+        skipped = []
+        if "linear_probe" in settings.tasks:
+            if counts.max() < 2:
+                skipped.append("linear_probe: no class has two training images to validate the regularisation on")
+            else:
+                results["linear_probe"] = probes.linear_probe(
+                    train_features, train_labels, test_features, test_labels, num_classes, class_subset=subset, mesh=encoder.mesh
+                )
+                log(f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})")
+        if "few_shot" in settings.tasks:
+            # Every class of the training pool needs k images for a k-shot sample.
+            usable = [k for k in settings.shots if k <= fewest]
+            if len(usable) < len(settings.shots):
+                skipped.append(f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images")
+            if usable:
+                results["few_shot"] = probes.few_shot(
+                    train_features, train_labels, test_features, test_labels, num_classes,
+                    shots=usable, seeds=settings.seeds, class_subset=subset, mesh=encoder.mesh,
+                )  # fmt: skip
+                for k, entry in results["few_shot"]["shots"].items():
+                    log(f"{data.name}: {k}-shot top-1 {entry['top1_mean']:.4f} +- {entry['top1_std']:.4f}")
+        for reason in skipped:
+            log(f"{data.name}: {reason}")
+        if skipped:
+            results["skipped"] = skipped
+    return results
+
+
+def _retrieval_batches(name: str, dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
+    if name == "synthetic":
+        count = settings.max_examples or SYNTHETIC_TEST_EXAMPLES
+
+        def stream(batch_size: int) -> Iterator[dict[str, Any]]:
+            for first in range(0, count, batch_size):
+                batch = dataset.get_batch("validation", np.arange(first, min(first + batch_size, count)))
+                yield {"images": batch["images"], "captions": batch["captions"]}
+
+        return stream
+    base = name.split(":")[0]
+    split = RETRIEVAL_SPLITS[base]
+    return lambda batch_size: retrieval.tfds_caption_batches(
+        name, split, image_size, batch_size, settings.data_dir, max_images=settings.max_examples
+    )
+
+
+def _is_classification(name: str) -> bool:
+    return name.split(":")[0] not in RETRIEVAL_SPLITS
+
+
+def _is_retrieval(name: str) -> bool:
+    return name == "synthetic" or name.split(":")[0] in RETRIEVAL_SPLITS
+
+
+def robustness_summary(zero_shot: dict[str, Any]) -> dict[str, Any] | None:
+    """ImageNet top-1 beside its shifts' (ensemble prompts, else the last mode evaluated):
+    the points of the effective-robustness plot."""
+    if IMAGENET not in zero_shot or not any(shift in zero_shot for shift in IMAGENET_SHIFTS):
+        return None
+
+    def top1(entry: dict[str, Any]) -> float:
+        mode = "ensemble" if "ensemble" in entry else [m for m in PROMPT_MODES if m in entry][-1]
+        return float(entry[mode]["top1"])
+
+    shifts = {name: top1(zero_shot[name]) for name in IMAGENET_SHIFTS if name in zero_shot}
+    reference = top1(zero_shot[IMAGENET])
+    mean_shift = float(np.mean(list(shifts.values())))
+    return {
+        "imagenet_top1": reference,
+        "shift_top1": shifts,
+        "mean_shift_top1": mean_shift,
+        # What the y = x line would predict minus what the shifts give: a robust model loses little.
+        "mean_drop": reference - mean_shift,
+    }
+
+
+def run_evaluation(
+    model: CLIP,
+    variables: dict[str, Any],
+    tokenizer: Callable,
+    settings: EvaluationSettings,
+    *,
+    synthetic: Any | None = None,
+    mesh: Mesh | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every requested task on every dataset it applies to; results keyed task -> dataset.
+
+    `synthetic` is the built-in dataset (`SyntheticShapes`) the model was trained on (default: the
+    default configuration at the model's image size). `mesh`/`variables` as for `Encoder`.
+    """
+    encoder = Encoder(model, variables, mesh=mesh, batch_size=settings.batch_size)
+    image_size = encoder.image_size
+    if synthetic is None and any(name in SYNTHETIC_DATASETS for name in settings.datasets):
+        from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+
+        synthetic = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
+    if synthetic is not None and synthetic.config.image_size != image_size:
+        raise ValueError(f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px")
+    results: dict[str, Any] = {task: {} for task in settings.tasks}
+    skipped: list[str] = []
+    classification_tasks = [task for task in settings.tasks if task != "retrieval"]
+    classifiers = _ClassifierCache(encoder, tokenizer)
+    for name in settings.datasets:
+        if "retrieval" in settings.tasks:
+            if _is_retrieval(name):
+                stream = _retrieval_batches(name, synthetic, settings, image_size)
+                started = time.time()
+                results["retrieval"][name] = retrieval.retrieval_evaluate_model(encoder, tokenizer, stream(encoder.batch_size))
+                log(
+                    f"{name}: retrieval image->text R@1 {results['retrieval'][name]['image_to_text_R@1']:.4f}, "
+                    f"text->image R@1 {results['retrieval'][name]['text_to_image_R@1']:.4f} ({time.time() - started:.1f}s)"
+                )
+            else:
+                skipped.append(f"retrieval on {name}: not an image-caption dataset")
+        if classification_tasks:
+            if not _is_classification(name):
+                skipped.append(f"{', '.join(classification_tasks)} on {name}: not a classification dataset")
+                continue
+            if name in SYNTHETIC_DATASETS:
+                data = _synthetic_classification(name, synthetic, settings)
+            else:
+                data = _tfds_classification(name, settings, image_size)
+            for task, value in evaluate_classification(encoder, classifiers, data, settings, log).items():
+                if task == "skipped":
+                    skipped.extend(f"{entry} ({name})" for entry in value)
+                else:
+                    results[task][name] = value
+    summary = robustness_summary(results.get("zero_shot", {}))
+    if summary is not None:
+        results["robustness"] = summary
+    if skipped:
+        results["skipped"] = skipped
+    return results
+
+
+def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Scalar leaves of a results dict as {"zero_shot/synthetic/ensemble/top1": value, ...}, for
+    metric writers (lists, such as the L2 sweep and per-seed runs, are left out)."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def synthetic_dataset_for(checkpoint: str, image_size: int) -> Any:
+    """The built-in dataset a checkpoint was trained on: a training workdir's own data settings
+    (seed, held-out combinations) when it trained on "synthetic", else the default configuration."""
+    import os
+
+    from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+
+    settings = {}
+    if os.path.isdir(checkpoint):
+        from clip_jax.training import checkpointing
+
+        if checkpointing.is_training_workdir(checkpoint):
+            checkpointer = checkpointing.TrainingCheckpointer(checkpoint, read_only=True)
+            try:
+                step = checkpointer.latest_step()
+                data = checkpointer.run_config(step).get("training", {}).get("data", {}) if step is not None else {}
+            finally:
+                checkpointer.close()
+            if data.get("name") == "synthetic":
+                settings = {"seed": int(data["seed"]), "num_held_out": int(data["num_held_out"])}
+    return SyntheticShapes(SyntheticShapesConfig(image_size=image_size, **settings))

@@ -1,0 +1,96 @@
+"""Evaluate a CLIP: `python evaluate.py --checkpoint PATH [--tasks ...] [--datasets ...] [--output DIR]`.
+
+PATH is a training workdir of train.py, a converted model directory, an OpenAI `.pt` or an
+open_clip / Hugging Face file (anything `clip_jax.load` reads). Writes results.json, results.md
+and PNG plots into --output. Only parses flags; the work is `clip_jax.evaluation.suite` and
+`clip_jax.evaluation.report`. Examples:
+
+    python evaluate.py --checkpoint ./workdir --tasks zero_shot,retrieval,linear_probe,few_shot
+    python evaluate.py --checkpoint ViT-B-32.pt --preset robustness --data_dir ~/tensorflow_datasets
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Training workdir, model directory or checkpoint file.", required=True)
+flags.DEFINE_string("model", None, "Model spec name for a PyTorch file whose architecture should not be read off shapes.")
+flags.DEFINE_list("tasks", None, "Comma-separated: zero_shot, retrieval, linear_probe, few_shot (default: zero_shot).")
+flags.DEFINE_list(
+    "datasets", None,
+    "Comma-separated: synthetic, synthetic_seen, coco_captions, or TFDS classification datasets "
+    "(imagenet2012, imagenet_v2, imagenet_r, imagenet_a, imagenet_sketch, cifar10, ...). Default: synthetic.",
+)  # fmt: skip
+flags.DEFINE_enum("preset", None, ["robustness"], "robustness: zero-shot on ImageNet and ImageNet-V2/R/A/Sketch.")
+flags.DEFINE_string("output", "results", "Directory for results.json, results.md and the plots.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (datasets must already be prepared there).")
+flags.DEFINE_integer("batch_size", 256, "Images (or texts) embedded per step, split over the devices.")
+flags.DEFINE_integer("max_examples", None, "Evaluate on at most this many test images per dataset.")
+flags.DEFINE_integer("max_train_examples", 10_000, "Training images embedded for the linear / few-shot probes.")
+flags.DEFINE_list("shots", ["1", "2", "4", "8", "16"], "Examples per class of the few-shot probes.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Few-shot sampling seeds.")
+flags.DEFINE_list("prompt_modes", ["class_name", "single", "ensemble"], "Zero-shot prompt modes to score.")
+flags.DEFINE_enum("tfds_reader", "auto", ["auto", "data_source", "tf_data"], "How TFDS datasets are read.")
+flags.DEFINE_enum("tfds_image_decoder", "pipeline", ["pipeline", "tfds"], "Who decodes TFDS images.")
+flags.DEFINE_enum(
+    "tfds_worker_kind", None, ["process", "thread"],
+    "Who decodes TFDS images (default: the data pipeline's); 'thread' where the data exists only in this process.",
+)
+flags.DEFINE_bool("plots", True, "Write PNG plots (needs matplotlib).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from clip_jax.evaluation import report, suite
+
+    preset = suite.PRESETS.get(FLAGS.preset, {})
+    try:
+        settings = suite.EvaluationSettings(
+            tasks=tuple(FLAGS.tasks or preset.get("tasks", ("zero_shot",))),
+            datasets=tuple(FLAGS.datasets or preset.get("datasets", ("synthetic",))),
+            prompt_modes=tuple(FLAGS.prompt_modes),
+            batch_size=FLAGS.batch_size,
+            max_examples=FLAGS.max_examples,
+            max_train_examples=FLAGS.max_train_examples,
+            shots=tuple(int(k) for k in FLAGS.shots),
+            seeds=tuple(int(seed) for seed in FLAGS.seeds),
+            data_dir=FLAGS.data_dir,
+            tfds_reader=FLAGS.tfds_reader,
+            tfds_image_decoder=FLAGS.tfds_image_decoder,
+            tfds_worker_kind=FLAGS.tfds_worker_kind,
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    if FLAGS.plots:
+        report.check_plotting_available()
+
+    import jax
+
+    from clip_jax.checkpoint import load
+
+    model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model)
+    print(f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices", flush=True)
+    synthetic = None
+    if any(name in suite.SYNTHETIC_DATASETS for name in settings.datasets):
+        synthetic = suite.synthetic_dataset_for(FLAGS.checkpoint, model.config.vision.image_size)
+    log = (lambda message: print(message, flush=True)) if jax.process_index() == 0 else (lambda message: None)
+    results = suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=log)
+    results = {"checkpoint": FLAGS.checkpoint, "settings": _settings_record(settings), **results}
+    if jax.process_index() == 0:
+        for path in report.write_report(results, FLAGS.output, plots=FLAGS.plots):
+            print(f"wrote {path}")
+
+
+def _settings_record(settings) -> dict:
+    import dataclasses
+
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(settings).items()}
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    sys.exit(app.run(main))
