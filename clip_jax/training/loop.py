@@ -1,0 +1,683 @@
+"""The training loop: `train_and_evaluate(config, workdir)` sets up the mesh, tokenizer, model,
+sharded state (fresh or resumed from the newest checkpoint), feeds each process's share of the
+data, runs the compiled step, logs metrics, evaluates zero-shot and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from clip_jax import losses, metrics, sharding
+from clip_jax.data import pipeline
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.models import CLIP, CLIPConfig, get_model_config
+from clip_jax.training import checkpointing
+from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
+from clip_jax.training.step import EvalEmbedFunctions, make_eval_embed_fn, make_train_step
+from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
+
+DATA_SOURCES = pipeline.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
+TOKENIZER_KINDS = ("sentencepiece", "clip")
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+# --------------------------------------------------------------------------------------------
+# Every field of a training config, with its default; configs/*.py start from this.
+# --------------------------------------------------------------------------------------------
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field `train_and_evaluate` reads, with defaults (the recipes in configs/ change them).
+
+    A config file starts from this so that any field can be set from the command line
+    (`--config.FIELD=VALUE`; a locked ConfigDict refuses names it does not have).
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameter initialisation and the state's RNG
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "tiny-vit"  # a clip_jax.available_models() name
+    # CLIPConfig fields replaced for this run; vision=dict(...) may be added by a recipe. The text
+    # tower's vocab_size, context_length, pooling and pad_id always come from the tokenizer.
+    config.model.overrides = ml_collections.ConfigDict(
+        {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
+    )
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP)
+    config.loss.impl = "all_gather"  # or "ring"
+    config.loss.max_logit_scale = 100.0  # CLIP clamps the learned temperature at 100
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 5e-4
+    config.optimizer.warmup_steps = 2000
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.98
+    config.optimizer.eps = 1e-6
+    config.optimizer.weight_decay = 0.2
+    config.optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
+    config.optimizer.grad_clip_norm = 1.0  # 0 = off
+    config.optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1 = the devices the other axes leave
+    config.mesh.fsdp = 1
+    config.mesh.model = 1
+
+    config.global_batch_size = 256
+    config.accumulation_steps = 1  # GradCache micro-batches per step
+    config.total_steps = 1000
+    config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
+
+    # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
+    config.data = pipeline.default_data_config()
+    config.data.num_held_out = 8  # synthetic only: colour x shape combinations never shown in training
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
+    config.tokenizer.vocab_size = 256
+    config.tokenizer.model_type = "bpe"
+    config.tokenizer.context_length = 16
+    config.tokenizer.training_captions = 20000
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.num_examples = 512  # held-out images of the zero-shot evaluation (0 = no evaluation)
+
+    config.init = ml_collections.ConfigDict()
+    config.init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
+    config.init.regex = "^visual/"  # which of its parameters to take
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.keep_period = 0  # also keep every step divisible by this (0 = off)
+    config.checkpoint.async_save = True
+
+    config.log_every_steps = 50
+    config.eval_every_steps = 1000
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that run before anything is built or compiled.
+# --------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the offending field for settings that cannot work; builds nothing."""
+    get_model_config(config.model.name)  # unknown model names raise here, listing the known ones
+    if config.loss.name not in losses.LOSSES:
+        raise ValueError(f"unknown loss.name {config.loss.name!r}; expected one of {losses.LOSSES}")
+    if config.loss.impl not in losses.IMPLEMENTATIONS:
+        raise ValueError(f"unknown loss.impl {config.loss.impl!r}; expected one of {losses.IMPLEMENTATIONS}")
+    if config.data.name not in DATA_SOURCES:
+        raise ValueError(f"unknown data.name {config.data.name!r}; expected one of {DATA_SOURCES}")
+    if config.tokenizer.kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer.kind {config.tokenizer.kind!r}; expected one of {TOKENIZER_KINDS}")
+    for field in ("total_steps", "global_batch_size", "log_every_steps", "eval_every_steps", "accumulation_steps"):
+        if int(config[field]) < 1:
+            raise ValueError(f"{field} must be >= 1; got {config[field]}")
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by the {jax.process_count()} processes"
+        )
+
+
+def model_spec(config: ml_collections.ConfigDict, tokenizer: Any | None = None) -> CLIPConfig:
+    """The CLIPConfig the run trains: the registry entry, the config's overrides, and the text
+    tower's vocabulary, context length and pooling taken from the tokenizer (when given)."""
+    overrides = config.model.overrides.to_dict()
+    if config.loss.name == "sigmoid" and "logit_bias_init" not in overrides:
+        raise ValueError("loss.name='sigmoid' needs model.overrides.logit_bias_init (e.g. -10.0, SigLIP's)")
+    if tokenizer is not None:
+        overrides["text"] = {
+            **overrides.get("text", {}),
+            "vocab_size": tokenizer.vocab_size,
+            "context_length": tokenizer.context_length,
+            "pooling": tokenizer.pooling,
+            "pad_id": tokenizer.pad_token_id,
+        }
+    return get_model_config(config.model.name, **overrides)
+
+
+def _count_parameters(spec: CLIPConfig) -> int:
+    abstract = jax.eval_shape(lambda: CLIP(spec).init_variables(jax.random.key(0)))["params"]
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract))
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+# --------------------------------------------------------------------------------------------
+# Data: each process draws its share of every global batch and hands it to jax as one array.
+# --------------------------------------------------------------------------------------------
+
+
+def make_dataset(config: ml_collections.ConfigDict, image_size: int) -> SyntheticShapes | None:
+    """The built-in dataset at the model's image size; None for the other sources (TFDS and shards
+    come through clip_jax.data.pipeline, `pipeline.make_train_source`)."""
+    if config.data.name != "synthetic":
+        return None
+    return SyntheticShapes(
+        SyntheticShapesConfig(
+            image_size=image_size, seed=int(config.data.seed), num_held_out=int(config.data.num_held_out)
+        )
+    )
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n, H, W, 3) with OpenAI's channel mean and std."""
+    mean = np.asarray(OPENAI_MEAN, np.float32) * 255.0
+    inverse_std = 1.0 / (np.asarray(OPENAI_STD, np.float32) * 255.0)
+    return (images.astype(np.float32) - mean) * inverse_std
+
+
+def process_local_batches(
+    dataset: SyntheticShapes, tokenizer: Any, global_batch_size: int, start_step: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of the global batch of each step from `start_step` on, ready for the
+    model: {"images": float32 (local, H, W, 3), "texts": int32 (local, context_length)}."""
+    iterator = dataset.batch_iterator(
+        "train", global_batch_size, jax.process_index(), jax.process_count(), start_step=start_step
+    )
+    for batch in iterator:
+        yield {"images": normalize_images(batch["images"]), "texts": tokenizer(batch["captions"], truncate=True)}
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """One global array per field from each process's rows (`make_array_from_process_local_data`)."""
+    return {
+        name: jax.make_array_from_process_local_data(batch_sharding, value) for name, value in local_batch.items()
+    }
+
+
+class Prefetcher:
+    """Runs `make_item` for the next items in a background thread, `size` ahead of the consumer,
+    so drawing and transferring a batch overlaps the previous step. Errors surface in `next()`."""
+
+    def __init__(self, items: Iterator[Any], size: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._queue.put(("error", error))
+            return
+        self._queue.put(("end", None))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer: trained on the training captions at the start of a run, saved in the workdir.
+# --------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, caption_sample: Callable[[int], list[str]], workdir: str) -> Any:
+    """A fresh tokenizer for a new run, its files written into `workdir` (by process 0).
+
+    "sentencepiece": trained by process 0 on the first `tokenizer.training_captions` training
+    captions and sent to the other processes; "clip": OpenAI's BPE (the file is copied).
+    """
+    from clip_jax import tokenizer as tokenizers
+
+    tokenizer_config = config.tokenizer
+    context_length = int(tokenizer_config.context_length)
+    if tokenizer_config.kind == "clip":
+        tokenizer = tokenizers.ClipTokenizer(context_length=context_length)
+    else:
+        model_bytes = None
+        if jax.process_index() == 0:
+            path = tokenizers.train_sentencepiece(
+                caption_sample(int(tokenizer_config.training_captions)),
+                int(tokenizer_config.vocab_size),
+                os.path.join(_scratch_directory(), SENTENCEPIECE_FILE),
+                model_type=tokenizer_config.model_type,
+                hard_vocab_limit=False,  # a small caption vocabulary may need fewer pieces
+            )
+            model_bytes = _read_bytes(path)
+        model_bytes = checkpointing.broadcast_bytes(model_bytes)
+        local_path = os.path.join(_scratch_directory(), SENTENCEPIECE_FILE)
+        with open(local_path, "wb") as file:
+            file.write(model_bytes)
+        tokenizer = tokenizers.SentencePieceTokenizer(local_path, context_length=context_length)
+    if jax.process_index() == 0:
+        for asset in tokenizer.asset_files():
+            _write_bytes(_join(workdir, os.path.basename(asset)), _read_bytes(asset))
+    return tokenizer
+
+
+def tokenizer_from_workdir(tokenizer_config: dict[str, Any], workdir: str) -> Any:
+    """The tokenizer a run saved in `workdir` (copied to a local directory if `workdir` is remote)."""
+    from clip_jax import tokenizer as tokenizers
+
+    if "://" not in workdir:
+        return tokenizers.tokenizer_from_config(tokenizer_config, workdir)
+    local_directory = _scratch_directory()
+    for key, name in tokenizer_config.items():
+        if key.endswith("_file"):
+            with open(os.path.join(local_directory, name), "wb") as file:
+                file.write(_read_bytes(_join(workdir, name)))
+    return tokenizers.tokenizer_from_config(tokenizer_config, local_directory)
+
+
+def _scratch_directory() -> str:
+    """A new local directory, removed when the process exits (tokenizer files live there)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="clip_jax-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _join(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name if "://" in directory else os.path.join(directory, name)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    if "://" in path:
+        from etils import epath
+
+        epath.Path(path).write_bytes(data)
+        return
+    temporary = path + ".partial"
+    with open(temporary, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)  # atomic: a reader never sees half a file
+
+
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:
+        from etils import epath
+
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _make_workdir(workdir: str) -> None:
+    if "://" in workdir:
+        from etils import epath
+
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(workdir, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-shot evaluation on the held-out colour x shape combinations.
+# --------------------------------------------------------------------------------------------
+
+
+def _embed_all(embed: Callable, variables: Any, inputs: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """Embeddings of every row of `inputs` (the same array on every process), float32 (n, dim),
+    in batches of `batch_size` rows (the last one padded) split over the processes."""
+    batch = sharding.batch_sharding(mesh)
+    local_rows = batch_size // jax.process_count()
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        if len(chunk) < batch_size:
+            padding = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, padding])
+        local = chunk[jax.process_index() * local_rows : (jax.process_index() + 1) * local_rows]
+        embeddings = embed(variables, jax.make_array_from_process_local_data(batch, local))
+        outputs.append(np.asarray(multihost_utils.process_allgather(embeddings, tiled=True)))
+    return np.concatenate(outputs)[: len(inputs)]
+
+
+def zero_shot_held_out(
+    state: TrainState,
+    embed_fns: EvalEmbedFunctions,
+    dataset: SyntheticShapes,
+    tokenizer: Any,
+    num_examples: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """Zero-shot top-1 accuracy on the first `num_examples` held-out images: among the held-out
+    classes (the task of the built-in default) and among all colour x shape classes.
+
+    Each class is the mean of its prompts' normalised text embeddings ("a photo of the red
+    circle.", ...), renormalised; an image is assigned the class of highest cosine similarity.
+    """
+    variables = state.variables
+    examples = dataset.get_batch("held_out", np.arange(num_examples))
+    image_embeddings = _embed_all(embed_fns.embed_images, variables, normalize_images(examples["images"]), batch_size, mesh)
+    templates = dataset.zero_shot_templates
+    prompts = [template.format(name) for name in dataset.all_class_names for template in templates]
+    text_embeddings = _embed_all(embed_fns.embed_texts, variables, tokenizer(prompts, truncate=True), batch_size, mesh)
+    class_embeddings = text_embeddings.reshape(len(dataset.all_class_names), len(templates), -1).mean(axis=1)
+    class_embeddings /= np.linalg.norm(class_embeddings, axis=-1, keepdims=True)
+    similarity = image_embeddings @ class_embeddings.T  # (examples, all classes)
+    labels = examples["labels"]
+    held_out = dataset.held_out_labels
+    predicted_held_out = held_out[np.argmax(similarity[:, held_out], axis=1)]
+    return {
+        "zero_shot/held_out_top1": float(np.mean(predicted_held_out == labels)),
+        "zero_shot/held_out_chance": 1.0 / len(held_out),
+        "zero_shot/all_classes_top1": float(np.mean(np.argmax(similarity, axis=1) == labels)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained initialisation (LiT: a locked, pre-trained image tower).
+# --------------------------------------------------------------------------------------------
+
+
+def load_pretrained_params(state: TrainState, state_shardings: TrainState, path: str, pattern: str) -> TrainState:
+    """`state` with the parameters whose "/"-joined path matches `pattern` replaced by those of
+    the checkpoint at `path` (anything `clip_jax.load` reads), laid out with the state's shardings."""
+    import re
+
+    from flax import traverse_util
+
+    from clip_jax.checkpoint import load
+    from clip_jax.training.optimizer import parameter_path
+
+    _, pretrained, _, _ = load(path)
+    flat_pretrained = traverse_util.flatten_dict(jax.device_get(pretrained["params"]), sep="/")
+    compiled = re.compile(pattern)
+    replaced = []
+
+    def replace(key_path, leaf, leaf_sharding):
+        name = parameter_path(key_path)
+        if not compiled.search(name):
+            return leaf
+        if name not in flat_pretrained:
+            raise ValueError(f"init.checkpoint {path!r} has no parameter {name!r} (matched by init.regex {pattern!r})")
+        value = np.asarray(flat_pretrained[name], dtype=leaf.dtype)
+        if value.shape != leaf.shape:
+            raise ValueError(f"init.checkpoint {path!r}: {name} has shape {value.shape}, the model wants {leaf.shape}")
+        replaced.append(name)
+        return jax.make_array_from_callback(leaf.shape, leaf_sharding, lambda index: value[index])
+
+    params = jax.tree_util.tree_map_with_path(replace, state.params, state_shardings.params)
+    if not replaced:
+        raise ValueError(f"init.regex {pattern!r} matches no parameter of the model")
+    announce(f"Initialised {len(replaced)} parameters matching {pattern!r} from {path}")
+    return state.replace(params=params)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def train_step_flops_per_device(
+    compiled_step: Any, model: CLIP, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, abstract_batch: Any
+) -> float | None:
+    """The model FLOPs of one train step on one device, from XLA's cost analysis.
+
+    XLA counts the body of a loop once, and model-FLOPs utilisation leaves out recomputation. So
+    when the towers' layers are scanned, GradCache runs its micro-batches in a loop or a remat
+    policy recomputes activations, the count comes from lowering (not compiling: cheap) the same
+    step with layers unrolled, no accumulation and no remat, over all devices, divided by the
+    device count; otherwise from the compiled step itself.
+    """
+    spec = model.config
+    if not spec.scan_layers and spec.remat_policy == "none" and int(config.accumulation_steps) == 1:
+        return metrics.compiled_flops(compiled_step)
+    unrolled_config = copy.deepcopy(config)
+    unrolled_config.accumulation_steps = 1
+    unrolled_model = CLIP(spec.replace(scan_layers=False, remat_policy="none"))
+    abstract_state, state_shardings = abstract_train_state(unrolled_config, unrolled_model, mesh)
+    lowered = make_train_step(unrolled_model, unrolled_config, mesh, state_shardings).lower(abstract_state, abstract_batch)
+    analysis = lowered.cost_analysis()
+    if not analysis or not analysis.get("flops"):
+        return None
+    return float(analysis["flops"]) / mesh.devices.size
+
+
+def announce(message: str) -> None:
+    """A line for the person watching: printed by process 0 (above the progress bar), and logged."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+
+
+def _scalar_metrics(step_metrics: dict[str, Any]) -> dict[str, float]:
+    return {name: float(np.asarray(value)) for name, value in jax.device_get(step_metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (or resume training) the model of `config`, writing checkpoints and logs to `workdir`.
+
+    Every process of a multi-host job calls this with the same arguments. Returns the final state
+    (after `config.total_steps` steps, or earlier when a preemption notice stopped the run).
+    """
+    validate_config(config)
+    # Listen for a preemption notice (SIGTERM) from the start: one arriving while compiling still
+    # ends the run cleanly, after its first step, with a checkpoint.
+    preemption = checkpointing.PreemptionWatcher()
+    try:
+        return _train_and_evaluate(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, preemption: checkpointing.PreemptionWatcher
+) -> TrainState:
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(int(config.global_batch_size), mesh, int(config.accumulation_steps))
+    if jax.process_index() == 0:
+        _make_workdir(workdir)
+    checkpoint_config = config.checkpoint
+    checkpointer = checkpointing.TrainingCheckpointer(
+        workdir,
+        every_steps=int(checkpoint_config.every_steps),
+        max_to_keep=int(checkpoint_config.max_to_keep),
+        keep_period=int(checkpoint_config.keep_period),
+        async_save=bool(checkpoint_config.async_save),
+    )
+    latest_step = checkpointer.latest_step()
+    base_spec = model_spec(config)
+    dataset = make_dataset(config, base_spec.vision.image_size)
+    train_source = (
+        None if dataset is not None else pipeline.make_train_source(config.data, jax.process_index(), jax.process_count())
+    )
+    if dataset is not None:
+        caption_sample = dataset.all_captions_sample
+    else:
+        caption_sample = lambda count: pipeline.caption_sample(train_source, count, int(config.data.seed))  # noqa: E731
+
+    # Tokenizer and model: from the checkpoint's record when resuming, so a resumed run tokenizes
+    # exactly as before; a record of another model is refused here, before anything is compiled.
+    if latest_step is not None:
+        record = checkpointer.run_config(latest_step)
+        tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
+        spec = model_spec(config, tokenizer)
+        checkpointing.check_same_model(record["model"], spec.to_dict(), workdir)
+    else:
+        tokenizer = build_tokenizer(config, caption_sample, workdir)
+        spec = model_spec(config, tokenizer)
+    model = CLIP(spec)
+    run_record = {"model": spec.to_dict(), "tokenizer": tokenizer.to_config(), "training": config_to_dict(config)}
+    announce(
+        f"Model {config.model.name}: {_count_parameters(spec):,} parameters; mesh {dict(mesh.shape)} over "
+        f"{jax.device_count()} devices in {jax.process_count()} process(es); workdir {workdir}"
+    )
+
+    if latest_step is not None:
+        abstract_state, state_shardings = abstract_train_state(config, model, mesh)
+        state, progress = checkpointer.restore(latest_step, abstract_state)
+        start_step = int(progress["step"])
+        data_position = int(progress["data_position"])
+        data_states = progress.get("data_states")  # TFDS / shards: every process's iterator state
+        announce(f"Resumed from the checkpoint of step {start_step} in {checkpointer.directory}")
+    else:
+        state, state_shardings = create_train_state(config, model, mesh)
+        if config.init.checkpoint:
+            state = load_pretrained_params(state, state_shardings, config.init.checkpoint, config.init.regex)
+        elif config.optimizer.freeze_regex:
+            announce(
+                f"Warning: optimizer.freeze_regex {config.optimizer.freeze_regex!r} freezes parameters that "
+                "keep their random initialisation; set config.init.checkpoint to load pre-trained ones"
+            )
+        start_step = data_position = 0
+        data_states = None
+
+    total_steps = int(config.total_steps)
+    global_batch_size = int(config.global_batch_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    image_size = spec.vision.image_size
+    abstract_batch = {
+        "images": jax.ShapeDtypeStruct((global_batch_size, image_size, image_size, 3), jnp.float32, sharding=batch_sharding),
+        "texts": jax.ShapeDtypeStruct((global_batch_size, spec.text.context_length), jnp.int32, sharding=batch_sharding),
+    }
+    train_step = make_train_step(model, config, mesh, state_shardings)
+    compile_start = time.perf_counter()
+    compiled_step = train_step.lower(state, abstract_batch).compile()
+    compile_seconds = time.perf_counter() - compile_start
+    flops_per_device = train_step_flops_per_device(compiled_step, model, config, mesh, abstract_batch)
+    peak_flops = metrics.device_peak_flops()
+    announce(
+        f"Compiled the train step in {compile_seconds:.1f} s: "
+        f"{'unknown' if flops_per_device is None else f'{flops_per_device:.3g}'} FLOPs per device per step; "
+        + ("MFU unavailable (no peak known for this device)" if peak_flops is None else f"device peak {peak_flops:.3g} FLOP/s")
+    )
+
+    embed_fns = make_eval_embed_fn(model, mesh)
+    writer = metrics.MetricsWriter(workdir)
+    writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
+
+    def evaluate(step: int) -> None:
+        if not int(config.eval.num_examples) or dataset is None:
+            return
+        results = zero_shot_held_out(
+            state, embed_fns, dataset, tokenizer, int(config.eval.num_examples), global_batch_size, mesh
+        )
+        writer.write(step, results)
+        announce(
+            f"step {step}: zero-shot top-1 on the held-out colour x shape combinations "
+            f"{results['zero_shot/held_out_top1']:.3f} (chance {results['zero_shot/held_out_chance']:.3f}); "
+            f"among all {len(dataset.all_class_names)} classes {results['zero_shot/all_classes_top1']:.3f}"
+        )
+
+    def save(step: int, force: bool) -> None:
+        progress = {"step": step, "data_position": data_position}
+        if data_state is not None and (force or checkpointer.manager.should_save(step)):
+            progress["data_states"] = pipeline.gather_states(data_state)  # a collective: only when saving
+        checkpointer.save(step, state, progress, run_record, force=force)
+
+    # (local batch, iterator state after it) pairs; the state is None for the synthetic dataset,
+    # whose position is data_position.
+    if dataset is not None:
+        local_batches = ((batch, None) for batch in process_local_batches(dataset, tokenizer, global_batch_size, data_position))
+    else:
+        train_iterator = pipeline.make_train_iterator(
+            config.data,
+            tokenizer,
+            global_batch_size,
+            image_size,
+            jax.process_index(),
+            jax.process_count(),
+            start_state=pipeline.local_state(data_states, jax.process_index(), jax.process_count()),
+            source=train_source,
+        )
+        local_batches = train_iterator.batches_with_state()
+    batches = Prefetcher(
+        ((to_global_batch(batch, batch_sharding), batch_state) for batch, batch_state in local_batches),
+        int(config.data.prefetch_batches),
+    )
+    data_state = None
+    progress_bar = metrics.ProgressBar(total_steps, start_step)
+    step = start_step
+    preempted = False
+    try:
+        last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
+        step_metrics = None
+        while step < total_steps:
+            wait_start = time.perf_counter()
+            batch, data_state = next(batches)
+            data_wait += time.perf_counter() - wait_start
+            state, step_metrics = compiled_step(state, batch)
+            step += 1
+            data_position += 1
+            progress_bar.update()
+
+            if step % config.log_every_steps == 0 or step == total_steps:
+                scalars = _scalar_metrics(step_metrics)  # waits for this step: the only sync
+                now = time.perf_counter()
+                step_seconds = (now - last_log_time) / (step - last_log_step)
+                scalars.update(
+                    step_seconds=step_seconds,
+                    pairs_per_second=global_batch_size / step_seconds,
+                    pairs_per_second_per_device=global_batch_size / step_seconds / jax.device_count(),
+                    data_wait_fraction=data_wait / (now - last_log_time),
+                    mfu=metrics.model_flops_utilization(flops_per_device, step_seconds, peak_flops),
+                )
+                if data_state is not None:
+                    counters = pipeline.summed_counters(pipeline.gather_states(data_state))
+                    scalars.update({f"data/{name}": count for name, count in counters.items()})
+                writer.write(step, scalars)
+                progress_bar.show({name: scalars.get(name) for name in ("loss", "pairs_per_second", "mfu")})
+                last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
+
+            if preemption.should_stop(step):
+                preempted = True
+                save(step, force=True)
+                announce(f"Preemption notice: saving the checkpoint of step {step} and stopping")
+                break
+            # Saving first lets the checkpoint's write (asynchronous) overlap the evaluation.
+            save(step, force=step == total_steps)
+            if step % config.eval_every_steps == 0 or step == total_steps:
+                evaluate(step)
+                last_log_time = time.perf_counter()  # the evaluation is not training time
+        if start_step >= total_steps:
+            announce(f"The workdir's checkpoint is already at step {start_step} >= total_steps={total_steps}")
+    finally:
+        batches.close()
+        if dataset is None:
+            train_iterator.close()  # its decoding threads and shard readers
+        progress_bar.close()
+        checkpointer.close()  # waits for the last asynchronous save to commit
+        writer.close()
+    if preempted:
+        announce(f"Stopped at step {step} on a preemption notice; run the same command to resume")
+    else:
+        announce(f"Done: step {step}; checkpoints in {checkpointer.directory}")
+    return state

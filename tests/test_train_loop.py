@@ -1,0 +1,164 @@
+"""`python train.py --config.total_steps=20` (the README's short run) leaves checkpoints, TensorBoard
+event files, the JSONL log and a zero-shot result that `clip_jax.load(workdir)` reproduces; bad
+settings fail with clear errors before anything is compiled."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax.checkpoint import load
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.metrics import read_jsonl
+from clip_jax.training import checkpointing, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT_RUN_STEPS = 20
+
+
+def _compilation_cache(tmp_path_factory) -> dict[str, str]:
+    """Environment for train.py subprocesses sharing one persistent XLA compilation cache: runs of
+    the same program (e.g. a run and its restart) compile it once; results are unchanged."""
+    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """The README's shortened default run, on one CPU device as a user's machine has."""
+    workdir = str(tmp_path_factory.mktemp("short_run") / "workdir")
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env.update(_compilation_cache(tmp_path_factory))
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--workdir={workdir}", f"--config.total_steps={SHORT_RUN_STEPS}"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+def test_short_run_leaves_checkpoints_event_files_and_jsonl(short_run):
+    workdir, result = short_run
+    checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
+    steps = checkpointer.all_steps()
+    checkpointer.close()
+    assert steps == [SHORT_RUN_STEPS]
+    assert os.path.isfile(os.path.join(workdir, "tokenizer.model"))
+
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    training = [record for record in records if "loss" in record]
+    assert training and training[-1]["step"] == SHORT_RUN_STEPS
+    last = training[-1]
+    for name in (
+        "loss", "accuracy_image_to_text", "accuracy_text_to_image", "logit_scale", "learning_rate", "grad_norm",
+        "pairs_per_second", "pairs_per_second_per_device", "step_seconds", "mfu",
+    ):  # fmt: skip
+        assert name in last, name
+    assert 0 < last["loss"] < 2 * np.log(128)  # below the loss of uniform logits over the batch of 128
+    assert 0 < last["logit_scale"] <= 100
+    assert last["pairs_per_second"] == pytest.approx(128 / last["step_seconds"])
+    assert last["mfu"] is None  # no peak is known for a CPU
+    assert any(record.get("compile_seconds", 0) > 0 for record in records)
+    zero_shot = [record for record in records if "zero_shot/held_out_top1" in record]
+    assert [record["step"] for record in zero_shot] == [SHORT_RUN_STEPS]
+    assert "zero-shot top-1" in result.stdout
+
+    import tensorflow as tf  # the reader TensorBoard itself uses
+
+    event_files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert len(event_files) == 1
+    scalars = {}
+    for event in tf.compat.v1.train.summary_iterator(event_files[0]):
+        for value in event.summary.value:
+            scalars[(value.tag, event.step)] = value.simple_value
+    assert scalars[("loss", SHORT_RUN_STEPS)] == pytest.approx(last["loss"], rel=1e-6)
+    assert scalars[("zero_shot/held_out_top1", SHORT_RUN_STEPS)] == pytest.approx(
+        zero_shot[0]["zero_shot/held_out_top1"], rel=1e-6
+    )
+
+
+def test_workdir_loads_on_one_device_and_reproduces_the_logged_zero_shot(short_run):
+    workdir, _ = short_run
+    model, variables, preprocess, tokenizer = load(workdir)
+    assert model.config.text.vocab_size == tokenizer.vocab_size
+    assert {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(variables)} == {1}
+
+    # Zero-shot on the held-out combinations, computed here independently of the loop's code.
+    dataset = SyntheticShapes(SyntheticShapesConfig(image_size=model.config.vision.image_size))
+    num_examples = 512
+    images, labels = [], []
+    for index in range(num_examples):
+        image, _, label = dataset.held_out_example(index)
+        images.append(preprocess(image))
+        labels.append(label)
+    image_embeddings = np.asarray(
+        model.apply(variables, np.stack(images), normalize=True, method=model.encode_image)
+    )
+    class_embeddings = []
+    for label in dataset.held_out_labels:
+        name = dataset.all_class_names[label]
+        prompts = tokenizer([template.format(name) for template in dataset.zero_shot_templates])
+        embeddings = np.asarray(model.apply(variables, prompts, normalize=True, method=model.encode_text))
+        mean = embeddings.mean(axis=0)
+        class_embeddings.append(mean / np.linalg.norm(mean))
+    predictions = dataset.held_out_labels[np.argmax(image_embeddings @ np.stack(class_embeddings).T, axis=1)]
+    accuracy = float(np.mean(predictions == np.array(labels)))
+
+    logged = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "zero_shot/held_out_top1" in r]
+    assert accuracy == pytest.approx(logged[-1]["zero_shot/held_out_top1"], abs=2 / num_examples)
+
+
+def _default_config():
+    specification = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    module = importlib.util.module_from_spec(specification)
+    specification.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture
+def never_compile(monkeypatch):
+    """Makes creating, restoring or compiling the training state fail loudly."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the error should have been raised before the state or the step was built")
+
+    for name in ("create_train_state", "abstract_train_state", "make_train_step"):
+        monkeypatch.setattr(loop, name, forbidden)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("global_batch_size", 12, "global batch size 12 is not divisible by the 8 batch-axis devices"),
+        ("mesh.data", 3, "has 3 devices but there are 8 devices"),
+        ("model.name", "ViT-X-99", "unknown model 'ViT-X-99'"),
+        ("loss.name", "hinge", "unknown loss.name 'hinge'"),
+    ],
+)
+def test_clear_errors_before_compiling(never_compile, tmp_path, field, value, message):
+    config = _default_config()
+    config.update_from_flattened_dict({field: value})
+    workdir = str(tmp_path / "workdir")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        loop.train_and_evaluate(config, workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_workdir_of_another_model_is_refused_before_compiling(never_compile, short_run):
+    workdir, _ = short_run
+    config = _default_config()
+    config.model.name = "tiny-resnet"
+    with pytest.raises(ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"):
+        loop.train_and_evaluate(config, workdir)
