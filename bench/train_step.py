@@ -69,7 +69,7 @@ def run_clip_jax(args: argparse.Namespace) -> dict:
 
     from clip_jax import metrics, sharding
     from clip_jax.models import create_model
-    from clip_jax.training.loop import base_config
+    from clip_jax.training.loop import base_config, train_step_flops_per_device
     from clip_jax.training.state import create_train_state
     from clip_jax.training.step import make_train_step
 
@@ -78,7 +78,7 @@ def run_clip_jax(args: argparse.Namespace) -> dict:
     model = create_model(args.model, dtype=dtype, scan_layers=args.scan, remat_policy=args.remat)
     spec = model.config
     if backend == "cpu":
-        peak, peak_source = metrics.measure_matmul_peak_flops(size=2048, dtype="float32"), "measured fp32 matmul"
+        peak, peak_source = metrics.measure_matmul_peak_flops(), "measured fp32 matmul"
     else:
         peak, peak_source = metrics.device_peak_flops(), "device bf16 peak table"
     for batch_size in _batch_sizes(args):
@@ -116,7 +116,10 @@ def run_clip_jax(args: argparse.Namespace) -> dict:
                 continue
             raise
         step_seconds = statistics.median(times)
-        flops = metrics.compiled_flops(compiled)  # per device
+        # Model FLOPs: XLA counts a scanned layer once, so scanned/rematted steps are counted on
+        # their unrolled twin (see train_step_flops_per_device).
+        abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+        flops = train_step_flops_per_device(compiled, model, config, mesh, abstract_batch)
         devices = jax.device_count()
         return {
             "framework": "clip_jax",
