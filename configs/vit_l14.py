@@ -13,32 +13,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from clip_jax.training.loop import base_config
+from clip_jax.training.loop import paper_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = base_config()
+    config = paper_config()
     config.model.name = "ViT-L-14"
-    config.model.overrides.dtype = "bfloat16"
-    config.model.overrides.scan_layers = True
     config.model.overrides.remat_policy = "full"  # 257 tokens x 24 layers of width 1024
-    config.mesh.data = -1
-    config.mesh.fsdp = 8
-    config.tokenizer.kind = "clip"
-    config.tokenizer.context_length = 77
-    config.loss.name = "softmax"
-    config.loss.max_logit_scale = 100.0
+    config.mesh.fsdp = 8  # parameters and optimizer state sharded over 8 devices
     config.optimizer.learning_rate = 4e-4
-    config.optimizer.warmup_steps = 2000
-    config.optimizer.b2 = 0.98
-    config.optimizer.eps = 1e-6
-    config.optimizer.weight_decay = 0.2
-    config.optimizer.grad_clip_norm = 0.0
-    config.global_batch_size = 32768
-    config.total_steps = 390_625
-    config.log_every_steps = 100
-    config.eval_every_steps = 5000
     config.checkpoint.every_steps = 1000
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.keep_period = 50_000
     return config

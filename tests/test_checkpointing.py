@@ -65,20 +65,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 _CACHE_ENVIRONMENT: dict[str, str] = {}
 
 
-def _compilation_cache(tmp_path_factory) -> dict[str, str]:
-    """Environment for train.py subprocesses sharing one persistent XLA compilation cache: runs of
-    the same program (e.g. a run and its restart) compile it once; results are unchanged."""
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(directory),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    _CACHE_ENVIRONMENT.update(_compilation_cache(tmp_path_factory))
+def compilation_cache(compilation_cache_env):
+    _CACHE_ENVIRONMENT.update(compilation_cache_env)
 
 
 def _environment(device_count: int) -> dict[str, str]:

@@ -27,17 +27,6 @@ FLAGS = [
 ]
 
 
-def _compilation_cache(tmp_path_factory) -> dict[str, str]:
-    """Environment for train.py subprocesses sharing one persistent XLA compilation cache: runs of
-    the same program (e.g. a run and its restart) compile it once; results are unchanged."""
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(directory),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -62,8 +51,8 @@ def _finish(process: subprocess.Popen) -> str:
     return stdout
 
 
-def test_two_processes_equal_one_process_with_four_devices(tmp_path, tmp_path_factory):
-    cache = _compilation_cache(tmp_path_factory)
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation_cache_env):
+    cache = compilation_cache_env
     multi_workdir, single_workdir = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
     address = f"127.0.0.1:{_free_port()}"
     processes = [
@@ -102,9 +91,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, tmp_path_fa
     # tokenized differently, its half of every batch, and so the parameters, would differ.)
 
 
-def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, tmp_path_factory):
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, compilation_cache_env):
     """A preemption notice reaching one host: all processes agree on a step, save it and exit 0."""
-    cache = _compilation_cache(tmp_path_factory)  # the program of the test above: no compile here
+    cache = compilation_cache_env  # the program of the test above: no compile here
     workdir = str(tmp_path / "preempted")
     address = f"127.0.0.1:{_free_port()}"
     processes = [

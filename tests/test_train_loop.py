@@ -23,23 +23,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_RUN_STEPS = 20
 
 
-def _compilation_cache(tmp_path_factory) -> dict[str, str]:
-    """Environment for train.py subprocesses sharing one persistent XLA compilation cache: runs of
-    the same program (e.g. a run and its restart) compile it once; results are unchanged."""
-    directory = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(directory),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-
-
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+def short_run(tmp_path_factory, compilation_cache_env) -> tuple[str, subprocess.CompletedProcess]:
     """The README's shortened default run, on one CPU device as a user's machine has."""
     workdir = str(tmp_path_factory.mktemp("short_run") / "workdir")
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env.update(_compilation_cache(tmp_path_factory))
+    env.update(compilation_cache_env)
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, "train.py", f"--workdir={workdir}", f"--config.total_steps={SHORT_RUN_STEPS}"],
