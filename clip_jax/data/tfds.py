@@ -11,6 +11,7 @@ already used. See docs/data.md for the choice.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
@@ -160,10 +161,17 @@ def make_builder(name: str, data_dir: str | None) -> Any:
         raise ValueError(f"cannot open TFDS dataset {name!r} (data_dir={data_dir!r}): {error}") from error
 
 
+# Decoding threads open their data source lazily. Opening is not thread-safe under
+# tfds.testing.mock_data, which patches classes while a source is built (two threads at once fail
+# with "Cannot spec a Mock object"), and a second open of the same source is wasted work anyway.
+_OPEN_LOCK = threading.RLock()
+
+
 def open_data_source(name: str, split: str, data_dir: str | None, decoders: Any) -> Any:
     tfds = import_tfds()
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders)
+        with _OPEN_LOCK:
+            return tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders)
     except Exception as error:
         raise ValueError(
             f"cannot open TFDS dataset {name!r} split {split!r} for random access (data_dir={data_dir!r}): {error}. "
@@ -225,7 +233,9 @@ class TfdsRecordReader:
 
     def read(self, record: int) -> tuple[Any, Any]:
         if self._source is None:
-            self._source = open_data_source(self.name, self.split, self.data_dir, self.keys.decoders)
+            with _OPEN_LOCK:  # several decoding threads share this reader: open it once
+                if self._source is None:
+                    self._source = open_data_source(self.name, self.split, self.data_dir, self.keys.decoders)
         try:
             example = self._source[record]
         except Exception as error:  # a record TFDS cannot read or decode
