@@ -8,6 +8,11 @@ batch sizes, each framework takes the first that fits in memory. Prints pairs/s,
 model-FLOPs utilisation (FLOPs of the compiled clip_jax step from XLA's cost analysis ÷ step time ÷
 peak; on CPU the peak is a large fp32 matmul measured in the same run, on accelerators the
 device's bf16 peak), and ends with `ratio clip_jax/open_clip: X.XX`.
+
+On Linux both children run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--no-hugepages` to
+leave the environment alone): glibc then asks for transparent huge pages for what it allocates, and
+a step that allocates gigabytes of activations and gradients stops paying hundreds of thousands of
+page faults every step, in either framework (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
     parser.add_argument("--framework", choices=["both", "clip_jax", "open_clip"], default="both")
     parser.add_argument("--json-out", default=None, help="also write the results here")
+    parser.add_argument(
+        "--hugepages",
+        action=argparse.BooleanOptionalAction,
+        default=sys.platform.startswith("linux"),
+        help="run both children with glibc's malloc on transparent huge pages (GLIBC_TUNABLES)",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,6 +64,15 @@ def _random_inputs(spec, batch: int, seed: int = 0):
     return images, texts
 
 
+def _minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     text = f"{type(error).__name__}: {error}".lower()
     return "resource_exhausted" in text or "out of memory" in text or "outofmemory" in text
@@ -63,55 +83,70 @@ def _is_out_of_memory(error: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def build_clip_jax_step(model_name: str, model, batch_size: int):
+    """The compiled clip_jax train step at `batch_size` (the default recipe), its state and a batch.
+
+    Returns (compiled, state, batch, config, mesh); `bench/profile_step.py` profiles the same step.
+    """
+    import jax
+
+    from clip_jax import sharding
+    from clip_jax.training.loop import base_config
+    from clip_jax.training.state import create_train_state
+    from clip_jax.training.step import make_train_step
+
+    config = base_config()
+    config.model.name = model_name
+    config.global_batch_size = batch_size
+    config.total_steps = 1_000_000
+    config.optimizer.warmup_steps = 100
+    mesh = sharding.make_mesh(config.mesh)
+    state, state_shardings = create_train_state(config, model, mesh)
+    train_step = make_train_step(model, config, mesh, state_shardings)
+    images, texts = _random_inputs(model.config, batch_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        "images": jax.device_put(images, batch_sharding),
+        "texts": jax.device_put(texts, batch_sharding),
+    }
+    compiled = train_step.lower(state, batch).compile()
+    return compiled, state, batch, config, mesh
+
+
 def run_clip_jax(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from clip_jax import metrics, sharding
+    from clip_jax import metrics
     from clip_jax.models import create_model
-    from clip_jax.training.loop import base_config, train_step_flops_per_device
-    from clip_jax.training.state import create_train_state
-    from clip_jax.training.step import make_train_step
+    from clip_jax.training.loop import train_step_flops_per_device
 
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
     model = create_model(args.model, dtype=dtype, scan_layers=args.scan, remat_policy=args.remat)
-    spec = model.config
     if backend == "cpu":
         peak, peak_source = metrics.measure_matmul_peak_flops(), "measured fp32 matmul"
     else:
         peak, peak_source = metrics.device_peak_flops(), "device bf16 peak table"
     for batch_size in _batch_sizes(args):
-        config = base_config()
-        config.model.name = args.model
-        config.global_batch_size = batch_size
-        config.total_steps = 1_000_000
-        config.optimizer.warmup_steps = 100
-        mesh = sharding.make_mesh(config.mesh)
         try:
-            state, state_shardings = create_train_state(config, model, mesh)
-            train_step = make_train_step(model, config, mesh, state_shardings)
-            images, texts = _random_inputs(spec, batch_size)
-            batch_sharding = sharding.batch_sharding(mesh)
-            batch = {
-                "images": jax.device_put(images, batch_sharding),
-                "texts": jax.device_put(texts, batch_sharding),
-            }
             start = time.perf_counter()
-            compiled = train_step.lower(state, batch).compile()
+            compiled, state, batch, config, mesh = build_clip_jax_step(args.model, model, batch_size)
             compile_seconds = time.perf_counter() - start
             state, step_metrics = compiled(state, batch)  # warm-up
             jax.block_until_ready(step_metrics)
             times = []
+            faults = _minor_page_faults()
             for _ in range(args.steps):
                 start = time.perf_counter()
                 state, step_metrics = compiled(state, batch)
                 jax.block_until_ready(step_metrics)
                 times.append(time.perf_counter() - start)
+            faults = (_minor_page_faults() - faults) / args.steps
         except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
             if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
                 print(f"clip_jax: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
-                state = train_step = batch = compiled = step_metrics = None  # free the failed attempt
+                state = batch = compiled = step_metrics = None  # free the failed attempt
                 jax.clear_caches()
                 continue
             raise
@@ -136,6 +171,7 @@ def run_clip_jax(args: argparse.Namespace) -> dict:
             "peak_source": peak_source,
             "mfu": metrics.model_flops_utilization(flops, step_seconds, peak),
             "loss": float(np.asarray(step_metrics["loss"])),
+            "page_faults_per_step": faults,
             "scan": args.scan,
             "remat": args.remat,
         }
@@ -208,11 +244,13 @@ def run_open_clip(args: argparse.Namespace) -> dict:
             step()  # warm-up
             synchronize()
             times = []
+            faults = _minor_page_faults()
             for _ in range(args.steps):
                 start = time.perf_counter()
                 loss = step()
                 synchronize()
                 times.append(time.perf_counter() - start)
+            faults = (_minor_page_faults() - faults) / args.steps
         except Exception as error:  # noqa: BLE001
             if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
                 print(f"open_clip: batch {batch_size} does not fit; trying the next", flush=True)
@@ -232,6 +270,7 @@ def run_open_clip(args: argparse.Namespace) -> dict:
             "step_seconds": step_seconds,
             "pairs_per_second": batch_size / step_seconds,
             "loss": float(loss.detach().float().cpu()),
+            "page_faults_per_step": faults,
         }
     raise RuntimeError("no batch size given")
 
@@ -241,9 +280,21 @@ def run_open_clip(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_child(framework: str, argv: list[str]) -> dict:
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def child_environment(hugepages: bool) -> dict[str, str]:
+    """The environment of both children: the same for each framework, so the comparison is fair."""
+    env = dict(os.environ)
+    if hugepages:
+        tunables = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item and not item.startswith("glibc.malloc.hugetlb=")]
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGEPAGES_TUNABLE])
+    return env
+
+
+def _run_child(framework: str, argv: list[str], env: dict[str, str]) -> dict:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--framework", framework]
-    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True)
+    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     results = [line[len(RESULT_PREFIX):] for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     for line in process.stdout.splitlines():
         if not line.startswith(RESULT_PREFIX):
@@ -277,6 +328,8 @@ def _describe(result: dict) -> str:
         line += f", compile {result['compile_seconds']:.1f} s"
     if result.get("mfu") is not None:
         line += f", MFU {100 * result['mfu']:.1f}%"
+    if result.get("page_faults_per_step"):
+        line += f", {result['page_faults_per_step']:,.0f} page faults/step"
     return line
 
 
@@ -288,9 +341,11 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     child_argv = _strip_framework(argv)
-    ours = _run_child("clip_jax", child_argv)
+    env = child_environment(args.hugepages)
+    print(f"both children run with GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}", flush=True)
+    ours = _run_child("clip_jax", child_argv, env)
     print(_describe(ours), flush=True)
-    reference = _run_child("open_clip", child_argv)
+    reference = _run_child("open_clip", child_argv, env)
     # The same model maths: its FLOPs per pair are those XLA counted for the clip_jax step.
     flops = ours.get("flops_per_step_per_device")
     if flops and ours.get("peak_flops_per_device"):

@@ -1,0 +1,128 @@
+"""Where the time of a clip_jax train step goes: a jax.profiler trace, summed by kind of work.
+
+    python bench/profile_step.py --model ViT-B-32 --batch-size 16 --trace-dir /tmp/clip_jax_trace
+
+Runs the step `bench/train_step.py` measures (same model, recipe and batch), records one step with
+`jax.profiler`, and sums the time of every XLA operation in the trace by phase (forward, backward,
+loss/optimizer) and kind (matrix multiplies, scan bookkeeping, layout copies, other element-wise and
+reduction work). Times are thread-seconds: the host's operations can overlap on several threads, and
+a library call (YNNPACK/oneDNN matmuls) that parallelises internally counts once. The trace directory
+opens in TensorBoard's or Perfetto's profile viewers for the timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import time
+
+from train_step import _minor_page_faults, build_clip_jax_step  # noqa: E402  (bench/ is on sys.path)
+
+PHASES = ("forward", "backward", "loss, optimizer, other")
+KINDS = ("matmul", "scan bookkeeping", "layout copy", "element-wise / reduce")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 otherwise")
+    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--trace-dir", default="/tmp/clip_jax_trace")
+    parser.add_argument("--top", type=int, default=12, help="also list this many most expensive operations")
+    return parser.parse_args(argv)
+
+
+def operation_metadata(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its `op_name` metadata (the JAX operation it came from)."""
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.MULTILINE)
+    return {name: op_name for name, op_name in pattern.findall(hlo_text)}
+
+
+def classify(name: str, op_name: str) -> tuple[str, str]:
+    if "transpose(jvp(" in op_name:
+        phase = PHASES[1]
+    elif "jvp(" in op_name:
+        phase = PHASES[0]
+    else:
+        phase = PHASES[2]
+    last = op_name.rsplit("/", 1)[-1]
+    if "dot_general" in last or "conv_general" in last or name.startswith(("dot", "convolution")):
+        kind = KINDS[0]
+    elif re.match(r"^(while|wrapped_broadcast|[\w\-]*dynamic-(update-)?slice)", name) or "dynamic-update-slice" in name:
+        kind = KINDS[1]
+    elif name.startswith(("copy", "transpose")) or "transpose_copy" in name or "copy_bitcast" in name:
+        kind = KINDS[2]
+    else:
+        kind = KINDS[3]
+    return phase, kind
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import jax
+
+    from clip_jax.models import create_model
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    model = create_model(args.model, dtype=dtype, scan_layers=args.scan, remat_policy=args.remat)
+    compiled, state, batch, _, _ = build_clip_jax_step(args.model, model, args.batch_size)
+    metadata = operation_metadata(compiled.as_text())
+    for _ in range(2):  # warm-up
+        state, step_metrics = compiled(state, batch)
+        jax.block_until_ready(step_metrics)
+    faults = _minor_page_faults()
+    jax.profiler.start_trace(args.trace_dir)
+    start = time.perf_counter()
+    state, step_metrics = compiled(state, batch)
+    jax.block_until_ready(step_metrics)
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    faults = _minor_page_faults() - faults
+    paths = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    profile = jax.profiler.ProfileData.from_file(paths[-1])
+
+    totals: collections.Counter = collections.Counter()
+    by_operation: collections.Counter = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            # Operations run on XLA's worker threads; their events are the HLO instruction names.
+            events = sorted((event.start_ns, event.duration_ns, event.name) for event in line.events)
+            end = -1
+            for start_ns, duration, name in events:
+                base = re.sub(r"\.\d+$", "", name)
+                if name not in metadata and base not in ("while", "wrapped_broadcast", "copy", "dot"):
+                    continue  # runtime bookkeeping (executor, thread pool waits), not an operation
+                if start_ns < end:
+                    continue  # nested in an operation already counted (a while loop's body)
+                if base != "while":
+                    end = start_ns + duration
+                else:
+                    continue  # the loop's own event spans its body: count the body's operations
+                phase, kind = classify(name, metadata.get(name, ""))
+                totals[phase, kind] += duration
+                by_operation[name] += duration
+    grand = sum(totals.values())
+    print(f"{args.model} batch {args.batch_size} {dtype} scan={args.scan} on {jax.devices()[0].device_kind}: "
+          f"step {wall:.2f} s wall, {faults:,} minor page faults; operations {grand / 1e9:.2f} thread-s")
+    print(f"| phase | {' | '.join(KINDS)} | total |")
+    print("| --- |" + " ---: |" * (len(KINDS) + 1))
+    for phase in PHASES:
+        row = [totals[phase, kind] for kind in KINDS]
+        cells = " | ".join(f"{value / 1e9:.2f} s ({100 * value / grand:.0f}%)" for value in row)
+        print(f"| {phase} | {cells} | {sum(row) / 1e9:.2f} s ({100 * sum(row) / grand:.0f}%) |")
+    kind_totals = [sum(totals[phase, kind] for phase in PHASES) for kind in KINDS]
+    print("| all | " + " | ".join(f"{v / 1e9:.2f} s ({100 * v / grand:.0f}%)" for v in kind_totals) + f" | {grand / 1e9:.2f} s |")
+    print(f"\nmost expensive operations (thread-s, summed over loop iterations):")
+    for name, duration in by_operation.most_common(args.top):
+        print(f"  {duration / 1e9:6.3f} s  {name:40s} {metadata.get(name, '')[:110]}")
+    print(f"\ntrace: {args.trace_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
