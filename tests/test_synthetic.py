@@ -120,18 +120,28 @@ def test_held_out_combinations_never_train_and_every_colour_and_shape_still_trai
 
     held_out_split_labels = dataset_32.get_batch("held_out", np.arange(500))["labels"]
     assert set(held_out_split_labels.tolist()) == held_out
-    # The default holds out each colour once and each shape once.
+    # The default holds out each colour twice and each shape twice: no held-out class is named by
+    # its colour (or its shape) alone.
     held_out_names = [name.split(" ") for name in dataset_32.held_out_class_names]
-    assert sorted(color for color, _ in held_out_names) == sorted(colors)
-    assert sorted(shape for _, shape in held_out_names) == sorted(shapes)
+    assert sorted(color for color, _ in held_out_names) == sorted(2 * colors)
+    assert sorted(shape for _, shape in held_out_names) == sorted(2 * shapes)
 
 
 def test_zero_shot_templates_and_names():
     dataset = SyntheticShapes(SyntheticShapesConfig(image_size=32))
     assert "red circle" in dataset.all_class_names
     assert len(dataset.zero_shot_templates) >= 3
+    assert dataset.zero_shot_templates[0] == "a photo of the {}."  # the "single" prompt
+    captions = dataset.all_captions_sample(3000)
+    caption_frames = {re.match(r"^(.*?) (a|an|the|one) ", caption).group(1) for caption in captions}
+    template_frames = set()
     for template in dataset.zero_shot_templates:
         assert template.count("{}") == 1
+        template_frames.add(template.split(" the {}")[0])
+    # The prompts open as training captions do, one prompt per caption frame: the ensemble covers
+    # every style the images come in.
+    assert template_frames == caption_frames
+    assert len(dataset.zero_shot_templates) == len(caption_frames)
     label = dataset.all_class_names.index("blue star")
     assert dataset.color_and_shape_of(label) == ("blue", "star")
 
@@ -158,6 +168,8 @@ def test_captions_name_the_label_colour_and_shape_only(dataset_32):
     skeletons = set()
     for caption, label in zip(batch["captions"], batch["labels"]):
         color, shape = dataset_32.all_class_names[label].split(" ")
+        # A sentence around the object, never the bare class name (with or without an article).
+        assert re.sub(r"^(an?|the) ", "", caption) != f"{color} {shape}", caption
         words = re.findall(r"[a-z]+", caption)
         assert [w for w in words if w in all_colors] == [color], caption
         assert [w for w in words if w in all_shapes] == [shape], caption
@@ -179,6 +191,23 @@ def test_captions_name_the_label_colour_and_shape_only(dataset_32):
         color, shape = dataset_32.all_class_names[label].split(" ")
         words = re.findall(r"[a-z]+", caption)
         assert color in words and shape in words, caption
+
+
+def test_caption_frames_name_the_image_style(dataset_32):
+    """The caption's opening frame ("a photo of", "a drawing of", ...) says how the image is
+    rendered: each frame goes with one background kind, and every kind has its frames."""
+    frames_of_kind: dict[str, set[str]] = {}
+    for index in range(1500):
+        description = dataset_32.describe("train", index)
+        frame = re.match(r"^(.*?) (a|an|the|one) ", description.caption).group(1)
+        frames_of_kind.setdefault(description.background, set()).add(frame)
+    assert set(frames_of_kind) == set(synthetic.BACKGROUND_KINDS)
+    kinds_of_frame: dict[str, set[str]] = {}
+    for kind, frames in frames_of_kind.items():
+        for frame in frames:
+            kinds_of_frame.setdefault(frame, set()).add(kind)
+    assert all(len(kinds) == 1 for kinds in kinds_of_frame.values()), kinds_of_frame
+    assert len(kinds_of_frame) >= 2 * len(synthetic.BACKGROUND_KINDS)
 
 
 # --- per-process batch shares

@@ -2,7 +2,10 @@
 
 Example `i` of a split is a pure function of (seed, split, i), so a data position is one
 integer and resuming is exact. Some colour x shape combinations never appear in training;
-the "held_out" split holds only those, to measure compositional zero-shot transfer.
+the "held_out" split holds only those, to measure compositional zero-shot transfer. Captions
+are sentences whose opening frame ("a photo of", "a drawing of", ...) names the image's style
+(its background kind), so zero-shot prompts behave as in the CLIP paper: the class name alone
+is out of distribution, and an ensemble of frames covers styles a single prompt does not.
 Randomness comes from a counter-based hash of (seed, split, index), and images are drawn
 for a whole batch at once with numpy.
 """
@@ -75,42 +78,42 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
 
 BACKGROUND_KINDS: tuple[str, ...] = ("plain", "gradient", "noisy", "striped", "checkered")
 
-# Training captions. Colour and shape words are always the exact class-name words so that
-# zero-shot prompts built from class names use the vocabulary the text tower learned.
+# How each background kind is "taken": the image's style, which a caption names with its opening
+# frame, as a web caption says "a photo of", "a drawing of" or "a rendering of". A frame is a
+# statement about the whole image, so a prompt with one frame describes one style best and an
+# ensemble of frames describes all of them (the CLIP paper's reason to ensemble prompts).
+STYLE_FRAMES: dict[str, tuple[str, ...]] = {
+    "plain": ("a photo of", "a snapshot of", "a close-up of"),
+    "noisy": ("a grainy photo of", "a grainy picture of", "a dark photo of"),
+    "gradient": ("a rendering of", "a render of", "a 3d model of"),
+    "striped": ("a drawing of", "a sketch of", "a doodle of"),
+    "checkered": ("a painting of", "an illustration of", "an artwork of"),
+}
+
+# Training captions: "{frame}" is one of the example's style frames, and the rest describes the
+# object. Every caption is a sentence around the object, never its bare class name, as web alt
+# text rarely is a single noun phrase; colour and shape words are always the exact class-name
+# words so that zero-shot prompts use the vocabulary the text tower learned.
 CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {color} {shape}",
-    "{color} {shape}",
-    "the {color} {shape}",
-    "a photo of a {color} {shape}",
-    "a photo of the {color} {shape}",
-    "a picture of a {size} {color} {shape}",
-    "an image of a {color} {shape} {position}",
-    "a drawing of the {color} {shape} on a {background} background",
-    "a {size} {color} {shape} on a {background} background",
-    "a {size} {color} {shape} {position}",
-    "there is a {color} {shape} {position}",
-    "a {color} {shape} against a {background} background",
-    "a {size} {shape} in {color}",
-    "a {shape} coloured {color}",
-    "a {color} {shape}, {size}, {position}",
-    "a photo of a {shape}. it is {color}.",
-    "this is a {color} {shape}",
-    "a simple {color} {shape} {position} on a {background} background",
-    "a {size} {color} {shape}",
-    "the {shape} is {color} and {size}",
-    "{color} {shape} on a {background} background",
-    "a rendering of the {color} {shape}",
+    "{frame} a {color} {shape}",
+    "{frame} the {color} {shape}",
+    "{frame} a {size} {color} {shape}",
+    "{frame} a {color} {shape} {position}",
+    "{frame} a {size} {color} {shape} {position}",
+    "{frame} a {shape} coloured {color}",
+    "{frame} a {size} {shape} in {color}",
+    "{frame} a {color} {shape} on a {background} background",
+    "{frame} a {shape}. it is {color}.",
+    "{frame} a {color} {shape}, {size}, {position}",
+    "{frame} one {color} {shape}",
 )
 
-# Prompts for zero-shot classification; "{}" takes a class name such as "red circle".
+# Prompts for zero-shot classification; "{}" takes a class name such as "red circle". One per
+# caption frame, so that the ensemble covers every style: each style's first frame, then each
+# one's second, ...; the first, "a photo of the {}.", is the "single" prompt (the paper's).
 # They use "the" so no article has to agree with the colour word.
-ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
-    "a photo of the {}.",
-    "the {}.",
-    "a picture of the {}.",
-    "a drawing of the {}.",
-    "a rendering of the {}.",
-    "the {} on a background.",
+ZERO_SHOT_TEMPLATES: tuple[str, ...] = tuple(
+    f"{frame} the {{}}." for frames in zip(*STYLE_FRAMES.values()) for frame in frames
 )
 
 SPLITS: dict[str, int] = {"train": 0, "validation": 1, "held_out": 2}
@@ -229,8 +232,9 @@ class SyntheticShapesConfig:
     colors: tuple[str, ...] = DEFAULT_COLORS
     shapes: tuple[str, ...] = DEFAULT_SHAPES
     # Colour x shape combinations kept out of "train" and "validation"; the default holds
-    # out one shape per colour (and one colour per shape).
-    num_held_out: int = 8
+    # out two shapes per colour (and two colours per shape), so that naming a held-out
+    # combination takes both its colour and its shape.
+    num_held_out: int = 16
     # Random rotation of each shape, +- this many degrees. Small, so that a square never
     # turns into a diamond.
     max_rotation_degrees: float = 15.0
@@ -356,7 +360,7 @@ def _background_palette(shape_colors: Sequence[tuple[int, int, int]]) -> np.ndar
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
 _INDEX_MULTIPLIER = np.uint64(0xD1B54A32D192ED03)  # odd, so index -> key stays one-to-one
-_NUM_UNIFORMS = 18  # per-example random numbers; see SyntheticShapes._parameters
+_NUM_UNIFORMS = 19  # per-example random numbers; see SyntheticShapes._parameters
 _PIXELS_PER_CHUNK = 1 << 20  # bounds the temporaries of one vectorised drawing pass
 
 
@@ -579,6 +583,7 @@ class SyntheticShapes:
             "position_index": position_index,
             "background_index": choice(3, len(BACKGROUND_KINDS)),
             "template_index": choice(4, len(CAPTION_TEMPLATES)),
+            "frame_uniform": uniforms[:, 18],
             "size_word_uniform": uniforms[:, 5],
             "position_phrase_uniform": uniforms[:, 6],
             "first_background_color": self._background_colors[first_background],  # (n, 3)
@@ -607,7 +612,9 @@ class SyntheticShapes:
             background = BACKGROUND_KINDS[parameters["background_index"][row]]
             size_words = SIZE_WORDS[size]
             phrases = POSITION_PHRASES[position]
+            frames = STYLE_FRAMES[background]
             caption = CAPTION_TEMPLATES[parameters["template_index"][row]].format(
+                frame=frames[int(parameters["frame_uniform"][row] * len(frames))],
                 color=color,
                 shape=shape,
                 size=size_words[int(parameters["size_word_uniform"][row] * len(size_words))],
