@@ -84,9 +84,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation
     losses_single = [r["loss"] for r in records_single if "loss" in r]
     assert len(losses_multi) == 4
     np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-5)
-    zero_shot = [r for r in records_multi if "zero_shot/held_out_top1" in r]
-    zero_shot_single = [r for r in records_single if "zero_shot/held_out_top1" in r]
-    assert zero_shot[0]["zero_shot/held_out_top1"] == zero_shot_single[0]["zero_shot/held_out_top1"]
+    zero_shot = [r for r in records_multi if "zero_shot/synthetic/ensemble/top1" in r]
+    zero_shot_single = [r for r in records_single if "zero_shot/synthetic/ensemble/top1" in r]
+    assert zero_shot[0]["zero_shot/synthetic/ensemble/top1"] == zero_shot_single[0]["zero_shot/synthetic/ensemble/top1"]
     # (Process 1 tokenizes with the SentencePiece model process 0 trained and sent it: had it
     # tokenized differently, its half of every batch, and so the parameters, would differ.)
 

@@ -1,10 +1,11 @@
 """The training loop: `train_and_evaluate(config, workdir)` sets up the mesh, tokenizer, model,
 sharded state (fresh or resumed from the newest checkpoint), feeds each process's share of the
-data, runs the compiled step, logs metrics, evaluates zero-shot and checkpoints."""
+data, runs the compiled step, logs metrics, runs the evaluation suite and checkpoints."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import queue
@@ -17,15 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from clip_jax import losses, metrics, sharding
 from clip_jax.data import pipeline
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
-from clip_jax.training.step import EvalEmbedFunctions, make_eval_embed_fn, make_train_step
+from clip_jax.training.step import make_train_step
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 DATA_SOURCES = pipeline.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
@@ -83,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
     config.data = pipeline.default_data_config()
-    config.data.num_held_out = 8  # synthetic only: colour x shape combinations never shown in training
+    config.data.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
@@ -92,8 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.tokenizer.context_length = 16
     config.tokenizer.training_captions = 20000
 
+    # Every eval_every_steps steps and at the end: clip_jax.evaluation.suite, as evaluate.py runs it.
     config.eval = ml_collections.ConfigDict()
-    config.eval.num_examples = 512  # held-out images of the zero-shot evaluation (0 = no evaluation)
+    config.eval.num_examples = 512  # test images per dataset (0 = no evaluation during training)
+    config.eval.tasks = "zero_shot"  # comma-separated: zero_shot, retrieval, linear_probe, few_shot
+    # Comma-separated suite datasets: "synthetic" (the held-out colour x shape combinations),
+    # "synthetic_seen" (only when training on the built-in dataset), TFDS names (docs/evaluation.md).
+    config.eval.datasets = "synthetic"
+    config.eval.prompt_modes = "class_name,single,ensemble"
+    config.eval.data_dir = ""  # TFDS directory of the evaluation datasets ("" = TFDS's default)
 
     config.init = ml_collections.ConfigDict()
     config.init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
@@ -161,6 +169,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "global_batch_size", "log_every_steps", "eval_every_steps", "accumulation_steps"):
         if int(config[field]) < 1:
             raise ValueError(f"{field} must be >= 1; got {config[field]}")
+    if int(config.eval.num_examples) < 0:
+        raise ValueError(f"eval.num_examples must be >= 0; got {config.eval.num_examples}")
+    if int(config.eval.num_examples):
+        evaluation_settings(config)  # unknown tasks, prompt modes or no dataset raise here
     if config.global_batch_size % jax.process_count():
         raise ValueError(
             f"global_batch_size {config.global_batch_size} is not divisible by the {jax.process_count()} processes"
@@ -377,59 +389,46 @@ def _make_workdir(workdir: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Zero-shot evaluation on the held-out colour x shape combinations.
+# Evaluation during training: the suite evaluate.py runs, on the training mesh.
 # --------------------------------------------------------------------------------------------
 
 
-def _embed_all(embed: Callable, variables: Any, inputs: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
-    """Embeddings of every row of `inputs` (the same array on every process), float32 (n, dim),
-    in batches of `batch_size` rows (the last one padded) split over the processes."""
-    batch = sharding.batch_sharding(mesh)
-    local_rows = batch_size // jax.process_count()
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        if len(chunk) < batch_size:
-            padding = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-            chunk = np.concatenate([chunk, padding])
-        local = chunk[jax.process_index() * local_rows : (jax.process_index() + 1) * local_rows]
-        embeddings = embed(variables, jax.make_array_from_process_local_data(batch, local))
-        outputs.append(np.asarray(multihost_utils.process_allgather(embeddings, tiled=True)))
-    return np.concatenate(outputs)[: len(inputs)]
+def _comma_separated(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in str(value).split(",") if item.strip())
 
 
-def zero_shot_held_out(
-    state: TrainState,
-    embed_fns: EvalEmbedFunctions,
-    dataset: SyntheticShapes,
-    tokenizer: Any,
-    num_examples: int,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """Zero-shot top-1 accuracy on the first `num_examples` held-out images: among the held-out
-    classes (the task of the built-in default) and among all colour x shape classes.
+def evaluation_settings(config: ml_collections.ConfigDict) -> suite.EvaluationSettings:
+    """The suite settings of the evaluations run during training (config.eval); raises ValueError on
+    unknown tasks or prompt modes."""
+    return suite.EvaluationSettings(
+        tasks=_comma_separated(config.eval.tasks),
+        datasets=_comma_separated(config.eval.datasets),
+        prompt_modes=_comma_separated(config.eval.prompt_modes),
+        batch_size=int(config.global_batch_size),
+        max_examples=int(config.eval.num_examples),
+        data_dir=config.eval.data_dir or None,
+    )
 
-    Each class is the mean of its prompts' normalised text embeddings ("a photo of the red
-    circle.", ...), renormalised; an image is assigned the class of highest cosine similarity.
-    """
-    variables = state.variables
-    examples = dataset.get_batch("held_out", np.arange(num_examples))
-    image_embeddings = _embed_all(embed_fns.embed_images, variables, normalize_images(examples["images"]), batch_size, mesh)
-    templates = dataset.zero_shot_templates
-    prompts = [template.format(name) for name in dataset.all_class_names for template in templates]
-    text_embeddings = _embed_all(embed_fns.embed_texts, variables, tokenizer(prompts, truncate=True), batch_size, mesh)
-    class_embeddings = text_embeddings.reshape(len(dataset.all_class_names), len(templates), -1).mean(axis=1)
-    class_embeddings /= np.linalg.norm(class_embeddings, axis=-1, keepdims=True)
-    similarity = image_embeddings @ class_embeddings.T  # (examples, all classes)
-    labels = examples["labels"]
-    held_out = dataset.held_out_labels
-    predicted_held_out = held_out[np.argmax(similarity[:, held_out], axis=1)]
-    return {
-        "zero_shot/held_out_top1": float(np.mean(predicted_held_out == labels)),
-        "zero_shot/held_out_chance": 1.0 / len(held_out),
-        "zero_shot/all_classes_top1": float(np.mean(np.argmax(similarity, axis=1) == labels)),
-    }
+
+def evaluation_summary(results: dict[str, Any]) -> str:
+    """One line of the suite's headline numbers: zero-shot top-1 per dataset and prompt mode, retrieval
+    R@1, linear-probe top-1 and the largest few-shot k's top-1."""
+    parts = []
+    for name, entry in results.get("zero_shot", {}).items():
+        modes = [mode for mode in suite.PROMPT_MODES if mode in entry]
+        text = f"zero-shot {name} " + " / ".join(f"{mode} {entry[mode]['top1']:.3f}" for mode in modes)
+        if "chance_top1" in entry:
+            text += f" (chance {entry['chance_top1']:.3f}; among all classes {entry['top1_among_all_classes']:.3f})"
+        parts.append(text)
+    for name, entry in results.get("retrieval", {}).items():
+        recalls = entry["image_to_text_R@1"], entry["text_to_image_R@1"]
+        parts.append(f"retrieval {name} R@1 image->text {recalls[0]:.3f}, text->image {recalls[1]:.3f}")
+    for name, entry in results.get("linear_probe", {}).items():
+        parts.append(f"linear probe {name} {entry['top1']:.3f}")
+    for name, entry in results.get("few_shot", {}).items():
+        shots = max(entry["shots"], key=int)
+        parts.append(f"{shots}-shot {name} {entry['shots'][shots]['top1_mean']:.3f}")
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,22 +611,28 @@ def _train_and_evaluate(
         + ("MFU unavailable (no peak known for this device)" if peak_flops is None else f"device peak {peak_flops:.3g} FLOP/s")
     )
 
-    embed_fns = make_eval_embed_fn(model, mesh)
     writer = metrics.MetricsWriter(workdir)
     writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
+    eval_settings = evaluation_settings(config) if int(config.eval.num_examples) else None
+    if eval_settings is not None and dataset is None:
+        # The built-in dataset's evaluations mean nothing for a model trained on other data.
+        kept = tuple(name for name in eval_settings.datasets if name not in suite.SYNTHETIC_DATASETS)
+        if kept != eval_settings.datasets:
+            announce(
+                f"Not evaluating on {sorted(set(eval_settings.datasets) - set(kept))} during training: the built-in "
+                f"dataset's, and this run trains on data.name={config.data.name!r} (set config.eval.datasets)"
+            )
+        eval_settings = dataclasses.replace(eval_settings, datasets=kept) if kept else None
 
     def evaluate(step: int) -> None:
-        if not int(config.eval.num_examples) or dataset is None:
+        if eval_settings is None:
             return
-        results = zero_shot_held_out(
-            state, embed_fns, dataset, tokenizer, int(config.eval.num_examples), global_batch_size, mesh
+        # Every process runs it: embedding gathers across processes.
+        results = suite.run_evaluation(
+            model, state.variables, tokenizer, eval_settings, synthetic=dataset, mesh=mesh, log=logging.info
         )
-        writer.write(step, results)
-        announce(
-            f"step {step}: zero-shot top-1 on the held-out colour x shape combinations "
-            f"{results['zero_shot/held_out_top1']:.3f} (chance {results['zero_shot/held_out_chance']:.3f}); "
-            f"among all {len(dataset.all_class_names)} classes {results['zero_shot/all_classes_top1']:.3f}"
-        )
+        writer.write(step, suite.flatten_metrics(results))
+        announce(f"step {step}: {evaluation_summary(results)}")
 
     def save(step: int, force: bool) -> None:
         progress = {"step": step, "data_position": data_position}
