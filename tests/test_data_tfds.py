@@ -16,6 +16,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from clip_jax.data import classification, pipeline  # noqa: E402
 from clip_jax.data import tfds as tfds_source  # noqa: E402
+from batch_helpers import assert_same_batches, take  # noqa: E402
 
 IMAGE_SIZE = 16
 NUM_RECORDS = 14
@@ -94,17 +95,6 @@ def make_iterator(config, global_batch_size=4, process_index=0, process_count=1,
     return pipeline.make_train_iterator(
         config, number_tokenizer, global_batch_size, IMAGE_SIZE, process_index, process_count, start_state
     )
-
-
-def take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for one, other in zip(first, second):
-        assert one["images"].tobytes() == other["images"].tobytes()
-        np.testing.assert_array_equal(one["texts"], other["texts"])
 
 
 def check_determinism_and_resume(config, total=6, stop=2):

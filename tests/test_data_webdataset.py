@@ -15,6 +15,8 @@ import pytest
 from clip_jax.data import pipeline, webdataset
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
+from batch_helpers import assert_same_batches, take
+
 IMAGE_SIZE = 16
 CONTEXT_LENGTH = 24
 
@@ -293,23 +295,12 @@ def test_two_processes_read_disjoint_shards_whose_union_is_everything(clean_shar
     source.close()
 
 
-def batches_of(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for one, other in zip(first, second):
-        assert one["images"].tobytes() == other["images"].tobytes()
-        np.testing.assert_array_equal(one["texts"], other["texts"])
-
-
 def test_same_seed_same_batches_other_seed_other_order(clean_shards):
     with make_iterator(make_data_config(clean_shards)) as first, make_iterator(make_data_config(clean_shards)) as again:
-        reference = batches_of(first, 4)
-        assert_same_batches(reference, batches_of(again, 4))
+        reference = take(first, 4)
+        assert_same_batches(reference, take(again, 4))
     with make_iterator(make_data_config(clean_shards, seed=1)) as other:
-        different = batches_of(other, 4)
+        different = take(other, 4)
     assert [caption_of_row(row) for batch in reference for row in batch["texts"]] != [
         caption_of_row(row) for batch in different for row in batch["texts"]
     ]
@@ -320,13 +311,13 @@ def test_resume_gives_the_batches_an_uninterrupted_iterator_gives(clean_shards, 
     # 35 samples, batches of 4, 2 shards per window: 12 batches cross windows and an epoch boundary.
     config = make_data_config(clean_shards, shards_per_window=2, worker_kind=worker_kind)
     with make_iterator(config) as uninterrupted:
-        reference = batches_of(uninterrupted, 12)
+        reference = take(uninterrupted, 12)
     with make_iterator(config) as interrupted:
-        batches_of(interrupted, stop_after)
+        take(interrupted, stop_after)
         saved = interrupted.state
     assert saved["batches"] == stop_after
     with make_iterator(config, start_state=saved) as resumed:
-        assert_same_batches(batches_of(resumed, 12 - stop_after), reference[stop_after:])
+        assert_same_batches(take(resumed, 12 - stop_after), reference[stop_after:])
 
 
 def test_batches_with_state_pairs_each_batch_with_the_state_after_it(clean_shards):
@@ -338,17 +329,17 @@ def test_batches_with_state_pairs_each_batch_with_the_state_after_it(clean_shard
             if len(pairs) == 6:
                 break
     with make_iterator(config, start_state=pairs[2][1]) as resumed:
-        assert_same_batches(batches_of(resumed, 3), [batch for batch, _ in pairs[3:6]])
+        assert_same_batches(take(resumed, 3), [batch for batch, _ in pairs[3:6]])
 
 
 def test_a_state_from_another_topology_restarts_at_the_next_epoch(clean_shards):
     config = make_data_config(clean_shards)
     with make_iterator(config, global_batch_size=4, process_count=1) as single:
-        batches_of(single, 2)
+        take(single, 2)
         saved = single.state
     with make_iterator(config, global_batch_size=4, process_index=1, process_count=2, start_state=saved) as moved:
         assert moved.state["source"] == {"epoch": 1, "window": 0, "offset": 0}
-        batches_of(moved, 1)
+        take(moved, 1)
 
 
 # --- captions for the tokenizer, and train.py on shards
