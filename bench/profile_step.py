@@ -54,9 +54,9 @@ def classify(name: str, op_name: str) -> tuple[str, str]:
     last = op_name.rsplit("/", 1)[-1]
     if "dot_general" in last or "conv_general" in last or name.startswith(("dot", "convolution")):
         kind = KINDS[0]
-    elif re.match(r"^(while|wrapped_broadcast|[\w\-]*dynamic-(update-)?slice)", name) or "dynamic-update-slice" in name:
+    elif re.match(r"(wrapped_broadcast|[\w\-]*dynamic-(update-)?slice)", name):
         kind = KINDS[1]
-    elif name.startswith(("copy", "transpose")) or "transpose_copy" in name or "copy_bitcast" in name:
+    elif name.startswith(("copy", "transpose")):
         kind = KINDS[2]
     else:
         kind = KINDS[3]
@@ -92,18 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     for plane in profile.planes:
         for line in plane.lines:
             # Operations run on XLA's worker threads; their events are the HLO instruction names.
+            # A while loop's own event spans its body's: only the body's operations are counted.
             events = sorted((event.start_ns, event.duration_ns, event.name) for event in line.events)
             end = -1
             for start_ns, duration, name in events:
                 base = re.sub(r"\.\d+$", "", name)
-                if name not in metadata and base not in ("while", "wrapped_broadcast", "copy", "dot"):
-                    continue  # runtime bookkeeping (executor, thread pool waits), not an operation
+                if base == "while" or (name not in metadata and base not in ("wrapped_broadcast", "copy", "dot")):
+                    continue  # the loop itself, or runtime bookkeeping (executor, thread-pool waits)
                 if start_ns < end:
-                    continue  # nested in an operation already counted (a while loop's body)
-                if base != "while":
-                    end = start_ns + duration
-                else:
-                    continue  # the loop's own event spans its body: count the body's operations
+                    continue  # nested in an operation already counted
+                end = start_ns + duration
                 phase, kind = classify(name, metadata.get(name, ""))
                 totals[phase, kind] += duration
                 by_operation[name] += duration

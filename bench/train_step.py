@@ -73,6 +73,18 @@ def _minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _timed_steps(step, steps: int) -> tuple[list[float], float]:
+    """Seconds of each of `steps` calls of `step` (which must wait for its results), and the minor
+    page faults per call."""
+    times = []
+    faults = _minor_page_faults()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times, (_minor_page_faults() - faults) / steps
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     text = f"{type(error).__name__}: {error}".lower()
     return "resource_exhausted" in text or "out of memory" in text or "outofmemory" in text
@@ -135,14 +147,13 @@ def run_clip_jax(args: argparse.Namespace) -> dict:
             compile_seconds = time.perf_counter() - start
             state, step_metrics = compiled(state, batch)  # warm-up
             jax.block_until_ready(step_metrics)
-            times = []
-            faults = _minor_page_faults()
-            for _ in range(args.steps):
-                start = time.perf_counter()
+
+            def step():
+                nonlocal state, step_metrics
                 state, step_metrics = compiled(state, batch)
                 jax.block_until_ready(step_metrics)
-                times.append(time.perf_counter() - start)
-            faults = (_minor_page_faults() - faults) / args.steps
+
+            times, faults = _timed_steps(step, args.steps)
         except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
             if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
                 print(f"clip_jax: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
@@ -243,14 +254,14 @@ def run_open_clip(args: argparse.Namespace) -> dict:
 
             step()  # warm-up
             synchronize()
-            times = []
-            faults = _minor_page_faults()
-            for _ in range(args.steps):
-                start = time.perf_counter()
+
+            def step_and_wait():
+                nonlocal loss
                 loss = step()
                 synchronize()
-                times.append(time.perf_counter() - start)
-            faults = (_minor_page_faults() - faults) / args.steps
+
+            loss = None
+            times, faults = _timed_steps(step_and_wait, args.steps)
         except Exception as error:  # noqa: BLE001
             if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
                 print(f"open_clip: batch {batch_size} does not fit; trying the next", flush=True)
