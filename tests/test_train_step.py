@@ -14,10 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import create_model, losses
-from clip_jax.sharding import BATCH_AXES, batch_sharding, make_mesh
+from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.training.optimizer import learning_rate_schedule, make_optimizer, regex_mask
 from clip_jax.training.state import abstract_train_state, create_train_state
-from clip_jax.training.step import make_eval_embed_fn, make_train_step
+from clip_jax.evaluation.features import Encoder
+from clip_jax.training.step import make_train_step
 
 # The programs here are tiny and run once: XLA's LLVM optimisation is most of their compile time
 # on CPU and buys nothing, so the tests compile without it (numerics stay IEEE float32).
@@ -354,19 +355,14 @@ def test_resnet_batch_norm_statistics_flow_through_the_step():
     assert not np.allclose(jax.device_get(new_state.batch_stats["visual"]["stem1"]["bn"]["mean"]), old_mean)
 
 
-def test_eval_embeddings_equal_the_single_device_ones(vit):
+def test_eval_embeddings_on_the_training_mesh_equal_the_single_device_ones(vit):
+    # train.py evaluates with the suite's Encoder on the training mesh and the sharded training state.
     model, host_state = vit["model"], vit["host_state"]
     mesh = make_mesh({"data": 2, "fsdp": 4, "model": 1})
-    embed = make_eval_embed_fn(model, mesh)
     variables = {"params": jax.device_put(host_state.params, vit["state_shardings"].params)}
-    batch = on_mesh(vit["images"], vit["texts"], mesh)
-    image_embeds = embed.embed_images.lower(variables, batch["images"]).compile(FAST_COMPILE)(
-        variables, batch["images"]
-    )
-    text_embeds = embed.embed_texts.lower(variables, batch["texts"]).compile(FAST_COMPILE)(
-        variables, batch["texts"]
-    )
-    assert image_embeds.sharding.spec == P(BATCH_AXES) and text_embeds.sharding.spec == P(BATCH_AXES)
+    images, texts = np.asarray(vit["images"]), np.asarray(vit["texts"])
+    encoder = Encoder(model, variables, mesh=mesh, batch_size=len(images))
+    image_embeds, text_embeds = encoder.encode_images(images), encoder.encode_texts(texts)
     reference = vit["reference"](*jax.device_put((host_state.params, vit["images"], vit["texts"]), vit["device"]))
     expected_image_embeds, expected_text_embeds = jax.device_get(reference["embeddings"])
     np.testing.assert_allclose(image_embeds, expected_image_embeds, rtol=1e-5, atol=1e-6)

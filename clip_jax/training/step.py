@@ -1,11 +1,11 @@
 """The jitted training step (towers on the local batch, contrastive loss inside shard_map, exact
-GradCache gradient accumulation, AdamW update) and the jitted embedding functions for evaluation."""
+GradCache gradient accumulation, AdamW update); evaluation embeds with clip_jax.evaluation.features.Encoder."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -234,34 +234,4 @@ def make_train_step(
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
-    )
-
-
-class EvalEmbedFunctions(NamedTuple):
-    """Jitted `(variables, images) -> image embeddings` and `(variables, texts) -> text embeddings`:
-    L2-normalised float32 (B, D) sharded over the batch axes. Inputs are global arrays whose batch
-    size divides over the batch axes; `variables` = {"params": ...[, "batch_stats": ...]}."""
-
-    embed_images: Callable[[dict[str, Any], jax.Array], jax.Array]
-    embed_texts: Callable[[dict[str, Any], jax.Array], jax.Array]
-
-
-def make_eval_embed_fn(model: CLIP, mesh: Mesh) -> EvalEmbedFunctions:
-    """The embedding functions of zero-shot evaluation and retrieval (inference mode: ResNets use
-    their stored BatchNorm statistics)."""
-    output_sharding = batch_sharding(mesh)
-
-    def embed_images(variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        check_batch_divisible(images.shape[0], mesh)
-        with activation_sharding(mesh):
-            return model.apply(variables, images.astype(jnp.float32), normalize=True, method=model.encode_image)
-
-    def embed_texts(variables: dict[str, Any], texts: jax.Array) -> jax.Array:
-        check_batch_divisible(texts.shape[0], mesh)
-        with activation_sharding(mesh):
-            return model.apply(variables, texts.astype(jnp.int32), normalize=True, method=model.encode_text)
-
-    return EvalEmbedFunctions(
-        embed_images=jax.jit(embed_images, out_shardings=output_sharding),
-        embed_texts=jax.jit(embed_texts, out_shardings=output_sharding),
     )
