@@ -17,8 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding
+from clip_jax.data import pipeline
 from clip_jax.models import CLIP
-from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -176,13 +176,6 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def normalize_uint8_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> float32 normalised with OpenAI's statistics, with the evaluation
-    transform's arithmetic (divide by 255, subtract the mean, divide by the std)."""
-    scaled = images.astype(np.float32) / np.float32(255)
-    return (scaled - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
-
-
 def preprocess_images(images: Any, image_size: int, preprocess: Callable | None = None) -> np.ndarray:
     """float32 (n, image_size, image_size, 3) model inputs from a batch of images.
 
@@ -192,7 +185,7 @@ def preprocess_images(images: Any, image_size: int, preprocess: Callable | None 
     """
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3):
         if images.dtype == np.uint8:
-            return normalize_uint8_images(images)
+            return pipeline.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
         if np.issubdtype(images.dtype, np.floating):
             return images.astype(np.float32)
     if preprocess is None:
