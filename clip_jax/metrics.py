@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -48,27 +48,53 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def measure_matmul_peak_flops(
-    sizes: tuple[int, ...] = (1024, 2048, 3072), dtype: str = "float32", repeats: int = 8
-) -> float:
-    """The best FLOP/s of square matmuls of `sizes` on the first device, each timed `repeats` times.
+class MatmulPeak(NamedTuple):
+    """FLOP/s of square matmuls (see `measure_matmul_peak`)."""
 
+    sustained: float  # the best size's FLOPs / time over back-to-back calls for a window of seconds
+    best_single: float  # the fastest single call of any size: a burst figure, for reference
+    size: int  # the size whose sustained figure is `sustained`
+
+
+def measure_matmul_peak(
+    sizes: tuple[int, ...] = (1024, 2048, 3072), dtype: str = "float32", seconds: float = 1.0
+) -> MatmulPeak:
+    """Matmul throughput of the first device: for each square `size`, back-to-back `size`x`size`
+    matmuls for at least `seconds` (and at least 3 calls); the sustained figure of a size is its
+    FLOPs over the whole window, the peak the best size's.
+
+    Sustained, because what it is compared with (a train step of seconds) is also an average over
+    seconds: a single fast call measures a moment when the host's cores happened to be quiet.
     On CPU every virtual device shares the same cores, so this is the peak of the whole host (and
     of whatever else the host runs meanwhile: measure in the same run as what it is compared to).
     """
+    if seconds <= 0 or not sizes:
+        raise ValueError(f"need at least one size and seconds > 0; got sizes={sizes}, seconds={seconds}")
     device = jax.devices()[0]
     matmul = jax.jit(lambda x, y: x @ y)
-    best = 0.0
+    sustained, best_single, best_size = 0.0, 0.0, sizes[0]
     for size in sizes:
         key_a, key_b = jax.random.split(jax.random.key(size))
         a = jax.device_put(jax.random.normal(key_a, (size, size), dtype), device)
         b = jax.device_put(jax.random.normal(key_b, (size, size), dtype), device)
         matmul(a, b).block_until_ready()  # compile
-        for _ in range(repeats):
+        flops, calls, total = 2.0 * size**3, 0, 0.0
+        while total < seconds or calls < 3:
             start = time.perf_counter()
             matmul(a, b).block_until_ready()
-            best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
-    return best
+            elapsed = time.perf_counter() - start
+            total, calls = total + elapsed, calls + 1
+            best_single = max(best_single, flops / elapsed)
+        if flops * calls / total > sustained:
+            sustained, best_size = flops * calls / total, size
+    return MatmulPeak(sustained, best_single, best_size)
+
+
+def measure_matmul_peak_flops(
+    sizes: tuple[int, ...] = (1024, 2048, 3072), dtype: str = "float32", seconds: float = 1.0
+) -> float:
+    """The sustained matmul FLOP/s of the first device (`measure_matmul_peak(...).sustained`)."""
+    return measure_matmul_peak(sizes, dtype, seconds).sustained
 
 
 def compiled_flops(compiled: Any) -> float | None:
