@@ -3,16 +3,21 @@
     python bench/train_step.py --model ViT-B-32 --batch-size 16                 # CPU: fp32
     python bench/train_step.py --model ViT-B-16 --batch-size 512,384,256 --dtype bfloat16   # GPU
 
-Each framework runs in its own child process (so neither holds the other's memory); with several
-batch sizes, each framework takes the first that fits in memory. Prints pairs/s, compile time and
-model-FLOPs utilisation (FLOPs of the compiled clip_jax step from XLA's cost analysis ÷ step time ÷
-peak; on CPU the peak is a large fp32 matmul measured in the same run, on accelerators the
-device's bf16 peak), and ends with `ratio clip_jax/open_clip: X.XX`.
+Each framework runs in its own child process; with several batch sizes, each framework takes the
+first that fits in memory. On CPU the two children are alive together and take turns, one step each
+(`--no-interleave`: one after the other, as on accelerators, where neither may hold the other's
+memory). Step times are medians. Prints pairs/s, compile time and model-FLOPs utilisation (FLOPs of
+the compiled clip_jax step from XLA's cost analysis ÷ step time ÷ peak; on accelerators the device's
+bf16 peak; on CPU the sustained throughput of large fp32 matmuls, measured before and after the
+steps, the higher of the two, with the fastest single matmul call printed for reference), and ends
+with `ratio clip_jax/open_clip: X.XX`.
 
-On Linux both children run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--no-hugepages` to
-leave the environment alone): glibc then asks for transparent huge pages for what it allocates, and
-a step that allocates gigabytes of activations and gradients stops paying hundreds of thousands of
-page faults every step, in either framework (see docs/performance.md).
+On Linux both children run with glibc's malloc tuned (`MALLOC_TUNABLES` in `GLIBC_TUNABLES`;
+`--no-tune-malloc` leaves the environment alone): transparent huge pages, one arena, large blocks
+from the heap and never given back to the kernel. A step that allocates gigabytes of activations and
+gradients then stops paying page faults for them every step, in either framework, and a process that
+waits (for the other framework's step) does not find its memory given back to the host when it
+resumes (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 import time
 
 RESULT_PREFIX = "RESULT "
+READY = "READY "
+STEP = "STEP "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,10 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--framework", choices=["both", "clip_jax", "open_clip"], default="both")
     parser.add_argument("--json-out", default=None, help="also write the results here")
     parser.add_argument(
-        "--hugepages",
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPU, run both frameworks' steps in turns (both processes alive) instead of one after the other",
+    )
+    parser.add_argument(
+        "--pause", type=float, default=0.0,
+        help="with --framework clip_jax or open_clip: seconds to sleep before each timed step",
+    )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a child driven by the parent
+    parser.add_argument(
+        "--tune-malloc",
         action=argparse.BooleanOptionalAction,
         default=sys.platform.startswith("linux"),
-        help="run both children with glibc's malloc on transparent huge pages (GLIBC_TUNABLES)",
+        help="run both children with MALLOC_TUNABLES added to GLIBC_TUNABLES",
     )
     return parser.parse_args(argv)
 
@@ -64,6 +82,15 @@ def _random_inputs(spec, batch: int, seed: int = 0):
     return images, texts
 
 
+def _kernel_seconds() -> float:
+    """CPU-seconds this process has spent in the kernel so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def _minor_page_faults() -> int:
     """Minor page faults of this process so far (0 where the platform does not count them)."""
     try:
@@ -73,16 +100,13 @@ def _minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _timed_steps(step, steps: int) -> tuple[list[float], float]:
-    """Seconds of each of `steps` calls of `step` (which must wait for its results), and the minor
-    page faults per call."""
-    times = []
-    faults = _minor_page_faults()
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times, (_minor_page_faults() - faults) / steps
+def _timed_call(call) -> tuple[float, int, float]:
+    """Seconds of one call of `call` (which must wait for its results), its minor page faults and
+    the CPU-seconds this process spent in the kernel meanwhile (0 where the platform does not say)."""
+    faults, kernel = _minor_page_faults(), _kernel_seconds()
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start, _minor_page_faults() - faults, _kernel_seconds() - kernel
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -125,68 +149,104 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
     return compiled, state, batch, config, mesh
 
 
-def run_clip_jax(args: argparse.Namespace) -> dict:
-    import jax
-    import numpy as np
+class ClipJaxRunner:
+    """The clip_jax side: compiles the step (first batch size that fits), runs one warm-up step.
 
-    from clip_jax import metrics
-    from clip_jax.models import create_model
-    from clip_jax.training.loop import train_step_flops_per_device
+    On CPU the matmul peak is measured twice, before compiling and after the timed steps, and the
+    higher of the two is used: the MFU is then the lower of the two it could be.
+    """
 
-    backend = jax.default_backend()
-    dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-    model = create_model(args.model, dtype=dtype, scan_layers=args.scan, remat_policy=args.remat)
-    if backend == "cpu":
-        peak, peak_source = metrics.measure_matmul_peak_flops(), "measured fp32 matmul"
-    else:
-        peak, peak_source = metrics.device_peak_flops(), "device bf16 peak table"
-    for batch_size in _batch_sizes(args):
-        try:
-            start = time.perf_counter()
-            compiled, state, batch, config, mesh = build_clip_jax_step(args.model, model, batch_size)
-            compile_seconds = time.perf_counter() - start
-            state, step_metrics = compiled(state, batch)  # warm-up
-            jax.block_until_ready(step_metrics)
+    framework = "clip_jax"
 
-            def step():
-                nonlocal state, step_metrics
-                state, step_metrics = compiled(state, batch)
-                jax.block_until_ready(step_metrics)
+    def __init__(self, args: argparse.Namespace):
+        import jax
 
-            times, faults = _timed_steps(step, args.steps)
-        except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
-            if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
-                print(f"clip_jax: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
-                state = batch = compiled = step_metrics = None  # free the failed attempt
-                jax.clear_caches()
-                continue
-            raise
-        step_seconds = statistics.median(times)
+        from clip_jax import metrics
+        from clip_jax.models import create_model
+
+        self.args, self.times, self.faults, self.kernel_seconds = args, [], [], []
+        self.backend = jax.default_backend()
+        self.dtype = args.dtype or ("float32" if self.backend == "cpu" else "bfloat16")
+        self.model = create_model(args.model, dtype=self.dtype, scan_layers=args.scan, remat_policy=args.remat)
+        self.peaks = [metrics.measure_matmul_peak()] if self.backend == "cpu" else []
+        for batch_size in _batch_sizes(args):
+            try:
+                start = time.perf_counter()
+                self.compiled, self.state, self.batch, self.config, self.mesh = build_clip_jax_step(
+                    args.model, self.model, batch_size
+                )
+                self.compile_seconds = time.perf_counter() - start
+                self.batch_size = batch_size
+                self._run()  # warm-up
+                return
+            except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
+                if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
+                    print(f"clip_jax: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
+                    self.state = self.batch = self.compiled = None  # free the failed attempt
+                    jax.clear_caches()
+                    continue
+                raise
+        raise RuntimeError("no batch size given")
+
+    def _run(self) -> None:
+        import jax
+
+        self.state, self.step_metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.step_metrics)
+
+    def step(self) -> float:
+        seconds, faults, kernel = _timed_call(self._run)
+        self.times.append(seconds)
+        self.faults.append(faults)
+        self.kernel_seconds.append(kernel)
+        return seconds
+
+    def result(self) -> dict:
+        import jax
+        import numpy as np
+
+        from clip_jax import metrics
+        from clip_jax.training.loop import train_step_flops_per_device
+
+        if self.backend == "cpu":
+            self.peaks.append(metrics.measure_matmul_peak())
+            peak = max(measured.sustained for measured in self.peaks)
+            peak_source = "sustained fp32 matmul, measured before and after the steps (the higher)"
+        else:
+            peak, peak_source = metrics.device_peak_flops(), "device bf16 peak table"
+        step_seconds = statistics.median(self.times)
         # Model FLOPs: XLA counts a scanned layer once, so scanned/rematted steps are counted on
         # their unrolled twin (see train_step_flops_per_device).
-        abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
-        flops = train_step_flops_per_device(compiled, model, config, mesh, abstract_batch)
-        devices = jax.device_count()
-        return {
+        abstract_batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.batch
+        )
+        flops = train_step_flops_per_device(self.compiled, self.model, self.config, self.mesh, abstract_batch)
+        result = {
             "framework": "clip_jax",
-            "model": args.model,
-            "batch_size": batch_size,
-            "dtype": dtype,
+            "model": self.args.model,
+            "batch_size": self.batch_size,
+            "dtype": self.dtype,
             "device": jax.devices()[0].device_kind,
-            "devices": devices,
-            "compile_seconds": compile_seconds,
+            "devices": jax.device_count(),
+            "compile_seconds": self.compile_seconds,
             "step_seconds": step_seconds,
-            "pairs_per_second": batch_size / step_seconds,
+            "step_seconds_all": self.times,
+            "pairs_per_second": self.batch_size / step_seconds,
             "flops_per_step_per_device": flops,
             "peak_flops_per_device": peak,
             "peak_source": peak_source,
             "mfu": metrics.model_flops_utilization(flops, step_seconds, peak),
-            "loss": float(np.asarray(step_metrics["loss"])),
-            "page_faults_per_step": faults,
-            "scan": args.scan,
-            "remat": args.remat,
+            "loss": float(np.asarray(self.step_metrics["loss"])),
+            "page_faults_per_step": statistics.mean(self.faults),
+            "kernel_seconds_per_step": statistics.mean(self.kernel_seconds),
+            "scan": self.args.scan,
+            "remat": self.args.remat,
         }
-    raise RuntimeError("no batch size given")
+        if self.peaks:
+            result["matmul_peaks"] = [measured._asdict() for measured in self.peaks]
+            best_single = max(measured.best_single for measured in self.peaks)
+            result["mfu_against_best_single_matmul"] = metrics.model_flops_utilization(flops, step_seconds, best_single)
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,74 +276,92 @@ def open_clip_model_from_spec(spec):
     return CLIP(spec.embed_dim, vision_cfg, text_cfg, quick_gelu=spec.activation == "quick_gelu")
 
 
-def run_open_clip(args: argparse.Namespace) -> dict:
-    import torch
-    from open_clip.loss import ClipLoss
+class OpenClipRunner:
+    """The open_clip side: the same architecture, AdamW hyper-parameters, clipping and loss."""
 
-    from clip_jax.models import get_model_config
+    framework = "open_clip"
 
-    torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    spec = get_model_config(args.model)
-    for batch_size in _batch_sizes(args):
-        try:
-            model = open_clip_model_from_spec(spec).to(device).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-            loss_fn = ClipLoss()
-            images, texts = _random_inputs(spec, batch_size)
-            images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-            texts = torch.from_numpy(texts.astype("int64")).to(device)
-            autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        from open_clip.loss import ClipLoss
 
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                with autocast:
-                    image_features, text_features, logit_scale = model(images, texts)
-                    loss = loss_fn(image_features, text_features, logit_scale)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, 4.6052)
-                return loss
+        from clip_jax.models import get_model_config
 
-            def synchronize():
-                if device == "cuda":
-                    torch.cuda.synchronize()
+        torch.set_num_threads(args.threads)
+        self.args, self.times, self.faults, self.kernel_seconds = args, [], [], []
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backend = self.device
+        self.dtype = args.dtype or ("float32" if self.device == "cpu" else "bfloat16")
+        spec = get_model_config(args.model)
+        for batch_size in _batch_sizes(args):
+            try:
+                self.model = open_clip_model_from_spec(spec).to(self.device).train()
+                self.optimizer = torch.optim.AdamW(
+                    self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
+                )
+                self.loss_fn = ClipLoss()
+                images, texts = _random_inputs(spec, batch_size)
+                self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+                self.texts = torch.from_numpy(texts.astype("int64")).to(self.device)
+                self.autocast = torch.autocast(
+                    self.device, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"
+                )
+                self.batch_size = batch_size
+                self._run()  # warm-up
+                return
+            except Exception as error:  # noqa: BLE001
+                if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
+                    print(f"open_clip: batch {batch_size} does not fit; trying the next", flush=True)
+                    self.model = self.optimizer = None
+                    if self.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                raise
+        raise RuntimeError("no batch size given")
 
-            step()  # warm-up
-            synchronize()
+    def _run(self) -> None:
+        import torch
 
-            def step_and_wait():
-                nonlocal loss
-                loss = step()
-                synchronize()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            image_features, text_features, logit_scale = self.model(self.images, self.texts)
+            self.loss = self.loss_fn(image_features, text_features, logit_scale)
+        self.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, 4.6052)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
-            loss = None
-            times, faults = _timed_steps(step_and_wait, args.steps)
-        except Exception as error:  # noqa: BLE001
-            if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
-                print(f"open_clip: batch {batch_size} does not fit; trying the next", flush=True)
-                model = optimizer = None
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            raise
-        step_seconds = statistics.median(times)
+    def step(self) -> float:
+        seconds, faults, kernel = _timed_call(self._run)
+        self.times.append(seconds)
+        self.faults.append(faults)
+        self.kernel_seconds.append(kernel)
+        return seconds
+
+    def result(self) -> dict:
+        import torch
+
+        step_seconds = statistics.median(self.times)
         return {
             "framework": "open_clip",
-            "model": args.model,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "threads": args.threads,
+            "model": self.args.model,
+            "batch_size": self.batch_size,
+            "dtype": self.dtype,
+            "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
+            "threads": self.args.threads,
             "step_seconds": step_seconds,
-            "pairs_per_second": batch_size / step_seconds,
-            "loss": float(loss.detach().float().cpu()),
-            "page_faults_per_step": faults,
+            "step_seconds_all": self.times,
+            "pairs_per_second": self.batch_size / step_seconds,
+            "loss": float(self.loss.detach().float().cpu()),
+            "page_faults_per_step": statistics.mean(self.faults),
+            "kernel_seconds_per_step": statistics.mean(self.kernel_seconds),
         }
-    raise RuntimeError("no batch size given")
+
+
+RUNNERS = {"clip_jax": ClipJaxRunner, "open_clip": OpenClipRunner}
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,28 +369,118 @@ def run_open_clip(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# glibc malloc settings for both children (docs/performance.md, "Page faults"):
+MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1",  # madvise(MADV_HUGEPAGE): 2 MiB pages for what malloc maps
+    "glibc.malloc.arena_max=1",  # one arena, so no thread's big block falls back to its own mmap
+    "glibc.malloc.mmap_max=0",  # big blocks come from the heap, not from mmap/munmap per call
+    "glibc.malloc.trim_threshold=68719476736",  # and freed heap memory stays mapped (64 GiB)
+)
 
 
-def child_environment(hugepages: bool) -> dict[str, str]:
-    """The environment of both children: the same for each framework, so the comparison is fair."""
+def child_environment(tune_malloc: bool) -> dict[str, str]:
+    """The environment of both children: the same for each framework, so the comparison is fair.
+    With `tune_malloc`, MALLOC_TUNABLES replace any setting of the same name already there."""
     env = dict(os.environ)
-    if hugepages:
-        tunables = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item and not item.startswith("glibc.malloc.hugetlb=")]
-        env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGEPAGES_TUNABLE])
+    if tune_malloc:
+        ours = {item.split("=", 1)[0] for item in MALLOC_TUNABLES}
+        kept = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item and item.split("=", 1)[0] not in ours]
+        env["GLIBC_TUNABLES"] = ":".join([*kept, *MALLOC_TUNABLES])
     return env
 
 
-def _run_child(framework: str, argv: list[str], env: dict[str, str]) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--framework", framework]
-    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    results = [line[len(RESULT_PREFIX):] for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    for line in process.stdout.splitlines():
-        if not line.startswith(RESULT_PREFIX):
-            print(line, flush=True)
-    if process.returncode != 0 or not results:
-        raise SystemExit(f"{framework} run failed (exit {process.returncode})")
-    return json.loads(results[-1])
+class Child:
+    """One framework's child process, driven one step at a time over its stdin/stdout.
+
+    Protocol: the child prints `READY <backend>` once compiled and warmed up; each `step` line it answers with
+    `STEP <seconds>`; `result` makes it print `RESULT <json>` and exit. Other output is echoed.
+    """
+
+    def __init__(self, framework: str, argv: list[str], env: dict[str, str]):
+        self.framework = framework
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--framework", framework, "--serve"]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1, env=env
+        )
+        self.backend = self._expect(READY)  # the child's platform: cpu, gpu/cuda, tpu
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+            print(line, end="", flush=True)
+        code = self.process.wait()
+        raise SystemExit(f"{self.framework} run failed (exit {code}) before printing {prefix.strip()!r}")
+
+    def _send(self, command: str) -> None:
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            code = self.process.wait()
+            raise SystemExit(f"{self.framework} run failed (exit {code})") from None
+
+    def step(self) -> float:
+        self._send("step")
+        return float(self._expect(STEP))
+
+    def result(self) -> dict:
+        self._send("result")
+        result = json.loads(self._expect(RESULT_PREFIX))
+        self.process.stdin.close()
+        if self.process.wait() != 0:
+            raise SystemExit(f"{self.framework} run failed (exit {self.process.returncode})")
+        return result
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def serve(runner) -> None:
+    """The child's side of `Child`'s protocol."""
+    print(READY + runner.backend, flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            print(f"{STEP}{runner.step():.6f}", flush=True)
+        elif command == "result":
+            print(RESULT_PREFIX + json.dumps(runner.result()), flush=True)
+            return
+        else:
+            raise SystemExit(f"unknown command {command!r} from the parent")
+
+
+def run_children(args: argparse.Namespace, argv: list[str], env: dict[str, str]) -> tuple[dict, dict]:
+    """Both frameworks' results. On CPU with `--interleave` both children are alive at once and take
+    turns, step by step (alternating which goes first), so slow drifts of a shared host (other
+    tenants, clock changes) fall on both; elsewhere one runs to the end before the other starts, so
+    neither holds device memory the other needs."""
+    children = []
+    try:
+        ours = Child("clip_jax", argv, env)
+        children.append(ours)
+        if not args.interleave or ours.backend != "cpu":
+            for _ in range(args.steps):
+                ours.step()
+            our_result = ours.result()
+            reference = Child("open_clip", argv, env)
+            children.append(reference)
+            for _ in range(args.steps):
+                reference.step()
+            return our_result, reference.result()
+        reference = Child("open_clip", argv, env)
+        children.append(reference)
+        for index in range(args.steps):
+            order = (ours, reference) if index % 2 == 0 else (reference, ours)
+            seconds = {child.framework: child.step() for child in order}
+            print(f"step {index + 1}/{args.steps}: clip_jax {seconds['clip_jax']:.3f} s, "
+                  f"open_clip {seconds['open_clip']:.3f} s", flush=True)
+        return ours.result(), reference.result()
+    finally:
+        for child in children:
+            child.kill()
 
 
 def _strip_framework(argv: list[str]) -> list[str]:
@@ -341,6 +509,8 @@ def _describe(result: dict) -> str:
         line += f", MFU {100 * result['mfu']:.1f}%"
     if result.get("page_faults_per_step"):
         line += f", {result['page_faults_per_step']:,.0f} page faults/step"
+    if result.get("kernel_seconds_per_step"):
+        line += f", {result['kernel_seconds_per_step']:.2f} CPU-s/step in the kernel"
     return line
 
 
@@ -348,15 +518,22 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.framework != "both":
-        result = run_clip_jax(args) if args.framework == "clip_jax" else run_open_clip(args)
+        runner = RUNNERS[args.framework](args)
+        if args.serve:
+            serve(runner)
+            return
+        for _ in range(args.steps):
+            time.sleep(args.pause)
+            runner.step()
+        result = runner.result()
+        print(_describe(result), flush=True)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     child_argv = _strip_framework(argv)
-    env = child_environment(args.hugepages)
+    env = child_environment(args.tune_malloc)
     print(f"both children run with GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}", flush=True)
-    ours = _run_child("clip_jax", child_argv, env)
+    ours, reference = run_children(args, child_argv, env)
     print(_describe(ours), flush=True)
-    reference = _run_child("open_clip", child_argv, env)
     # The same model maths: its FLOPs per pair are those XLA counted for the clip_jax step.
     flops = ours.get("flops_per_step_per_device")
     if flops and ours.get("peak_flops_per_device"):
@@ -367,6 +544,12 @@ def main(argv: list[str] | None = None) -> None:
     print(_describe(reference), flush=True)
     if ours.get("peak_flops_per_device"):
         print(f"peak: {ours['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device ({ours['peak_source']})")
+    for when, measured in zip(("before", "after"), ours.get("matmul_peaks", [])):
+        print(f"  matmul peak {when} the steps: sustained {measured['sustained'] / 1e9:.0f} GFLOP/s "
+              f"(size {measured['size']}), fastest single call {measured['best_single'] / 1e9:.0f} GFLOP/s")
+    if ours.get("mfu_against_best_single_matmul") is not None:
+        print(f"  clip_jax MFU against the fastest single matmul call instead: "
+              f"{100 * ours['mfu_against_best_single_matmul']:.1f}%")
     if flops:
         print(f"FLOPs per step per device (XLA cost analysis): {flops:.3e}")
     ratio = ours["pairs_per_second"] / reference["pairs_per_second"]

@@ -28,9 +28,12 @@ def _run(script: str, *args: str, tmp_path) -> str:
 def test_train_step_bench_compares_both_frameworks(tmp_path):
     out_file = tmp_path / "result.json"
     stdout = _run(
-        "train_step.py", "--model", "tiny-vit", "--batch-size", "8", "--steps", "1", "--json-out", str(out_file),
+        "train_step.py", "--model", "tiny-vit", "--batch-size", "8", "--steps", "2", "--json-out", str(out_file),
         tmp_path=tmp_path,
     )
+    # On CPU the two children take turns, one step each.
+    turns = re.findall(r"^step (\d)/2: clip_jax (\S+) s, open_clip (\S+) s$", stdout, re.MULTILINE)
+    assert [turn[0] for turn in turns] == ["1", "2"], stdout
     last = stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"ratio clip_jax/open_clip: (\d+\.\d\d)", last)
     assert match, last
@@ -40,8 +43,17 @@ def test_train_step_bench_compares_both_frameworks(tmp_path):
     assert ours["flops_per_step_per_device"] > 0 and 0 < ours["mfu"] < 1.5
     assert result["ratio"] == pytest.approx(ours["pairs_per_second"] / reference["pairs_per_second"])
     assert float(match.group(1)) == pytest.approx(result["ratio"], abs=0.006)
+    for name, column in (("clip_jax", 1), ("open_clip", 2)):
+        times = result[name]["step_seconds_all"]
+        assert times == pytest.approx([float(turn[column]) for turn in turns], abs=1e-3)
+        assert min(times) <= result[name]["step_seconds"] <= max(times)
+    # The peak is the higher of the sustained matmul throughputs measured before and after the steps.
+    peaks = ours["matmul_peaks"]
+    assert len(peaks) == 2 and ours["peak_flops_per_device"] == max(peak["sustained"] for peak in peaks)
+    assert ours["mfu_against_best_single_matmul"] <= ours["mfu"]
     if sys.platform.startswith("linux"):
-        assert "glibc.malloc.hugetlb=1" in stdout.splitlines()[0]
+        for tunable in ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0"):
+            assert tunable in stdout.splitlines()[0]
 
 
 def test_profile_step_sums_the_trace_by_kind(tmp_path):
@@ -55,3 +67,14 @@ def test_profile_step_sums_the_trace_by_kind(tmp_path):
     assert len(shares) == 4 and abs(sum(shares) - 100) <= 2, rows["all"]
     assert shares[0] > 0, "no matrix multiplies found in the trace"
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no trace written"
+
+
+def test_matmul_peak_is_sustained_over_a_window():
+    from clip_jax import metrics
+
+    peak = metrics.measure_matmul_peak(sizes=(64, 128), seconds=0.05)
+    assert peak.size in (64, 128)
+    assert 0 < peak.sustained <= peak.best_single  # a window's average never beats its fastest call
+    assert metrics.measure_matmul_peak_flops(sizes=(64,), seconds=0.01) > 0
+    with pytest.raises(ValueError, match="seconds=0"):
+        metrics.measure_matmul_peak(sizes=(64,), seconds=0)
