@@ -63,6 +63,54 @@ def classify(name: str, op_name: str) -> tuple[str, str]:
     return phase, kind
 
 
+def part(phase: str, op_name: str) -> str:
+    """Which tower (or the rest) and which pass an operation belongs to, for the timeline."""
+    tower = "image tower" if "encode_image" in op_name else "text tower" if "encode_text" in op_name else ""
+    return f"{tower} {phase}" if tower and phase != PHASES[2] else "loss, optimizer, other"
+
+
+def covered(intervals: list[tuple[int, int]]) -> int:
+    """Nanoseconds covered by the union of (start, end) intervals."""
+    total, current_start, current_end = 0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    return total + (current_end - current_start if current_end is not None else 0)
+
+
+def print_timeline(spans: list[tuple[int, int, str]], wall: float) -> None:
+    """Wall-clock stretches of the step in order, one per tower pass (forward/backward) and the rest,
+    then how much of the step no traced operation covers."""
+    if not spans:
+        return
+    spans.sort()
+    origin = spans[0][0]
+    stretches: list[list] = []
+    for start, end, name in spans:
+        if stretches and stretches[-1][0] == name:
+            stretches[-1][2] = max(stretches[-1][2], end)
+            stretches[-1][3] += 1
+        else:
+            stretches.append([name, start, end, 1])
+    # Short stretches (the loop counter, a reshape between two loops) would split a tower's pass.
+    merged: list[list] = []
+    for name, start, end, count in (stretch for stretch in stretches if stretch[2] - stretch[1] >= 20_000_000):
+        if merged and merged[-1][0] == name:
+            merged[-1][2], merged[-1][3] = end, merged[-1][3] + count
+        else:
+            merged.append([name, start, end, count])
+    print("\ntimeline (wall clock from the first operation; stretches of one part, interruptions under 20 ms ignored):")
+    for name, start, end, count in merged:
+        print(f"  {(start - origin) / 1e9:6.2f} s -> {(end - origin) / 1e9:6.2f} s  {name} ({count} operations)")
+    busy = covered([(start, end) for start, end, _ in spans])
+    print(f"  some operation traced on some thread for {busy / 1e9:.2f} s of the {wall:.2f} s step; the rest is "
+          f"untraced work (e.g. XLA's own dot kernels, which it traces only as a launch) and waiting")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import jax
@@ -89,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     totals: collections.Counter = collections.Counter()
     by_operation: collections.Counter = collections.Counter()
+    spans: list[tuple[int, int, str]] = []  # (start, end, part) of every counted operation
     for plane in profile.planes:
         for line in plane.lines:
             # Operations run on XLA's worker threads; their events are the HLO instruction names.
@@ -105,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 phase, kind = classify(name, metadata.get(name, ""))
                 totals[phase, kind] += duration
                 by_operation[name] += duration
+                spans.append((start_ns, start_ns + duration, part(phase, metadata.get(name, ""))))
     grand = sum(totals.values())
     print(f"{args.model} batch {args.batch_size} {dtype} scan={args.scan} on {jax.devices()[0].device_kind}: "
           f"step {wall:.2f} s wall, {faults:,} minor page faults; operations {grand / 1e9:.2f} thread-s")
@@ -116,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {phase} | {cells} | {sum(row) / 1e9:.2f} s ({100 * sum(row) / grand:.0f}%) |")
     kind_totals = [sum(totals[phase, kind] for phase in PHASES) for kind in KINDS]
     print("| all | " + " | ".join(f"{v / 1e9:.2f} s ({100 * v / grand:.0f}%)" for v in kind_totals) + f" | {grand / 1e9:.2f} s |")
+    print_timeline(spans, wall)
     print(f"\nmost expensive operations (thread-s, summed over loop iterations):")
     for name, duration in by_operation.most_common(args.top):
         print(f"  {duration / 1e9:6.3f} s  {name:40s} {metadata.get(name, '')[:110]}")
