@@ -67,6 +67,8 @@ def test_profile_step_sums_the_trace_by_kind(tmp_path):
     assert len(shares) == 4 and abs(sum(shares) - 100) <= 2, rows["all"]
     assert shares[0] > 0, "no matrix multiplies found in the trace"
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no trace written"
+    covered = re.search(r"traced on some thread for (\d+\.\d+) s of the (\d+\.\d+) s step", stdout)
+    assert covered and 0 < float(covered.group(1)) <= float(covered.group(2)) + 0.01, stdout[-2000:]
 
 
 def test_matmul_peak_is_sustained_over_a_window():
