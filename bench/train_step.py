@@ -149,7 +149,39 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
     return compiled, state, batch, config, mesh
 
 
-class ClipJaxRunner:
+class _Runner:
+    """What both frameworks' sides share: timed steps, one at a time, and their statistics.
+    A subclass sets `framework`, `batch_size` and `_run` (one step that waits for its results)."""
+
+    framework = ""
+    batch_size = 0
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.times, self.faults, self.kernel_seconds = args, [], [], []
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        seconds, faults, kernel = _timed_call(self._run)
+        self.times.append(seconds)
+        self.faults.append(faults)
+        self.kernel_seconds.append(kernel)
+        return seconds
+
+    def timing(self) -> dict:
+        """The median step and what goes with it, for the result."""
+        step_seconds = statistics.median(self.times)
+        return {
+            "step_seconds": step_seconds,
+            "step_seconds_all": self.times,
+            "pairs_per_second": self.batch_size / step_seconds,
+            "page_faults_per_step": statistics.mean(self.faults),
+            "kernel_seconds_per_step": statistics.mean(self.kernel_seconds),
+        }
+
+
+class ClipJaxRunner(_Runner):
     """The clip_jax side: compiles the step (first batch size that fits), runs one warm-up step.
 
     On CPU the matmul peak is measured twice, before compiling and after the timed steps, and the
@@ -164,7 +196,7 @@ class ClipJaxRunner:
         from clip_jax import metrics
         from clip_jax.models import create_model
 
-        self.args, self.times, self.faults, self.kernel_seconds = args, [], [], []
+        super().__init__(args)
         self.backend = jax.default_backend()
         self.dtype = args.dtype or ("float32" if self.backend == "cpu" else "bfloat16")
         self.model = create_model(args.model, dtype=self.dtype, scan_layers=args.scan, remat_policy=args.remat)
@@ -194,13 +226,6 @@ class ClipJaxRunner:
         self.state, self.step_metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready(self.step_metrics)
 
-    def step(self) -> float:
-        seconds, faults, kernel = _timed_call(self._run)
-        self.times.append(seconds)
-        self.faults.append(faults)
-        self.kernel_seconds.append(kernel)
-        return seconds
-
     def result(self) -> dict:
         import jax
         import numpy as np
@@ -214,7 +239,8 @@ class ClipJaxRunner:
             peak_source = "sustained fp32 matmul, measured before and after the steps (the higher)"
         else:
             peak, peak_source = metrics.device_peak_flops(), "device bf16 peak table"
-        step_seconds = statistics.median(self.times)
+        timing = self.timing()
+        step_seconds = timing["step_seconds"]
         # Model FLOPs: XLA counts a scanned layer once, so scanned/rematted steps are counted on
         # their unrolled twin (see train_step_flops_per_device).
         abstract_batch = jax.tree.map(
@@ -229,16 +255,12 @@ class ClipJaxRunner:
             "device": jax.devices()[0].device_kind,
             "devices": jax.device_count(),
             "compile_seconds": self.compile_seconds,
-            "step_seconds": step_seconds,
-            "step_seconds_all": self.times,
-            "pairs_per_second": self.batch_size / step_seconds,
+            **timing,
             "flops_per_step_per_device": flops,
             "peak_flops_per_device": peak,
             "peak_source": peak_source,
             "mfu": metrics.model_flops_utilization(flops, step_seconds, peak),
             "loss": float(np.asarray(self.step_metrics["loss"])),
-            "page_faults_per_step": statistics.mean(self.faults),
-            "kernel_seconds_per_step": statistics.mean(self.kernel_seconds),
             "scan": self.args.scan,
             "remat": self.args.remat,
         }
@@ -276,7 +298,7 @@ def open_clip_model_from_spec(spec):
     return CLIP(spec.embed_dim, vision_cfg, text_cfg, quick_gelu=spec.activation == "quick_gelu")
 
 
-class OpenClipRunner:
+class OpenClipRunner(_Runner):
     """The open_clip side: the same architecture, AdamW hyper-parameters, clipping and loss."""
 
     framework = "open_clip"
@@ -287,8 +309,8 @@ class OpenClipRunner:
 
         from clip_jax.models import get_model_config
 
+        super().__init__(args)
         torch.set_num_threads(args.threads)
-        self.args, self.times, self.faults, self.kernel_seconds = args, [], [], []
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backend = self.device
         self.dtype = args.dtype or ("float32" if self.device == "cpu" else "bfloat16")
@@ -334,17 +356,9 @@ class OpenClipRunner:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def step(self) -> float:
-        seconds, faults, kernel = _timed_call(self._run)
-        self.times.append(seconds)
-        self.faults.append(faults)
-        self.kernel_seconds.append(kernel)
-        return seconds
-
     def result(self) -> dict:
         import torch
 
-        step_seconds = statistics.median(self.times)
         return {
             "framework": "open_clip",
             "model": self.args.model,
@@ -352,12 +366,8 @@ class OpenClipRunner:
             "dtype": self.dtype,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "threads": self.args.threads,
-            "step_seconds": step_seconds,
-            "step_seconds_all": self.times,
-            "pairs_per_second": self.batch_size / step_seconds,
+            **self.timing(),
             "loss": float(self.loss.detach().float().cpu()),
-            "page_faults_per_step": statistics.mean(self.faults),
-            "kernel_seconds_per_step": statistics.mean(self.kernel_seconds),
         }
 
 
