@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     kind_totals = [sum(totals[phase, kind] for phase in PHASES) for kind in KINDS]
     print("| all | " + " | ".join(f"{v / 1e9:.2f} s ({100 * v / grand:.0f}%)" for v in kind_totals) + f" | {grand / 1e9:.2f} s |")
     print_timeline(spans, wall)
-    print(f"\nmost expensive operations (thread-s, summed over loop iterations):")
+    print("\nmost expensive operations (thread-s, summed over loop iterations):")
     for name, duration in by_operation.most_common(args.top):
         print(f"  {duration / 1e9:6.3f} s  {name:40s} {metadata.get(name, '')[:110]}")
     print(f"\ntrace: {args.trace_dir}")

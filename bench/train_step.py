@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 RESULT_PREFIX = "RESULT "
 READY = "READY "
@@ -82,31 +83,31 @@ def _random_inputs(spec, batch: int, seed: int = 0):
     return images, texts
 
 
-def _kernel_seconds() -> float:
-    """CPU-seconds this process has spent in the kernel so far (0 where the platform does not count them)."""
+def _usage() -> tuple[int, float]:
+    """(minor page faults, CPU-seconds in the kernel) of this process so far; zeros where the
+    platform does not count them."""
     try:
         import resource
     except ImportError:  # not on Windows
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def _minor_page_faults() -> int:
     """Minor page faults of this process so far (0 where the platform does not count them)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return _usage()[0]
 
 
 def _timed_call(call) -> tuple[float, int, float]:
     """Seconds of one call of `call` (which must wait for its results), its minor page faults and
     the CPU-seconds this process spent in the kernel meanwhile (0 where the platform does not say)."""
-    faults, kernel = _minor_page_faults(), _kernel_seconds()
+    faults, kernel = _usage()
     start = time.perf_counter()
     call()
-    return time.perf_counter() - start, _minor_page_faults() - faults, _kernel_seconds() - kernel
+    seconds = time.perf_counter() - start
+    faults_after, kernel_after = _usage()
+    return seconds, faults_after - faults, kernel_after - kernel
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -162,6 +163,23 @@ class _Runner:
     def _run(self) -> None:
         raise NotImplementedError
 
+    def _first_batch_that_fits(self, setup: Callable[[int], None], release: Callable[[], None]) -> None:
+        """For each `--batch-size` in turn, `setup(batch_size)` and a warm-up step, until one fits in
+        memory; `release()` frees a failed attempt before the next."""
+        sizes = _batch_sizes(self.args)
+        for batch_size in sizes:
+            try:
+                setup(batch_size)
+                self.batch_size = batch_size
+                self._run()  # warm-up
+                return
+            except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
+                if not _is_out_of_memory(error) or batch_size == sizes[-1]:
+                    raise
+                print(f"{self.framework}: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
+                release()
+        raise RuntimeError("no batch size given")
+
     def step(self) -> float:
         seconds, faults, kernel = _timed_call(self._run)
         self.times.append(seconds)
@@ -201,24 +219,19 @@ class ClipJaxRunner(_Runner):
         self.dtype = args.dtype or ("float32" if self.backend == "cpu" else "bfloat16")
         self.model = create_model(args.model, dtype=self.dtype, scan_layers=args.scan, remat_policy=args.remat)
         self.peaks = [metrics.measure_matmul_peak()] if self.backend == "cpu" else []
-        for batch_size in _batch_sizes(args):
-            try:
-                start = time.perf_counter()
-                self.compiled, self.state, self.batch, self.config, self.mesh = build_clip_jax_step(
-                    args.model, self.model, batch_size
-                )
-                self.compile_seconds = time.perf_counter() - start
-                self.batch_size = batch_size
-                self._run()  # warm-up
-                return
-            except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
-                if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
-                    print(f"clip_jax: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
-                    self.state = self.batch = self.compiled = None  # free the failed attempt
-                    jax.clear_caches()
-                    continue
-                raise
-        raise RuntimeError("no batch size given")
+
+        def setup(batch_size: int) -> None:
+            start = time.perf_counter()
+            self.compiled, self.state, self.batch, self.config, self.mesh = build_clip_jax_step(
+                args.model, self.model, batch_size
+            )
+            self.compile_seconds = time.perf_counter() - start
+
+        def release() -> None:
+            self.state = self.batch = self.compiled = None
+            jax.clear_caches()
+
+        self._first_batch_that_fits(setup, release)
 
     def _run(self) -> None:
         import jax
@@ -315,31 +328,26 @@ class OpenClipRunner(_Runner):
         self.backend = self.device
         self.dtype = args.dtype or ("float32" if self.device == "cpu" else "bfloat16")
         spec = get_model_config(args.model)
-        for batch_size in _batch_sizes(args):
-            try:
-                self.model = open_clip_model_from_spec(spec).to(self.device).train()
-                self.optimizer = torch.optim.AdamW(
-                    self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
-                )
-                self.loss_fn = ClipLoss()
-                images, texts = _random_inputs(spec, batch_size)
-                self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
-                self.texts = torch.from_numpy(texts.astype("int64")).to(self.device)
-                self.autocast = torch.autocast(
-                    self.device, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"
-                )
-                self.batch_size = batch_size
-                self._run()  # warm-up
-                return
-            except Exception as error:  # noqa: BLE001
-                if _is_out_of_memory(error) and batch_size != _batch_sizes(args)[-1]:
-                    print(f"open_clip: batch {batch_size} does not fit; trying the next", flush=True)
-                    self.model = self.optimizer = None
-                    if self.device == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                raise
-        raise RuntimeError("no batch size given")
+
+        def setup(batch_size: int) -> None:
+            self.model = open_clip_model_from_spec(spec).to(self.device).train()
+            self.optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
+            )
+            self.loss_fn = ClipLoss()
+            images, texts = _random_inputs(spec, batch_size)
+            self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+            self.texts = torch.from_numpy(texts.astype("int64")).to(self.device)
+            self.autocast = torch.autocast(
+                self.device, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"
+            )
+
+        def release() -> None:
+            self.model = self.optimizer = None
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+        self._first_batch_that_fits(setup, release)
 
     def _run(self) -> None:
         import torch
