@@ -27,7 +27,6 @@ from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
 from clip_jax.training.step import make_train_step
-from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 DATA_SOURCES = pipeline.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
 TOKENIZER_KINDS = ("sentencepiece", "clip")
@@ -222,13 +221,6 @@ def make_dataset(config: ml_collections.ConfigDict, image_size: int) -> Syntheti
     )
 
 
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> float32 (n, H, W, 3) with OpenAI's channel mean and std."""
-    mean = np.asarray(OPENAI_MEAN, np.float32) * 255.0
-    inverse_std = 1.0 / (np.asarray(OPENAI_STD, np.float32) * 255.0)
-    return (images.astype(np.float32) - mean) * inverse_std
-
-
 def process_local_batches(
     dataset: SyntheticShapes, tokenizer: Any, global_batch_size: int, start_step: int
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -238,7 +230,9 @@ def process_local_batches(
         "train", global_batch_size, jax.process_index(), jax.process_count(), start_step=start_step
     )
     for batch in iterator:
-        yield {"images": normalize_images(batch["images"]), "texts": tokenizer(batch["captions"], truncate=True)}
+        # The same arithmetic as the real corpora and the evaluation transform, bit for bit.
+        images = pipeline.normalize_images(batch["images"])
+        yield {"images": images, "texts": tokenizer(batch["captions"], truncate=True)}
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
