@@ -110,8 +110,12 @@ def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_pa
     workdir = str(tmp_path / "killed")
     launcher_path = tmp_path / "launcher.py"
     launcher_path.write_text(KILLING_LAUNCHER)
-    killed = _train(workdir, launcher=[str(launcher_path)], env_extra={"KILL_AT_STEP": "6"})
+    scratch = tmp_path / "tmp"  # the killed run's TMPDIR: a killed process cleans nothing up
+    scratch.mkdir()
+    killed = _train(workdir, launcher=[str(launcher_path)], env_extra={"KILL_AT_STEP": "6", "TMPDIR": str(scratch)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # The tokenizer lives in the workdir, not in a scratch copy left behind in /tmp by every kill.
+    assert [path.name for path in scratch.iterdir() if path.name.startswith("clip_jax-")] == []
     checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
     complete_steps = checkpointer.all_steps()
     checkpointer.close()
