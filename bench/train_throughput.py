@@ -33,7 +33,6 @@ flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.")
 def main(argv: list[str]) -> None:
     del argv
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from clip_jax import metrics, sharding
