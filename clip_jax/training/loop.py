@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -301,36 +302,32 @@ def build_tokenizer(config: ml_collections.ConfigDict, caption_sample: Callable[
     context_length = int(tokenizer_config.context_length)
     if tokenizer_config.kind == "clip":
         tokenizer = tokenizers.ClipTokenizer(context_length=context_length)
-    else:
-        import tempfile
-
-        model_bytes = None
         if jax.process_index() == 0:
-            with tempfile.TemporaryDirectory(prefix="clip_jax-") as directory:
-                path = tokenizers.train_sentencepiece(
-                    caption_sample(int(tokenizer_config.training_captions)),
-                    int(tokenizer_config.vocab_size),
-                    os.path.join(directory, SENTENCEPIECE_FILE),
-                    model_type=tokenizer_config.model_type,
-                    hard_vocab_limit=False,  # a small caption vocabulary may need fewer pieces
-                )
-                model_bytes = _read_bytes(path)
-        model_bytes = checkpointing.broadcast_bytes(model_bytes)
-        if jax.process_index() == 0 and "://" not in workdir:
-            # The run's own copy: no scratch file to outlive a killed process.
-            local_path = os.path.join(workdir, SENTENCEPIECE_FILE)
-            _write_bytes(local_path, model_bytes)
-        else:
-            local_path = os.path.join(_scratch_directory(), SENTENCEPIECE_FILE)
-            with open(local_path, "wb") as file:
-                file.write(model_bytes)
-        tokenizer = tokenizers.SentencePieceTokenizer(local_path, context_length=context_length)
+            for asset in tokenizer.asset_files():
+                _write_bytes(_join(workdir, os.path.basename(asset)), _read_bytes(asset))
+        return tokenizer
+    model_bytes = None
     if jax.process_index() == 0:
-        for asset in tokenizer.asset_files():
-            destination = _join(workdir, os.path.basename(asset))
-            if destination != asset:
-                _write_bytes(destination, _read_bytes(asset))
-    return tokenizer
+        with tempfile.TemporaryDirectory(prefix="clip_jax-") as directory:
+            path = tokenizers.train_sentencepiece(
+                caption_sample(int(tokenizer_config.training_captions)),
+                int(tokenizer_config.vocab_size),
+                os.path.join(directory, SENTENCEPIECE_FILE),
+                model_type=tokenizer_config.model_type,
+                hard_vocab_limit=False,  # a small caption vocabulary may need fewer pieces
+            )
+            model_bytes = _read_bytes(path)
+    model_bytes = checkpointing.broadcast_bytes(model_bytes)
+    if jax.process_index() == 0:
+        _write_bytes(_join(workdir, SENTENCEPIECE_FILE), model_bytes)
+    if jax.process_index() == 0 and "://" not in workdir:
+        # Load the run's own copy: no scratch file to outlive a killed process.
+        local_path = os.path.join(workdir, SENTENCEPIECE_FILE)
+    else:
+        local_path = os.path.join(_scratch_directory(), SENTENCEPIECE_FILE)
+        with open(local_path, "wb") as file:
+            file.write(model_bytes)
+    return tokenizers.SentencePieceTokenizer(local_path, context_length=context_length)
 
 
 def tokenizer_from_workdir(tokenizer_config: dict[str, Any], workdir: str) -> Any:
@@ -351,7 +348,6 @@ def _scratch_directory() -> str:
     """A new local directory, removed when the process exits (tokenizer files live there)."""
     import atexit
     import shutil
-    import tempfile
 
     path = tempfile.mkdtemp(prefix="clip_jax-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
