@@ -3,7 +3,8 @@
 Only parses flags and starts JAX's distributed runtime; the work is
 `clip_jax.training.loop.train_and_evaluate`. With no flags it trains the tiny default model on the
 built-in synthetic dataset into ./workdir. Running the same command again resumes from the newest
-checkpoint in the workdir.
+checkpoint in the workdir. A failure is reported in one line (`error: ...`, exit status 1); pass
+--verbose for the traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --coordinator_address).")
+flags.DEFINE_bool("verbose", False, "On failure, show the whole traceback (and Orbax's logs), not one line.")
 
 
 def _detected_cluster() -> str | None:
@@ -76,10 +78,13 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         # Orbax and JAX log every checkpoint write at INFO; the loop prints what matters.
         logging.set_verbosity(logging.WARNING)
-    initialize_distributed()
-    from clip_jax.training.loop import train_and_evaluate
+    from clip_jax.cli import one_line_errors
 
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with one_line_errors(FLAGS.verbose):
+        initialize_distributed()
+        from clip_jax.training.loop import train_and_evaluate
+
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

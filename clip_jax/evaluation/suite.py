@@ -454,12 +454,8 @@ def synthetic_dataset_for(checkpoint: str, image_size: int) -> Any:
         from clip_jax.training import checkpointing
 
         if checkpointing.is_training_workdir(checkpoint):
-            checkpointer = checkpointing.TrainingCheckpointer(checkpoint, read_only=True)
-            try:
-                step = checkpointer.latest_step()
-                data = checkpointer.run_config(step).get("training", {}).get("data", {}) if step is not None else {}
-            finally:
-                checkpointer.close()
+            _, record = checkpointing.read_run_record(checkpoint)
+            data = record.get("training", {}).get("data", {})
             if data.get("name") == "synthetic":
                 settings = {"seed": int(data["seed"]), "num_held_out": int(data["num_held_out"])}
     return SyntheticShapes(SyntheticShapesConfig(image_size=image_size, **settings))

@@ -11,7 +11,12 @@ A workdir looks like
     metrics.jsonl, tensorboard/    the logs (clip_jax.metrics)
 
 Orbax writes each step into a temporary directory and renames it only once every process has
-finished, so a checkpoint interrupted by a crash is never listed, let alone restored.
+finished, so a checkpoint interrupted by a crash is never listed, let alone restored. A committed
+checkpoint that cannot be read back (a truncated or missing file, bad metadata, an empty step
+directory) is reported, moved to `unreadable_checkpoints/<step>` (never deleted) when an older one
+restores instead, and never makes a run start from scratch (`TrainingCheckpointer.restore_newest`).
+Readers of a live workdir (`load_training_workdir`) retry when the checkpoint they chose is
+rotated out while they read it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"  # where checkpoints that cannot be restored are moved
 STATE_ITEM = "state"
 PROGRESS_ITEM = "progress"
 CONFIG_ITEM = "config"
@@ -39,6 +45,55 @@ _IDENTITY_MODEL_FIELDS = ("embed_dim", "vision", "text", "activation", "param_dt
 
 def _join(directory: str, name: str) -> str:
     return directory.rstrip("/") + "/" + name if "://" in directory else os.path.join(directory, name)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """One line for an exception from Orbax/TensorStore, whose messages run over many lines: its
+    type and the first line of its text, cut to `limit` characters; an OS error found in the
+    chain of causes (e.g. "No space left on device") is named first."""
+    root, seen = error, set()
+    while root is not None and id(root) not in seen:
+        seen.add(id(root))
+        if isinstance(root, OSError) and root.strerror:
+            return f"{root.strerror} ({type(error).__name__})"
+        root = root.__cause__ or root.__context__
+    if "os_error_code='28'" in str(error):  # TensorStore reports ENOSPC in its own words
+        return f"No space left on device ({type(error).__name__})"
+    text = str(error).split("See full TensorStore details")[0].strip().splitlines()
+    first = text[0].rstrip(" .") if text else ""
+    if isinstance(error, KeyError) and first.startswith(("'", '"')):
+        first = first[1:-1]
+    summary = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        from etils import epath
+
+        return epath.Path(path).exists()
+    return os.path.exists(path)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True on every process if `ok` is True on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([1 if ok else 0], np.int32))
+    return bool(np.asarray(flags).min())
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def is_training_workdir(path: str) -> bool:
@@ -100,10 +155,110 @@ class TrainingCheckpointer:
         finally:
             absl_logger.setLevel(previous_level)
         self._last_saved_step: int | None = self.manager.latest_step()
+        self._started_steps: list[int] = []  # saves started by this run, oldest first
+        self._closed = False
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
+
+    def step_directory(self, step: int) -> str:
+        return _join(self.directory, str(step))
+
+    def restore_newest(
+        self, abstract_state_for: Callable[[dict[str, Any]], Any], announce: Callable[[str], None] = print
+    ) -> tuple[int, dict[str, Any], Any, dict[str, Any]] | None:
+        """(step, run record, state, progress) of the newest checkpoint that restores; None when the
+        workdir has no checkpoint.
+
+        `abstract_state_for(record)` gives the abstract state to restore into from a checkpoint's
+        run record; what it raises (another model, say) is passed on. A checkpoint that cannot be
+        read is reported in one line; when an older one restores, the unreadable newer ones are
+        moved to `unreadable_checkpoints/` (never deleted) so that the run's next saves do not
+        meet them. When none restores nothing is moved and CheckpointError is raised: a run never
+        starts from scratch over checkpoints it could not read.
+        """
+        self._refuse_if_only_unreadable()
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            outcome = self._try_restore(step, abstract_state_for)
+            if isinstance(outcome, str):
+                failures.append((step, outcome))
+                announce(f"Checkpoint of step {step} at {self.step_directory(step)} cannot be restored: {outcome}")
+                continue
+            for unreadable_step, _ in failures:
+                moved_to = self.set_aside(unreadable_step)
+                announce(f"Moved the unreadable checkpoint of step {unreadable_step} to {moved_to}")
+            if failures:
+                announce(f"Resuming from the checkpoint of step {step}, the newest that restores")
+            record, state, progress = outcome
+            return step, record, state, progress
+        if failures:
+            listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise CheckpointError(
+                f"none of the {len(failures)} checkpoints in {self.directory} can be restored ({listed}); "
+                "nothing was moved or deleted: repair or remove them, or use a new --workdir"
+            )
+        return None
+
+    def _try_restore(
+        self, step: int, abstract_state_for: Callable[[dict[str, Any]], Any]
+    ) -> tuple[dict[str, Any], Any, dict[str, Any]] | str:
+        """(record, state, progress) of checkpoint `step`, or why it cannot be read (every process
+        agrees: a file damaged for one process's shards fails the step for all)."""
+        try:
+            record = self.run_config(step)
+            for key in ("model", "tokenizer"):
+                if not isinstance(record.get(key), dict):
+                    raise ValueError(f"its config record has no {key!r} entry")
+        except Exception as error:
+            reason: str | None = error_summary(error)
+        else:
+            reason = None
+        if not _all_processes_agree(reason is None):
+            return reason or "unreadable on another process"
+        abstract_state = abstract_state_for(record)  # errors here are not damage: passed on
+        try:
+            state, progress = self.restore(step, abstract_state)
+            if int(progress.get("step", -1)) != step:
+                raise ValueError(f"its progress record says step {progress.get('step')!r}")
+        except Exception as error:
+            reason = error_summary(error)
+        if not _all_processes_agree(reason is None):
+            return reason or "unreadable on another process"
+        return record, state, progress
+
+    def set_aside(self, step: int) -> str:
+        """Move checkpoint `step` to `unreadable_checkpoints/` (process 0 moves, all wait); its new path."""
+        from etils import epath
+
+        workdir = self.directory[: -len(CHECKPOINT_DIR)].rstrip("/") or "/"
+        destination_root = epath.Path(_join(workdir, UNREADABLE_DIR))
+        destination = destination_root / str(step)
+        suffix = 1
+        while destination.exists():
+            destination = destination_root / f"{step}.{suffix}"
+            suffix += 1
+        if jax.process_index() == 0:
+            destination_root.mkdir(parents=True, exist_ok=True)
+            epath.Path(self.step_directory(step)).rename(destination)
+        _sync(f"clip_jax_set_aside_{step}")
+        self.manager.reload()
+        return str(destination)
+
+    def _refuse_if_only_unreadable(self) -> None:
+        if self.all_steps():
+            return
+        workdir = self.directory[: -len(CHECKPOINT_DIR)].rstrip("/") or "/"
+        set_aside = _join(workdir, UNREADABLE_DIR)
+        if _exists(set_aside):
+            from etils import epath
+
+            if any(epath.Path(set_aside).iterdir()):
+                raise CheckpointError(
+                    f"{self.directory} holds no checkpoint but {set_aside} holds unreadable ones: move a "
+                    f"repaired one back into {CHECKPOINT_DIR}/, or delete {set_aside} to start from scratch"
+                )
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -130,10 +285,39 @@ class TrainingCheckpointer:
                 CONFIG_ITEM: self._ocp.args.JsonSave(run_config),
             }
         )
-        saved = self.manager.save(step, args=args, force=force)
+        try:
+            saved = self.manager.save(step, args=args, force=force)
+        except Exception as error:  # an earlier asynchronous save may be what failed
+            raise self._save_error(error, step) from error
         if saved:
             self._last_saved_step = step
+            self._started_steps.append(step)
         return saved
+
+    def check_for_errors(self) -> None:
+        """Raise CheckpointError if a background save has failed (cheap: no waiting)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:
+            raise self._save_error(error, None) from error
+
+    def _save_error(self, error: BaseException, step: int | None) -> CheckpointError:
+        try:
+            self.manager.reload()
+            latest = self.manager.latest_step()
+        except Exception:  # the directory itself may be what is broken
+            latest = None
+        pending = [started for started in self._started_steps if latest is None or started > latest]
+        failed = pending[0] if pending else step
+        newest = (
+            f"the newest complete checkpoint is step {latest}; rerun the same command to resume from it"
+            if latest is not None
+            else "there is no complete checkpoint yet"
+        )
+        return CheckpointError(
+            f"could not save the checkpoint of step {failed} in {self.directory}: {error_summary(error)}; "
+            f"{newest} once the cause is fixed"
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, progress) of checkpoint `step`, each array laid out as its `abstract_state` leaf's
@@ -176,12 +360,29 @@ class TrainingCheckpointer:
         return dict(restored[CONFIG_ITEM])
 
     def wait_until_finished(self) -> None:
-        """Block until every started save is committed."""
-        self.manager.wait_until_finished()
+        """Block until every started save is committed; CheckpointError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_error(error, None) from error
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for the last save (CheckpointError if it failed, unless not `raise_errors`), then
+        release Orbax's threads. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait_until_finished()
+        except CheckpointError as error:
+            if raise_errors:
+                raise
+            logging.getLogger(__name__).warning("%s", error)
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # a failed save is reported above
+                pass
 
 
 def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
@@ -249,12 +450,79 @@ class PreemptionWatcher:
             self._previous_handler = None
 
 
+# A reader of a live workdir re-lists the checkpoints this many times when the one it chose is
+# rotated out while it reads it (each attempt takes the newest again).
+LIVE_READ_ATTEMPTS = 8
+
+
+def read_run_record(workdir: str) -> tuple[int, dict[str, Any]]:
+    """(step, {"model", "tokenizer", "training"} record) of the newest checkpoint of a training
+    workdir whose record reads, retrying on checkpoints deleted while being read."""
+    return _read_live(workdir, None, lambda checkpointer, step, record: None)[:2]
+
+
+def _read_live(
+    workdir: str, step: int | None, read: Callable[["TrainingCheckpointer", int, dict[str, Any]], Any]
+) -> tuple[int, dict[str, Any], Any]:
+    """(step, record, read(checkpointer, step, record)) of the newest checkpoint (or `step`) that
+    reads. A running `train.py` may delete the chosen checkpoint (rotation) while it is read: the
+    reader then starts again from the newest. One that is there but cannot be read is skipped
+    for the next older one. Errors end in one CheckpointError sentence."""
+    if not is_training_workdir(workdir):
+        raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {CHECKPOINT_DIR}/ directory")
+    unreadable: dict[int, str] = {}
+    last_error = ""
+    for _ in range(LIVE_READ_ATTEMPTS):
+        try:
+            checkpointer = TrainingCheckpointer(workdir, read_only=True)
+        except Exception as error:  # a step directory vanished while Orbax listed them
+            last_error = error_summary(error)
+            continue
+        try:
+            steps = checkpointer.all_steps()
+            if step is not None:
+                if step not in steps:
+                    raise CheckpointError(f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}")
+                candidates = [step]
+            else:
+                candidates = [candidate for candidate in reversed(steps) if candidate not in unreadable]
+            if not candidates:
+                if unreadable:
+                    break
+                raise CheckpointError(f"training workdir {workdir!r} holds no complete checkpoint yet")
+            chosen = candidates[0]
+            try:
+                record = checkpointer.run_config(chosen)
+                return chosen, record, read(checkpointer, chosen, record)
+            except CheckpointError:
+                raise
+            except Exception as error:
+                last_error = error_summary(error)
+                if _exists(checkpointer.step_directory(chosen)):
+                    unreadable[chosen] = last_error  # damaged, not rotated out
+                    if step is not None:
+                        break
+        finally:
+            try:
+                checkpointer.close()
+            except Exception:
+                pass
+    if unreadable:
+        listed = "; ".join(f"step {number}: {reason}" for number, reason in sorted(unreadable.items(), reverse=True))
+        raise CheckpointError(f"no checkpoint of training workdir {workdir!r} can be read ({listed})")
+    raise CheckpointError(
+        f"could not read a checkpoint of training workdir {workdir!r} in {LIVE_READ_ATTEMPTS} attempts: they were "
+        f"deleted while being read (the run is saving faster than they can be read); last error: {last_error}"
+    )
+
+
 def load_training_workdir(
     workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, **overrides: Any
 ) -> tuple[Any, dict[str, Any], Any]:
     """(CLIPConfig, variables, tokenizer) of a training workdir's newest complete checkpoint (or of
     `step`), restored onto `sharding` (default: the first local device) for evaluation.
 
+    Safe to call on the workdir of a running `train.py`: see `_read_live`.
     `overrides` replace spec fields that leave the parameters as they are (dtype, remat_policy, ...).
     """
     from flax import linen as nn
@@ -262,26 +530,18 @@ def load_training_workdir(
     from clip_jax import tokenizer as tokenizers
     from clip_jax.models import CLIP, CLIPConfig
 
-    if not is_training_workdir(workdir):
-        raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {CHECKPOINT_DIR}/ directory")
-    checkpointer = TrainingCheckpointer(workdir, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"training workdir {workdir!r} holds no complete checkpoint yet")
-        record = checkpointer.run_config(step)
+    changed = sorted(set(overrides) & set(_IDENTITY_MODEL_FIELDS))
+    if changed:
+        raise ValueError(f"cannot override {changed} when loading a training workdir: they change the parameters")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def read_variables(checkpointer: TrainingCheckpointer, step: int, record: dict[str, Any]) -> Any:
         config = CLIPConfig.from_dict(record["model"])
-        changed = sorted(set(overrides) & set(_IDENTITY_MODEL_FIELDS))
-        if changed:
-            raise ValueError(
-                f"cannot override {changed} when loading a training workdir: they change the parameters"
-            )
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.eval_shape(lambda: nn.unbox(CLIP(config).init_variables(jax.random.key(0))))
         abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
-        variables = checkpointer.restore_variables(step, abstract)
-    finally:
-        checkpointer.close()
+        return config, checkpointer.restore_variables(step, abstract)
+
+    _, record, (config, variables) = _read_live(workdir, step, read_variables)
     tokenizer = tokenizers.tokenizer_from_config(record["tokenizer"], workdir)
     return config.replace(**overrides), variables, tokenizer
 

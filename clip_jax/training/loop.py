@@ -28,6 +28,7 @@ from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
 from clip_jax.training.step import make_train_step
+from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
 DATA_SOURCES = pipeline.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
 TOKENIZER_KINDS = ("sentencepiece", "clip")
@@ -534,18 +535,8 @@ def _train_and_evaluate(
 ) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(int(config.global_batch_size), mesh, int(config.accumulation_steps))
-    if jax.process_index() == 0:
-        _make_workdir(workdir)
-    checkpoint_config = config.checkpoint
-    checkpointer = checkpointing.TrainingCheckpointer(
-        workdir,
-        every_steps=int(checkpoint_config.every_steps),
-        max_to_keep=int(checkpoint_config.max_to_keep),
-        keep_period=int(checkpoint_config.keep_period),
-        async_save=bool(checkpoint_config.async_save),
-    )
-    latest_step = checkpointer.latest_step()
     base_spec = model_spec(config)
+    # The data is checked (shards found, TFDS dataset prepared) before anything is written.
     dataset = make_dataset(config, base_spec.vision.image_size)
     train_source = (
         None if dataset is not None else pipeline.make_train_source(config.data, jax.process_index(), jax.process_count())
@@ -554,14 +545,84 @@ def _train_and_evaluate(
         caption_sample = dataset.all_captions_sample
     else:
         caption_sample = lambda count: pipeline.caption_sample(train_source, count, int(config.data.seed))  # noqa: E731
+    if jax.process_index() == 0:
+        _make_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_in_locked_workdir(config, workdir, preemption, mesh, dataset, train_source, caption_sample)
+    finally:
+        if lock is not None:
+            lock.release()
+        if train_source is not None:
+            train_source.close()
 
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+    """Process 0 locks the workdir; every process raises the same error if another run holds it."""
+    lock, message = None, b""
+    if jax.process_index() == 0:
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirLockedError as error:
+            lock, message = None, str(error).encode("utf-8")
+    if jax.process_count() > 1:
+        message = checkpointing.broadcast_bytes(message if jax.process_index() == 0 else None)
+    if message:
+        raise WorkdirLockedError(message.decode("utf-8"))
+    return lock
+
+
+def _train_in_locked_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: checkpointing.PreemptionWatcher,
+    mesh: jax.sharding.Mesh,
+    dataset: SyntheticShapes | None,
+    train_source: Any,
+    caption_sample: Callable[[int], list[str]],
+) -> TrainState:
+    checkpoint_config = config.checkpoint
+    checkpointer = checkpointing.TrainingCheckpointer(
+        workdir,
+        every_steps=int(checkpoint_config.every_steps),
+        max_to_keep=int(checkpoint_config.max_to_keep),
+        keep_period=int(checkpoint_config.keep_period),
+        async_save=bool(checkpoint_config.async_save),
+    )
+    try:
+        state = _run(config, workdir, preemption, mesh, dataset, train_source, caption_sample, checkpointer)
+    except BaseException:
+        checkpointer.close(raise_errors=False)  # the error being raised says what went wrong
+        raise
+    checkpointer.close()
+    return state
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: checkpointing.PreemptionWatcher,
+    mesh: jax.sharding.Mesh,
+    dataset: SyntheticShapes | None,
+    train_source: Any,
+    caption_sample: Callable[[int], list[str]],
+    checkpointer: checkpointing.TrainingCheckpointer,
+) -> TrainState:
     # Tokenizer and model: from the checkpoint's record when resuming, so a resumed run tokenizes
     # exactly as before; a record of another model is refused here, before anything is compiled.
-    if latest_step is not None:
-        record = checkpointer.run_config(latest_step)
+    resumed_with: dict[str, Any] = {}
+
+    def abstract_state_for(record: dict[str, Any]) -> TrainState:
         tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
         spec = model_spec(config, tokenizer)
         checkpointing.check_same_model(record["model"], spec.to_dict(), workdir)
+        resumed_with.update(tokenizer=tokenizer, spec=spec)
+        return abstract_train_state(config, CLIP(spec), mesh)[0]
+
+    resumed = checkpointer.restore_newest(abstract_state_for, announce=announce)
+    if resumed is not None:
+        tokenizer, spec = resumed_with["tokenizer"], resumed_with["spec"]
     else:
         tokenizer = build_tokenizer(config, caption_sample, workdir)
         spec = model_spec(config, tokenizer)
@@ -572,9 +633,9 @@ def _train_and_evaluate(
         f"{jax.device_count()} devices in {jax.process_count()} process(es); workdir {workdir}"
     )
 
-    if latest_step is not None:
-        abstract_state, state_shardings = abstract_train_state(config, model, mesh)
-        state, progress = checkpointer.restore(latest_step, abstract_state)
+    if resumed is not None:
+        _, _, state, progress = resumed
+        _, state_shardings = abstract_train_state(config, model, mesh)
         start_step = int(progress["step"])
         data_position = int(progress["data_position"])
         data_states = progress.get("data_states")  # TFDS / shards: every process's iterator state
@@ -675,6 +736,7 @@ def _train_and_evaluate(
             step += 1
             data_position += 1
             progress_bar.update()
+            checkpointer.check_for_errors()  # a failed background save stops the run now
 
             if step % config.log_every_steps == 0 or step == total_steps:
                 scalars = _scalar_metrics(step_metrics)  # waits for this step: the only sync
@@ -711,8 +773,8 @@ def _train_and_evaluate(
         if dataset is None:
             train_iterator.close()  # its decoding threads and shard readers
         progress_bar.close()
-        checkpointer.close()  # waits for the last asynchronous save to commit
         writer.close()
+    checkpointer.wait_until_finished()  # the last save is committed before the run says it is done
     if preempted:
         announce(f"Stopped at step {step} on a preemption notice; run the same command to resume")
     else:

@@ -1,0 +1,64 @@
+"""What the command lines (`train.py`, `evaluate.py`, `python -m clip_jax.convert`) share: a failure
+is reported as one line on stderr, `error: <what went wrong and what to do>`, and exit status 1;
+the traceback only with `--verbose`.
+
+Library code raises exceptions whose message is that line (naming the file, field or value);
+this module only decides how much of it the person at the terminal sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+EXIT_FAILURE = 1
+
+
+def one_line(error: BaseException, limit: int = 1000) -> str:
+    """The message of `error` on one line: its own text when it has one (our errors are written
+    for this), else its type; multi-line texts (Orbax, TensorStore) keep their first line."""
+    text = str(error).strip()
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]  # str(KeyError) adds quotes
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    if not isinstance(error, (ValueError, RuntimeError, OSError, LookupError)) or not lines:
+        message = f"{type(error).__name__}: {message}" if lines else message
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+class _DropLibraryErrors(logging.Filter):
+    """Orbax logs every failure of a background save with its traceback (hundreds of lines for a
+    full disk) before the loop reports it in one line; without --verbose, those records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_library_logs() -> None:
+    """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`)."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(existing, _DropLibraryErrors) for existing in handler.filters):
+        handler.addFilter(_DropLibraryErrors())
+
+
+@contextlib.contextmanager
+def one_line_errors(verbose: bool = False) -> Iterator[None]:
+    """Run the body; an exception becomes `error: ...` on stderr and exit status 1 (re-raised
+    whole when `verbose`). KeyboardInterrupt and SystemExit pass through."""
+    if not verbose:
+        quiet_library_logs()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:
+        if verbose:
+            raise
+        sys.stdout.flush()
+        print(f"error: {one_line(error)} (--verbose shows the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_FAILURE) from None
