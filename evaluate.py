@@ -2,7 +2,8 @@
 
 PATH is a training workdir of train.py, a converted model directory, an OpenAI `.pt` or an
 open_clip / Hugging Face file (anything `clip_jax.load` reads). Writes results.json, results.md
-and PNG plots into --output. Only parses flags; the work is `clip_jax.evaluation.suite` and
+and PNG plots into --output. Settings (tasks, dataset names) are checked before the model is
+loaded; a failure is one line (`error: ...`, exit status 1), the traceback only with --verbose. Only parses flags; the work is `clip_jax.evaluation.suite` and
 `clip_jax.evaluation.report`. Examples:
 
     python evaluate.py --checkpoint ./workdir --tasks zero_shot,retrieval,linear_probe,few_shot
@@ -40,11 +41,19 @@ flags.DEFINE_enum(
     "Who decodes TFDS images (default: the data pipeline's); 'thread' where the data exists only in this process.",
 )
 flags.DEFINE_bool("plots", True, "Write PNG plots (needs matplotlib).")
+flags.DEFINE_bool("verbose", False, "On failure, show the whole traceback, not one line.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from clip_jax.cli import one_line_errors
+
+    with one_line_errors(FLAGS.verbose):
+        _evaluate()
+
+
+def _evaluate() -> None:
     from clip_jax.evaluation import report, suite
 
     preset = suite.PRESETS.get(FLAGS.preset, {})

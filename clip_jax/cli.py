@@ -30,10 +30,13 @@ def one_line(error: BaseException, limit: int = 1000) -> str:
 
 
 class _DropLibraryErrors(logging.Filter):
-    """Orbax logs every failure of a background save with its traceback (hundreds of lines for a
-    full disk) before the loop reports it in one line; without --verbose, those records go."""
+    """Orbax logs every failure of a background save with its traceback, and asyncio each of its
+    failed write tasks (hundreds of lines for a full disk), before the loop reports the failure
+    in one line; without --verbose, those records go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":  # "Task exception was never retrieved" of Orbax's writes
+            return False
         return "/orbax/" not in record.pathname.replace("\\", "/")
 
 

@@ -20,6 +20,7 @@ from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
 from clip_jax.evaluation.features import Encoder, extract_image_features
 from clip_jax.evaluation.templates import (
+    DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
     PROMPT_MODES,
     DatasetPrompts,
@@ -51,6 +52,15 @@ SYNTHETIC_RETRIEVAL_EXAMPLES = 1024  # images (and their captions) ranked agains
 SYNTHETIC_TRAIN_EXAMPLES = 2048
 
 
+def known_datasets() -> tuple[str, ...]:
+    """Every dataset name the suite can evaluate on (a TFDS name may carry ":version")."""
+    return (*SYNTHETIC_DATASETS, *RETRIEVAL_SPLITS, *DATASET_PROMPTS)
+
+
+def is_known_dataset(name: str) -> bool:
+    return name in SYNTHETIC_DATASETS or name.split(":")[0].split("/")[0] in known_datasets()
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationSettings:
     """What to evaluate, and how much of each dataset."""
@@ -76,6 +86,9 @@ class EvaluationSettings:
             raise ValueError(f"unknown task(s) {unknown or list(self.tasks)}; expected some of {TASKS}")
         if not self.datasets:
             raise ValueError("no dataset to evaluate on")
+        unknown = [name for name in self.datasets if not is_known_dataset(name)]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; expected some of {sorted(known_datasets())}")
         unknown = sorted(set(self.prompt_modes) - set(PROMPT_MODES))
         if unknown or not self.prompt_modes:
             raise ValueError(f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}")

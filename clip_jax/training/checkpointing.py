@@ -157,6 +157,7 @@ class TrainingCheckpointer:
         self._last_saved_step: int | None = self.manager.latest_step()
         self._started_steps: list[int] = []  # saves started by this run, oldest first
         self._closed = False
+        self._unconfirmed_step: int | None = None  # the last started save, until seen committed
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -292,14 +293,24 @@ class TrainingCheckpointer:
         if saved:
             self._last_saved_step = step
             self._started_steps.append(step)
+            self._unconfirmed_step = step
         return saved
 
     def check_for_errors(self) -> None:
-        """Raise CheckpointError if a background save has failed (cheap: no waiting)."""
+        """Raise CheckpointError if a background save has failed (cheap: no waiting, and no
+        listing of the directory while a save is in flight)."""
         try:
             self.manager.check_for_errors()
         except Exception as error:
             raise self._save_error(error, None) from error
+        if self._unconfirmed_step is None or self.manager.is_saving_in_progress():
+            return
+        step, self._unconfirmed_step = self._unconfirmed_step, None
+        # Orbax lists a step from the moment its save starts; only its committed directory says
+        # that it succeeded (one stat per save).
+        if not _exists(self.step_directory(step)):
+            self.wait_until_finished()  # raises the failure, if Orbax kept it
+            raise self._save_error(RuntimeError("the save ended without committing"), step)
 
     def _save_error(self, error: BaseException, step: int | None) -> CheckpointError:
         try:

@@ -1,0 +1,126 @@
+"""Failures of the command lines are one line (`error: ...`, exit status 1) that names what is wrong,
+found before anything is written or loaded; `--verbose` gives the traceback. A full disk during a
+training save stops the run with that line, and the run resumes once there is space again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = [
+    "--config.global_batch_size=16",
+    "--config.eval.num_examples=0",
+    "--config.tokenizer.training_captions=2000",
+]
+
+
+def _environment(cache_env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(cache_env or {}), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _run(arguments: list[str], cache_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *arguments], env=_environment(cache_env), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_bad_shard_pattern_is_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "workdir"
+    pattern = str(tmp_path / "missing" / "{00000..00003}.tar")
+    result = _run(
+        ["train.py", f"--workdir={workdir}", "--config.data.name=webdataset", f"--config.data.webdataset.shards={pattern}", *QUICK]
+    )
+    assert result.returncode == 1
+    errors = _error_lines(result)
+    assert len(errors) == 1 and "data.webdataset.shards" in errors[0] and "does not exist" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "cannot schedule new futures" not in result.stderr
+    assert not workdir.exists()  # validated before the workdir, its lock or a checkpoint manager exist
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    pattern = str(tmp_path / "missing" / "*.tar")
+    result = _run(
+        ["train.py", f"--workdir={tmp_path / 'w'}", "--verbose", "--config.data.name=webdataset",
+         f"--config.data.webdataset.shards={pattern}", *QUICK]
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "no file matches" in result.stderr
+
+
+def test_unknown_evaluation_dataset_is_rejected_before_the_model_loads(tmp_path):
+    # The checkpoint does not exist either: the dataset name must be the error reported.
+    result = _run(["evaluate.py", f"--checkpoint={tmp_path / 'nothing'}", "--datasets=imagenett", f"--output={tmp_path}"])
+    assert result.returncode == 1
+    errors = _error_lines(result)
+    assert len(errors) == 1 and "imagenett" in errors[0] and "unknown dataset" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_evaluation_dataset_in_the_training_config_is_rejected_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "workdir"
+    result = _run(
+        ["train.py", f"--workdir={workdir}", "--config.eval.datasets=synthetic,cifar1O", "--config.total_steps=2",
+         "--config.global_batch_size=16", "--config.tokenizer.training_captions=2000"]
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert any("cifar1O" in line for line in _error_lines(result)), result.stderr
+    assert not workdir.exists()
+
+
+FULL_DISK_SCRIPT = textwrap.dedent(
+    """
+    set -u
+    mount -t tmpfs -o size=10m tmpfs "$MOUNT"
+    head -c 3500000 /dev/zero > "$MOUNT/filler"      # leaves room for two checkpoints, not three
+    "$PYTHON" train.py --workdir="$MOUNT/workdir" $FLAGS > "$OUT/first.out" 2> "$OUT/first.err"
+    echo $? > "$OUT/first.rc"
+    ls "$MOUNT/workdir/checkpoints" > "$OUT/first.ls"
+    rm "$MOUNT/filler"                               # space again
+    "$PYTHON" train.py --workdir="$MOUNT/workdir" $FLAGS > "$OUT/second.out" 2> "$OUT/second.err"
+    echo $? > "$OUT/second.rc"
+    ls "$MOUNT/workdir/checkpoints" > "$OUT/second.ls"
+    """
+)
+
+
+def test_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes(tmp_path, compilation_cache_env):
+    """A real full disk: the workdir is on a 10 MB tmpfs in a private mount namespace (`unshare`)."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "this test needs util-linux's unshare (a private mount namespace for a small tmpfs)"
+    mount, out = tmp_path / "mount", tmp_path / "out"
+    mount.mkdir()
+    out.mkdir()
+    flags = " ".join(
+        ["--config.total_steps=20", "--config.log_every_steps=5", "--config.checkpoint.every_steps=5",
+         "--config.checkpoint.max_to_keep=2", *QUICK]
+    )  # fmt: skip
+    env = {**_environment(compilation_cache_env), "MOUNT": str(mount), "OUT": str(out), "PYTHON": sys.executable, "FLAGS": flags}
+    script = tmp_path / "full_disk.sh"
+    script.write_text(FULL_DISK_SCRIPT)
+    result = subprocess.run(
+        [unshare, "--map-root-user", "--mount", "sh", str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0 and (out / "second.rc").exists(), result.stderr[-3000:]
+    first_err = (out / "first.err").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", first_err[-3000:]
+    errors = [line for line in first_err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, first_err[-3000:]
+    assert "could not save the checkpoint of step 15" in errors[0] and "No space left on device" in errors[0]
+    assert "newest complete checkpoint is step 10" in errors[0]
+    assert "Traceback" not in first_err and len(first_err.splitlines()) < 10, first_err[-3000:]
+    # Nothing half-written is listed as a checkpoint; the resumed run starts from 10 and finishes.
+    assert [name for name in (out / "first.ls").read_text().split() if name.isdigit()] == ["10", "5"]
+    second = (out / "second.out").read_text() + (out / "second.err").read_text()
+    assert (out / "second.rc").read_text().strip() == "0", second[-3000:]
+    assert "Resumed from the checkpoint of step 10" in second
+    assert (out / "second.ls").read_text().split() == ["15", "20"]
