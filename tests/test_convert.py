@@ -353,3 +353,71 @@ def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
     with pytest.raises(FileExistsError, match="not empty"):
         checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer())
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------------------------------
+# Untrusted files: TorchScript archives are read without running their code
+# ------------------------------------------------------------------------------------------------
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _scripted_clip(tmp_path, dtype=torch.float32, seed=6) -> tuple[str, OpenClipModel]:
+    """An OpenAI-format archive: open_clip's OpenAI-structured CLIP (QuickGELU), scripted and saved."""
+    reference_model = _randomise(
+        OpenClipModel(
+            64,
+            CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
+            CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+            quick_gelu=True,
+        ),
+        seed=seed,
+    ).to(dtype)
+    path = str(tmp_path / f"openai-{str(dtype).split('.')[-1]}.pt")
+    torch.jit.script(reference_model).save(path)
+    return path, reference_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # OpenAI released fp16 archives
+def test_safe_torchscript_reader_is_bit_exact(tmp_path, dtype):
+    from clip_jax import torchscript
+
+    path, _ = _scripted_clip(tmp_path, dtype)
+    expected = torch.jit.load(path, map_location="cpu").state_dict()
+    ours = torchscript.read_state_dict(path)
+    assert list(ours) == list(expected)  # same names, same order
+    for key, tensor in expected.items():
+        reference = tensor.numpy()
+        assert ours[key].dtype == reference.dtype and ours[key].shape == reference.shape, key
+        assert ours[key].tobytes() == reference.tobytes(), key
+
+
+def test_safe_torchscript_reader_handles_views_of_shared_storage(tmp_path):
+    """Tensors that share a storage (offsets, transposes) come back as torch.jit.load gives them."""
+
+    class Views(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+            self.base = torch.nn.Parameter(base)
+            self.register_buffer("transposed", base.t())
+            self.register_buffer("row", base[2])
+            self.register_buffer("column", base[:, 3])
+            self.register_buffer("flags", torch.tensor([True, False, True]))
+            self.register_buffer("counts", torch.arange(5, dtype=torch.int64)[1::2])
+            self.optional = None
+            self.child = torch.nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.base.sum() + self.transposed.sum() + self.row.sum() + self.column.sum()
+
+    from clip_jax import torchscript
+
+    path = str(tmp_path / "views.pt")
+    torch.jit.script(Views()).save(path)
+    expected = torch.jit.load(path).state_dict()
+    ours = torchscript.read_state_dict(path)
+    assert list(ours) == list(expected)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(ours[key], tensor.numpy(), err_msg=key)
+        assert ours[key].dtype == tensor.numpy().dtype, key
