@@ -109,7 +109,7 @@ def load_model_directory(
 
 
 def load(
-    path: str, model: str | None = None, **overrides: Any
+    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
 ) -> tuple[CLIP, dict[str, Any], Callable, Any]:
     """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
 
@@ -117,6 +117,9 @@ def load(
     workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
     spec if it should not be read off the shapes).
+
+    No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
+    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
     from clip_jax import tokenizer as tokenizers
     from clip_jax import transforms
@@ -131,7 +134,7 @@ def load(
     elif os.path.isfile(path):
         from clip_jax import convert
 
-        config, variables = convert.load_checkpoint(path, model, **overrides)
+        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
         hf_files = convert._hf_tokenizer_files(path)
         context = config.text.context_length
         text_tokenizer = (

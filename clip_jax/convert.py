@@ -5,21 +5,28 @@ Every source is first brought to open_clip's state-dict layout (numpy arrays key
 to and from the Flax variable tree, so the three formats share one well-tested path.
 
     python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
+
+Nothing a checkpoint contains is executed: OpenAI's TorchScript archives are read by
+`clip_jax.torchscript` (tensors only, never `torch.jit.load`) unless the caller passes
+`trust_torchscript=True` / `--trust-torchscript` for an archive that reader cannot handle, and
+pickles go through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
-import zipfile
+import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import torchscript
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 
 StateDict = dict[str, np.ndarray]
@@ -35,25 +42,27 @@ class ConversionError(ValueError):
     """The checkpoint does not match the CLIP architecture: a missing, extra or mis-shaped tensor."""
 
 
+class UntrustedTorchScriptError(ConversionError):
+    """A TorchScript archive that only `torch.jit.load`, which runs its code, could read; not loaded."""
+
+
+_logger = logging.getLogger(__name__)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints into open_clip's layout
 # ----------------------------------------------------------------------------------------------
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; bf16/fp16 weights are widened to fp32
+    """A numpy array; bf16/fp16 weights (OpenAI's files are fp16) are widened to fp32."""
+    if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
             value = value.float()
         return value.numpy()
-    return np.asarray(value)
-
-
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    value = np.asarray(value)
+    return value.astype(np.float32) if str(value.dtype) in ("bfloat16", "float16") else value
 
 
 def _import_torch(path: str):
@@ -67,8 +76,30 @@ def _import_torch(path: str):
     return torch
 
 
-def read_checkpoint(path: str) -> tuple[StateDict, str, dict[str, Any]]:
-    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec)."""
+def _read_torchscript(path: str, trust_torchscript: bool) -> StateDict:
+    """An OpenAI archive's tensors: by the safe reader, or (only with consent) by torch.jit.load."""
+    try:
+        state_dict = torchscript.read_state_dict(path)
+    except torchscript.UnsafeToRead as error:
+        if not trust_torchscript:
+            raise UntrustedTorchScriptError(
+                f"{path!r}: the safe TorchScript reader cannot read it ({error}); torch.jit.load might, but "
+                "TorchScript executes code when loaded, so it was not tried. If you trust the file, pass "
+                "--trust-torchscript (trust_torchscript=True in Python)"
+            ) from None
+        _logger.warning("%s: %s; loading it with torch.jit.load, as trust_torchscript=True allows", path, error)
+        torch = _import_torch(path)
+        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDict, str, dict[str, Any]]:
+    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec).
+
+    Runs nothing the file contains. A TorchScript archive (recognised by its content, whatever its
+    extension) is read by `clip_jax.torchscript`; one that reader refuses raises
+    `UntrustedTorchScriptError` unless `trust_torchscript`, which falls back to `torch.jit.load`.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
@@ -80,9 +111,8 @@ def read_checkpoint(path: str) -> tuple[StateDict, str, dict[str, Any]]:
         except Exception as error:  # safetensors raises its own SafetensorError type
             raise ConversionError(f"{path!r} is not a readable safetensors file: {error}") from error
         kind = None
-    elif _is_torchscript(path):
-        torch = _import_torch(path)
-        raw = {k: _to_numpy(v) for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    elif torchscript.is_torchscript(path):
+        raw = _read_torchscript(path, trust_torchscript)
         kind, hints["activation"] = "openai", "quick_gelu"
     else:
         torch = _import_torch(path)
@@ -521,15 +551,21 @@ def convert_state_dict(
 
 
 def load_checkpoint(
-    path: str, model: str | CLIPConfig | None = None, activation: str | None = None, **overrides: Any
+    path: str,
+    model: str | CLIPConfig | None = None,
+    activation: str | None = None,
+    *,
+    trust_torchscript: bool = False,
+    **overrides: Any,
 ) -> tuple[CLIPConfig, dict[str, Any]]:
     """(spec, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
 
     Without `model`, the spec is read off the tensor shapes. The activation cannot be: OpenAI files
     imply QuickGELU, HF files carry it in their config.json, and other open_clip files default to GELU
     (open_clip's default) unless `activation="quick_gelu"` is passed (the "-quickgelu" models).
+    `trust_torchscript`: see `read_checkpoint`.
     """
-    state_dict, kind, hints = read_checkpoint(path)
+    state_dict, kind, hints = read_checkpoint(path, trust_torchscript=trust_torchscript)
     return convert_state_dict(state_dict, model, activation or hints.get("activation"), **overrides)
 
 
@@ -557,12 +593,16 @@ def convert_checkpoint(
     activation: str | None = None,
     bpe_path: str | None = None,
     overwrite: bool = False,
+    *,
+    trust_torchscript: bool = False,
 ) -> CLIPConfig:
-    """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`)."""
+    """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
+
+    `trust_torchscript`: see `read_checkpoint`."""
     from clip_jax import checkpoint, tokenizer as tokenizers
 
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
-    config, variables = load_checkpoint(source, model, activation)
+    config, variables = load_checkpoint(source, model, activation, trust_torchscript=trust_torchscript)
     hf_files = _hf_tokenizer_files(source)
     if bpe_path is None and hf_files is not None:
         text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
@@ -572,7 +612,12 @@ def convert_checkpoint(
     return config
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose."""
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
@@ -585,7 +630,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bpe", help="path of bpe_simple_vocab_16e6.txt.gz (default: CLIP_JAX_BPE or open_clip's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--to-open-clip", action="store_true", help="export a clip_jax directory to open_clip")
+    parser.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="if a TorchScript archive cannot be read safely, load it with torch.jit.load, which RUNS ITS CODE: "
+        "only for files you trust (OpenAI's usual .pt files need no such consent)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    try:
+        _run(parser, args)
+    except Exception as error:  # the user needs the one line; the traceback is for --verbose
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.to_open_clip:
         from clip_jax import checkpoint
 
@@ -595,7 +657,10 @@ def main(argv: list[str] | None = None) -> None:
         save_state_dict(variables_to_openclip(variables, config), args.output)
         print(f"wrote {args.output}")
         return
-    config = convert_checkpoint(args.source, args.output, args.model, args.activation, args.bpe, args.overwrite)
+    config = convert_checkpoint(
+        args.source, args.output, args.model, args.activation, args.bpe, args.overwrite,
+        trust_torchscript=args.trust_torchscript,
+    )  # fmt: skip
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
 

@@ -362,6 +362,85 @@ def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class _MarkerOnLoad(torch.nn.Module):
+    """A TorchScript module whose `__setstate__` creates a file: torch.jit.load runs it on loading.
+
+    `torch.from_file(..., shared=True)` opens its path with O_CREAT; its result is used so that
+    TorchScript's dead-code elimination keeps the call in the saved code.
+    """
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.marker = state[1]
+        self.training = state[2]
+        written = torch.from_file(self.marker, shared=True, size=1)
+        self.weight = state[0] + 0.0 * written.sum()
+
+
+@pytest.fixture
+def malicious_archive(tmp_path):
+    """(archive, marker): a TorchScript file that creates `marker` when torch.jit.load opens it."""
+    marker = tmp_path / "marker"
+    archive = tmp_path / "evil.bin"
+    torch.jit.script(_MarkerOnLoad(str(marker))).save(str(archive))
+    assert not marker.exists()
+    torch.jit.load(str(archive))  # the premise: loading it the ordinary way runs its code
+    assert marker.exists(), "the fixture's archive does not run code when loaded; the tests below would prove nothing"
+    marker.unlink()
+    return archive, marker
+
+
+def test_malicious_torchscript_runs_no_code_from_the_cli(malicious_archive, tmp_path):
+    archive, marker = malicious_archive
+    result = _run_cli(str(archive), str(tmp_path / "out"))
+    assert not marker.exists(), "python -m clip_jax.convert ran the archive's code"
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "--trust-torchscript" in last and archive.name in last, result.stderr
+    _assert_nothing_written(tmp_path)
+
+
+def test_malicious_torchscript_runs_no_code_from_clip_jax_load(malicious_archive):
+    archive, marker = malicious_archive
+    renamed = archive.with_name("evil.pt")  # the extension does not matter: the content decides
+    archive.rename(renamed)
+    with pytest.raises(convert.ConversionError, match="trust_torchscript=True") as raised:
+        clip_jax.load(str(renamed))
+    assert not marker.exists(), "clip_jax.load ran the archive's code"
+    assert "\n" not in str(raised.value) and "evil.pt" in str(raised.value)
+
+
+def test_malicious_torchscript_runs_no_code_from_evaluate(malicious_archive, tmp_path):
+    archive, marker = malicious_archive
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPOSITORY, "evaluate.py"), f"--checkpoint={archive}", "--noplots",
+         f"--output={tmp_path / 'results'}"],
+        capture_output=True, text=True, timeout=600, cwd=REPOSITORY, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert not marker.exists(), "evaluate.py ran the archive's code"
+    assert result.returncode != 0 and "--trust-torchscript" in result.stderr, result.stderr[-2000:]
+
+
+def test_trusting_a_torchscript_archive_is_an_explicit_opt_in(malicious_archive):
+    """trust_torchscript=True does fall back to torch.jit.load (here: running the marker code)."""
+    archive, marker = malicious_archive
+    with pytest.raises(convert.ConversionError, match="not a CLIP checkpoint"):
+        convert.read_checkpoint(str(archive), trust_torchscript=True)
+    assert marker.exists()
+
+
 def _scripted_clip(tmp_path, dtype=torch.float32, seed=6) -> tuple[str, OpenClipModel]:
     """An OpenAI-format archive: open_clip's OpenAI-structured CLIP (QuickGELU), scripted and saved."""
     reference_model = _randomise(
@@ -421,3 +500,104 @@ def test_safe_torchscript_reader_handles_views_of_shared_storage(tmp_path):
     for key, tensor in expected.items():
         np.testing.assert_array_equal(ours[key], tensor.numpy(), err_msg=key)
         assert ours[key].dtype == tensor.numpy().dtype, key
+
+
+def test_openai_archive_converts_without_torch_jit(tmp_path, monkeypatch):
+    """The safe path never calls torch.jit.load, and gives the same variables and embeddings."""
+    path, reference_model = _scripted_clip(tmp_path)
+    through_jit = {k: v.numpy() for k, v in torch.jit.load(path).state_dict().items()}
+    config_jit, variables_jit = convert.convert_state_dict(through_jit, activation="quick_gelu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    config, variables = convert.load_checkpoint(path)
+    assert config == config_jit and config.activation == "quick_gelu"
+    flat, flat_jit = (jax.tree_util.tree_leaves_with_path(v) for v in (variables, variables_jit))
+    assert [p for p, _ in flat] == [p for p, _ in flat_jit]
+    for (name, ours), (_, theirs) in zip(flat, flat_jit):
+        assert np.asarray(ours).tobytes() == np.asarray(theirs).tobytes(), name
+    images, texts = _inputs(32)
+    _assert_parity(
+        "safe torchscript", _torch_outputs(reference_model, images, texts),
+        _jax_outputs(clip_jax.create_model(config), variables, images, texts),
+    )
+
+
+@pytest.mark.parametrize(
+    "damage", ["no-data-pkl", "forbidden-global", "storage-out-of-range", "truncated-storage"]
+)
+def test_safe_reader_refuses_what_it_cannot_read_in_one_line(tmp_path, damage):
+    """Archives the safe reader cannot read are refused (never run), naming the file and the opt-in."""
+    import pickle
+    import zipfile
+
+    path, _ = _scripted_clip(tmp_path)
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(damaged, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                if damage == "no-data-pkl":
+                    continue
+                if damage == "forbidden-global":  # what a pickle exploit needs: a callable like os.system
+                    data = pickle.dumps(os.getcwd, protocol=2)
+                if damage == "storage-out-of-range":  # a view past its storage's end would read stray memory
+                    # positional_embedding (77, 128) at storage offset 0 (BININT1 0) -> offset 4096 (BININT2)
+                    moved = data.replace(b"K\x00(KMK\x80t", b"M\x00\x10(KMK\x80t", 1)
+                    assert moved != data
+                    data = moved
+            if damage == "truncated-storage" and info.filename.endswith("/data/0"):
+                data = data[: len(data) // 2]
+            target.writestr(info, data)
+    with pytest.raises(convert.ConversionError, match="trust_torchscript") as raised:
+        convert.read_checkpoint(str(damaged))
+    assert "\n" not in str(raised.value) and "damaged.pt" in str(raised.value)
+
+
+def test_cli_errors_are_one_line_unless_verbose(tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    result = _run_cli(missing, str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("error:")
+    ] and "missing.pt" in result.stderr, result.stderr
+    result = _run_cli(missing, str(tmp_path / "out"), "--verbose")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_evaluate_and_train_pass_trust_torchscript_through(tmp_path, monkeypatch):
+    """--trust-torchscript (evaluate.py) and config.init.trust_torchscript (train.py) reach clip_jax.load."""
+    import importlib.util
+
+    from absl import flags
+
+    from configs.default import get_config
+    from clip_jax.training import loop
+
+    seen = []
+
+    def fake_load(path, *args, **kwargs):
+        seen.append(kwargs.get("trust_torchscript"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(checkpoint, "load", fake_load)
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(REPOSITORY, "evaluate.py"))
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    for argv, expected in ((["--trust-torchscript"], True), ([], False)):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["evaluate.py", "--checkpoint=x.pt", "--noplots", *argv])
+        try:
+            with pytest.raises(RuntimeError, match="stop here"):
+                evaluate.main(["evaluate.py"])
+        finally:
+            flags.FLAGS.unparse_flags()
+        assert seen.pop() is expected
+
+    assert get_config().init.trust_torchscript is False
+    with pytest.raises(RuntimeError, match="stop here"):
+        loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=True)
+    assert seen.pop() is True
