@@ -15,11 +15,13 @@ pickles go through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -44,6 +46,10 @@ class ConversionError(ValueError):
 
 class UntrustedTorchScriptError(ConversionError):
     """A TorchScript archive that only `torch.jit.load`, which runs its code, could read; not loaded."""
+
+
+class ActivationGuessWarning(UserWarning):
+    """The MLP activation of an open_clip file was assumed (open_clip's default), not read from it."""
 
 
 _logger = logging.getLogger(__name__)
@@ -113,7 +119,7 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         kind = None
     elif torchscript.is_torchscript(path):
         raw = _read_torchscript(path, trust_torchscript)
-        kind, hints["activation"] = "openai", "quick_gelu"
+        kind, hints["activation"], hints["activation_source"] = "openai", "quick_gelu", "OpenAI TorchScript file"
     else:
         torch = _import_torch(path)
         try:
@@ -144,8 +150,10 @@ def _hf_hints(path: str) -> dict[str, Any]:
         return {}
     with open(config_path) as file:
         hf_config = json.load(file)
-    act = hf_config.get("text_config", {}).get("hidden_act") or hf_config.get("hidden_act")
-    return {"activation": "quick_gelu" if act == "quick_gelu" else "gelu"} if act else {}
+    act = (hf_config.get("text_config") or {}).get("hidden_act") or hf_config.get("hidden_act")
+    if not act:
+        return {}
+    return {"activation": "quick_gelu" if act == "quick_gelu" else "gelu", "activation_source": f"from config.json hidden_act {act!r}"}
 
 
 _HF_RENAMES = [
@@ -550,12 +558,37 @@ def convert_state_dict(
     return config, openclip_to_variables(state_dict, config)
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationChoice:
+    """Which MLP activation a conversion used, and why: it cannot be read off the weights."""
+
+    activation: str
+    source: str  # "argument", "file" (OpenAI's format or an HF config.json), "spec" or "default"
+    detail: str = ""  # what the file said, or the spec's name
+
+    @property
+    def guessed(self) -> bool:
+        return self.source == "default"
+
+    def describe(self, cli: bool = False) -> str:
+        """One line, e.g. "activation: gelu (open_clip's default; pass --activation quick_gelu ...)"."""
+        if self.source == "argument":
+            why = "from --activation" if cli else "from the activation argument"
+        elif self.source in ("file", "spec"):
+            why = self.detail
+        else:
+            flag = "--activation quick_gelu" if cli else "activation='quick_gelu'"
+            why = f"open_clip's default, not stored in the file; pass {flag} for OpenAI-trained / -quickgelu models"
+        return f"activation: {self.activation} ({why})"
+
+
 def load_checkpoint(
     path: str,
     model: str | CLIPConfig | None = None,
     activation: str | None = None,
     *,
     trust_torchscript: bool = False,
+    announce: Callable[[ActivationChoice], None] | None = None,
     **overrides: Any,
 ) -> tuple[CLIPConfig, dict[str, Any]]:
     """(spec, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
@@ -563,10 +596,28 @@ def load_checkpoint(
     Without `model`, the spec is read off the tensor shapes. The activation cannot be: OpenAI files
     imply QuickGELU, HF files carry it in their config.json, and other open_clip files default to GELU
     (open_clip's default) unless `activation="quick_gelu"` is passed (the "-quickgelu" models).
-    `trust_torchscript`: see `read_checkpoint`.
+    The choice is passed to `announce`; without one, a guessed activation is a warning
+    (`ActivationGuessWarning`) and the others are logged. `trust_torchscript`: see `read_checkpoint`.
     """
     state_dict, kind, hints = read_checkpoint(path, trust_torchscript=trust_torchscript)
-    return convert_state_dict(state_dict, model, activation or hints.get("activation"), **overrides)
+    if activation is not None:
+        chosen, source, detail = activation, "argument", ""
+    elif "activation" in hints:
+        chosen, source, detail = hints["activation"], "file", hints["activation_source"]
+    elif model is not None:
+        name = model if isinstance(model, str) else "given model"
+        chosen, source, detail = None, "spec", f"from the {name} spec"
+    else:
+        chosen, source, detail = "gelu", "default", ""
+    config, variables = convert_state_dict(state_dict, model, chosen, **overrides)
+    choice = ActivationChoice(config.activation, source, detail)
+    if announce is not None:
+        announce(choice)
+    elif choice.guessed:
+        warnings.warn(f"{path}: {choice.describe()}", ActivationGuessWarning, stacklevel=2)
+    else:
+        _logger.info("%s: %s", path, choice.describe())
+    return config, variables
 
 
 def save_state_dict(state_dict: StateDict, path: str) -> None:
@@ -595,14 +646,17 @@ def convert_checkpoint(
     overwrite: bool = False,
     *,
     trust_torchscript: bool = False,
+    announce: Callable[[ActivationChoice], None] | None = None,
 ) -> CLIPConfig:
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
-    `trust_torchscript`: see `read_checkpoint`."""
+    `trust_torchscript` and `announce`: see `load_checkpoint`."""
     from clip_jax import checkpoint, tokenizer as tokenizers
 
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
-    config, variables = load_checkpoint(source, model, activation, trust_torchscript=trust_torchscript)
+    config, variables = load_checkpoint(
+        source, model, activation, trust_torchscript=trust_torchscript, announce=announce
+    )
     hf_files = _hf_tokenizer_files(source)
     if bpe_path is None and hf_files is not None:
         text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
@@ -659,7 +713,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         return
     config = convert_checkpoint(
         args.source, args.output, args.model, args.activation, args.bpe, args.overwrite,
-        trust_torchscript=args.trust_torchscript,
+        trust_torchscript=args.trust_torchscript, announce=lambda choice: print(choice.describe(cli=True), flush=True),
     )  # fmt: skip
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")

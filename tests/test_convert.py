@@ -249,8 +249,12 @@ def test_hugging_face_safetensors_parity(tmp_path):
     torch.manual_seed(4)
     hf_model = _randomise(transformers.CLIPModel(hf_config))
     hf_model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
-    config, variables = convert.load_checkpoint(str(tmp_path / "hf" / "model.safetensors"), _small_vit_config())
-    assert config.activation == "quick_gelu"
+    choices = []
+    config, variables = convert.load_checkpoint(
+        str(tmp_path / "hf" / "model.safetensors"), _small_vit_config().replace(activation="gelu"), announce=choices.append
+    )
+    assert config.activation == "quick_gelu"  # config.json's hidden_act, over the spec's
+    assert len(choices) == 1 and "hidden_act" in choices[0].describe(cli=True), choices
     model = clip_jax.create_model(config)
     images, texts = _inputs(32)
     with torch.no_grad():
@@ -601,3 +605,70 @@ def test_evaluate_and_train_pass_trust_torchscript_through(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="stop here"):
         loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=True)
     assert seen.pop() is True
+
+
+# ------------------------------------------------------------------------------------------------
+# The activation, which no file format but OpenAI's and Hugging Face's records, is announced
+# ------------------------------------------------------------------------------------------------
+
+
+def _open_clip_safetensors(tmp_path, state_dict) -> str:
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "open_clip.safetensors")
+    save_file({k: v for k, v in state_dict.items() if not k.endswith("attn_mask")}, path)
+    return path
+
+
+def _activation_line(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("activation:")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def test_cli_says_which_activation_it_assumed(tmp_path, small_state_dict):
+    source = _open_clip_safetensors(tmp_path, small_state_dict)
+    result = _run_cli(source, str(tmp_path / "shapes"))
+    assert result.returncode == 0, result.stderr
+    stored = json.loads((tmp_path / "shapes" / "config.json").read_text())["model"]["activation"]
+    line = _activation_line(result.stdout)
+    assert line.startswith(f"activation: {stored} ") and "default" in line and "--activation quick_gelu" in line
+
+    result = _run_cli(source, str(tmp_path / "chosen"), "--activation", "quick_gelu")
+    assert result.returncode == 0, result.stderr
+    assert _activation_line(result.stdout) == "activation: quick_gelu (from --activation)"
+
+
+def test_cli_says_an_openai_archive_implies_quick_gelu(tmp_path):
+    path, _ = _scripted_clip(tmp_path)
+    result = _run_cli(path, str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    line = _activation_line(result.stdout)
+    assert line.startswith("activation: quick_gelu ") and "TorchScript" in line
+
+
+def test_a_given_spec_is_named_as_the_activation_source(tmp_path, small_state_dict):
+    source = _open_clip_safetensors(tmp_path, small_state_dict)
+    for spec in (_small_vit_config(), _small_vit_config().replace(activation="gelu")):
+        choices = []
+        config, _ = convert.load_checkpoint(source, spec, announce=choices.append)
+        assert [c.activation for c in choices] == [config.activation] == [spec.activation]
+        assert not choices[0].guessed and "spec" in choices[0].describe(cli=True)
+
+
+def test_load_warns_once_about_a_guessed_activation(tmp_path, small_state_dict):
+    import warnings
+
+    source = _open_clip_safetensors(tmp_path, small_state_dict)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _, _, _ = clip_jax.load(source)
+    messages = [str(w.message) for w in caught if "activation" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert model.config.activation in messages[0] and "quick_gelu" in messages[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _, _, _ = clip_jax.load(source, activation="quick_gelu")
+    assert model.config.activation == "quick_gelu"
+    assert not [w for w in caught if "activation" in str(w.message)]
