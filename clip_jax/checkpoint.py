@@ -6,16 +6,20 @@ A model directory looks like
     variables/         an Orbax checkpoint of {"params": ..., ["batch_stats": ...]}
     <tokenizer files>  e.g. bpe_simple_vocab_16e6.txt.gz or spm.model
 
-It is written into a hidden temporary directory beside the target and renamed into place only when
-complete, so an interrupted or failed write never leaves a half-written model directory.
+It is written into a hidden staging directory beside the target (created like any `mkdir`, so it
+follows the umask) and renamed into place only when complete, so an interrupted or failed write
+never leaves a half-written model directory. The rename is the only check that counts: it fails if
+another writer's output got there first (which is then kept), and with `overwrite` the old directory
+is moved aside just before it and deleted only after it succeeded.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -47,7 +51,7 @@ def save_model_directory(
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    staging = _make_hidden_directory(output_dir, "partial")
     try:
         variables = jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables)))
         checkpointer = ocp.StandardCheckpointer()
@@ -57,13 +61,64 @@ def save_model_directory(
             shutil.copy2(asset, os.path.join(staging, os.path.basename(asset)))
         with open(os.path.join(staging, CONFIG_FILE), "w") as file:
             json.dump({"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}, file, indent=2)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.rename(staging, output_dir)
+        _publish(staging, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _hidden_name(output_dir: str, kind: str) -> str:
+    return os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.{kind}-{secrets.token_hex(4)}")
+
+
+def _make_hidden_directory(output_dir: str, kind: str) -> str:
+    """A new, uniquely named hidden directory beside `output_dir`. A plain `os.mkdir`, unlike
+    `tempfile.mkdtemp` (always 0700), so the published directory gets the umask's permissions."""
+    for _ in range(100):
+        path = _hidden_name(output_dir, kind)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging directory beside {output_dir!r}")
+
+
+def _publish(staging: str, output_dir: str, overwrite: bool) -> None:
+    """Rename the complete `staging` to `output_dir`, atomically and without clobbering another writer.
+
+    `os.rename` of a directory fails onto a non-empty directory, so it is the check: no window lies
+    between a test and the act. With `overwrite`, an existing output is first moved aside (itself an
+    atomic rename) and deleted only once the new one is in place; if another writer lands in
+    between, its output is kept and the old one is moved back, or left at its hidden name and
+    reported if that is not possible.
+    """
+    aside = None
+    if overwrite and os.path.lexists(output_dir):
+        aside = _hidden_name(output_dir, "old")
+        try:
+            os.rename(output_dir, aside)
+        except FileNotFoundError:  # someone else removed it meanwhile: nothing to move aside
+            aside = None
+    try:
+        os.rename(staging, output_dir)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        kept = ""
+        if aside is not None:
+            try:
+                os.rename(aside, output_dir)
+            except OSError:
+                kept = f"; the output it was to replace is kept at {aside!r}"
+        raise FileExistsError(
+            f"output directory {output_dir!r} was written by another process during this one's work; "
+            f"it is left as that process wrote it{kept}; nothing was written; check it, then re-run "
+            "(with overwrite to replace it)"
+        ) from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_model_config(directory: str) -> dict[str, Any]:

@@ -672,3 +672,81 @@ def test_load_warns_once_about_a_guessed_activation(tmp_path, small_state_dict):
         model, _, _, _ = clip_jax.load(source, activation="quick_gelu")
     assert model.config.activation == "quick_gelu"
     assert not [w for w in caught if "activation" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model directories: umask-respecting, published atomically, refusing to clobber another writer
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_model(small_state_dict):
+    return convert.convert_state_dict(small_state_dict, _small_vit_config())
+
+
+def test_model_directories_follow_the_umask(tmp_path, small_model):
+    config, variables = small_model
+    previous = os.umask(0o022)
+    try:
+        output = checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer())
+    finally:
+        os.umask(previous)
+    modes = {root: oct(os.stat(root).st_mode & 0o777) for root, _, _ in os.walk(output)}
+    assert set(modes.values()) == {"0o755"}, modes
+
+
+def _another_writer_appears(tokenizer, directory):
+    """Make `tokenizer.asset_files` (called mid-save) first create `directory`, as a concurrent writer would."""
+    original = tokenizer.asset_files
+
+    def assets():
+        directory.mkdir()
+        (directory / "theirs.txt").write_text("another writer's output")
+        return original()
+
+    tokenizer.asset_files = assets
+
+
+def test_a_concurrent_writer_is_not_clobbered(tmp_path, small_model):
+    config, variables = small_model
+    tokenizer = ClipTokenizer()
+    _another_writer_appears(tokenizer, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="another") as raised:
+        checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, tokenizer)
+    assert "\n" not in str(raised.value) and "out" in str(raised.value)
+    assert (tmp_path / "out" / "theirs.txt").read_text() == "another writer's output"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+
+
+def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path, small_model):
+    config, variables = small_model
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer(), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert "config.json" in os.listdir(tmp_path / "out") and "old.txt" not in os.listdir(tmp_path / "out")
+
+
+def test_overwrite_does_not_clobber_a_writer_that_lands_after_the_old_output_moved_aside(
+    tmp_path, small_model, monkeypatch
+):
+    """With overwrite, the old directory is moved aside just before the final rename; a writer that
+    lands in between is kept and reported, and the old output is not deleted on that error path."""
+    config, variables = small_model
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old")
+    rename = os.rename
+
+    def rename_then_race(source, target, *args, **kwargs):
+        rename(source, target, *args, **kwargs)
+        if os.fspath(source) == str(output):  # the old output just moved aside: another writer lands
+            output.mkdir()
+            (output / "theirs.txt").write_text("another writer's output")
+
+    monkeypatch.setattr(os, "rename", rename_then_race)
+    with pytest.raises(FileExistsError, match="another"):
+        checkpoint.save_model_directory(str(output), config, variables, ClipTokenizer(), overwrite=True)
+    assert (output / "theirs.txt").read_text() == "another writer's output"
+    kept = [name for name in os.listdir(tmp_path) if name != "out"]
+    assert len(kept) == 1 and (tmp_path / kept[0] / "old.txt").read_text() == "old", kept
