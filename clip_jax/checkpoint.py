@@ -11,6 +11,9 @@ follows the umask) and renamed into place only when complete, so an interrupted 
 never leaves a half-written model directory. The rename is the only check that counts: it fails if
 another writer's output got there first (which is then kept), and with `overwrite` the old directory
 is moved aside just before it and deleted only after it succeeded.
+
+Loading a damaged directory raises one `ValueError` (or `FileNotFoundError`) naming the directory
+and the file, e.g. a `config.json` that is not JSON or a truncated file under `variables/`.
 """
 
 from __future__ import annotations
@@ -121,15 +124,43 @@ def _publish(staging: str, output_dir: str, overwrite: bool) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _damaged(directory: str, what: str, reason: str) -> ValueError:
+    reason = " ".join(reason.split())
+    if len(reason) > 300:
+        reason = reason[:300] + "…"
+    return ValueError(
+        f"model directory {directory!r}: {what} ({reason}); re-convert the model, or restore the directory from a copy"
+    )
+
+
 def read_model_config(directory: str) -> dict[str, Any]:
+    """The parsed config.json of a model directory; one-line errors naming the file if it is damaged."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} is not a clip_jax model directory: no {CONFIG_FILE}")
-    with open(path) as file:
-        data = json.load(file)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a clip_jax model config (format {data.get('format')!r})")
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except json.JSONDecodeError as error:
+        raise _damaged(
+            directory, f"{CONFIG_FILE} is not valid JSON", f"{error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise _damaged(directory, f"{CONFIG_FILE} is not UTF-8 text", str(error)) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path!r} is not a clip_jax model config (format {found!r}, expected {FORMAT!r})")
+    for key in ("model", "tokenizer"):
+        if not isinstance(data.get(key), dict):
+            raise _damaged(directory, f"{CONFIG_FILE} lacks its {key!r} section", f"keys {sorted(data)}")
     return data
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The root cause's message: Orbax wraps TensorStore's one-line reason in a page-long spec dump."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _single_device_sharding() -> jax.sharding.Sharding:
@@ -150,12 +181,22 @@ def load_model_directory(
     from flax import traverse_util
 
     data = read_model_config(directory)
-    stored = CLIPConfig.from_dict(data["model"])
+    try:  # a spec that parses may still fail to build (a string where a size belongs): both are damage
+        stored = CLIPConfig.from_dict(data["model"]).validate()
+        abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
+    except (TypeError, ValueError, KeyError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model spec", f"{type(error).__name__}: {first_line}") from None
     config = stored.replace(**overrides) if overrides else stored
     sharding = sharding or _single_device_sharding()
-    abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), VARIABLES_DIR), abstract)
+    variables_dir = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+    if not os.path.isdir(variables_dir):
+        raise FileNotFoundError(f"model directory {directory!r} has no {VARIABLES_DIR}/; re-convert the model")
+    try:
+        variables = ocp.StandardCheckpointer().restore(variables_dir, abstract)
+    except Exception as error:  # Orbax/TensorStore raise bare Exceptions with pages of detail
+        raise _damaged(directory, f"{VARIABLES_DIR}/ could not be read", _innermost_message(error)) from None
     if config.scan_layers != stored.scan_layers:
         flat = traverse_util.flatten_dict(jax.device_get(variables))
         flat = _stack_layers(flat, config) if config.scan_layers else _unstack_layers(flat)
@@ -185,7 +226,10 @@ def load(
     elif os.path.isdir(path):
         data = read_model_config(path)
         config, variables = load_model_directory(path, **overrides)
-        text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
+        try:
+            text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
+        except (OSError, ValueError) as error:
+            raise _damaged(path, "its tokenizer could not be loaded", str(error)) from None
     elif os.path.isfile(path):
         from clip_jax import convert
 

@@ -148,8 +148,16 @@ def _hf_hints(path: str) -> dict[str, Any]:
     config_path = os.path.join(os.path.dirname(path), "config.json")
     if not os.path.isfile(config_path):
         return {}
-    with open(config_path) as file:
-        hf_config = json.load(file)
+    try:
+        with open(config_path) as file:
+            hf_config = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ConversionError(
+            f"{config_path!r} (the Hugging Face config beside {os.path.basename(path)!r}) is not valid JSON "
+            f"({error.msg} at line {error.lineno} column {error.colno}); restore it, or move it away"
+        ) from None
+    if not isinstance(hf_config, dict):
+        return {}
     act = (hf_config.get("text_config") or {}).get("hidden_act") or hf_config.get("hidden_act")
     if not act:
         return {}

@@ -750,3 +750,66 @@ def test_overwrite_does_not_clobber_a_writer_that_lands_after_the_old_output_mov
     assert (output / "theirs.txt").read_text() == "another writer's output"
     kept = [name for name in os.listdir(tmp_path) if name != "out"]
     assert len(kept) == 1 and (tmp_path / kept[0] / "old.txt").read_text() == "old", kept
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged model directories and CLI errors: one line naming the file and what to do
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_model_directory(tmp_path, small_model):
+    config, variables = small_model
+    return checkpoint.save_model_directory(str(tmp_path / "model"), config, variables, ClipTokenizer())
+
+
+def _assert_one_short_error(error: BaseException, *needles: str) -> None:
+    import traceback
+
+    message = str(error)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    text = "".join(traceback.format_exception(error))
+    assert "The above exception" not in text and "During handling" not in text, text[-3000:]
+
+
+def test_truncated_variables_give_one_line(saved_model_directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(saved_model_directory) for name in names]
+    largest = max((f for f in files if os.sep + "variables" + os.sep in f), key=os.path.getsize)
+    with open(largest, "r+b") as file:
+        file.truncate(os.path.getsize(largest) // 2)
+    with pytest.raises(ValueError) as raised:
+        clip_jax.load(saved_model_directory)
+    _assert_one_short_error(raised.value, "variables", saved_model_directory, "re-convert")
+
+
+@pytest.mark.parametrize("damage", ["invalid-json", "invalid-spec", "missing-tokenizer-file"])
+def test_damaged_model_directory_files_give_one_line(saved_model_directory, damage):
+    config_path = os.path.join(saved_model_directory, "config.json")
+    if damage == "invalid-json":
+        with open(config_path, "w") as file:
+            file.write('{"format": ')
+        needles = ("config.json", "not valid JSON", "line 1", "re-convert")
+    elif damage == "invalid-spec":
+        data = json.loads(open(config_path).read())
+        data["model"]["embed_dim"] = "wide"
+        with open(config_path, "w") as file:
+            json.dump(data, file)
+        needles = ("config.json", "model spec", "re-convert")
+    else:
+        os.remove(os.path.join(saved_model_directory, "bpe_simple_vocab_16e6.txt.gz"))
+        needles = ("tokenizer", "bpe_simple_vocab_16e6.txt.gz", "re-convert")
+    with pytest.raises(ValueError) as raised:
+        clip_jax.load(saved_model_directory)
+    _assert_one_short_error(raised.value, saved_model_directory, *needles)
+
+
+def test_invalid_hugging_face_config_json_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"text_model.embeddings.token_embedding.weight": np.zeros((4, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(convert.ConversionError, match=r"config\.json.*not valid JSON.*line 1") as raised:
+        convert.read_checkpoint(str(tmp_path / "model.safetensors"))
+    assert "\n" not in str(raised.value)
