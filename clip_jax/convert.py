@@ -71,14 +71,25 @@ def _to_numpy(value: Any) -> np.ndarray:
     return value.astype(np.float32) if str(value.dtype) in ("bfloat16", "float16") else value
 
 
+# torch.load(weights_only=True) could run code before 2.6 (CVE-2025-32434); pyproject's floor
+# only binds installs through the `convert` extra, so an older torch already present is refused here.
+MIN_TORCH = (2, 6)
+
+
 def _import_torch(path: str):
     try:
         import torch
     except ImportError as error:
         raise ImportError(
-            f"reading {path} needs PyTorch (pickled and TorchScript checkpoints); `pip install torch`, "
+            f"reading {path} needs PyTorch (pickled checkpoints); `pip install 'torch>=2.6'`, "
             "or convert a .safetensors file, which needs no torch"
         ) from error
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if found is None or tuple(int(n) for n in found.groups()) < MIN_TORCH:
+        raise ImportError(
+            f"reading {path} needs torch>={'.'.join(map(str, MIN_TORCH))}: torch {torch.__version__}'s "
+            "torch.load(weights_only=True) can run code from the file (CVE-2025-32434); `pip install -U torch`"
+        )
     return torch
 
 

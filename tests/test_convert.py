@@ -813,3 +813,14 @@ def test_invalid_hugging_face_config_json_is_named(tmp_path):
     with pytest.raises(convert.ConversionError, match=r"config\.json.*not valid JSON.*line 1") as raised:
         convert.read_checkpoint(str(tmp_path / "model.safetensors"))
     assert "\n" not in str(raised.value)
+
+def test_a_torch_with_an_unsafe_weights_only_load_is_refused(tmp_path, monkeypatch):
+    """Before 2.6, torch.load(weights_only=True) could run code (CVE-2025-32434): refuse to use it."""
+    path = tmp_path / "model.bin"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, str(path))
+    called = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: called.append(args))
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(ImportError, match=r"torch>=2\.6.*CVE-2025-32434"):
+        convert.read_checkpoint(str(path))
+    assert called == []
