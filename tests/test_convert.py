@@ -445,8 +445,9 @@ def test_trusting_a_torchscript_archive_is_an_explicit_opt_in(malicious_archive)
     assert marker.exists()
 
 
-def _scripted_clip(tmp_path, dtype=torch.float32, seed=6) -> tuple[str, OpenClipModel]:
-    """An OpenAI-format archive: open_clip's OpenAI-structured CLIP (QuickGELU), scripted and saved."""
+def _scripted_clip(tmp_path, dtype=torch.float32, seed=6, trace=False) -> tuple[str, OpenClipModel]:
+    """An OpenAI-format archive: open_clip's OpenAI-structured CLIP (QuickGELU), scripted (or, as
+    OpenAI made theirs, traced) and saved."""
     reference_model = _randomise(
         OpenClipModel(
             64,
@@ -456,16 +457,22 @@ def _scripted_clip(tmp_path, dtype=torch.float32, seed=6) -> tuple[str, OpenClip
         ),
         seed=seed,
     ).to(dtype)
-    path = str(tmp_path / f"openai-{str(dtype).split('.')[-1]}.pt")
-    torch.jit.script(reference_model).save(path)
+    path = str(tmp_path / f"openai-{str(dtype).split('.')[-1]}{'-traced' if trace else ''}.pt")
+    if trace:
+        images, texts = torch.zeros(1, 3, 32, 32, dtype=dtype), torch.zeros(1, 77, dtype=torch.int64)
+        torch.jit.trace(reference_model, (images, texts), check_trace=False).save(path)
+    else:
+        torch.jit.script(reference_model).save(path)
     return path, reference_model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # OpenAI released fp16 archives
-def test_safe_torchscript_reader_is_bit_exact(tmp_path, dtype):
+@pytest.mark.parametrize(
+    "dtype, trace", [(torch.float32, False), (torch.float16, False), (torch.float16, True)]
+)  # OpenAI released traced fp16 archives
+def test_safe_torchscript_reader_is_bit_exact(tmp_path, dtype, trace):
     from clip_jax import torchscript
 
-    path, _ = _scripted_clip(tmp_path, dtype)
+    path, _ = _scripted_clip(tmp_path, dtype, trace=trace)
     expected = torch.jit.load(path, map_location="cpu").state_dict()
     ours = torchscript.read_state_dict(path)
     assert list(ours) == list(expected)  # same names, same order
