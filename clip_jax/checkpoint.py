@@ -186,7 +186,8 @@ def load_model_directory(
         abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
     except (TypeError, ValueError, KeyError) as error:
         first_line = (str(error).splitlines() or [""])[0]
-        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model spec", f"{type(error).__name__}: {first_line}") from None
+        reason = f"{type(error).__name__}: {first_line}"
+        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model spec", reason) from None
     config = stored.replace(**overrides) if overrides else stored
     sharding = sharding or _single_device_sharding()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)

@@ -172,7 +172,10 @@ def _hf_hints(path: str) -> dict[str, Any]:
     act = (hf_config.get("text_config") or {}).get("hidden_act") or hf_config.get("hidden_act")
     if not act:
         return {}
-    return {"activation": "quick_gelu" if act == "quick_gelu" else "gelu", "activation_source": f"from config.json hidden_act {act!r}"}
+    return {
+        "activation": "quick_gelu" if act == "quick_gelu" else "gelu",
+        "activation_source": f"from config.json hidden_act {act!r}",
+    }
 
 
 _HF_RENAMES = [

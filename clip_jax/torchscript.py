@@ -12,13 +12,15 @@ none of that. An archive is a zip holding
 This module unpickles `data.pkl` with an unpickler that can build nothing but plain containers,
 numpy arrays (from the storages, bounds-checked) and inert placeholder objects standing for the
 archive's `__torch__.*` classes, which only record their pickled attributes. The code files are
-parsed with `ast` (never compiled or run) only to learn which attributes are parameters and buffers,
-so that the result has exactly the names, order, dtypes and values of `torch.jit.load(path).state_dict()`.
+parsed with `ast` (never compiled or run) only to learn which attributes are parameters and
+buffers, so that the result has exactly the names, order, dtypes and values of
+`torch.jit.load(path).state_dict()`.
 
 Whatever this reader cannot read with certainty it refuses with `UnsafeToRead`, saying why: a class
-with its own `__setstate__` (whose state only its code can interpret), a pickled global outside the
-short list below, a tensor kind other than a plain strided tensor, a storage that is missing or
-too short. Needs numpy (and ml_dtypes for bfloat16, which jax brings), not torch.
+with its own `__setstate__` (whose state only its code can interpret), a pickled global other than
+those `_RestrictedUnpickler.find_class` allows, a tensor kind other than a plain strided tensor, a
+storage that is missing, too short or overrun by a view. Needs numpy (and ml_dtypes for bfloat16,
+which jax brings), not torch.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ _STORAGE_DTYPES = {
 }
 
 # torch.jit._pickle's helpers tag typed lists and values; each returns its first argument unchanged.
-_TYPE_TAG_HELPERS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_genericlist", "restore_type_tag"}
+_TYPE_TAG_HELPERS = {
+    "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_genericlist", "restore_type_tag",
+}
 
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -118,8 +122,8 @@ class _ClassInfo:
 class _Archive:
     """One TorchScript zip: its record prefix, byte order, storages and class declarations."""
 
-    def __init__(self, zip_file: zipfile.ZipFile, path: str):
-        self.zip, self.path = zip_file, path
+    def __init__(self, zip_file: zipfile.ZipFile):
+        self.zip = zip_file
         names = set(zip_file.namelist())
         pickles = sorted(n for n in names if n.count("/") == 1 and n.endswith("/data.pkl"))
         if len(pickles) != 1:
@@ -275,7 +279,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.size:
             raise UnsafeToRead(
-                f"a tensor (offset {offset}, size {size}, stride {stride}) reaching past its storage of {storage.size} elements"
+                f"a tensor (offset {offset}, size {size}, stride {stride}) reaching past its storage "
+                f"of {storage.size} elements"
             )
         if offset == 0 and int(np.prod(size)) == storage.size and stride == _contiguous_strides(size):
             return storage.reshape(size)  # the usual case: one tensor per storage, no copy
@@ -298,10 +303,13 @@ def _collect(archive: _Archive, obj: _ScriptObject, prefix: str, out: dict[str, 
     info = archive.class_info(obj.qualified_name)
     if not info.is_module:
         raise UnsafeToRead(f"{where} is a {obj.qualified_name}, not a module")
-    if info.has_setstate or not isinstance(obj.state, dict):
+    if info.has_setstate:
         raise UnsafeToRead(
             f"{where} ({obj.qualified_name}) defines its own __setstate__, so only running its code can tell what it holds"
         )
+    if not isinstance(obj.state, dict):
+        kind = type(obj.state).__name__
+        raise UnsafeToRead(f"{where} ({obj.qualified_name}) was pickled with a {kind} state, not its attributes")
     if id(obj) in path or len(path) > 200:
         raise UnsafeToRead(f"the module tree loops back on itself at {where}")
     state = obj.state
@@ -321,7 +329,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     without running anything the archive contains. Raises `UnsafeToRead` saying why it cannot."""
     try:
         with zipfile.ZipFile(path) as zip_file:
-            archive = _Archive(zip_file, os.fspath(path))
+            archive = _Archive(zip_file)
             data_name = archive.prefix + "data.pkl"
             root = _RestrictedUnpickler(zip_file.read(data_name), archive).load()
             if not isinstance(root, _ScriptObject):
@@ -331,7 +339,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return out
     except UnsafeToRead:
         raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RecursionError, MemoryError, OverflowError, UnicodeDecodeError) as error:  # fmt: skip
+    except (
+        pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError, IndexError,
+        KeyError, RecursionError, MemoryError, OverflowError, UnicodeDecodeError,
+    ) as error:  # fmt: skip
         detail = " ".join(str(error).split())[:200]
         raise UnsafeToRead(f"its data.pkl does not unpickle as plain tensors ({type(error).__name__}: {detail})") from None
