@@ -427,14 +427,23 @@ def test_malicious_torchscript_runs_no_code_from_clip_jax_load(malicious_archive
 
 
 def test_malicious_torchscript_runs_no_code_from_evaluate(malicious_archive, tmp_path):
+    """evaluate.py runs no code without --trust-torchscript, and does pass that consent on (in a
+    subprocess each: evaluate.py defines absl flags, which a process can define only once)."""
     archive, marker = malicious_archive
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPOSITORY, "evaluate.py"), f"--checkpoint={archive}", "--noplots",
-         f"--output={tmp_path / 'results'}"],
-        capture_output=True, text=True, timeout=600, cwd=REPOSITORY, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+
+    def evaluate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, os.path.join(REPOSITORY, "evaluate.py"), f"--checkpoint={archive}", "--noplots",
+             f"--output={tmp_path / 'results'}", *extra],
+            capture_output=True, text=True, timeout=600, cwd=REPOSITORY, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )  # fmt: skip
+
+    result = evaluate()
     assert not marker.exists(), "evaluate.py ran the archive's code"
     assert result.returncode != 0 and "--trust-torchscript" in result.stderr, result.stderr[-2000:]
+    result = evaluate("--trust-torchscript")
+    assert marker.exists(), result.stderr[-2000:]  # consent reached torch.jit.load (then: not a CLIP)
+    assert result.returncode != 0 and "not a CLIP checkpoint" in result.stderr, result.stderr[-2000:]
 
 
 def test_trusting_a_torchscript_archive_is_an_explicit_opt_in(malicious_archive):
@@ -581,12 +590,8 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_evaluate_and_train_pass_trust_torchscript_through(tmp_path, monkeypatch):
-    """--trust-torchscript (evaluate.py) and config.init.trust_torchscript (train.py) reach clip_jax.load."""
-    import importlib.util
-
-    from absl import flags
-
+def test_train_passes_trust_torchscript_through(monkeypatch):
+    """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
     from configs.default import get_config
     from clip_jax.training import loop
 
@@ -597,23 +602,11 @@ def test_evaluate_and_train_pass_trust_torchscript_through(tmp_path, monkeypatch
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(checkpoint, "load", fake_load)
-    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(REPOSITORY, "evaluate.py"))
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
-    for argv, expected in ((["--trust-torchscript"], True), ([], False)):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["evaluate.py", "--checkpoint=x.pt", "--noplots", *argv])
-        try:
-            with pytest.raises(RuntimeError, match="stop here"):
-                evaluate.main(["evaluate.py"])
-        finally:
-            flags.FLAGS.unparse_flags()
-        assert seen.pop() is expected
-
     assert get_config().init.trust_torchscript is False
-    with pytest.raises(RuntimeError, match="stop here"):
-        loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=True)
-    assert seen.pop() is True
+    for trust in (True, False):
+        with pytest.raises(RuntimeError, match="stop here"):
+            loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=trust)
+        assert seen.pop() is trust
 
 
 # ------------------------------------------------------------------------------------------------
