@@ -42,6 +42,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("plots", True, "Write PNG plots (needs matplotlib).")
 flags.DEFINE_bool("verbose", False, "On failure, show the whole traceback, not one line.")
+flags.DEFINE_bool(
+    "trust_torchscript", False,
+    "If --checkpoint is a TorchScript archive that cannot be read safely, load it with torch.jit.load, which "
+    "RUNS ITS CODE: only for files you trust (OpenAI's usual .pt files need no such consent).",
+)  # fmt: skip
+flags.DEFINE_alias("trust-torchscript", "trust_torchscript")  # the spelling of python -m clip_jax.convert
 
 
 def main(argv: list[str]) -> None:
@@ -81,7 +87,7 @@ def _evaluate() -> None:
 
     from clip_jax.checkpoint import load
 
-    model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model)
+    model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript)
     print(f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices", flush=True)
     synthetic = None
     if any(name in suite.SYNTHETIC_DATASETS for name in settings.datasets):

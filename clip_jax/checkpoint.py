@@ -6,16 +6,23 @@ A model directory looks like
     variables/         an Orbax checkpoint of {"params": ..., ["batch_stats": ...]}
     <tokenizer files>  e.g. bpe_simple_vocab_16e6.txt.gz or spm.model
 
-It is written into a hidden temporary directory beside the target and renamed into place only when
-complete, so an interrupted or failed write never leaves a half-written model directory.
+It is written into a hidden staging directory beside the target (created like any `mkdir`, so it
+follows the umask) and renamed into place only when complete, so an interrupted or failed write
+never leaves a half-written model directory. The rename is the only check that counts: it fails if
+another writer's output got there first (which is then kept), and with `overwrite` the old directory
+is moved aside just before it and deleted only after it succeeded.
+
+Loading a damaged directory raises one `ValueError` (or `FileNotFoundError`) naming the directory
+and the file, e.g. a `config.json` that is not JSON or a truncated file under `variables/`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -47,7 +54,7 @@ def save_model_directory(
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    staging = _make_hidden_directory(output_dir, "partial")
     try:
         variables = jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables)))
         checkpointer = ocp.StandardCheckpointer()
@@ -57,24 +64,103 @@ def save_model_directory(
             shutil.copy2(asset, os.path.join(staging, os.path.basename(asset)))
         with open(os.path.join(staging, CONFIG_FILE), "w") as file:
             json.dump({"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}, file, indent=2)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.rename(staging, output_dir)
+        _publish(staging, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
 
 
+def _hidden_name(output_dir: str, kind: str) -> str:
+    return os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.{kind}-{secrets.token_hex(4)}")
+
+
+def _make_hidden_directory(output_dir: str, kind: str) -> str:
+    """A new, uniquely named hidden directory beside `output_dir`. A plain `os.mkdir`, unlike
+    `tempfile.mkdtemp` (always 0700), so the published directory gets the umask's permissions."""
+    for _ in range(100):
+        path = _hidden_name(output_dir, kind)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging directory beside {output_dir!r}")
+
+
+def _publish(staging: str, output_dir: str, overwrite: bool) -> None:
+    """Rename the complete `staging` to `output_dir`, atomically and without clobbering another writer.
+
+    `os.rename` of a directory fails onto a non-empty directory, so it is the check: no window lies
+    between a test and the act. With `overwrite`, an existing output is first moved aside (itself an
+    atomic rename) and deleted only once the new one is in place; if another writer lands in
+    between, its output is kept and the old one is moved back, or left at its hidden name and
+    reported if that is not possible.
+    """
+    aside = None
+    if overwrite and os.path.lexists(output_dir):
+        aside = _hidden_name(output_dir, "old")
+        try:
+            os.rename(output_dir, aside)
+        except FileNotFoundError:  # someone else removed it meanwhile: nothing to move aside
+            aside = None
+    try:
+        os.rename(staging, output_dir)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        kept = ""
+        if aside is not None:
+            try:
+                os.rename(aside, output_dir)
+            except OSError:
+                kept = f"; the output it was to replace is kept at {aside!r}"
+        raise FileExistsError(
+            f"output directory {output_dir!r} was written by another process during this one's work; "
+            f"it is left as that process wrote it{kept}; nothing was written; check it, then re-run "
+            "(with overwrite to replace it)"
+        ) from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _damaged(directory: str, what: str, reason: str) -> ValueError:
+    reason = " ".join(reason.split())
+    if len(reason) > 300:
+        reason = reason[:300] + "…"
+    return ValueError(
+        f"model directory {directory!r}: {what} ({reason}); re-convert the model, or restore the directory from a copy"
+    )
+
+
 def read_model_config(directory: str) -> dict[str, Any]:
+    """The parsed config.json of a model directory; one-line errors naming the file if it is damaged."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} is not a clip_jax model directory: no {CONFIG_FILE}")
-    with open(path) as file:
-        data = json.load(file)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a clip_jax model config (format {data.get('format')!r})")
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except json.JSONDecodeError as error:
+        raise _damaged(
+            directory, f"{CONFIG_FILE} is not valid JSON", f"{error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise _damaged(directory, f"{CONFIG_FILE} is not UTF-8 text", str(error)) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path!r} is not a clip_jax model config (format {found!r}, expected {FORMAT!r})")
+    for key in ("model", "tokenizer"):
+        if not isinstance(data.get(key), dict):
+            raise _damaged(directory, f"{CONFIG_FILE} lacks its {key!r} section", f"keys {sorted(data)}")
     return data
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The root cause's message: Orbax wraps TensorStore's one-line reason in a page-long spec dump."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _single_device_sharding() -> jax.sharding.Sharding:
@@ -95,12 +181,23 @@ def load_model_directory(
     from flax import traverse_util
 
     data = read_model_config(directory)
-    stored = CLIPConfig.from_dict(data["model"])
+    try:  # a spec that parses may still fail to build (a string where a size belongs): both are damage
+        stored = CLIPConfig.from_dict(data["model"]).validate()
+        abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
+    except (TypeError, ValueError, KeyError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        reason = f"{type(error).__name__}: {first_line}"
+        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model spec", reason) from None
     config = stored.replace(**overrides) if overrides else stored
     sharding = sharding or _single_device_sharding()
-    abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), VARIABLES_DIR), abstract)
+    variables_dir = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+    if not os.path.isdir(variables_dir):
+        raise FileNotFoundError(f"model directory {directory!r} has no {VARIABLES_DIR}/; re-convert the model")
+    try:
+        variables = ocp.StandardCheckpointer().restore(variables_dir, abstract)
+    except Exception as error:  # Orbax/TensorStore raise bare Exceptions with pages of detail
+        raise _damaged(directory, f"{VARIABLES_DIR}/ could not be read", _innermost_message(error)) from None
     if config.scan_layers != stored.scan_layers:
         flat = traverse_util.flatten_dict(jax.device_get(variables))
         flat = _stack_layers(flat, config) if config.scan_layers else _unstack_layers(flat)
@@ -109,7 +206,7 @@ def load_model_directory(
 
 
 def load(
-    path: str, model: str | None = None, **overrides: Any
+    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
 ) -> tuple[CLIP, dict[str, Any], Callable, Any]:
     """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
 
@@ -117,6 +214,9 @@ def load(
     workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
     spec if it should not be read off the shapes).
+
+    No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
+    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
     from clip_jax import tokenizer as tokenizers
     from clip_jax import transforms
@@ -127,11 +227,14 @@ def load(
     elif os.path.isdir(path):
         data = read_model_config(path)
         config, variables = load_model_directory(path, **overrides)
-        text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
+        try:
+            text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
+        except (OSError, ValueError) as error:
+            raise _damaged(path, "its tokenizer could not be loaded", str(error)) from None
     elif os.path.isfile(path):
         from clip_jax import convert
 
-        config, variables = convert.load_checkpoint(path, model, **overrides)
+        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
         hf_files = convert._hf_tokenizer_files(path)
         context = config.text.context_length
         text_tokenizer = (

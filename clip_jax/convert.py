@@ -5,21 +5,30 @@ Every source is first brought to open_clip's state-dict layout (numpy arrays key
 to and from the Flax variable tree, so the three formats share one well-tested path.
 
     python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
+
+Nothing a checkpoint contains is executed: OpenAI's TorchScript archives are read by
+`clip_jax.torchscript` (tensors only, never `torch.jit.load`) unless the caller passes
+`trust_torchscript=True` / `--trust-torchscript` for an archive that reader cannot handle, and
+pickles go through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import re
-import zipfile
+import sys
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import torchscript
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 
 StateDict = dict[str, np.ndarray]
@@ -35,25 +44,36 @@ class ConversionError(ValueError):
     """The checkpoint does not match the CLIP architecture: a missing, extra or mis-shaped tensor."""
 
 
+class UntrustedTorchScriptError(ConversionError):
+    """A TorchScript archive that only `torch.jit.load`, which runs its code, could read; not loaded."""
+
+
+class ActivationGuessWarning(UserWarning):
+    """The MLP activation of an open_clip file was assumed (open_clip's default), not read from it."""
+
+
+_logger = logging.getLogger(__name__)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints into open_clip's layout
 # ----------------------------------------------------------------------------------------------
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; bf16/fp16 weights are widened to fp32
+    """A numpy array; bf16/fp16 weights (OpenAI's files are fp16) are widened to fp32."""
+    if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
             value = value.float()
         return value.numpy()
-    return np.asarray(value)
+    value = np.asarray(value)
+    return value.astype(np.float32) if str(value.dtype) in ("bfloat16", "float16") else value
 
 
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+# torch.load(weights_only=True) could run code before 2.6 (CVE-2025-32434); pyproject's floor
+# only binds installs through the `convert` extra, so an older torch already present is refused here.
+MIN_TORCH = (2, 6)
 
 
 def _import_torch(path: str):
@@ -61,14 +81,42 @@ def _import_torch(path: str):
         import torch
     except ImportError as error:
         raise ImportError(
-            f"reading {path} needs PyTorch (pickled and TorchScript checkpoints); `pip install torch`, "
+            f"reading {path} needs PyTorch (pickled checkpoints); `pip install 'torch>=2.6'`, "
             "or convert a .safetensors file, which needs no torch"
         ) from error
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if found is None or tuple(int(n) for n in found.groups()) < MIN_TORCH:
+        raise ImportError(
+            f"reading {path} needs torch>={'.'.join(map(str, MIN_TORCH))}: torch {torch.__version__}'s "
+            "torch.load(weights_only=True) can run code from the file (CVE-2025-32434); `pip install -U torch`"
+        )
     return torch
 
 
-def read_checkpoint(path: str) -> tuple[StateDict, str, dict[str, Any]]:
-    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec)."""
+def _read_torchscript(path: str, trust_torchscript: bool) -> StateDict:
+    """An OpenAI archive's tensors: by the safe reader, or (only with consent) by torch.jit.load."""
+    try:
+        state_dict = torchscript.read_state_dict(path)
+    except torchscript.UnsafeToRead as error:
+        if not trust_torchscript:
+            raise UntrustedTorchScriptError(
+                f"{path!r}: the safe TorchScript reader cannot read it ({error}); torch.jit.load might, but "
+                "TorchScript executes code when loaded, so it was not tried. If you trust the file, pass "
+                "--trust-torchscript (trust_torchscript=True in Python)"
+            ) from None
+        _logger.warning("%s: %s; loading it with torch.jit.load, as trust_torchscript=True allows", path, error)
+        torch = _import_torch(path)
+        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDict, str, dict[str, Any]]:
+    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec).
+
+    Runs nothing the file contains. A TorchScript archive (recognised by its content, whatever its
+    extension) is read by `clip_jax.torchscript`; one that reader refuses raises
+    `UntrustedTorchScriptError` unless `trust_torchscript`, which falls back to `torch.jit.load`.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
@@ -80,10 +128,9 @@ def read_checkpoint(path: str) -> tuple[StateDict, str, dict[str, Any]]:
         except Exception as error:  # safetensors raises its own SafetensorError type
             raise ConversionError(f"{path!r} is not a readable safetensors file: {error}") from error
         kind = None
-    elif _is_torchscript(path):
-        torch = _import_torch(path)
-        raw = {k: _to_numpy(v) for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-        kind, hints["activation"] = "openai", "quick_gelu"
+    elif torchscript.is_torchscript(path):
+        raw = _read_torchscript(path, trust_torchscript)
+        kind, hints["activation"], hints["activation_source"] = "openai", "quick_gelu", "OpenAI TorchScript file"
     else:
         torch = _import_torch(path)
         try:
@@ -112,10 +159,23 @@ def _hf_hints(path: str) -> dict[str, Any]:
     config_path = os.path.join(os.path.dirname(path), "config.json")
     if not os.path.isfile(config_path):
         return {}
-    with open(config_path) as file:
-        hf_config = json.load(file)
-    act = hf_config.get("text_config", {}).get("hidden_act") or hf_config.get("hidden_act")
-    return {"activation": "quick_gelu" if act == "quick_gelu" else "gelu"} if act else {}
+    try:
+        with open(config_path) as file:
+            hf_config = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ConversionError(
+            f"{config_path!r} (the Hugging Face config beside {os.path.basename(path)!r}) is not valid JSON "
+            f"({error.msg} at line {error.lineno} column {error.colno}); restore it, or move it away"
+        ) from None
+    if not isinstance(hf_config, dict):
+        return {}
+    act = (hf_config.get("text_config") or {}).get("hidden_act") or hf_config.get("hidden_act")
+    if not act:
+        return {}
+    return {
+        "activation": "quick_gelu" if act == "quick_gelu" else "gelu",
+        "activation_source": f"from config.json hidden_act {act!r}",
+    }
 
 
 _HF_RENAMES = [
@@ -520,17 +580,66 @@ def convert_state_dict(
     return config, openclip_to_variables(state_dict, config)
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationChoice:
+    """Which MLP activation a conversion used, and why: it cannot be read off the weights."""
+
+    activation: str
+    source: str  # "argument", "file" (OpenAI's format or an HF config.json), "spec" or "default"
+    detail: str = ""  # what the file said, or the spec's name
+
+    @property
+    def guessed(self) -> bool:
+        return self.source == "default"
+
+    def describe(self, cli: bool = False) -> str:
+        """One line, e.g. "activation: gelu (open_clip's default; pass --activation quick_gelu ...)"."""
+        if self.source == "argument":
+            why = "from --activation" if cli else "from the activation argument"
+        elif self.source in ("file", "spec"):
+            why = self.detail
+        else:
+            flag = "--activation quick_gelu" if cli else "activation='quick_gelu'"
+            why = f"open_clip's default, not stored in the file; pass {flag} for OpenAI-trained / -quickgelu models"
+        return f"activation: {self.activation} ({why})"
+
+
 def load_checkpoint(
-    path: str, model: str | CLIPConfig | None = None, activation: str | None = None, **overrides: Any
+    path: str,
+    model: str | CLIPConfig | None = None,
+    activation: str | None = None,
+    *,
+    trust_torchscript: bool = False,
+    announce: Callable[[ActivationChoice], None] | None = None,
+    **overrides: Any,
 ) -> tuple[CLIPConfig, dict[str, Any]]:
     """(spec, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
 
     Without `model`, the spec is read off the tensor shapes. The activation cannot be: OpenAI files
     imply QuickGELU, HF files carry it in their config.json, and other open_clip files default to GELU
     (open_clip's default) unless `activation="quick_gelu"` is passed (the "-quickgelu" models).
+    The choice is passed to `announce`; without one, a guessed activation is a warning
+    (`ActivationGuessWarning`) and the others are logged. `trust_torchscript`: see `read_checkpoint`.
     """
-    state_dict, kind, hints = read_checkpoint(path)
-    return convert_state_dict(state_dict, model, activation or hints.get("activation"), **overrides)
+    state_dict, kind, hints = read_checkpoint(path, trust_torchscript=trust_torchscript)
+    if activation is not None:
+        chosen, source, detail = activation, "argument", ""
+    elif "activation" in hints:
+        chosen, source, detail = hints["activation"], "file", hints["activation_source"]
+    elif model is not None:
+        name = model if isinstance(model, str) else "given model"
+        chosen, source, detail = None, "spec", f"from the {name} spec"
+    else:
+        chosen, source, detail = "gelu", "default", ""
+    config, variables = convert_state_dict(state_dict, model, chosen, **overrides)
+    choice = ActivationChoice(config.activation, source, detail)
+    if announce is not None:
+        announce(choice)
+    elif choice.guessed:
+        warnings.warn(f"{path}: {choice.describe()}", ActivationGuessWarning, stacklevel=2)
+    else:
+        _logger.info("%s: %s", path, choice.describe())
+    return config, variables
 
 
 def save_state_dict(state_dict: StateDict, path: str) -> None:
@@ -557,12 +666,19 @@ def convert_checkpoint(
     activation: str | None = None,
     bpe_path: str | None = None,
     overwrite: bool = False,
+    *,
+    trust_torchscript: bool = False,
+    announce: Callable[[ActivationChoice], None] | None = None,
 ) -> CLIPConfig:
-    """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`)."""
+    """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
+
+    `trust_torchscript` and `announce`: see `load_checkpoint`."""
     from clip_jax import checkpoint, tokenizer as tokenizers
 
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
-    config, variables = load_checkpoint(source, model, activation)
+    config, variables = load_checkpoint(
+        source, model, activation, trust_torchscript=trust_torchscript, announce=announce
+    )
     hf_files = _hf_tokenizer_files(source)
     if bpe_path is None and hf_files is not None:
         text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
@@ -572,7 +688,12 @@ def convert_checkpoint(
     return config
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose."""
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
@@ -585,7 +706,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bpe", help="path of bpe_simple_vocab_16e6.txt.gz (default: CLIP_JAX_BPE or open_clip's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--to-open-clip", action="store_true", help="export a clip_jax directory to open_clip")
+    parser.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="if a TorchScript archive cannot be read safely, load it with torch.jit.load, which RUNS ITS CODE: "
+        "only for files you trust (OpenAI's usual .pt files need no such consent)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    try:
+        _run(parser, args)
+    except Exception as error:  # the user needs the one line; the traceback is for --verbose
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.to_open_clip:
         from clip_jax import checkpoint
 
@@ -595,7 +733,10 @@ def main(argv: list[str] | None = None) -> None:
         save_state_dict(variables_to_openclip(variables, config), args.output)
         print(f"wrote {args.output}")
         return
-    config = convert_checkpoint(args.source, args.output, args.model, args.activation, args.bpe, args.overwrite)
+    config = convert_checkpoint(
+        args.source, args.output, args.model, args.activation, args.bpe, args.overwrite,
+        trust_torchscript=args.trust_torchscript, announce=lambda choice: print(choice.describe(cli=True), flush=True),
+    )  # fmt: skip
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
 

@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.init = ml_collections.ConfigDict()
     config.init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
     config.init.regex = "^visual/"  # which of its parameters to take
+    # Only for a TorchScript init.checkpoint the safe reader cannot read: load it with torch.jit.load,
+    # which runs the file's code. OpenAI's usual .pt files need no such consent.
+    config.init.trust_torchscript = False
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
@@ -437,9 +440,12 @@ def evaluation_summary(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def load_pretrained_params(state: TrainState, state_shardings: TrainState, path: str, pattern: str) -> TrainState:
+def load_pretrained_params(
+    state: TrainState, state_shardings: TrainState, path: str, pattern: str, trust_torchscript: bool = False
+) -> TrainState:
     """`state` with the parameters whose "/"-joined path matches `pattern` replaced by those of
-    the checkpoint at `path` (anything `clip_jax.load` reads), laid out with the state's shardings."""
+    the checkpoint at `path` (anything `clip_jax.load` reads), laid out with the state's shardings.
+    `trust_torchscript`: as in `clip_jax.load` (config.init.trust_torchscript)."""
     import re
 
     from flax import traverse_util
@@ -447,7 +453,7 @@ def load_pretrained_params(state: TrainState, state_shardings: TrainState, path:
     from clip_jax.checkpoint import load
     from clip_jax.training.optimizer import parameter_path
 
-    _, pretrained, _, _ = load(path)
+    _, pretrained, _, _ = load(path, trust_torchscript=trust_torchscript)
     flat_pretrained = traverse_util.flatten_dict(jax.device_get(pretrained["params"]), sep="/")
     compiled = re.compile(pattern)
     replaced = []
@@ -643,7 +649,10 @@ def _run(
     else:
         state, state_shardings = create_train_state(config, model, mesh)
         if config.init.checkpoint:
-            state = load_pretrained_params(state, state_shardings, config.init.checkpoint, config.init.regex)
+            state = load_pretrained_params(
+                state, state_shardings, config.init.checkpoint, config.init.regex,
+                trust_torchscript=bool(config.init.get("trust_torchscript", False)),
+            )  # fmt: skip
         elif config.optimizer.freeze_regex:
             announce(
                 f"Warning: optimizer.freeze_regex {config.optimizer.freeze_regex!r} freezes parameters that "
