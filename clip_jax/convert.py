@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import sys
 import warnings
 from typing import Any, Callable
 
@@ -688,10 +687,6 @@ def convert_checkpoint(
     return config
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> None:
     """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose."""
     parser = argparse.ArgumentParser(
@@ -714,13 +709,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+    from clip_jax.cli import one_line_errors
+
+    with one_line_errors(args.verbose):
         _run(parser, args)
-    except Exception as error:  # the user needs the one line; the traceback is for --verbose
-        if args.verbose:
-            raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
