@@ -65,6 +65,9 @@ TEXT_CHARACTERS_PER_POSITION = 64
 # on neighbouring symbols; the kept ids equal those of the whole word in every test).
 _PREFIX_MARGIN_TOKENS = 64
 
+# html.unescape turns a decimal reference into int(digits), which raises for more than 4,300
+# digits (Python's limit on int from str); such references are shortened to the same value first.
+_LONG_DECIMAL_REFERENCE = regex.compile(r"&#([0-9]{8,})")
 _LAST_SPACE = regex.compile(r"\s", flags=regex.REVERSE)  # searches from the end of the window
 _LEADING_WHITESPACE = regex.compile(r"\s*")
 
@@ -90,11 +93,24 @@ def _collapse_whitespace(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
 
+def _short_decimal_reference(match: regex.Match) -> str:
+    # The same code point: leading zeros dropped; any value over 7 digits is above U+10FFFF,
+    # which html.unescape turns into U+FFFD whatever its digits, like 9999999.
+    digits = match.group(1).lstrip("0") or "0"
+    return "&#" + (digits if len(digits) <= 7 else "9999999")
+
+
+def _unescape_html(text: str) -> str:
+    if "&#" in text:
+        text = _LONG_DECIMAL_REFERENCE.sub(_short_decimal_reference, text)
+    return html.unescape(text)
+
+
 def _clean_clip_text(text: str) -> str:
     """OpenAI's normalisation: repair mojibake, unescape HTML twice (captions are often
     double-escaped), collapse whitespace, lowercase."""
     text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
+    text = _unescape_html(_unescape_html(text))
     return _collapse_whitespace(text).lower()
 
 

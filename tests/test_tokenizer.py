@@ -545,6 +545,16 @@ def test_text_character_cap_only_cuts_texts_that_cannot_fit(clip_tokenizer, refe
         clip_tokenizer([at_cap])
 
 
+def test_numeric_character_references_with_thousands_of_digits(clip_tokenizer, reference_tokenizer):
+    # html.unescape raises on a decimal reference over 4,300 digits (Python's int limit): such a
+    # caption must be read like its short equivalent, not stop the run.
+    # 4,400 digits: over that limit, under the characters a row reads.
+    texts = ["&#" + "0" * 4_400 + "65; dog", "&amp;#" + "0" * 4_400 + "66; cat", "&#" + "9" * 4_400 + "; x"]
+    equivalents = ["&#65; dog", "&amp;#66; cat", "&#99999999; x"]
+    np.testing.assert_array_equal(clip_tokenizer(texts), reference_tokenizer(equivalents).numpy())
+    assert clip_tokenizer.encode("&amp;#" + "0" * 20_000 + "66;") == reference_tokenizer.encode("&#66;")
+
+
 def test_sentencepiece_long_texts_cost_bounded_time_and_keep_their_ids(sentencepiece_model):
     tokenizer = SentencePieceTokenizer(sentencepiece_model, context_length=32)
     generator = random.Random(13)
