@@ -155,7 +155,13 @@ def _as_text_list(texts: TextBatch) -> list[str]:
     result = []
     for index, text in enumerate(texts):
         if isinstance(text, bytes):  # tf.data and grain hand strings over as UTF-8 bytes
-            text = text.decode("utf-8")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"texts[{index}] is not UTF-8: byte 0x{text[error.start]:02x} at position {error.start} "
+                    f"({error.reason}) in {_shorten(repr(text))}"
+                ) from None
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is a {type(text).__name__} ({text!r}); expected str")
         result.append(text)

@@ -555,6 +555,15 @@ def test_numeric_character_references_with_thousands_of_digits(clip_tokenizer, r
     assert clip_tokenizer.encode("&amp;#" + "0" * 20_000 + "66;") == reference_tokenizer.encode("&#66;")
 
 
+def test_invalid_utf8_is_one_line_naming_the_text_and_byte(clip_tokenizer, sentencepiece_model):
+    for tokenizer in (clip_tokenizer, SentencePieceTokenizer(sentencepiece_model)):
+        with pytest.raises(ValueError) as error:
+            tokenizer([b"a dog", b"caf\xc3\xa9 cr\xe8me"])
+        message = str(error.value)
+        assert type(error.value) is ValueError and "\n" not in message
+        assert "texts[1]" in message and "position 8" in message and "0xe8" in message
+
+
 def test_sentencepiece_long_texts_cost_bounded_time_and_keep_their_ids(sentencepiece_model):
     tokenizer = SentencePieceTokenizer(sentencepiece_model, context_length=32)
     generator = random.Random(13)
