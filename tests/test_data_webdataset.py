@@ -601,3 +601,24 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
     # Counters of several processes add up for the training log (data/<reason>).
     summed = pipeline.summed_counters([state, state])
     assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+
+
+def test_several_shard_patterns_in_one_string(tmp_path):
+    for directory in ("laion", "coco"):
+        os.makedirs(tmp_path / directory)
+        for index in range(3):
+            write_tar(str(tmp_path / directory / f"{index:05d}.tar"), good_samples(f"{directory}{index}-", 1))
+    laion, coco = str(tmp_path / "laion"), str(tmp_path / "coco")
+    expected = sorted([f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)])
+    # Commas outside braces separate patterns; those inside braces are brace lists, as before.
+    assert webdataset.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
+    assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
+    only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
+    assert webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
+    source = pipeline.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
+    assert len(source.shards) == 4
+    source.close()
+    # A missing pattern says how several are written, e.g. a Python list given on the command line.
+    with pytest.raises(ValueError, match="separated by commas") as error:
+        webdataset.resolve_shards(f"['{laion}/*.tar', '{coco}/*.tar']")
+    assert "\n" not in str(error.value)

@@ -88,7 +88,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.tfds.shuffle_buffer = 10_000  # tf_data reader only: examples in its shuffle buffer
 
     config.webdataset = ml_collections.ConfigDict()
-    config.webdataset.shards = ""  # glob and/or brace range, e.g. "gs://bucket/laion/{00000..01023}.tar"
+    # Globs and/or brace ranges, several separated by commas outside braces, e.g.
+    # "gs://bucket/laion/{00000..01023}.tar,gs://bucket/cc12m/*.tar".
+    config.webdataset.shards = ""
     config.webdataset.image_extensions = "jpg,jpeg,png,webp"  # preferred first when a sample has several
     config.webdataset.text_extension = "txt"
     config.webdataset.shards_per_window = 4  # shards read, mixed and permuted together in memory

@@ -141,12 +141,27 @@ def _glob(pattern: str) -> list[str]:
     return glob_module.glob(pattern)
 
 
+SEVERAL_PATTERNS_HINT = (
+    "several patterns are written as one string, separated by commas outside braces, "
+    "e.g. 'a/*.tar,b/{00000..00009}.tar'"
+)
+
+
+def split_patterns(text: str) -> list[str]:
+    """The patterns of a `data.webdataset.shards` string: separated by commas outside braces
+    (commas inside braces are brace lists), surrounding whitespace and empty parts dropped."""
+    return [part.strip() for part in _split_top_level_commas(text) if part.strip()]
+
+
 def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
     """The shard files named by glob/brace patterns, sorted, each once; raises ValueError when a
-    pattern matches nothing or names a file that does not exist (before any training starts)."""
+    pattern matches nothing or names a file that does not exist (before any training starts).
+
+    `patterns`: one string holding one or more comma-separated patterns (split_patterns), or a
+    sequence of such strings."""
     if isinstance(patterns, str):
         patterns = [patterns]
-    patterns = [pattern.strip() for pattern in patterns if pattern and pattern.strip()]
+    patterns = [pattern for text in patterns if text for pattern in split_patterns(text)]
     if not patterns:
         raise ValueError("data.webdataset.shards is empty: give a glob or brace range of .tar files")
     found: set[str] = set()
@@ -156,7 +171,10 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
             if _GLOB_CHARACTERS.search(expanded):
                 matches = _glob(expanded)
                 if not matches:
-                    raise ValueError(f"data.webdataset.shards: no file matches {expanded!r} (from {pattern!r})")
+                    raise ValueError(
+                        f"data.webdataset.shards: no file matches {expanded!r} (from {pattern!r}); "
+                        f"{SEVERAL_PATTERNS_HINT}"
+                    )
                 found.update(matches)
             else:
                 explicit.append(expanded)
@@ -168,7 +186,10 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
         for directory, paths in by_directory.items():
             names = _list_directory(directory)
             if names is None:
-                raise ValueError(f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r})")
+                raise ValueError(
+                    f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r}); "
+                    f"{SEVERAL_PATTERNS_HINT}"
+                )
             missing = [path for path in paths if _split_directory(path)[1] not in names]
             if missing:
                 raise ValueError(
