@@ -463,7 +463,8 @@ class ClipTokenizer:
         ids = self._text_ids(text, context_length - 1)
         if len(ids) > context_length - 2 and not truncate:
             ids = self.encode(text)  # the whole count for the error (a text of bounded length)
-        return _fit_to_context([self.sot_token_id, *ids, self.eot_token_id], context_length, truncate, self.eot_token_id, text)
+        row = [self.sot_token_id, *ids, self.eot_token_id]
+        return _fit_to_context(row, context_length, truncate, self.eot_token_id, text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; start-of-text is skipped and decoding stops at the first end-of-text, so a

@@ -603,6 +603,35 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
     assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
 
 
+def test_a_shard_whose_file_fails_mid_stream_is_counted_not_fatal(tmp_path, monkeypatch):
+    write_tar(str(tmp_path / "00000.tar"), good_samples("a", 3))
+    write_tar(str(tmp_path / "00001.tar"), good_samples("b", 3, start_seed=10))
+
+    class FailsAfterAWhile(io.RawIOBase):
+        """A remote file whose connection drops, with an exception type tarfile does not know."""
+
+        def __init__(self, path: str) -> None:
+            self.file, self.path = open(path, "rb"), path
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if self.path.endswith("00001.tar") and self.file.tell() > 2048:
+                raise RuntimeError("connection reset by peer")
+            data = self.file.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+
+    monkeypatch.setattr(webdataset, "open_shard", FailsAfterAWhile)
+    config = make_data_config(str(tmp_path / "*.tar"), shards_per_window=2)
+    with make_iterator(config, global_batch_size=3) as iterator:
+        batch = next(iterator)
+        counters = iterator.counters
+    assert sorted(caption_of_row(row) for row in batch["texts"]) == ["a000", "a001", "a002"]
+    assert counters["unreadable_shard"] == 1
+
+
 def test_several_shard_patterns_in_one_string(tmp_path):
     for directory in ("laion", "coco"):
         os.makedirs(tmp_path / directory)

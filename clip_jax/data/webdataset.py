@@ -20,6 +20,7 @@ import dataclasses
 import glob as glob_module
 import gzip
 import io
+import logging
 import lzma
 import os
 import re
@@ -30,6 +31,8 @@ from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
 import ml_collections
 
 from clip_jax.data.pipeline import RawExample, check_process_layout, epoch_permutation
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 DEFAULT_TEXT_EXTENSION = "txt"
@@ -247,7 +250,7 @@ class TarSample(NamedTuple):
     problem: str | None = None
 
 
-class _ShardCapReached(Exception):
+class _HeaderTooLarge(Exception):
     """Raised inside tarfile when a header alone is over _MAX_EXTENDED_HEADER_BYTES."""
 
 
@@ -256,11 +259,13 @@ class _BoundedTarInfo(tarfile.TarInfo):
     which tarfile would read whole into memory. `_proc_member` is tarfile's private dispatch (the
     same since Python 2.6); should it change, the check is skipped and nothing else breaks."""
 
-    _EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+    _EXTENDED_TYPES = (
+        tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE
+    )  # fmt: skip
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in self._EXTENDED_TYPES and self.size > _MAX_EXTENDED_HEADER_BYTES:
-            raise _ShardCapReached(f"{self.size}-byte extended header at offset {self.offset}")
+            raise _HeaderTooLarge(f"{self.size}-byte extended header at offset {self.offset}")
         return super()._proc_member(archive)
 
 
@@ -323,6 +328,7 @@ def read_tar_samples(
     bytes, "member_too_large" when a header alone is too large; the samples before are kept, the
     one being read is dropped (it may be missing files)."""
     file = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    text_extension = text_extension.lower().lstrip(".")
     wanted = None if extensions is None else {extension.lower() for extension in extensions}
     samples: list[TarSample] = []
     key: str | None = None
@@ -373,7 +379,7 @@ def read_tar_samples(
                 if len(content) != member.size:
                     raise tarfile.ReadError(f"member {member.name!r} is cut short")
                 files[extension] = content
-    except _ShardCapReached:
+    except _HeaderTooLarge:
         shard_problem = "member_too_large"
     except _BROKEN_SHARD_ERRORS:
         shard_problem = "truncated_shard"
@@ -466,9 +472,16 @@ class WebDatasetSource:
             file = open_shard(path)
         except Exception:  # OSError locally; remote file systems raise their own kinds
             return [], "unreadable_shard"
-        with file:
-            # Only the files a sample is made of are read: the rest (.json, ...) are skipped unread.
-            return read_tar_samples(file, self.limits, self.text_extension, (*self.image_extensions, self.text_extension))
+        # Only the files a sample is made of are read: the rest (.json, ...) are skipped unread.
+        extensions = (*self.image_extensions, self.text_extension)
+        try:
+            with file:
+                return read_tar_samples(file, self.limits, self.text_extension, extensions)
+        except Exception as error:  # noqa: BLE001 - remote file systems raise their own kinds mid-stream
+            # read_tar_samples handles what a broken tar raises; anything else (a network error
+            # of a remote file system) must not stop training either.
+            logger.warning("Cannot read shard %s: %s: %s", path, type(error).__name__, error)
+            return [], "unreadable_shard"
 
     def _start_window(self, epoch: int, window: int) -> list[concurrent.futures.Future]:
         windows = self._windows(epoch)
