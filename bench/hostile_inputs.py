@@ -4,7 +4,8 @@ Prints
   1. ClipTokenizer(truncate=True) time (median of 3, fresh inputs each run) for one unbroken
      word of 10k, 20k and 40k random letters, and for a 1 MB caption of mixed words;
   2. the peak resident memory growth (VmHWM, Linux) and time of reading, in a fresh process, a
-     .tar.gz holding a gigabyte of zeros, and a shard holding a 100 MiB caption.
+     .tar.gz holding a gigabyte of zeros, and a shard holding a 100 MiB caption
+     (sizes: --word-lengths, --zeros-mib, --caption-mib).
 `--tokenizer-file` times another copy of clip_jax/tokenizer.py (say an older one, from
 `git show OLD:clip_jax/tokenizer.py > /tmp/old_tokenizer.py`); it is loaded on its own, as the
 module needs nothing else of clip_jax. Not part of the test suite.
@@ -69,12 +70,12 @@ def median_seconds(function, inputs) -> float:
     return statistics.median(times)
 
 
-def time_tokenizer(path: str) -> None:
+def time_tokenizer(path: str, lengths: list[int]) -> None:
     tokenizer = load_tokenizer_module(path).ClipTokenizer()
     tokenizer(["warm up"], truncate=True)
     generator = random.Random(0)
     print(f"tokenizer {path}")
-    for length in (10_000, 20_000, 40_000):
+    for length in lengths:
         words = ["".join(generator.choices("abcdefghijklmnopqrstuvwxyz", k=length)) for _ in range(3)]
         seconds = median_seconds(lambda text: tokenizer([text], truncate=True), words)
         print(f"  one {length:,}-letter word: {seconds * 1000:10.1f} ms")
@@ -110,7 +111,7 @@ def read_shard(pattern: str, examples: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_shards() -> None:
+def measure_shards(zeros_mib: int, caption_mib: int) -> None:
     import PIL.Image
 
     buffer = io.BytesIO()
@@ -123,30 +124,34 @@ def measure_shards() -> None:
             add(archive, "before.jpg", image)
             add(archive, "before.txt", b"before")
             info = tarfile.TarInfo("zeros.jpg")
-            info.size = 1 << 30
+            info.size = zeros_mib << 20
             archive.addfile(info, Zeros(info.size))
-            add(archive, "zeros.txt", b"a gigabyte of zeros")
+            add(archive, "zeros.txt", b"a caption beside the zeros")
             add(archive, "after.jpg", image)
             add(archive, "after.txt", b"after")
-        print(f"a {os.path.getsize(bomb) / 2**20:.1f} MiB .tar.gz holding 1 GiB of zeros: {read_shard(bomb, 3)}")
+        size = os.path.getsize(bomb) / 2**20
+        print(f"a {size:.1f} MiB .tar.gz holding {zeros_mib} MiB of zeros: {read_shard(bomb, 3)}")
         caption = os.path.join(directory, "caption", "00000.tar")
         os.makedirs(os.path.dirname(caption))
         with tarfile.open(caption, "w") as archive:
             add(archive, "small.jpg", image)
             add(archive, "small.txt", b"small")
             add(archive, "huge.jpg", image)
-            add(archive, "huge.txt", b"word " * (20 << 20))
-        print(f"a shard with a 100 MiB caption: {read_shard(caption, 2)}")
+            add(archive, "huge.txt", b"word " * ((caption_mib << 20) // 5))
+        print(f"a shard with a {caption_mib} MiB caption: {read_shard(caption, 2)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer-file", default=os.path.join(REPOSITORY, "clip_jax", "tokenizer.py"))
+    parser.add_argument("--word-lengths", default="10000,20000,40000", help="letters of the long words timed")
+    parser.add_argument("--zeros-mib", type=int, default=1024, help="zeros in the compressed shard")
+    parser.add_argument("--caption-mib", type=int, default=100, help="size of the oversized caption")
     parser.add_argument("--skip-shards", action="store_true")
     arguments = parser.parse_args()
-    time_tokenizer(arguments.tokenizer_file)
+    time_tokenizer(arguments.tokenizer_file, [int(length) for length in arguments.word_lengths.split(",")])
     if not arguments.skip_shards:
-        measure_shards()
+        measure_shards(arguments.zeros_mib, arguments.caption_mib)
 
 
 if __name__ == "__main__":
