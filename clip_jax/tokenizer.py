@@ -1,12 +1,20 @@
 """Text tokenizers: OpenAI CLIP's byte-level BPE, SentencePiece, and training a SentencePiece model.
 
 Both tokenizers turn strings into an int32 array of shape (n, context_length), padded on the right.
+
+Bounded cost: a row of context_length L reads at most `max_text_characters(L)` (64 L) characters of a
+text; a text that long or shorter is encoded exactly as open_clip encodes it. With truncate=True a
+longer text loses its leading whitespace and is cut to that many characters (at a space when there
+is one) before cleaning, and the CLIP tokenizer stops pre-tokenizing once the row is full and
+BPE-encodes only a bounded prefix of a word too long to fit, so a 1 MB caption or a 40,000-letter
+word costs a few milliseconds. Byte-pair merging runs on a heap, O(n log n) in a word's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import heapq
 import html
 import importlib.util
 import io
@@ -40,8 +48,28 @@ _CLIP_WORD_PATTERN = regex.compile(
 )
 _WHITESPACE_RUN = regex.compile(r"\s+")
 
-# The per-word BPE cache is cleared when it reaches this size, to bound memory on endless streams.
+# The per-word BPE cache is cleared when it reaches this size, to bound memory on endless streams;
+# only words up to _CACHED_WORD_CHARACTERS are kept, so one entry cannot hold a megabyte-long word.
 _BPE_CACHE_LIMIT = 200_000
+_CACHED_WORD_CHARACTERS = 64
+
+# How many characters of a text one row may read, per position of its context. The longest CLIP
+# token is 32 bytes and an ordinary caption needs about 5 characters per token, so a text longer
+# than 64 characters per position fits only if most of it vanishes in cleaning (whitespace runs,
+# control characters, HTML entities). ftfy costs up to ~15 us per character (a line per character),
+# so this also bounds the cleaning of one text (~75 ms at L=77 in the worst case, ~5 ms typically).
+TEXT_CHARACTERS_PER_POSITION = 64
+
+# When a word is too long to fit in the row, only a prefix of it is BPE-encoded: enough bytes for
+# this many tokens beyond the ones kept, so that the cut cannot reach the kept tokens (merges act
+# on neighbouring symbols; the kept ids equal those of the whole word in every test).
+_PREFIX_MARGIN_TOKENS = 64
+
+# html.unescape turns a decimal reference into int(digits), which raises for more than 4,300
+# digits (Python's limit on int from str); such references are shortened to the same value first.
+_LONG_DECIMAL_REFERENCE = regex.compile(r"&#([0-9]{8,})")
+_LAST_SPACE = regex.compile(r"\s", flags=regex.REVERSE)  # searches from the end of the window
+_LEADING_WHITESPACE = regex.compile(r"\s*")
 
 TextBatch = Union[str, bytes, Sequence[Union[str, bytes]]]
 
@@ -65,12 +93,56 @@ def _collapse_whitespace(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
 
+def _short_decimal_reference(match: regex.Match) -> str:
+    # The same code point: leading zeros dropped; any value over 7 digits is above U+10FFFF,
+    # which html.unescape turns into U+FFFD whatever its digits, like 9999999.
+    digits = match.group(1).lstrip("0") or "0"
+    return "&#" + (digits if len(digits) <= 7 else "9999999")
+
+
+def _unescape_html(text: str) -> str:
+    if "&#" in text:
+        text = _LONG_DECIMAL_REFERENCE.sub(_short_decimal_reference, text)
+    return html.unescape(text)
+
+
 def _clean_clip_text(text: str) -> str:
     """OpenAI's normalisation: repair mojibake, unescape HTML twice (captions are often
     double-escaped), collapse whitespace, lowercase."""
     text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
+    text = _unescape_html(_unescape_html(text))
     return _collapse_whitespace(text).lower()
+
+
+def max_text_characters(context_length: int) -> int:
+    """The most characters of one text that a row of `context_length` ids is encoded from; texts up
+    to this length are encoded exactly, longer ones are cut (truncate=True) or refused."""
+    return TEXT_CHARACTERS_PER_POSITION * int(context_length)
+
+
+def _cut_text(text: str, limit: int) -> str:
+    """At most `limit` characters from the start of the text after its leading whitespace, ending
+    before a whitespace character in the second half of the window if there is one (so that no
+    word is cut)."""
+    start = _LEADING_WHITESPACE.match(text).end()
+    if len(text) - start <= limit:
+        return text[start:]
+    end = start + limit
+    space = _LAST_SPACE.search(text, start + limit // 2, end + 1)
+    return text[start : space.start() if space is not None else end]
+
+
+def _check_text_characters(text: str, context_length: int, truncate: bool) -> str:
+    """The text itself if it is short enough to be read whole; else its cut (truncate) or an error."""
+    limit = max_text_characters(context_length)
+    if len(text) <= limit:
+        return text
+    if not truncate:
+        raise ValueError(
+            f"text {_shorten(text)!r} is {len(text)} characters long, more than the {limit} a row of "
+            f"context_length={context_length} reads; shorten it or pass truncate=True"
+        )
+    return _cut_text(text, limit)
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -83,7 +155,13 @@ def _as_text_list(texts: TextBatch) -> list[str]:
     result = []
     for index, text in enumerate(texts):
         if isinstance(text, bytes):  # tf.data and grain hand strings over as UTF-8 bytes
-            text = text.decode("utf-8")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"texts[{index}] is not UTF-8: byte 0x{text[error.start]:02x} at position {error.start} "
+                    f"({error.reason}) in {_shorten(repr(text))}"
+                ) from None
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is a {type(text).__name__} ({text!r}); expected str")
         result.append(text)
@@ -263,50 +341,130 @@ class ClipTokenizer:
         self.vocab_size = len(token_to_id)
         self._special_ids = {START_OF_TEXT: self.sot_token_id, END_OF_TEXT: self.eot_token_id}
         self._word_cache: dict[str, tuple[int, ...]] = {}
+        # Bytes of the longest token: a word of B bytes has at least B / this many tokens.
+        self._max_token_bytes = max(
+            len(token) - (len(END_OF_WORD) if token.endswith(END_OF_WORD) else 0)
+            for token in token_to_id
+            if token not in self._special_ids
+        )
+
+    def _merge(self, symbols: list[str]) -> list[str]:
+        """Byte-pair merging: repeatedly take the lowest-ranked pair of adjacent symbols and merge
+        every occurrence of it, left to right without overlap, until no pair has a rank.
+
+        The same result as rescanning the whole word after each merge (OpenAI's loop), in
+        O(n log n): symbols form a linked list and candidate pairs wait in a heap keyed by (rank,
+        position). All entries of the lowest rank are taken at once and merged in position order,
+        which is exactly one left-to-right pass; entries whose pair has changed since are skipped.
+        """
+        count = len(symbols)
+        if count < 2:
+            return symbols
+        ranks = self._merge_ranks
+        following = list(range(1, count + 1))
+        following[-1] = -1
+        preceding = list(range(-1, count - 1))
+        current: list[str | None] = list(symbols)
+        heap = []
+        for position in range(count - 1):
+            rank = ranks.get((symbols[position], symbols[position + 1]))
+            if rank is not None:
+                heap.append((rank, position))
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            batch = []
+            while heap and heap[0][0] == rank:
+                batch.append(heapq.heappop(heap)[1])  # pops in position order
+            for position in batch:
+                first = current[position]
+                right = following[position]
+                if first is None or right < 0 or ranks.get((first, current[right])) != rank:
+                    continue  # merged away, or the pair has changed since it was queued
+                merged = first + current[right]
+                current[position] = merged
+                current[right] = None
+                after = following[right]
+                following[position] = after
+                if after >= 0:
+                    preceding[after] = position
+                # A merged pair never has the rank it was merged at again, so new pairs wait for a
+                # later pass, as in OpenAI's loop.
+                before = preceding[position]
+                if before >= 0:
+                    new_rank = ranks.get((current[before], merged))
+                    if new_rank is not None:
+                        heapq.heappush(heap, (new_rank, before))
+                if after >= 0:
+                    new_rank = ranks.get((merged, current[after]))
+                    if new_rank is not None:
+                        heapq.heappush(heap, (new_rank, position))
+        return [symbol for symbol in current if symbol is not None]
 
     def _bpe_word(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenized word: its UTF-8 bytes as symbols, the last one marked
-        end-of-word, then repeatedly merge the adjacent pair with the lowest merge rank."""
+        end-of-word, merged by rank."""
         cached = self._word_cache.get(word)
         if cached is not None:
             return cached
         symbols = [self._byte_to_symbol[byte] for byte in word.encode("utf-8")]
         symbols[-1] += END_OF_WORD
-        ranks = self._merge_ranks
-        while len(symbols) > 1:
-            best_rank, best_pair = None, None
-            for pair in zip(symbols, symbols[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_pair = rank, pair
-            if best_pair is None:
+        ids = tuple(self._token_to_id[symbol] for symbol in self._merge(symbols))
+        if len(word) <= _CACHED_WORD_CHARACTERS:
+            if len(self._word_cache) >= _BPE_CACHE_LIMIT:
+                self._word_cache.clear()
+            self._word_cache[word] = ids
+        return ids
+
+    def _first_word_ids(self, word: str, needed: int) -> tuple[int, ...]:
+        """The word's ids, or only its first `needed` ones when it is too long to fit anyway: a word
+        of more than max_token_bytes * (needed + margin) bytes has more than `needed` tokens, so
+        only a text that cannot fit in its row takes this path."""
+        limit = self._max_token_bytes * (needed + _PREFIX_MARGIN_TOKENS)
+        if 4 * len(word) <= limit:  # UTF-8 takes at most 4 bytes a character: spares encoding it
+            return self._bpe_word(word)
+        data = word.encode("utf-8")
+        if len(data) <= limit:
+            return self._bpe_word(word)
+        # Byte-level BPE works on bytes, so a cut inside a multi-byte character is fine; the prefix
+        # is not the end of the word, so its last symbol carries no end-of-word mark.
+        symbols = [self._byte_to_symbol[byte] for byte in data[:limit]]
+        return tuple(self._token_to_id[symbol] for symbol in self._merge(symbols)[:needed])
+
+    def _text_ids(self, text: str, limit: int | None) -> list[int]:
+        """Ids of a text (cleaned and lowercased here); with a `limit`, pre-tokenizing stops once
+        that many ids are known and the ids beyond it may be missing."""
+        ids: list[int] = []
+        cache, special_ids = self._word_cache, self._special_ids
+        # findall, not finditer: the texts of rows are bounded (max_text_characters), and pulling
+        # matches one by one costs more than splitting words that are not used.
+        for word in _CLIP_WORD_PATTERN.findall(_clean_clip_text(text)):
+            word_ids = cache.get(word)  # most words of a caption stream: looked up first
+            if word_ids is not None:
+                ids.extend(word_ids)
+            elif word in special_ids:  # OpenAI's tokenizer maps a literal "<|endoftext|>" to its id
+                ids.append(special_ids[word])
+            elif limit is None:
+                ids.extend(self._bpe_word(word))
+            else:
+                ids.extend(self._first_word_ids(word, limit - len(ids)))
+            if limit is not None and len(ids) >= limit:
                 break
-            first, second = best_pair
-            merged, index = [], 0
-            while index < len(symbols):  # merge every occurrence, left to right, without overlap
-                if index + 1 < len(symbols) and symbols[index] == first and symbols[index + 1] == second:
-                    merged.append(first + second)
-                    index += 2
-                else:
-                    merged.append(symbols[index])
-                    index += 1
-            symbols = merged
-        ids = tuple(self._token_to_id[symbol] for symbol in symbols)
-        if len(self._word_cache) >= _BPE_CACHE_LIMIT:
-            self._word_cache.clear()
-        self._word_cache[word] = ids
         return ids
 
     def encode(self, text: str) -> list[int]:
-        """Ids of the cleaned, lowercased text, without start- or end-of-text tokens."""
-        ids: list[int] = []
-        for word in _CLIP_WORD_PATTERN.findall(_clean_clip_text(text)):
-            special_id = self._special_ids.get(word)
-            if special_id is not None:  # OpenAI's tokenizer maps a literal "<|endoftext|>" to its id
-                ids.append(special_id)
-            else:
-                ids.extend(self._bpe_word(word))
-        return ids
+        """Ids of the cleaned, lowercased text, without start- or end-of-text tokens (all of them:
+        no length limit; __call__ reads a bounded part of a text)."""
+        return self._text_ids(text, None)
+
+    def _row(self, text: str, context_length: int, truncate: bool) -> list[int]:
+        text = _check_text_characters(text, context_length, truncate)
+        # One id more than fits tells that the text overflows; the ids after it do not matter.
+        ids = self._text_ids(text, context_length - 1)
+        if len(ids) > context_length - 2 and not truncate:
+            ids = self.encode(text)  # the whole count for the error (a text of bounded length)
+        row = [self.sot_token_id, *ids, self.eot_token_id]
+        return _fit_to_context(row, context_length, truncate, self.eot_token_id, text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; start-of-text is skipped and decoding stops at the first end-of-text, so a
@@ -338,10 +496,7 @@ class ClipTokenizer:
         """(n, context_length) int32 ids. A text too long for the context raises ValueError unless
         truncate=True, which cuts it and keeps end-of-text as the last token."""
         length = self.context_length if context_length is None else _check_context_length(context_length, 2)
-        rows = [
-            _fit_to_context([self.sot_token_id, *self.encode(text), self.eot_token_id], length, truncate, self.eot_token_id, text)
-            for text in _as_text_list(texts)
-        ]
+        rows = [self._row(text, length, truncate) for text in _as_text_list(texts)]
         return _pad_rows(rows, length, self.pad_token_id)
 
     def asset_files(self) -> list[str]:
@@ -424,7 +579,13 @@ class SentencePieceTokenizer:
         truncate=True, which cuts it and keeps end-of-sentence as the last token."""
         length = self.context_length if context_length is None else _check_context_length(context_length, 1)
         rows = [
-            _fit_to_context([*self.encode(text), self.eot_token_id], length, truncate, self.eot_token_id, text)
+            _fit_to_context(
+                [*self.encode(_check_text_characters(text, length, truncate)), self.eot_token_id],
+                length,
+                truncate,
+                self.eot_token_id,
+                text,
+            )
             for text in _as_text_list(texts)
         ]
         return _pad_rows(rows, length, self.pad_token_id)

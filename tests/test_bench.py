@@ -80,3 +80,16 @@ def test_matmul_peak_is_sustained_over_a_window():
     assert metrics.measure_matmul_peak_flops(sizes=(64,), seconds=0.01) > 0
     with pytest.raises(ValueError, match="seconds=0"):
         metrics.measure_matmul_peak(sizes=(64,), seconds=0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from Linux's /proc")
+def test_hostile_inputs_bench_times_the_tokenizer_and_reads_both_shards(tmp_path):
+    stdout = _run(
+        "hostile_inputs.py", "--word-lengths", "2000,4000", "--zeros-mib", "80", "--caption-mib", "1", tmp_path=tmp_path
+    )
+    assert re.search(r"one 4,000-letter word: +\d+\.\d ms", stdout), stdout
+    assert re.search(r"a 1 MB caption of mixed words: +\d+\.\d ms", stdout), stdout
+    shard_lines = [line for line in stdout.splitlines() if line.startswith("a ") and "{" in line]
+    assert len(shard_lines) == 2, stdout
+    for line in shard_lines:  # the oversized member of each shard is skipped and named
+        assert "'member_too_large'" in line, line

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 
 import numpy as np
 import PIL.Image
@@ -137,17 +138,34 @@ def test_missing_shards_fail_when_the_iterator_is_made_not_at_the_first_batch(tm
 def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp_path):
     samples = good_samples("s", 3)
     write_tar(str(tmp_path / "whole.tar"), samples)
-    read, truncated = webdataset.read_tar_samples((tmp_path / "whole.tar").read_bytes())
-    assert not truncated
-    assert [key for key, _ in read] == ["s000", "s001", "s002"]
-    assert read[1][1]["png"] == samples[1][1]["png"] and read[1][1]["txt"] == b"s001"
+    read, problem = webdataset.read_tar_samples((tmp_path / "whole.tar").read_bytes())
+    assert problem is None
+    assert [sample.key for sample in read] == ["s000", "s001", "s002"]
+    assert read[1].files["png"] == samples[1][1]["png"] and read[1].files["txt"] == b"s001"
+    assert all(sample.problem is None for sample in read)
     # Cut inside the last sample's image: the two complete samples are kept.
     whole = (tmp_path / "whole.tar").read_bytes()
     last_image_start = whole.index(samples[2][1]["webp"][:64])
     write_tar(str(tmp_path / "cut.tar"), samples, cut_to=last_image_start + 10)
-    read, truncated = webdataset.read_tar_samples((tmp_path / "cut.tar").read_bytes())
-    assert truncated
-    assert [key for key, _ in read] == ["s000", "s001"]
+    read, problem = webdataset.read_tar_samples((tmp_path / "cut.tar").read_bytes())
+    assert problem == "truncated_shard"
+    assert [sample.key for sample in read] == ["s000", "s001"]
+    # The same from a file object, and compressed: gzip, bzip2 and xz, also cut short.
+    for mode in ("gz", "bz2", "xz"):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode=f"w:{mode}") as archive:
+            archive.addfile(tarfile.TarInfo("empty.txt"))
+            with tarfile.open(str(tmp_path / "whole.tar")) as plain:
+                for member in plain:
+                    archive.addfile(member, plain.extractfile(member))
+        compressed = buffer.getvalue()
+        read, problem = webdataset.read_tar_samples(io.BytesIO(compressed), extensions=("png", "txt"))
+        assert problem is None, mode
+        assert [(sample.key, sorted(sample.files)) for sample in read] == [
+            ("empty", ["txt"]), ("s000", ["txt"]), ("s001", ["png", "txt"]), ("s002", ["txt"])
+        ]  # only the extensions asked for are read
+        read, problem = webdataset.read_tar_samples(compressed[: len(compressed) // 2])
+        assert problem == "truncated_shard", mode
     assert webdataset.split_member_name("dir/000123.seg.PNG") == ("dir/000123", "seg.png")
 
 
@@ -390,3 +408,252 @@ def test_train_py_trains_from_shards_and_checkpoints_the_data_position(bad_shard
     assert saved["batches"] == progress["step"] == 2
     assert logged[1]["data/undecodable_image"] == expected["counters"]["undecodable_image"]
     assert sum(logged[-1][f"data/{name}"] for name in pipeline.SKIP_REASONS) > 0
+
+
+# --- hostile shards: sizes, links, duplicates
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes, read in pieces: a huge member written without holding it in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.block = bytes(1 << 20)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        count = self.left if size < 0 else min(size, self.left)
+        self.left -= count
+        return self.block[:count] if count <= len(self.block) else bytes(count)
+
+
+def add_member(archive: tarfile.TarFile, name: str, content: bytes = b"", **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    for field, value in fields.items():
+        setattr(info, field, value)
+    archive.addfile(info, io.BytesIO(content) if content else None)
+
+
+ISOLATED_READ = """
+import json, os, sys, time
+from clip_jax.data import pipeline
+
+def peak_mib():
+    # VmHWM: this process image's peak resident memory. (ru_maxrss would carry the parent's peak
+    # over fork and exec, and hide the growth.)
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+config = pipeline.default_data_config()
+config.name = "webdataset"
+config.webdataset.shards = sys.argv[1]
+source = pipeline.make_train_source(config, 0, 1)
+start, before = time.perf_counter(), peak_mib()
+problems = {}
+for count, (example, _) in enumerate(source.examples(source.initial_position()), start=1):
+    problems[example.description.rsplit(":", 1)[-1]] = example.problem
+    if count == int(sys.argv[2]):
+        break
+growth = peak_mib() - before
+print(json.dumps({"growth_mib": growth, "seconds": time.perf_counter() - start, "problems": problems}))
+sys.stdout.flush()
+os._exit(0)  # the source is already reading the next epoch in the background: do not wait for it
+"""
+
+
+def read_in_a_fresh_process(pattern: str, examples: int) -> dict:
+    """Reads the first `examples` raw examples of the shards in a new interpreter (so its peak
+    resident memory is this read's alone): {"growth_mib", "seconds", "problems": {key: problem}}."""
+    import json
+    import subprocess
+    import sys
+
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", ISOLATED_READ, pattern, str(examples)],
+        cwd=repository, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from Linux's /proc")
+@pytest.mark.parametrize(
+    "compression,zeros",
+    # gzip: ~5 MB on disk for 1 GiB. bzip2: a few hundred bytes, which one decompress() call without
+    # a size limit (what tarfile's own "r|*" does) would inflate whole.
+    [("gz", 1 << 30), ("bz2", 1 << 29)],
+)
+def test_a_compressed_shard_that_inflates_to_a_gigabyte_is_read_in_bounded_memory(tmp_path, compression, zeros):
+    path = str(tmp_path / f"00000.tar.{compression}")
+    good = good_samples("fine", 2)
+    with tarfile.open(path, f"w:{compression}", compresslevel=1) as archive:
+        for extension, content in good[0][1].items():
+            add_member(archive, f"{good[0][0]}.{extension}", content)
+        info = tarfile.TarInfo("bomb.jpg")
+        info.size = zeros
+        archive.addfile(info, _Zeros(info.size))
+        add_member(archive, "bomb.txt", b"a caption beside a gigabyte of zeros")
+        for extension, content in good[1][1].items():
+            add_member(archive, f"{good[1][0]}.{extension}", content)
+    assert os.path.getsize(path) < 16 << 20
+    read = read_in_a_fresh_process(path, examples=3)
+    assert read["growth_mib"] < 200, read
+    assert read["problems"] == {"fine000": None, "bomb": "member_too_large", "fine001": None}, read
+
+
+def test_an_oversized_caption_is_skipped_unread_and_counted(tmp_path):
+    samples = good_samples("ok", 3)
+    huge_caption = b"word " * (20 << 20)  # 100 MiB
+    samples.insert(1, ("huge", {"jpg": encode(noise_image(50), "JPEG"), "txt": huge_caption}))
+    write_tar(str(tmp_path / "00000.tar"), samples)
+    config = make_data_config(str(tmp_path / "*.tar"))
+    start = time.perf_counter()
+    with make_iterator(config, global_batch_size=3) as iterator:
+        batch = next(iterator)
+        counters = iterator.counters
+    assert time.perf_counter() - start < 5
+    assert sorted(caption_of_row(row) for row in batch["texts"]) == ["ok000", "ok001", "ok002"]
+    assert counters["member_too_large"] == 1
+    # A caption that does pass (up to the cap) costs the real tokenizer bounded time too.
+    from clip_jax.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer()
+    tokenizer(["warm up"], truncate=True)
+    longest_caption = "x" * pipeline.default_data_config().webdataset.max_caption_bytes
+    start = time.perf_counter()
+    tokenizer([longest_caption, "y" + longest_caption[1:]], truncate=True)
+    assert time.perf_counter() - start < 0.2
+
+
+def test_member_and_shard_size_limits_apply_to_every_member(tmp_path):
+    big_image = encode(noise_image(60, 200, 200), "PNG")  # ~120 KB of noise
+    samples = good_samples("a", 2) + [("big", {"png": big_image, "txt": b"big"})] + good_samples("b", 4, start_seed=100)
+    path = str(tmp_path / "00000.tar")
+    write_tar(path, samples)
+    limits = webdataset.ShardLimits(max_member_bytes=len(big_image) - 1, max_caption_bytes=64, max_shard_bytes=1 << 30)
+    with open(path, "rb") as file:
+        read, problem = webdataset.read_tar_samples(file, limits)
+    assert problem is None
+    assert [(sample.key, sample.problem) for sample in read] == [
+        ("a000", None), ("a001", None), ("big", "member_too_large"), ("b000", None), ("b001", None),
+        ("b002", None), ("b003", None),
+    ]  # fmt: skip
+    assert read[2].files == {}  # nothing of a skipped sample is kept
+
+    # The decompressed-bytes cap: the samples wholly before it are kept, the shard is counted once.
+    whole = open(path, "rb").read()
+    b001_image = samples[4][1]["png"]
+    cap = whole.index(b001_image[len(b001_image) // 2 :][:64])  # inside the image of b001 (noise: unique bytes)
+    limits = webdataset.ShardLimits(max_shard_bytes=cap)
+    read, problem = webdataset.read_tar_samples(whole, limits)
+    assert problem == "shard_too_large"
+    assert [sample.key for sample in read] == ["a000", "a001", "big", "b000"]
+    config = make_data_config(str(tmp_path / "*.tar"), max_shard_bytes=cap)
+    with make_iterator(config, global_batch_size=1) as iterator:
+        take(iterator, 4)
+        assert iterator.counters["shard_too_large"] == 1
+
+
+def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(tmp_path):
+    image, other = encode(noise_image(70), "JPEG"), encode(noise_image(71), "JPEG")
+    path = str(tmp_path / "00000.tar")
+    with tarfile.open(path, "w") as archive:
+        add_member(archive, "dir", type=tarfile.DIRTYPE)  # a directory entry is normal in a tar
+        add_member(archive, "dir/good.jpg", image)
+        add_member(archive, "dir/good.txt", b"good")
+        add_member(archive, "dir/symbolic.jpg", type=tarfile.SYMTYPE, linkname="good.jpg")
+        add_member(archive, "dir/symbolic.txt", b"symbolic")
+        add_member(archive, "dir/hard.jpg", type=tarfile.LNKTYPE, linkname="dir/good.jpg")
+        add_member(archive, "dir/hard.txt", b"hard")
+        add_member(archive, "dir/fifo.jpg", type=tarfile.FIFOTYPE)
+        add_member(archive, "dir/fifo.txt", b"fifo")
+        add_member(archive, "dir/twice.jpg", image)
+        add_member(archive, "dir/twice.txt", b"twice")
+        add_member(archive, "dir/twice.jpg", other)  # which image is meant?
+        add_member(archive, "dir/tail.jpg", other)
+        add_member(archive, "dir/tail.txt", b"tail")
+        add_member(archive, "dir/tail.json", type=tarfile.SYMTYPE, linkname="/etc/passwd")  # never read
+    config = make_data_config(str(tmp_path / "*.tar"))
+    source = pipeline.make_train_source(config, 0, 1)
+    problems, order = {}, []
+    for example, position in source.examples(source.initial_position()):
+        if example.epoch == 2:
+            break
+        key = example.description.rsplit(":", 1)[1]
+        problems[key] = example.problem
+        order.append((example.problem, position))
+    source.close()
+    assert problems == {
+        "dir/good": None, "dir/symbolic": "link_member", "dir/hard": "link_member", "dir/fifo": "link_member",
+        "dir/twice": "duplicate_member", "dir/tail": None,
+    }  # fmt: skip
+    # Through the training iterator: two epochs' batches, counters of every example read so far.
+    with make_iterator(config, global_batch_size=2) as iterator:
+        batches = take(iterator, 2)
+        state = iterator.state
+    assert [sorted(caption_of_row(row) for row in batch["texts"]) for batch in batches] == [["good", "tail"]] * 2
+    consumed = order[: [position for _, position in order].index(state["source"]) + 1]
+    expected = {name: 0 for name in pipeline.COUNTER_NAMES}
+    for problem, _ in consumed:
+        if problem is not None:
+            expected[problem] += 1
+    assert expected["link_member"] >= 3 and expected["duplicate_member"] >= 1  # all of epoch 0 at least
+    assert state["counters"] == expected
+    # Counters of several processes add up for the training log (data/<reason>).
+    summed = pipeline.summed_counters([state, state])
+    assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+
+
+def test_a_shard_whose_file_fails_mid_stream_is_counted_not_fatal(tmp_path, monkeypatch):
+    write_tar(str(tmp_path / "00000.tar"), good_samples("a", 3))
+    write_tar(str(tmp_path / "00001.tar"), good_samples("b", 3, start_seed=10))
+
+    class FailsAfterAWhile(io.RawIOBase):
+        """A remote file whose connection drops, with an exception type tarfile does not know."""
+
+        def __init__(self, path: str) -> None:
+            self.file, self.path = open(path, "rb"), path
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if self.path.endswith("00001.tar") and self.file.tell() > 2048:
+                raise RuntimeError("connection reset by peer")
+            data = self.file.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+
+    monkeypatch.setattr(webdataset, "open_shard", FailsAfterAWhile)
+    config = make_data_config(str(tmp_path / "*.tar"), shards_per_window=2)
+    with make_iterator(config, global_batch_size=3) as iterator:
+        batch = next(iterator)
+        counters = iterator.counters
+    assert sorted(caption_of_row(row) for row in batch["texts"]) == ["a000", "a001", "a002"]
+    assert counters["unreadable_shard"] == 1
+
+
+def test_several_shard_patterns_in_one_string(tmp_path):
+    for directory in ("laion", "coco"):
+        os.makedirs(tmp_path / directory)
+        for index in range(3):
+            write_tar(str(tmp_path / directory / f"{index:05d}.tar"), good_samples(f"{directory}{index}-", 1))
+    laion, coco = str(tmp_path / "laion"), str(tmp_path / "coco")
+    expected = sorted([f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)])
+    # Commas outside braces separate patterns; those inside braces are brace lists, as before.
+    assert webdataset.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
+    assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
+    only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
+    assert webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
+    source = pipeline.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
+    assert len(source.shards) == 4
+    source.close()
+    # A missing pattern says how several are written, e.g. a Python list given on the command line.
+    with pytest.raises(ValueError, match="separated by commas") as error:
+        webdataset.resolve_shards(f"['{laion}/*.tar', '{coco}/*.tar']")
+    assert "\n" not in str(error.value)

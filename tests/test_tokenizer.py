@@ -10,8 +10,10 @@ import os
 import pickle
 import random
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 import unicodedata
 
 import ftfy
@@ -452,3 +454,131 @@ def test_get_tokenizer(sentencepiece_model):
     assert isinstance(get_tokenizer(find_bpe_path()), ClipTokenizer)
     with pytest.raises(ValueError, match="bert"):
         get_tokenizer("bert")
+
+
+# --- bad inputs cost bounded time: long words, huge captions, hostile bytes
+
+
+def _random_word(generator: random.Random, length: int, low: int = 0x61, high: int = 0x7A) -> str:
+    return "".join(chr(generator.randint(low, high)) for _ in range(length))
+
+
+def _huge_caption(generator: random.Random, characters: int) -> str:
+    """Words of every parity pool between every kind of separator, `characters` long."""
+    parts, size = [], 0
+    while size < characters:
+        part = generator.choice(generator.choice(POOLS)) + generator.choice(SEPARATORS)
+        parts.append(part)
+        size += len(part)
+    return "".join(parts)[:characters]
+
+
+def _median_seconds(function, inputs) -> float:
+    """Median wall time of function(x) over the inputs (distinct ones, so no cache can answer);
+    fails at once on a run over 2 s so that a quadratic tokenizer fails fast instead of hanging."""
+    times = []
+    for value in inputs:
+        start = time.perf_counter()
+        function(value)
+        elapsed = time.perf_counter() - start
+        if elapsed > 2.0:
+            pytest.fail(f"one run on {len(value)} characters took {elapsed:.1f} s")
+        times.append(elapsed)
+    return statistics.median(times)
+
+
+def test_long_words_and_huge_captions_tokenize_in_bounded_time(clip_tokenizer):
+    generator = random.Random(11)
+    clip_tokenizer(["warm up the caches and the regex engine"], truncate=True)
+    by_length = {
+        length: _median_seconds(lambda text: clip_tokenizer([text], truncate=True),
+                                [_random_word(generator, length) for _ in range(5)])
+        for length in (10_000, 20_000, 40_000)
+    }  # fmt: skip
+    assert by_length[40_000] < 0.05, by_length
+    # Linear growth would be 4x from 10k to 40k characters, quadratic 16x.
+    assert by_length[40_000] < 5 * by_length[10_000] + 0.005, by_length
+    captions = [_huge_caption(generator, 1_000_000) for _ in range(3)]
+    assert _median_seconds(lambda text: clip_tokenizer([text], truncate=True), captions) < 0.05
+    # ftfy's cost is per line, so a flood of short lines is its worst case.
+    lines = ["a\n" * 500_000, "\n" * 1_000_000, " \r\n" * 300_000]
+    assert _median_seconds(lambda text: clip_tokenizer([text], truncate=True), lines) < 0.1
+
+
+def test_truncated_rows_of_long_words_and_texts_equal_open_clip(clip_tokenizer, reference_tokenizer):
+    generator = random.Random(12)
+    # Words long enough that only a prefix of each is encoded, in several scripts; the Latin ones
+    # have the most merges. Before and after them, ordinary text.
+    scripts = [(0x61, 0x7A), (0x61, 0x7A), (0x61, 0x7A), (0xC0, 0x17F), (0x410, 0x44F), (0x4E00, 0x9FFF), (0x1F300, 0x1F64F)]
+    texts = []
+    for low, high in scripts:
+        word = _random_word(generator, generator.randint(3_000, 6_000), low, high)
+        texts += [word, "a photo of " + word + " on a table", _random_string(generator, 20) + " " + word]
+    texts += [_huge_caption(generator, length) for length in (500, 5_000, 20_000, 200_000)]
+    # Padding after the caption, or before it (dropped first), costs nothing.
+    texts += ["a dog on the grass" + " " * 50_000, "a dog\non grass" + "\n" * 50_000, "\n\n  \r\n" * 2000 + "a cat"]
+    for length in (8, 77, 100):
+        np.testing.assert_array_equal(
+            clip_tokenizer(texts, context_length=length, truncate=True),
+            reference_tokenizer(texts, context_length=length).numpy(),
+        )
+    # The full encoding (no truncation) of long words is exact too, with the faster merging.
+    for word in texts[:6]:
+        assert clip_tokenizer.encode(word) == reference_tokenizer.encode(word)
+
+
+def test_text_character_cap_only_cuts_texts_that_cannot_fit(clip_tokenizer, reference_tokenizer):
+    cap = tokenizers.max_text_characters(77)
+    assert cap >= 77 * 32  # more than 75 tokens of the longest kind
+    words = "a photo of a small dog sitting on the grass in the park "
+    at_cap = (words * (cap // len(words) + 1))[:cap]
+    over_cap = words * (2 * cap // len(words))
+    np.testing.assert_array_equal(clip_tokenizer([at_cap, over_cap], truncate=True), reference_tokenizer([at_cap, over_cap]).numpy())
+    # What the cap gives up: a text past it is cut even when its tail would still fit, which only
+    # happens when most of it vanishes in cleaning, like whitespace between words.
+    padded = "a dog " + " " * (2 * cap) + "on the grass"
+    np.testing.assert_array_equal(clip_tokenizer([padded], truncate=True), reference_tokenizer(["a dog"]).numpy())
+    # Without truncation an over-long text is refused, naming its length, in bounded time.
+    with pytest.raises(ValueError, match=f"{len(over_cap)} characters"):
+        clip_tokenizer([over_cap])
+    with pytest.raises(ValueError, match=f"{len(clip_tokenizer.encode(at_cap)) + 2} tokens"):
+        clip_tokenizer([at_cap])
+
+
+def test_numeric_character_references_with_thousands_of_digits(clip_tokenizer, reference_tokenizer):
+    # html.unescape raises on a decimal reference over 4,300 digits (Python's int limit): such a
+    # caption must be read like its short equivalent, not stop the run.
+    # 4,400 digits: over that limit, under the characters a row reads.
+    texts = ["&#" + "0" * 4_400 + "65; dog", "&amp;#" + "0" * 4_400 + "66; cat", "&#" + "9" * 4_400 + "; x"]
+    equivalents = ["&#65; dog", "&amp;#66; cat", "&#99999999; x"]
+    np.testing.assert_array_equal(clip_tokenizer(texts), reference_tokenizer(equivalents).numpy())
+    assert clip_tokenizer.encode("&amp;#" + "0" * 20_000 + "66;") == reference_tokenizer.encode("&#66;")
+
+
+def test_invalid_utf8_is_one_line_naming_the_text_and_byte(clip_tokenizer, sentencepiece_model):
+    for tokenizer in (clip_tokenizer, SentencePieceTokenizer(sentencepiece_model)):
+        with pytest.raises(ValueError) as error:
+            tokenizer([b"a dog", b"caf\xc3\xa9 cr\xe8me"])
+        message = str(error.value)
+        assert type(error.value) is ValueError and "\n" not in message
+        assert "texts[1]" in message and "position 8" in message and "0xe8" in message
+
+
+def test_sentencepiece_long_texts_cost_bounded_time_and_keep_their_ids(sentencepiece_model):
+    tokenizer = SentencePieceTokenizer(sentencepiece_model, context_length=32)
+    generator = random.Random(13)
+    tokenizer(["warm up"], truncate=True)
+    huge = [_huge_caption(generator, 1_000_000) for _ in range(3)]
+    assert _median_seconds(lambda text: tokenizer([text], truncate=True), huge) < 0.05
+    lines = ["a\n" * 500_000, " b" * 500_000, _random_word(generator, 1_000_000)]
+    assert _median_seconds(lambda text: tokenizer([text], truncate=True), lines) < 0.05
+    # Truncated rows are those of the whole text encoded, then cut.
+    texts = _captions(5, seed=3) + [" ".join(_captions(400, seed=4)), _huge_caption(generator, 100_000)] + huge[:1]
+    for length in (4, 32, 200):
+        rows = tokenizer(texts, context_length=length, truncate=True)
+        for row, text in zip(rows, texts):
+            ids = tokenizer.encode(text)
+            expected = ids + [2] if len(ids) < length else ids[: length - 1] + [2]
+            assert list(row[: len(expected)]) == expected and not row[len(expected) :].any(), text[:80]
+    with pytest.raises(ValueError, match="characters"):
+        tokenizer([" ".join(_captions(4000, seed=5))])

@@ -39,7 +39,11 @@ SKIP_REASONS: tuple[str, ...] = (
     "image_too_small",  # shorter side below data.min_image_size
     "image_too_large",  # more pixels than data.max_image_pixels (decompression bombs)
     "extreme_aspect_ratio",  # long side / short side above data.max_aspect_ratio
+    "member_too_large",  # a member over data.webdataset.max_member_bytes / max_caption_bytes: not read
+    "link_member",  # a symbolic or hard link (or device, FIFO) where a sample's file belongs: not followed
+    "duplicate_member",  # two members of one sample with the same name: which one is meant?
     "truncated_shard",  # a tar file that ends mid-archive (the samples before the break are kept)
+    "shard_too_large",  # a shard cut at data.webdataset.max_shard_bytes decompressed bytes (the same)
     "unreadable_shard",  # a shard that could not be read at all
 )
 # Events that are counted but do not drop the example.
@@ -84,10 +88,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.tfds.shuffle_buffer = 10_000  # tf_data reader only: examples in its shuffle buffer
 
     config.webdataset = ml_collections.ConfigDict()
-    config.webdataset.shards = ""  # glob and/or brace range, e.g. "gs://bucket/laion/{00000..01023}.tar"
+    # Globs and/or brace ranges, several separated by commas outside braces, e.g.
+    # "gs://bucket/laion/{00000..01023}.tar,gs://bucket/cc12m/*.tar".
+    config.webdataset.shards = ""
     config.webdataset.image_extensions = "jpg,jpeg,png,webp"  # preferred first when a sample has several
     config.webdataset.text_extension = "txt"
     config.webdataset.shards_per_window = 4  # shards read, mixed and permuted together in memory
+    # Caps on what one shard may cost (bytes); a sample or shard past them is skipped and counted.
+    config.webdataset.max_member_bytes = 64 * 2**20  # one image (or other member) of a sample
+    config.webdataset.max_caption_bytes = 64 * 2**10  # the caption member (text_extension)
+    config.webdataset.max_shard_bytes = 4 * 2**30  # decompressed bytes of one shard
     return config
 
 

@@ -3,26 +3,52 @@
 
 Each epoch the shard list is permuted with the seed and dealt to the processes (shard i of the
 permutation goes to process i mod process_count). A process reads its shards in windows of
-`shards_per_window`, whole into memory, and emits each window's samples in a seeded permutation,
-so a position is just (epoch, window, offset) and resuming re-reads one window.
+`shards_per_window` into memory, and emits each window's samples in a seeded permutation, so a
+position is just (epoch, window, offset) and resuming re-reads one window.
+
+Shards are streamed (plain, gzip, bzip2 or xz tars), never held whole, and reading one costs
+bounded memory whatever it holds: a member over its size cap is skipped unread, a shard stops
+after `max_shard_bytes` decompressed bytes, and links, devices and duplicate names are refused;
+each case is counted (pipeline.SKIP_REASONS).
 """
 
 from __future__ import annotations
 
+import bz2
 import concurrent.futures
+import dataclasses
 import glob as glob_module
+import gzip
 import io
+import logging
+import lzma
 import os
 import re
 import tarfile
-from typing import Iterator, Mapping, Sequence
+import zlib
+from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
 
 import ml_collections
 
 from clip_jax.data.pipeline import RawExample, check_process_layout, epoch_permutation
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 DEFAULT_TEXT_EXTENSION = "txt"
+
+# Default caps (config.data.webdataset.*). img2dataset writes images of tens to hundreds of KB and
+# captions of at most a few KB; a ViT's text tower reads at most ~5 KB of a caption
+# (tokenizer.max_text_characters).
+DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
+DEFAULT_MAX_CAPTION_BYTES = 64 * 2**10
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+
+# tarfile reads a long-name or pax header whole before the member it describes is seen; names and
+# attributes take a few hundred bytes, so a larger header is refused.
+_MAX_EXTENDED_HEADER_BYTES = 2**20
+# Decompressed bytes tarfile asks for at a time: one read of a remote file costs a round trip.
+_READ_BUFFER_BYTES = 2**20
 
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
 _NUMERIC_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -118,12 +144,27 @@ def _glob(pattern: str) -> list[str]:
     return glob_module.glob(pattern)
 
 
+SEVERAL_PATTERNS_HINT = (
+    "several patterns are written as one string, separated by commas outside braces, "
+    "e.g. 'a/*.tar,b/{00000..00009}.tar'"
+)
+
+
+def split_patterns(text: str) -> list[str]:
+    """The patterns of a `data.webdataset.shards` string: separated by commas outside braces
+    (commas inside braces are brace lists), surrounding whitespace and empty parts dropped."""
+    return [part.strip() for part in _split_top_level_commas(text) if part.strip()]
+
+
 def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
     """The shard files named by glob/brace patterns, sorted, each once; raises ValueError when a
-    pattern matches nothing or names a file that does not exist (before any training starts)."""
+    pattern matches nothing or names a file that does not exist (before any training starts).
+
+    `patterns`: one string holding one or more comma-separated patterns (split_patterns), or a
+    sequence of such strings."""
     if isinstance(patterns, str):
         patterns = [patterns]
-    patterns = [pattern.strip() for pattern in patterns if pattern and pattern.strip()]
+    patterns = [pattern for text in patterns if text for pattern in split_patterns(text)]
     if not patterns:
         raise ValueError("data.webdataset.shards is empty: give a glob or brace range of .tar files")
     found: set[str] = set()
@@ -133,7 +174,10 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
             if _GLOB_CHARACTERS.search(expanded):
                 matches = _glob(expanded)
                 if not matches:
-                    raise ValueError(f"data.webdataset.shards: no file matches {expanded!r} (from {pattern!r})")
+                    raise ValueError(
+                        f"data.webdataset.shards: no file matches {expanded!r} (from {pattern!r}); "
+                        f"{SEVERAL_PATTERNS_HINT}"
+                    )
                 found.update(matches)
             else:
                 explicit.append(expanded)
@@ -145,7 +189,10 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
         for directory, paths in by_directory.items():
             names = _list_directory(directory)
             if names is None:
-                raise ValueError(f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r})")
+                raise ValueError(
+                    f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r}); "
+                    f"{SEVERAL_PATTERNS_HINT}"
+                )
             missing = [path for path in paths if _split_directory(path)[1] not in names]
             if missing:
                 raise ValueError(
@@ -156,13 +203,13 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
     return sorted(found)
 
 
-def read_shard_bytes(path: str) -> bytes:
+def open_shard(path: str) -> BinaryIO:
+    """The shard's bytes as a file object, read as they are needed (local or remote)."""
     if _is_remote(path):
         from etils import epath
 
-        return epath.Path(path).read_bytes()
-    with open(path, "rb") as file:
-        return file.read()
+        return epath.Path(path).open("rb")
+    return open(path, "rb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,37 +226,166 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, extension.lower() if dot else ""
 
 
-def read_tar_samples(data: bytes) -> tuple[list[tuple[str, dict[str, bytes]]], bool]:
-    """([(key, {extension: bytes})] in archive order, truncated). Files of one sample are consecutive
-    members sharing a key. A tar that breaks off keeps the complete samples before the break; the
-    sample being read when it broke is dropped (it may be missing files)."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    current_key: str | None = None
-    current_files: dict[str, bytes] = {}
-    truncated = False
+@dataclasses.dataclass(frozen=True)
+class ShardLimits:
+    """What reading one shard may cost; see config.data.webdataset.max_*_bytes."""
+
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # any member but the caption
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES  # a member with the text extension
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # decompressed tar bytes, headers included
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.webdataset.{field.name} must be a positive number of bytes, got {value!r}")
+
+
+class TarSample(NamedTuple):
+    """One sample of a tar: its key, {extension: bytes} of the members read, and a
+    pipeline.SKIP_REASONS entry when a member made it unusable (its files are then not kept)."""
+
+    key: str
+    files: dict[str, bytes]
+    problem: str | None = None
+
+
+class _HeaderTooLarge(Exception):
+    """Raised inside tarfile when a header alone is over _MAX_EXTENDED_HEADER_BYTES."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses a long-name or pax header larger than _MAX_EXTENDED_HEADER_BYTES,
+    which tarfile would read whole into memory. `_proc_member` is tarfile's private dispatch (the
+    same since Python 2.6); should it change, the check is skipped and nothing else breaks."""
+
+    _EXTENDED_TYPES = (
+        tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE
+    )  # fmt: skip
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in self._EXTENDED_TYPES and self.size > _MAX_EXTENDED_HEADER_BYTES:
+            raise _HeaderTooLarge(f"{self.size}-byte extended header at offset {self.offset}")
+        return super()._proc_member(archive)
+
+
+class _Rejoined(io.RawIOBase):
+    """The bytes already read from the start of a file, then the rest of the file."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(file: BinaryIO) -> BinaryIO:
+    """The file's tar bytes, decompressed by its magic number (gzip, bzip2, xz; else as it is).
+
+    The decompressors' read(n) returns at most n bytes however well the input compresses;
+    tarfile's own ("r|*") calls decompress() without that limit, so one 10 KB chunk of a bzip2
+    bomb could become gigabytes."""
+    head = file.read(6)
+    stream = io.BufferedReader(_Rejoined(head, file), buffer_size=_READ_BUFFER_BYTES)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream, mode="rb")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(stream, mode="rb")
+    return stream
+
+
+# What a shard that breaks off mid-way raises, from tarfile or from the decompressors.
+_BROKEN_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def read_tar_samples(
+    source: bytes | BinaryIO,
+    limits: ShardLimits = ShardLimits(),
+    text_extension: str = DEFAULT_TEXT_EXTENSION,
+    extensions: Collection[str] | None = None,
+) -> tuple[list[TarSample], str | None]:
+    """(samples in archive order, shard problem or None), streaming `source` (bytes or a binary
+    file object, plain or gzip/bzip2/xz-compressed).
+
+    Files of one sample are consecutive members sharing a key. Only members whose extension is in
+    `extensions` (all if None) are read or checked. A sample is marked (its files dropped) when one
+    of its members is over its cap (`max_caption_bytes` for `text_extension`, else
+    `max_member_bytes`; never read), is not a regular file (symbolic or hard link, device, FIFO;
+    never followed), or repeats a name. The shard problem: "truncated_shard" when the tar breaks
+    off, "shard_too_large" when the next member would end past `max_shard_bytes` decompressed
+    bytes, "member_too_large" when a header alone is too large; the samples before are kept, the
+    one being read is dropped (it may be missing files)."""
+    file = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    text_extension = text_extension.lower().lstrip(".")
+    wanted = None if extensions is None else {extension.lower() for extension in extensions}
+    samples: list[TarSample] = []
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    seen: set[str] = set()
+    problem: str | None = None
+    shard_problem: str | None = None
+
+    def finish() -> None:
+        if key is not None:
+            samples.append(TarSample(key, {} if problem else files, problem))
+
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        with tarfile.open(
+            fileobj=_decompressed(file), mode="r|", tarinfo=_BoundedTarInfo, bufsize=_READ_BUFFER_BYTES
+        ) as archive:
             for member in archive:
+                # Everything after the header, whether read or skipped, is decompressed.
+                if member.offset_data + member.size > limits.max_shard_bytes:
+                    shard_problem = "shard_too_large"
+                    if split_member_name(member.name)[0] != key:
+                        finish()  # the sample before this member is whole
+                    break
+                if member.isdir():
+                    continue
+                member_key, extension = split_member_name(member.name)
+                if os.path.basename(member_key).startswith("."):  # macOS resource forks and the like
+                    continue
+                if member_key != key:
+                    finish()
+                    key, files, seen, problem = member_key, {}, set(), None
+                if wanted is not None and extension not in wanted:
+                    continue
+                if extension in seen:
+                    problem = problem or "duplicate_member"
+                    continue
+                seen.add(extension)
                 if not member.isfile():
+                    problem = problem or "link_member"
                     continue
-                key, extension = split_member_name(member.name)
-                if os.path.basename(key).startswith("."):  # macOS resource forks and the like
-                    continue
-                if key != current_key:
-                    if current_key is not None:
-                        samples.append((current_key, current_files))
-                    current_key, current_files = key, {}
+                cap = limits.max_caption_bytes if extension == text_extension else limits.max_member_bytes
+                if member.size > cap:
+                    problem = problem or "member_too_large"
+                if problem is not None:
+                    continue  # a sample already lost is not read on
                 handle = archive.extractfile(member)
                 content = handle.read() if handle is not None else b""
                 if len(content) != member.size:
                     raise tarfile.ReadError(f"member {member.name!r} is cut short")
-                current_files[extension] = content
-    except (tarfile.TarError, EOFError, OSError, ValueError):
-        truncated = True
-        current_key = None  # the sample being read when the archive broke off
-    if current_key is not None:
-        samples.append((current_key, current_files))
-    return samples, truncated
+                files[extension] = content
+    except _HeaderTooLarge:
+        shard_problem = "member_too_large"
+    except _BROKEN_SHARD_ERRORS:
+        shard_problem = "truncated_shard"
+    if shard_problem is None:
+        finish()
+    return samples, shard_problem
 
 
 def _pick_image(files: Mapping[str, bytes], image_extensions: Sequence[str]) -> bytes | None:
@@ -240,6 +416,7 @@ class WebDatasetSource:
         shards_per_window: int = 4,
         image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
         text_extension: str = DEFAULT_TEXT_EXTENSION,
+        limits: ShardLimits = ShardLimits(),
     ) -> None:
         check_process_layout(process_index, process_count)
         self.shards = list(shards)
@@ -260,6 +437,7 @@ class WebDatasetSource:
         self.text_extension = text_extension.lower().lstrip(".")
         if not self.image_extensions or not self.text_extension:
             raise ValueError(f"image extensions {image_extensions!r} and text extension {text_extension!r} must be set")
+        self.limits = limits
         self._windows_cache: tuple[int, list[list[int]]] = (-1, [])
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, shards_per_window), thread_name_prefix="clip_jax-shards"
@@ -288,14 +466,22 @@ class WebDatasetSource:
         self._windows_cache = (epoch, windows)
         return windows
 
-    def _read_shard(self, shard_index: int) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
+    def _read_shard(self, shard_index: int) -> tuple[list[TarSample], str | None]:
         path = self.shards[shard_index]
         try:
-            data = read_shard_bytes(path)
+            file = open_shard(path)
         except Exception:  # OSError locally; remote file systems raise their own kinds
             return [], "unreadable_shard"
-        samples, truncated = read_tar_samples(data)
-        return samples, "truncated_shard" if truncated else None
+        # Only the files a sample is made of are read: the rest (.json, ...) are skipped unread.
+        extensions = (*self.image_extensions, self.text_extension)
+        try:
+            with file:
+                return read_tar_samples(file, self.limits, self.text_extension, extensions)
+        except Exception as error:  # noqa: BLE001 - remote file systems raise their own kinds mid-stream
+            # read_tar_samples handles what a broken tar raises; anything else (a network error
+            # of a remote file system) must not stop training either.
+            logger.warning("Cannot read shard %s: %s: %s", path, type(error).__name__, error)
+            return [], "unreadable_shard"
 
     def _start_window(self, epoch: int, window: int) -> list[concurrent.futures.Future]:
         windows = self._windows(epoch)
@@ -318,11 +504,12 @@ class WebDatasetSource:
                 problems.append(
                     RawExample(None, None, (shard_index, -1), epoch, problem=problem, description=f"shard {path}")
                 )
-            for member_index, (key, files) in enumerate(shard_samples):
+            for member_index, (key, files, problem) in enumerate(shard_samples):
                 image = _pick_image(files, self.image_extensions)
                 text = files.get(self.text_extension)
-                problem = None
-                if image is None:
+                if problem is not None:
+                    image = text = None
+                elif image is None:
                     problem = "missing_image"
                 elif text is None:
                     problem = "missing_caption"
@@ -376,4 +563,9 @@ def source_from_config(data_config: ml_collections.ConfigDict, process_index: in
         shards_per_window=int(settings.shards_per_window),
         image_extensions=extensions,
         text_extension=str(settings.text_extension),
+        limits=ShardLimits(
+            max_member_bytes=int(settings.max_member_bytes),
+            max_caption_bytes=int(settings.max_caption_bytes),
+            max_shard_bytes=int(settings.max_shard_bytes),
+        ),
     )
