@@ -98,7 +98,8 @@ def assert_trees_close(actual, expected, tolerance=RELATIVE_TOLERANCE):
 
 
 def clamped_scale(params):
-    return jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0)))
+    # open_clip clamps the log-temperature to [0, ln 100] (`logit_scale.clamp_(0, math.log(100))`).
+    return jnp.exp(jnp.clip(params["logit_scale"], 0.0, jnp.log(100.0)))
 
 
 def make_vit_reference(model):
@@ -245,10 +246,11 @@ def state_on(host_state, config, model, mesh):
     return jax.device_put(host_state, shardings), shardings
 
 
-# (loss, (data, fsdp, model) mesh, loss implementation, micro-batches). Two cases carry a twist
-# that costs no extra compilation: a temperature beyond the clamp, and a frozen image tower (LiT).
+# (loss, (data, fsdp, model) mesh, loss implementation, micro-batches). Three cases carry a twist
+# that costs no extra compilation: a temperature beyond either end of the clamp, and a frozen image
+# tower (LiT).
 CASES = {
-    "softmax-data_parallel-all_gather": ("softmax", (8, 1, 1), "all_gather", 1),
+    "softmax-data_parallel-all_gather-negative_temperature": ("softmax", (8, 1, 1), "all_gather", 1),
     "sigmoid-data_parallel-ring-clamped_temperature": ("sigmoid", (8, 1, 1), "ring", 1),
     "softmax-fsdp-ring-frozen_image_tower": ("softmax", (2, 4, 1), "ring", 1),
     "sigmoid-fsdp-all_gather": ("sigmoid", (2, 4, 1), "all_gather", 1),
@@ -261,9 +263,13 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
     loss, mesh_shape, impl, accumulation_steps = CASES[case]
     model, host_state = vit["model"], vit["host_state"]
     clamped, frozen = case.endswith("clamped_temperature"), case.endswith("frozen_image_tower")
+    negative = case.endswith("negative_temperature")
     if clamped:
         # A temperature beyond the clamp: the forward uses 100 and the parameter is clamped back.
         host_state = host_state.replace(params={**host_state.params, "logit_scale": np.float32(np.log(200.0))})
+    if negative:
+        # A log-temperature below 0: the forward uses a scale of 1 and the parameter is clamped to 0.
+        host_state = host_state.replace(params={**host_state.params, "logit_scale": np.float32(-1.0)})
     config = make_config(loss, impl, mesh_shape, accumulation_steps, freeze_regex="^visual/" if frozen else "")
     mesh = make_mesh(config.mesh)
     if frozen:  # the optimizer state of a frozen tower is empty: start from zeros of its shape
@@ -300,6 +306,10 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
         assert float(expected_gradients["logit_scale"]) == 0.0
         assert float(new_state.params["logit_scale"]) == pytest.approx(math.log(100.0), rel=1e-6)
         assert float(metrics["logit_bias"]) == pytest.approx(-10.0)
+    elif negative:
+        assert float(metrics["logit_scale"]) == 1.0
+        assert float(expected_gradients["logit_scale"]) == 0.0
+        assert float(new_state.params["logit_scale"]) == 0.0
     else:
         assert float(metrics["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-6)
     # The state was donated: its buffers now belong to the new state.

@@ -68,6 +68,9 @@ def make_train_step(
     exponentiated, clamped scale of the forward), learning_rate (of this update), grad_norm (global
     norm before clipping) and, for the sigmoid loss, logit_bias.
 
+    The temperature is clamped to [1, max_logit_scale] (the log-parameter to [0, log max]) in the
+    forward and after each update, as open_clip's `logit_scale.clamp_(0, math.log(100))`.
+
     With config.accumulation_steps = k > 1 the gradient is that of the whole batch (GradCache): all
     k micro-batches are embedded without keeping activations, the loss and its gradient with
     respect to the embeddings are computed on the whole batch, then each micro-batch's forward is
@@ -88,6 +91,10 @@ def make_train_step(
     if max_logit_scale <= 0:
         raise ValueError(f"loss.max_logit_scale must be > 0; got {max_logit_scale}")
     max_log_scale = math.log(max_logit_scale)
+
+    def clamp_log_scale(log_scale: jax.Array) -> jax.Array:
+        return jnp.clip(log_scale, 0.0, max_log_scale)
+
     accumulation_steps = int(config.accumulation_steps)
     check_batch_divisible(int(config.global_batch_size), mesh, accumulation_steps)
     update_batch_stats = bool(config.train_batch_norm) and not model.config.vision.is_vit
@@ -117,7 +124,7 @@ def make_train_step(
 
     def head_loss(head_params, image_embeds, text_embeds):
         """The global-batch loss from the embeddings and the temperature (and bias) parameters."""
-        logit_scale = jnp.exp(jnp.minimum(head_params["logit_scale"], max_log_scale))
+        logit_scale = jnp.exp(clamp_log_scale(head_params["logit_scale"]))
         return loss_fn(image_embeds, text_embeds, logit_scale, head_params.get("logit_bias"))
 
     def compute_gradients(params, batch_stats, images, texts, stop_frozen):
@@ -210,7 +217,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(gradients, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # As open_clip: the temperature parameter itself is clamped after every update.
-        params = {**params, "logit_scale": jnp.minimum(params["logit_scale"], max_log_scale)}
+        params = {**params, "logit_scale": clamp_log_scale(params["logit_scale"])}
         accuracy_image_to_text, accuracy_text_to_image = accuracy_fn(
             jax.lax.stop_gradient(image_embeds), jax.lax.stop_gradient(text_embeds)
         )
@@ -218,7 +225,7 @@ def make_train_step(
             "loss": loss,
             "accuracy_image_to_text": accuracy_image_to_text,
             "accuracy_text_to_image": accuracy_text_to_image,
-            "logit_scale": jnp.exp(jnp.minimum(state.params["logit_scale"], max_log_scale)),
+            "logit_scale": jnp.exp(clamp_log_scale(state.params["logit_scale"])),
             "learning_rate": schedule(state.step),
             "grad_norm": optax.tree.norm(gradients),
         }
