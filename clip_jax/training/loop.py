@@ -25,7 +25,7 @@ from clip_jax.data import pipeline
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
-from clip_jax.training import checkpointing
+from clip_jax.training import checkpointing, nonfinite
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
 from clip_jax.training.step import make_train_step
 
@@ -71,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
     config.optimizer.grad_clip_norm = 1.0  # 0 = off
     config.optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
+
+    # A step whose loss, gradient or update is NaN or inf is not applied (docs/training.md,
+    # "Non-finite steps"): "skip" counts it and stops the run after more than
+    # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
+    config.nonfinite = nonfinite.default_config()
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1 = the devices the other axes leave

@@ -18,6 +18,7 @@ from clip_jax.models import CLIP
 from clip_jax.sharding import (
     BATCH_AXES, activation_sharding, batch_axis_size, batch_sharding, check_batch_divisible, replicated,
 )
+from clip_jax.training.nonfinite import finite_leaf_flags, tolerated_skips
 from clip_jax.training.optimizer import frozen_mask, learning_rate_schedule, make_optimizer
 from clip_jax.training.state import TrainState
 
@@ -63,10 +64,21 @@ def make_train_step(
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
     sharded over `BATCH_AXES`. Reads config.loss (name, impl, max_logit_scale), config.optimizer
     (through `make_optimizer`), config.total_steps, config.global_batch_size,
-    config.accumulation_steps and config.train_batch_norm. `metrics` holds float32 scalars: loss,
-    accuracy_image_to_text, accuracy_text_to_image (in-batch, global), logit_scale (the
-    exponentiated, clamped scale of the forward), learning_rate (of this update), grad_norm (global
-    norm before clipping) and, for the sigmoid loss, logit_bias.
+    config.accumulation_steps, config.train_batch_norm and config.nonfinite. `metrics` holds float32
+    scalars: loss, accuracy_image_to_text, accuracy_text_to_image (in-batch, global), logit_scale
+    (the exponentiated, clamped scale of the forward), learning_rate (of this update), grad_norm
+    (global norm before clipping), nonfinite (1 if this step's update was not finite), skipped_steps
+    (the state's total after this step) and, for the sigmoid loss, logit_bias.
+
+    The non-finite guard: the update is applied only if the loss, the gradient norm and the updated
+    parameters and BatchNorm statistics are all finite, and the steps skipped in a row just before
+    are no more than config.nonfinite tolerates ("stop" tolerates none). Otherwise params,
+    opt_state and batch_stats come out bit for bit as they went in and the state's skip counters
+    grow. `state.step` advances either way, so the loop's step, the data position and the
+    checkpoints stay aligned; the optimizer's own counts (Adam's bias correction, the learning rate
+    schedule) count applied updates only, so each skipped step delays the rest of the schedule by
+    one step, as if the skipped batch had not been drawn. Once past the tolerated number nothing is
+    applied until the loop, which reads the counters when it syncs, stops the run.
 
     The temperature is clamped to [1, max_logit_scale] (the log-parameter to [0, log max]) in the
     forward and after each update, as open_clip's `logit_scale.clamp_(0, math.log(100))`.
@@ -95,6 +107,7 @@ def make_train_step(
     def clamp_log_scale(log_scale: jax.Array) -> jax.Array:
         return jnp.clip(log_scale, 0.0, max_log_scale)
 
+    tolerated = tolerated_skips(config.nonfinite)
     accumulation_steps = int(config.accumulation_steps)
     check_batch_divisible(int(config.global_batch_size), mesh, accumulation_steps)
     update_batch_stats = bool(config.train_batch_norm) and not model.config.vision.is_vit
@@ -218,6 +231,24 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         # As open_clip: the temperature parameter itself is clamped after every update.
         params = {**params, "logit_scale": clamp_log_scale(params["logit_scale"])}
+        grad_norm = optax.tree.norm(gradients)
+        # A finite loss and gradient can still overflow the update (a huge learning rate): the
+        # updated parameters are checked too, so an applied update always leaves a finite state.
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(finite_leaf_flags((params, new_batch_stats)))
+        )
+        apply = finite & (state.consecutive_skipped_steps <= tolerated)
+        # A select, not optax.apply_if_finite: that wraps the optimizer state, accepts updates
+        # again after its limit and leaves the BatchNorm statistics alone; a select keeps every
+        # leaf bit-identical when skipped and is fused into the update's element-wise pass.
+        params, opt_state, new_batch_stats = jax.tree.map(
+            lambda new, old: jnp.where(apply, new, old),
+            (params, opt_state, new_batch_stats),
+            (state.params, state.opt_state, state.batch_stats),
+        )
+        skipped = jnp.logical_not(apply).astype(jnp.int32)
+        skipped_steps = state.skipped_steps + skipped
+        consecutive_skipped_steps = jnp.where(apply, 0, state.consecutive_skipped_steps + 1)
         accuracy_image_to_text, accuracy_text_to_image = accuracy_fn(
             jax.lax.stop_gradient(image_embeds), jax.lax.stop_gradient(text_embeds)
         )
@@ -226,13 +257,21 @@ def make_train_step(
             "accuracy_image_to_text": accuracy_image_to_text,
             "accuracy_text_to_image": accuracy_text_to_image,
             "logit_scale": jnp.exp(clamp_log_scale(state.params["logit_scale"])),
-            "learning_rate": schedule(state.step),
-            "grad_norm": optax.tree.norm(gradients),
+            # The optimizer's schedule counts applied updates: steps so far less those skipped.
+            "learning_rate": schedule(state.step - state.skipped_steps),
+            "grad_norm": grad_norm,
+            "nonfinite": jnp.logical_not(finite),
+            "skipped_steps": skipped_steps,
         }
         if loss_name == "sigmoid":
             metrics["logit_bias"] = state.params["logit_bias"]
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=new_batch_stats
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            batch_stats=new_batch_stats,
+            skipped_steps=skipped_steps,
+            consecutive_skipped_steps=consecutive_skipped_steps,
         )
         return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
