@@ -78,8 +78,14 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     initialize_distributed()
     from clip_jax.training.loop import train_and_evaluate
+    from clip_jax.training.nonfinite import NonFiniteError
 
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except NonFiniteError as error:
+        # Not a crash: one line saying where to resume from, and an exit status of its own.
+        print(error, file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -617,6 +617,8 @@ def _train_and_evaluate(
     )
 
     writer = metrics.MetricsWriter(workdir)
+    # Stops the run (NonFiniteError) on non-finite steps; reads the state only when the loop syncs.
+    guard = nonfinite.Guard(config.nonfinite, checkpointer, mesh, announce)
     writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
     eval_settings = evaluation_settings(config) if int(config.eval.num_examples) else None
     if eval_settings is not None and dataset is None:
@@ -640,6 +642,8 @@ def _train_and_evaluate(
         announce(f"step {step}: {evaluation_summary(results)}")
 
     def save(step: int, force: bool) -> None:
+        if force or checkpointer.manager.should_save(step):
+            guard.check_before_save(state, step)  # never save a state that is not finite
         progress = {"step": step, "data_position": data_position}
         if data_state is not None and (force or checkpointer.manager.should_save(step)):
             progress["data_states"] = pipeline.gather_states(data_state)  # a collective: only when saving
@@ -697,6 +701,7 @@ def _train_and_evaluate(
                     scalars.update({f"data/{name}": count for name, count in counters.items()})
                 writer.write(step, scalars)
                 progress_bar.show({name: scalars.get(name) for name in ("loss", "pairs_per_second", "mfu")})
+                guard.check_counters(state, step)
                 last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
 
             if preemption.should_stop(step):

@@ -101,7 +101,8 @@ class Guard:
     def check_counters(self, state: Any, step: int) -> None:
         """Stop the run if more steps in a row were skipped than the policy tolerates; announce
         skips since the last check."""
-        skipped, consecutive = (int(value) for value in jax.device_get((state.skipped_steps, state.consecutive_skipped_steps)))
+        counters = jax.device_get((state.skipped_steps, state.consecutive_skipped_steps))
+        skipped, consecutive = (int(value) for value in counters)
         if consecutive > self.tolerated:
             # Once past the limit the step applies nothing more, so the streak's first step is exact.
             first = step - consecutive + 1
