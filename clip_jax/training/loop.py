@@ -26,6 +26,7 @@ from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing, nonfinite
+from clip_jax.training.optimizer import check_optimizer_config
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
 from clip_jax.training.step import make_train_step
 
@@ -174,6 +175,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "global_batch_size", "log_every_steps", "eval_every_steps", "accumulation_steps"):
         if int(config[field]) < 1:
             raise ValueError(f"{field} must be >= 1; got {config[field]}")
+    # Numbers that would make training diverge or never stop diverging: the learning rate and the
+    # rest of AdamW's settings, and the non-finite guard's policy.
+    check_optimizer_config(config.optimizer, int(config.total_steps))
+    nonfinite.check_config(config.nonfinite)
     if int(config.eval.num_examples) < 0:
         raise ValueError(f"eval.num_examples must be >= 0; got {config.eval.num_examples}")
     if int(config.eval.num_examples):
