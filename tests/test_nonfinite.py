@@ -1,23 +1,29 @@
 """The non-finite guard of training, end to end: a run whose loss turns NaN (the user's
 `--config.optimizer.learning_rate=1e6`) stops with a non-zero exit and a message naming the step
 and the last good checkpoint, and leaves only finite checkpoints; the guard refuses to save a
-state that is not finite."""
+state that is not finite; `clip_jax.load` warns about non-finite weights."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import linen as nn
 
+from clip_jax.checkpoint import load, save_model_directory
 from clip_jax.metrics import read_jsonl
+from clip_jax.models import CLIP, get_model_config
 from clip_jax.sharding import make_mesh
+from clip_jax.tokenizer import ClipTokenizer
 from clip_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,3 +195,53 @@ def test_the_guard_stops_on_the_consecutive_skip_counter(policy, consecutive, st
     for check in (guard.check_counters, guard.check_before_save):
         with pytest.raises(nonfinite.NonFiniteError, match=rf"at steps? {first}\b.*no checkpoint"):
             check(state, step=6)
+
+
+# ---- clip_jax.load warns about non-finite weights ----------------------------------------------
+
+
+def _tiny_vit_variables(nan: bool) -> tuple:
+    spec = get_model_config("tiny-vit")
+    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(spec).init_variables(jax.random.key(0))))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), shapes)
+    if nan:
+        variables["params"]["text"]["token_embedding"][0, 0] = np.nan
+    return spec, variables
+
+
+def _nonfinite_warnings(record) -> list[str]:
+    return [str(warning.message) for warning in record if "non-finite" in str(warning.message)]
+
+
+def test_load_warns_about_a_model_directory_with_non_finite_weights(tmp_path):
+    tokenizer = ClipTokenizer()
+    for name, nan in (("finite", False), ("nan", True)):
+        spec, variables = _tiny_vit_variables(nan)
+        save_model_directory(str(tmp_path / name), spec, variables, tokenizer)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load(str(tmp_path / "finite"))
+    assert _nonfinite_warnings(record) == []
+    with pytest.warns(RuntimeWarning) as record:
+        load(str(tmp_path / "nan"))
+    (message,) = _nonfinite_warnings(record)
+    count = len(jax.tree.leaves(variables))
+    assert str(tmp_path / "nan") in message
+    assert f"1 of {count} arrays" in message and "params/text/token_embedding" in message
+
+
+def test_load_warns_about_a_training_workdir_with_non_finite_weights(tmp_path):
+    spec, variables = _tiny_vit_variables(nan=True)
+    tokenizer = ClipTokenizer()
+    workdir = str(tmp_path / "workdir")
+    checkpointer = checkpointing.TrainingCheckpointer(workdir, async_save=False)
+    record = {"model": spec.to_dict(), "tokenizer": tokenizer.to_config()}
+    checkpointer.save(1, variables, {"step": 1, "data_position": 1}, record, force=True)
+    checkpointer.close()
+    for asset in tokenizer.asset_files():
+        shutil.copy(asset, workdir)
+    with pytest.warns(RuntimeWarning) as warned:
+        load(workdir)
+    (message,) = _nonfinite_warnings(warned)
+    assert workdir in message and "params/text/token_embedding" in message
