@@ -2,7 +2,7 @@
 step applies, and the checks the loop makes when it syncs with the devices anyway.
 
 The train step (clip_jax.training.step) applies an update only when the loss, the gradient's global
-norm and the updated parameters and BatchNorm statistics are all finite; otherwise the parameters,
+norm and the new BatchNorm statistics are all finite; otherwise the parameters,
 optimizer state and statistics stay bit for bit as they were and the state's counters
 `skipped_steps` and `consecutive_skipped_steps` grow. Nothing is fetched per step: the loop reads the
 counters at log steps and before every save (`Guard`), and stops the run with `NonFiniteError`

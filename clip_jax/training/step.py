@@ -70,9 +70,9 @@ def make_train_step(
     (global norm before clipping), nonfinite (1 if this step's update was not finite), skipped_steps
     (the state's total after this step) and, for the sigmoid loss, logit_bias.
 
-    The non-finite guard: the update is applied only if the loss, the gradient norm and the updated
-    parameters and BatchNorm statistics are all finite, and the steps skipped in a row just before
-    are no more than config.nonfinite tolerates ("stop" tolerates none). Otherwise params,
+    The non-finite guard: the update is applied only if the loss, the gradient norm and the new
+    BatchNorm statistics are all finite, and the steps skipped in a row just before are no more
+    than config.nonfinite tolerates ("stop" tolerates none). Otherwise params,
     opt_state and batch_stats come out bit for bit as they went in and the state's skip counters
     grow. `state.step` advances either way, so the loop's step, the data position and the
     checkpoints stay aligned; the optimizer's own counts (Adam's bias correction, the learning rate
@@ -227,24 +227,34 @@ def make_train_step(
         loss, gradients, (image_embeds, text_embeds), new_batch_stats = compute_gradients(
             state.params, state.batch_stats, images, texts, stop_frozen
         )
-        updates, opt_state = optimizer.update(gradients, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # As open_clip: the temperature parameter itself is clamped after every update.
-        params = {**params, "logit_scale": clamp_log_scale(params["logit_scale"])}
         grad_norm = optax.tree.norm(gradients)
-        # A finite loss and gradient can still overflow the update (a huge learning rate): the
-        # updated parameters are checked too, so an applied update always leaves a finite state.
-        finite = (
-            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(finite_leaf_flags((params, new_batch_stats)))
-        )
+        # A NaN or inf anywhere in the gradients makes their global norm NaN or inf. The updated
+        # parameters are not tested: that would need the update computed before choosing it; a
+        # finite gradient that overflows a parameter (an absurd learning rate) is caught by the
+        # loop's check before each save (clip_jax.training.nonfinite) or at the next step's loss.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(finite_leaf_flags(new_batch_stats))
         apply = finite & (state.consecutive_skipped_steps <= tolerated)
-        # A select, not optax.apply_if_finite: that wraps the optimizer state, accepts updates
-        # again after its limit and leaves the BatchNorm statistics alone; a select keeps every
-        # leaf bit-identical when skipped and is fused into the update's element-wise pass.
-        params, opt_state, new_batch_stats = jax.tree.map(
-            lambda new, old: jnp.where(apply, new, old),
-            (params, opt_state, new_batch_stats),
-            (state.params, state.opt_state, state.batch_stats),
+
+        def update(operands):
+            params, opt_state, _, gradients, new_batch_stats = operands
+            updates, opt_state = optimizer.update(gradients, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            # As open_clip: the temperature parameter itself is clamped after every update.
+            params = {**params, "logit_scale": clamp_log_scale(params["logit_scale"])}
+            return params, opt_state, new_batch_stats
+
+        def keep(operands):
+            params, opt_state, batch_stats, _, _ = operands
+            return params, opt_state, batch_stats
+
+        # A cond, as optax.apply_if_finite (which itself would wrap the optimizer state, accept
+        # updates again after its limit and leave the BatchNorm statistics out): a skipped step
+        # returns its inputs untouched, bit for bit, and computes no update. An element-wise
+        # jnp.where(apply, new, old) over the state measured worse: XLA copies the donated state
+        # so as to read the old values after writing the new (ViT-B/32 step compiled for CPU:
+        # 1.55 GB of copies per step against 0.32 GB without the guard; with the cond, 0.30 GB).
+        params, opt_state, new_batch_stats = jax.lax.cond(
+            apply, update, keep, (state.params, state.opt_state, state.batch_stats, gradients, new_batch_stats)
         )
         skipped = jnp.logical_not(apply).astype(jnp.int32)
         skipped_steps = state.skipped_steps + skipped
