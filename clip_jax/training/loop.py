@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0  # 0 = off
     config.optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
 
-    # A step whose loss, gradient or update is NaN or inf is not applied (docs/training.md,
+    # A step whose loss or gradient is NaN or inf is not applied (docs/training.md,
     # "Non-finite steps"): "skip" counts it and stops the run after more than
     # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
     config.nonfinite = nonfinite.default_config()
