@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -205,6 +206,24 @@ def load_model_directory(
     return config, variables
 
 
+def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
+    """One RuntimeWarning if an array of `variables` holds NaN or inf: such weights load, but the
+    outputs they touch are NaN (a diverged run's checkpoint, a broken conversion)."""
+    from clip_jax.training.nonfinite import nonfinite_paths
+
+    # Reduced where the arrays live: only one bool per array comes to the host.
+    flags = np.array(jax.device_get([jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(variables)]))
+    if flags.all():
+        return
+    paths = nonfinite_paths(variables, flags)
+    warnings.warn(
+        f"{path}: {len(paths)} of {flags.size} arrays hold non-finite values (NaN or inf), first {paths[0]}; "
+        "the model's outputs will not be finite",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def load(
     path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
 ) -> tuple[CLIP, dict[str, Any], Callable, Any]:
@@ -213,7 +232,7 @@ def load(
     `path` is a directory written by `python -m clip_jax.convert` / `save_model_directory`, a training
     workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
-    spec if it should not be read off the shapes).
+    spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
 
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
@@ -245,5 +264,6 @@ def load(
         variables = jax.device_put(variables, _single_device_sharding())
     else:
         raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")
+    warn_if_not_finite(path, variables)
     preprocess = transforms.make_eval_transform(config.vision.image_size)
     return CLIP(config), variables, preprocess, text_tokenizer

@@ -52,7 +52,8 @@ def quiet_library_logs() -> None:
 @contextlib.contextmanager
 def one_line_errors(verbose: bool = False) -> Iterator[None]:
     """Run the body; an exception becomes `error: ...` on stderr and exit status 1 (re-raised
-    whole when `verbose`). KeyboardInterrupt and SystemExit pass through."""
+    whole when `verbose`). An exception with an `exit_code` attribute is a deliberate stop: its
+    message alone, and that status. KeyboardInterrupt and SystemExit pass through."""
     if not verbose:
         quiet_library_logs()
     try:
@@ -60,8 +61,13 @@ def one_line_errors(verbose: bool = False) -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:
+        exit_code = getattr(error, "exit_code", None)
         if verbose:
             raise
         sys.stdout.flush()
+        if exit_code is not None:
+            # A deliberate stop (e.g. the non-finite guard): its message is the whole report.
+            print(one_line(error), file=sys.stderr, flush=True)
+            raise SystemExit(exit_code) from None
         print(f"error: {one_line(error)} (--verbose shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_FAILURE) from None

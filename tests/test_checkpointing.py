@@ -44,6 +44,8 @@ FLAGS = [
 # SIGKILL while that save is being written.
 KILLING_LAUNCHER = """
 import os, runpy, signal, sys
+# Import clip_jax from train.py's checkout, as `python train.py` would, not from an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
 from clip_jax.training import checkpointing
 
 KILL_AT = int(os.environ["KILL_AT_STEP"])

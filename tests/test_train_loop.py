@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -161,13 +162,22 @@ def never_compile(monkeypatch):
         ("model.name", "ViT-X-99", "unknown model 'ViT-X-99'"),
         ("loss.name", "hinge", "unknown loss.name 'hinge'"),
         ("eval.prompt_modes", "ensemble,best", "unknown prompt mode"),
+        # A negative learning rate trains uphill; the rest make AdamW or the guard meaningless.
+        ("optimizer.learning_rate", -0.001, "optimizer.learning_rate must be a finite number > 0; got -0.001"),
+        ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number > 0; got nan"),
+        ("optimizer.warmup_steps", 2000, "optimizer.warmup_steps (2000) must be >= 0 and smaller than total_steps (1500)"),
+        ("optimizer.b2", 1.0, "optimizer.b2 must be in [0, 1); got 1.0"),
+        ("optimizer.eps", 0.0, "optimizer.eps must be > 0; got 0.0"),
+        ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0; got -0.1"),
+        ("nonfinite.policy", "ignore", "unknown nonfinite.policy 'ignore'"),
+        ("nonfinite.max_consecutive_skips", 0, "nonfinite.max_consecutive_skips must be >= 1"),
     ],
 )
 def test_clear_errors_before_compiling(never_compile, tmp_path, field, value, message):
     config = _default_config()
     config.update_from_flattened_dict({field: value})
     workdir = str(tmp_path / "workdir")
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         loop.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)
 

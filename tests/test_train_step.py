@@ -54,6 +54,7 @@ def make_config(loss="softmax", impl="all_gather", mesh=(8, 1, 1), accumulation_
         )
     )
     config.optimizer.update(optimizer)
+    config.nonfinite = ml_collections.ConfigDict(dict(policy="skip", max_consecutive_skips=10))
     config.mesh = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "model"), mesh)))
     return config
 
@@ -98,7 +99,8 @@ def assert_trees_close(actual, expected, tolerance=RELATIVE_TOLERANCE):
 
 
 def clamped_scale(params):
-    return jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0)))
+    # open_clip clamps the log-temperature to [0, ln 100] (`logit_scale.clamp_(0, math.log(100))`).
+    return jnp.exp(jnp.clip(params["logit_scale"], 0.0, jnp.log(100.0)))
 
 
 def make_vit_reference(model):
@@ -245,10 +247,11 @@ def state_on(host_state, config, model, mesh):
     return jax.device_put(host_state, shardings), shardings
 
 
-# (loss, (data, fsdp, model) mesh, loss implementation, micro-batches). Two cases carry a twist
-# that costs no extra compilation: a temperature beyond the clamp, and a frozen image tower (LiT).
+# (loss, (data, fsdp, model) mesh, loss implementation, micro-batches). Three cases carry a twist
+# that costs no extra compilation: a temperature beyond either end of the clamp, and a frozen image
+# tower (LiT).
 CASES = {
-    "softmax-data_parallel-all_gather": ("softmax", (8, 1, 1), "all_gather", 1),
+    "softmax-data_parallel-all_gather-negative_temperature": ("softmax", (8, 1, 1), "all_gather", 1),
     "sigmoid-data_parallel-ring-clamped_temperature": ("sigmoid", (8, 1, 1), "ring", 1),
     "softmax-fsdp-ring-frozen_image_tower": ("softmax", (2, 4, 1), "ring", 1),
     "sigmoid-fsdp-all_gather": ("sigmoid", (2, 4, 1), "all_gather", 1),
@@ -261,9 +264,13 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
     loss, mesh_shape, impl, accumulation_steps = CASES[case]
     model, host_state = vit["model"], vit["host_state"]
     clamped, frozen = case.endswith("clamped_temperature"), case.endswith("frozen_image_tower")
+    negative = case.endswith("negative_temperature")
     if clamped:
         # A temperature beyond the clamp: the forward uses 100 and the parameter is clamped back.
         host_state = host_state.replace(params={**host_state.params, "logit_scale": np.float32(np.log(200.0))})
+    if negative:
+        # A log-temperature below 0: the forward uses a scale of 1 and the parameter is clamped to 0.
+        host_state = host_state.replace(params={**host_state.params, "logit_scale": np.float32(-1.0)})
     config = make_config(loss, impl, mesh_shape, accumulation_steps, freeze_regex="^visual/" if frozen else "")
     mesh = make_mesh(config.mesh)
     if frozen:  # the optimizer state of a frozen tower is empty: start from zeros of its shape
@@ -300,6 +307,10 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
         assert float(expected_gradients["logit_scale"]) == 0.0
         assert float(new_state.params["logit_scale"]) == pytest.approx(math.log(100.0), rel=1e-6)
         assert float(metrics["logit_bias"]) == pytest.approx(-10.0)
+    elif negative:
+        assert float(metrics["logit_scale"]) == 1.0
+        assert float(expected_gradients["logit_scale"]) == 0.0
+        assert float(new_state.params["logit_scale"]) == 0.0
     else:
         assert float(metrics["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-6)
     # The state was donated: its buffers now belong to the new state.
@@ -307,6 +318,63 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
     # The new state keeps the layout of the old.
     kernel = new_state.params["text"]["transformer"]["block_0"]["mlp"]["fc"]["kernel"]
     assert kernel.sharding == shardings.params["text"]["transformer"]["block_0"]["mlp"]["fc"]["kernel"]
+
+
+def assert_trees_bitwise_equal(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(expected)]
+    for path, a, e in zip(paths, jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert np.array_equal(np.asarray(a), np.asarray(e)), path
+
+
+def poisoned(images, row=5):
+    """`images` with one NaN image: its embedding, then every logit of the contrastive loss, is NaN."""
+    images = np.array(images)
+    images[row] = np.nan
+    return images
+
+
+@pytest.mark.parametrize("accumulation_steps, policy", [(1, "skip"), (4, "stop")])
+def test_a_non_finite_step_leaves_the_state_as_it_was_and_is_counted(vit, accumulation_steps, policy):
+    model = vit["model"]
+    config = make_config(mesh=(2, 4, 1), accumulation_steps=accumulation_steps)
+    config.nonfinite.policy = policy
+    mesh = make_mesh(config.mesh)
+    state, shardings = state_on(vit["host_state"], config, model, mesh)
+    batch = on_mesh(vit["images"], vit["texts"], mesh)
+    nan_batch = on_mesh(poisoned(vit["images"]), vit["texts"], mesh)
+    train_step = make_train_step(model, config, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
+    before = jax.device_get(state)
+
+    for skipped in (1, 2):
+        state, metrics = train_step(state, nan_batch)
+        after = jax.device_get(state)
+        for field in ("params", "opt_state", "batch_stats", "rng"):
+            assert_trees_bitwise_equal(getattr(after, field), getattr(before, field))
+        # The step counter still advances, so the data position and the loop's step stay aligned.
+        assert int(after.step) == skipped
+        assert int(after.skipped_steps) == int(after.consecutive_skipped_steps) == skipped
+        assert float(metrics["nonfinite"]) == 1.0 and float(metrics["skipped_steps"]) == skipped
+        assert not np.isfinite(float(metrics["loss"]))  # the step's own loss is reported as it was
+
+    state, metrics = train_step(state, batch)
+    after = jax.device_get(state)
+    assert float(metrics["nonfinite"]) == 0.0 and int(after.step) == 3
+    if policy == "skip":
+        # Applied, and reset the run of skips; the optimizer never saw the skipped steps, so this
+        # update is bit for bit the first update of a fresh state on the same batch.
+        assert int(after.consecutive_skipped_steps) == 0 and int(after.skipped_steps) == 2
+        fresh, _ = state_on(vit["host_state"], config, model, mesh)
+        expected, expected_metrics = train_step(fresh, batch)
+        expected = jax.device_get(expected)
+        assert_trees_bitwise_equal(after.params, expected.params)
+        assert_trees_bitwise_equal(after.opt_state, expected.opt_state)
+        assert float(metrics["learning_rate"]) == float(expected_metrics["learning_rate"])
+    else:
+        # "stop": after the first non-finite step nothing is applied until the loop stops the run.
+        assert int(after.consecutive_skipped_steps) == int(after.skipped_steps) == 3
+        assert_trees_bitwise_equal(after.params, before.params)
+        assert_trees_bitwise_equal(after.opt_state, before.opt_state)
 
 
 def resnet_host_state(model, config, mesh, seed=1):
@@ -353,6 +421,13 @@ def test_resnet_batch_norm_statistics_flow_through_the_step():
     assert_trees_close(jax.device_get(new_state.batch_stats), expected_batch_stats)
     old_mean = host_state.batch_stats["visual"]["stem1"]["bn"]["mean"]
     assert not np.allclose(jax.device_get(new_state.batch_stats["visual"]["stem1"]["bn"]["mean"]), old_mean)
+
+    # A non-finite batch leaves the statistics (and the rest of the state) as they were.
+    before = jax.device_get(new_state)
+    skipped_state, metrics = train_step(new_state, on_mesh(poisoned(images), texts, mesh))
+    assert_trees_bitwise_equal(jax.device_get(skipped_state.batch_stats), before.batch_stats)
+    assert_trees_bitwise_equal(jax.device_get(skipped_state.params), before.params)
+    assert float(metrics["nonfinite"]) == 1.0
 
 
 def test_eval_embeddings_on_the_training_mesh_equal_the_single_device_ones(vit):

@@ -25,7 +25,8 @@ from clip_jax.data import pipeline
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
-from clip_jax.training import checkpointing
+from clip_jax.training import checkpointing, nonfinite
+from clip_jax.training.optimizer import check_optimizer_config
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -72,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
     config.optimizer.grad_clip_norm = 1.0  # 0 = off
     config.optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
+
+    # A step whose loss or gradient is NaN or inf is not applied (docs/training.md,
+    # "Non-finite steps"): "skip" counts it and stops the run after more than
+    # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
+    config.nonfinite = nonfinite.default_config()
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1 = the devices the other axes leave
@@ -173,6 +179,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "global_batch_size", "log_every_steps", "eval_every_steps", "accumulation_steps"):
         if int(config[field]) < 1:
             raise ValueError(f"{field} must be >= 1; got {config[field]}")
+    # Numbers that would make training diverge or never stop diverging: the learning rate and the
+    # rest of AdamW's settings, and the non-finite guard's policy.
+    check_optimizer_config(config.optimizer, int(config.total_steps))
+    nonfinite.check_config(config.nonfinite)
     if int(config.eval.num_examples) < 0:
         raise ValueError(f"eval.num_examples must be >= 0; got {config.eval.num_examples}")
     if int(config.eval.num_examples):
@@ -682,6 +692,8 @@ def _run(
     )
 
     writer = metrics.MetricsWriter(workdir)
+    # Stops the run (NonFiniteError) on non-finite steps; reads the state only when the loop syncs.
+    guard = nonfinite.Guard(config.nonfinite, checkpointer, mesh, announce)
     writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
     eval_settings = evaluation_settings(config) if int(config.eval.num_examples) else None
     if eval_settings is not None and dataset is None:
@@ -705,6 +717,8 @@ def _run(
         announce(f"step {step}: {evaluation_summary(results)}")
 
     def save(step: int, force: bool) -> None:
+        if force or checkpointer.manager.should_save(step):
+            guard.check_before_save(state, step)  # never save a state that is not finite
         progress = {"step": step, "data_position": data_position}
         if data_state is not None and (force or checkpointer.manager.should_save(step)):
             progress["data_states"] = pipeline.gather_states(data_state)  # a collective: only when saving
@@ -763,6 +777,7 @@ def _run(
                     scalars.update({f"data/{name}": count for name, count in counters.items()})
                 writer.write(step, scalars)
                 progress_bar.show({name: scalars.get(name) for name in ("loss", "pairs_per_second", "mfu")})
+                guard.check_counters(state, step)
                 last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
 
             if preemption.should_stop(step):

@@ -56,8 +56,38 @@ def _check_positive_steps(total_steps: int, warmup_steps: int) -> None:
         raise ValueError(f"total_steps must be >= 1; got {total_steps}")
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
-            f"warmup_steps ({warmup_steps}) must be >= 0 and smaller than total_steps ({total_steps})"
+            f"optimizer.warmup_steps ({warmup_steps}) must be >= 0 and smaller than total_steps ({total_steps})"
         )
+
+
+def check_optimizer_config(optimizer_config: Any, total_steps: int) -> None:
+    """Raise a one-line ValueError naming the field and its value for `config.optimizer` settings
+    that cannot train: all the optimizer's checks, run by `make_optimizer` and, before anything is
+    built, by the training loop's `validate_config`."""
+    learning_rate = float(optimizer_config.learning_rate)
+    # A negative rate trains uphill, zero not at all, and NaN or inf poisons the first update.
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"optimizer.learning_rate must be a finite number > 0; got {learning_rate}")
+    _check_positive_steps(int(total_steps), int(optimizer_config.warmup_steps))
+    for name in ("b1", "b2"):
+        value = float(optimizer_config[name])
+        if not 0 <= value < 1:  # Adam's bias correction divides by 1 - beta ** t
+            raise ValueError(f"optimizer.{name} must be in [0, 1); got {value}")
+    eps = float(optimizer_config.eps)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"optimizer.eps must be > 0; got {eps}")
+    weight_decay = float(optimizer_config.weight_decay)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"optimizer.weight_decay must be >= 0; got {weight_decay}")
+    grad_clip_norm = float(optimizer_config.grad_clip_norm)
+    if not (math.isfinite(grad_clip_norm) and grad_clip_norm >= 0):
+        raise ValueError(f"optimizer.grad_clip_norm must be >= 0 (0 = off); got {grad_clip_norm}")
+    for name in ("no_decay_regex", "freeze_regex"):
+        pattern = str(optimizer_config[name])
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"optimizer.{name} {pattern!r} is not a valid regular expression: {error}")
 
 
 def learning_rate_schedule(optimizer_config: Any, total_steps: int) -> optax.Schedule:
@@ -87,19 +117,10 @@ def make_optimizer(optimizer_config: Any, total_steps: int) -> optax.GradientTra
     weight_decay, no_decay_regex, grad_clip_norm (0 = no clipping) and freeze_regex ("" = train
     everything). Parameters whose path matches `freeze_regex` get zero updates and no optimizer
     state; the clipping norm is taken over the trainable parameters only."""
+    check_optimizer_config(optimizer_config, total_steps)
     weight_decay = float(optimizer_config.weight_decay)
     grad_clip_norm = float(optimizer_config.grad_clip_norm)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    if grad_clip_norm < 0:
-        raise ValueError(f"grad_clip_norm must be >= 0 (0 = off); got {grad_clip_norm}")
     no_decay_regex = str(optimizer_config.no_decay_regex)
-    for name in ("no_decay_regex", "freeze_regex"):
-        pattern = str(optimizer_config[name])
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"optimizer.{name} {pattern!r} is not a valid regular expression: {error}")
 
     def decay_mask(params: Any) -> Any:
         return jax.tree.map(lambda excluded: not excluded, regex_mask(params, no_decay_regex))

@@ -1,5 +1,6 @@
-"""The training state (step, parameters, optimizer state, BatchNorm statistics, RNG) and its
-creation directly in its sharded layout on the mesh, plus its abstract form for restoring."""
+"""The training state (step, parameters, optimizer state, BatchNorm statistics, RNG, the
+non-finite guard's counters) and its creation directly in its sharded layout on the mesh, plus its
+abstract form for restoring."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ class TrainState:
     opt_state: optax.OptState
     batch_stats: Any  # the ResNet's BatchNorm statistics; {} for a ViT
     rng: jax.Array  # uint32 (2,) raw key data, kept for stochastic layers and data augmentation
+    # int32 scalars of the non-finite guard (clip_jax.training.step): steps whose update was not
+    # applied, in all and in the latest run of them (0 after an applied update). Kept here, on
+    # the devices and in the checkpoint, so counting costs no host sync and a resumed run goes on
+    # counting exactly where it stopped.
+    skipped_steps: jax.Array
+    consecutive_skipped_steps: jax.Array
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -53,6 +60,8 @@ def _init_state(model: CLIP, optimizer: optax.GradientTransformation, seed: int)
         opt_state=optimizer.init(params),
         batch_stats=variables.get("batch_stats", {}),
         rng=state_rng,
+        skipped_steps=jnp.zeros((), jnp.int32),
+        consecutive_skipped_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -102,6 +111,8 @@ def abstract_train_state(config: Any, model: CLIP, mesh: Mesh) -> tuple[TrainSta
         opt_state=opt_state_shardings,
         batch_stats=variable_shardings.get("batch_stats", {}),
         rng=replicated(mesh),
+        skipped_steps=replicated(mesh),
+        consecutive_skipped_steps=replicated(mesh),
     )
     abstract_with_shardings = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
