@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator
 
@@ -41,12 +42,25 @@ class _DropLibraryErrors(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-    """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`)."""
+    """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`), and the
+    "Event loop is closed" tracebacks that TensorStore's callbacks report (as unraisable
+    exceptions, `sys.unraisablehook`) when a failed Orbax write has closed the event loop they report to."""
     from absl import logging as absl_logging
 
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(existing, _DropLibraryErrors) for existing in handler.filters):
         handler.addFilter(_DropLibraryErrors())
+    if not getattr(sys.unraisablehook, "_clip_jax_quiet", False):
+        previous = sys.unraisablehook
+
+        def unraisablehook(unraisable):  # type: ignore[no-untyped-def]
+            value = unraisable.exc_value
+            if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+                return
+            previous(unraisable)
+
+        unraisablehook._clip_jax_quiet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = unraisablehook
 
 
 @contextlib.contextmanager
@@ -68,6 +82,20 @@ def one_line_errors(verbose: bool = False) -> Iterator[None]:
         if exit_code is not None:
             # A deliberate stop (e.g. the non-finite guard): its message is the whole report.
             print(one_line(error), file=sys.stderr, flush=True)
-            raise SystemExit(exit_code) from None
-        print(f"error: {one_line(error)} (--verbose shows the traceback)", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_FAILURE) from None
+        else:
+            print(f"error: {one_line(error)} (--verbose shows the traceback)", file=sys.stderr, flush=True)
+        _silence_shutdown()
+        raise SystemExit(EXIT_FAILURE if exit_code is None else exit_code) from None
+
+
+def _silence_shutdown() -> None:
+    """After a failure has been reported: TensorStore's callbacks into Orbax's closed event loop
+    print "Event loop is closed" tracebacks while the interpreter shuts down; they say nothing
+    the one line has not said, so standard error is closed to them."""
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:  # no file descriptor 2 (embedded interpreters): nothing to silence
+        pass
