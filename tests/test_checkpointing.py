@@ -21,7 +21,8 @@ from clip_jax import sharding
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing
-from clip_jax.training import loop
+from clip_jax.training.config import validate
+from clip_jax.training.optimizer import make_optimizer
 from clip_jax.training.state import abstract_train_state, create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,9 +180,10 @@ def checkpoint_of_8_devices(tmp_path_factory):
     config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 4, 1
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.devices.size == 8
-    spec = CLIPConfig.from_dict(loop.model_spec(config).to_dict())
+    settings = validate(config)
+    spec = CLIPConfig.from_dict(settings.model.spec().to_dict())
     model = CLIP(spec)
-    state, state_shardings = create_train_state(config, model, mesh)
+    state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
 
     def distinct_values(state):
         # Adam's moments start at zero; make every leaf worth restoring.
@@ -210,7 +212,8 @@ def test_checkpoint_of_8_devices_restores_onto_other_meshes(checkpoint_of_8_devi
     config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
     device_count = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:device_count])
-    abstract_state, _ = abstract_train_state(config, CLIP(spec), mesh)
+    settings = validate(config)
+    abstract_state, _ = abstract_train_state(CLIP(spec), make_optimizer(settings.optimizer), settings.seed, mesh)
     checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
     try:
         state, progress = checkpointer.restore(checkpointer.latest_step(), abstract_state)
