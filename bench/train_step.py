@@ -123,12 +123,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def build_clip_jax_step(model_name: str, model, batch_size: int):
     """The compiled clip_jax train step at `batch_size` (the default recipe), its state and a batch.
 
-    Returns (compiled, state, batch, config, mesh); `bench/profile_step.py` profiles the same step.
+    Returns (compiled, state, batch, settings, mesh); `bench/profile_step.py` profiles the same step.
     """
     import jax
 
     from clip_jax import sharding
-    from clip_jax.training.loop import base_config
+    from clip_jax.training.config import base_config, validate
+    from clip_jax.training.optimizer import make_optimizer
     from clip_jax.training.state import create_train_state
     from clip_jax.training.step import make_train_step
 
@@ -137,9 +138,10 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
     config.global_batch_size = batch_size
     config.total_steps = 1_000_000
     config.optimizer.warmup_steps = 100
+    settings = validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    state, state_shardings = create_train_state(config, model, mesh)
-    train_step = make_train_step(model, config, mesh, state_shardings)
+    state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
+    train_step = make_train_step(model, settings.step, mesh, state_shardings)
     images, texts = _random_inputs(model.config, batch_size)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {
@@ -147,7 +149,7 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
         "texts": jax.device_put(texts, batch_sharding),
     }
     compiled = train_step.lower(state, batch).compile()
-    return compiled, state, batch, config, mesh
+    return compiled, state, batch, settings, mesh
 
 
 class _Runner:
@@ -222,7 +224,7 @@ class ClipJaxRunner(_Runner):
 
         def setup(batch_size: int) -> None:
             start = time.perf_counter()
-            self.compiled, self.state, self.batch, self.config, self.mesh = build_clip_jax_step(
+            self.compiled, self.state, self.batch, self.settings, self.mesh = build_clip_jax_step(
                 args.model, self.model, batch_size
             )
             self.compile_seconds = time.perf_counter() - start
@@ -244,7 +246,7 @@ class ClipJaxRunner(_Runner):
         import numpy as np
 
         from clip_jax import metrics
-        from clip_jax.training.loop import train_step_flops_per_device
+        from clip_jax.training.setup import step_flops_per_device
 
         if self.backend == "cpu":
             self.peaks.append(metrics.measure_matmul_peak())
@@ -255,11 +257,8 @@ class ClipJaxRunner(_Runner):
         timing = self.timing()
         step_seconds = timing["step_seconds"]
         # Model FLOPs: XLA counts a scanned layer once, so scanned/rematted steps are counted on
-        # their unrolled twin (see train_step_flops_per_device).
-        abstract_batch = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.batch
-        )
-        flops = train_step_flops_per_device(self.compiled, self.model, self.config, self.mesh, abstract_batch)
+        # their unrolled twin (see step_flops_per_device).
+        flops = step_flops_per_device(self.compiled, self.model, self.settings, self.mesh, self.state.tx)
         result = {
             "framework": "clip_jax",
             "model": self.args.model,

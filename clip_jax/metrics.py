@@ -18,6 +18,8 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against `device.device_kind` in this order
 # (the first pattern found in the kind wins, so "v5 lite" is tried before "v5"). A JAX device is
@@ -300,8 +302,6 @@ class ProgressBar:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._bar = None
         if self.enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def update(self, steps: int = 1) -> None:
@@ -331,3 +331,19 @@ def _brief(value: Any) -> str:
     if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
         return f"{value:.2e}"
     return f"{value:.4g}"
+
+
+def announce(message: str) -> None:
+    """A line for the person watching: printed by process 0 (above any progress bar), and logged."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def lowered_flops(lowered: Any, device_count: int) -> float | None:
+    """FLOPs per device of a lowered (not compiled) program over `device_count` devices, from XLA's
+    cost analysis of the whole program; None when XLA gives no count."""
+    analysis = lowered.cost_analysis()
+    if not analysis or not analysis.get("flops"):
+        return None
+    return float(analysis["flops"]) / device_count

@@ -593,7 +593,7 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
     from configs.default import get_config
-    from clip_jax.training import loop
+    from clip_jax.training import setup
 
     seen = []
 
@@ -605,7 +605,7 @@ def test_train_passes_trust_torchscript_through(monkeypatch):
     assert get_config().init.trust_torchscript is False
     for trust in (True, False):
         with pytest.raises(RuntimeError, match="stop here"):
-            loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=trust)
+            setup.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=trust)
         assert seen.pop() is trust
 
 

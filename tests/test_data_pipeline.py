@@ -318,9 +318,10 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
     from jax.experimental.compilation_cache import compilation_cache
 
     from clip_jax.training import loop
+    from clip_jax.training.config import base_config
 
     def config():
-        config = loop.base_config()
+        config = base_config()
         config.total_steps = 2
         config.optimizer.warmup_steps = 0
         config.global_batch_size = 8  # one row per virtual device

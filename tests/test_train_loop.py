@@ -19,7 +19,7 @@ from clip_jax.checkpoint import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.metrics import read_jsonl
-from clip_jax.training import checkpointing, loop
+from clip_jax.training import checkpointing, loop, setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_RUN_STEPS = 20
@@ -151,7 +151,7 @@ def never_compile(monkeypatch):
         raise AssertionError("the error should have been raised before the state or the step was built")
 
     for name in ("create_train_state", "abstract_train_state", "make_train_step"):
-        monkeypatch.setattr(loop, name, forbidden)
+        monkeypatch.setattr(setup, name, forbidden)
 
 
 @pytest.mark.parametrize(
@@ -160,16 +160,16 @@ def never_compile(monkeypatch):
         ("global_batch_size", 12, "global batch size 12 is not divisible by the 8 batch-axis devices"),
         ("mesh.data", 3, "has 3 devices but there are 8 devices"),
         ("model.name", "ViT-X-99", "unknown model 'ViT-X-99'"),
-        ("loss.name", "hinge", "unknown loss.name 'hinge'"),
+        ("loss.name", "hinge", "loss.name must be one of ('softmax', 'sigmoid'); got 'hinge'"),
         ("eval.prompt_modes", "ensemble,best", "unknown prompt mode"),
         # A negative learning rate trains uphill; the rest make AdamW or the guard meaningless.
         ("optimizer.learning_rate", -0.001, "optimizer.learning_rate must be a finite number > 0; got -0.001"),
         ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number > 0; got nan"),
-        ("optimizer.warmup_steps", 2000, "optimizer.warmup_steps (2000) must be >= 0 and smaller than total_steps (1500)"),
+        ("optimizer.warmup_steps", 2000, "optimizer.warmup_steps must be >= 0 and below total_steps (1500); got 2000"),
         ("optimizer.b2", 1.0, "optimizer.b2 must be in [0, 1); got 1.0"),
         ("optimizer.eps", 0.0, "optimizer.eps must be > 0; got 0.0"),
         ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0; got -0.1"),
-        ("nonfinite.policy", "ignore", "unknown nonfinite.policy 'ignore'"),
+        ("nonfinite.policy", "ignore", "nonfinite.policy must be one of ('skip', 'stop'); got 'ignore'"),
         ("nonfinite.max_consecutive_skips", 0, "nonfinite.max_consecutive_skips must be >= 1"),
     ],
 )

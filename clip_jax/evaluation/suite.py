@@ -442,6 +442,27 @@ def run_evaluation(
     return results
 
 
+def summary_line(results: dict[str, Any]) -> str:
+    """One line of the suite's headline numbers: zero-shot top-1 per dataset and prompt mode,
+    retrieval R@1, linear-probe top-1 and the largest few-shot k's top-1."""
+    parts = []
+    for name, entry in results.get("zero_shot", {}).items():
+        modes = [mode for mode in PROMPT_MODES if mode in entry]
+        text = f"zero-shot {name} " + " / ".join(f"{mode} {entry[mode]['top1']:.3f}" for mode in modes)
+        if "chance_top1" in entry:
+            text += f" (chance {entry['chance_top1']:.3f}; among all classes {entry['top1_among_all_classes']:.3f})"
+        parts.append(text)
+    for name, entry in results.get("retrieval", {}).items():
+        recalls = entry["image_to_text_R@1"], entry["text_to_image_R@1"]
+        parts.append(f"retrieval {name} R@1 image->text {recalls[0]:.3f}, text->image {recalls[1]:.3f}")
+    for name, entry in results.get("linear_probe", {}).items():
+        parts.append(f"linear probe {name} {entry['top1']:.3f}")
+    for name, entry in results.get("few_shot", {}).items():
+        shots = max(entry["shots"], key=int)
+        parts.append(f"{shots}-shot {name} {entry['shots'][shots]['top1_mean']:.3f}")
+    return "; ".join(parts)
+
+
 def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Scalar leaves of a results dict as {"zero_shot/synthetic/ensemble/top1": value, ...}, for
     metric writers (lists, such as the L2 sweep and per-seed runs, are left out)."""
