@@ -42,83 +42,93 @@ def base_config() -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameter initialisation and the state's RNG
-
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "tiny-vit"  # a clip_jax.available_models() name
-    # CLIPConfig fields replaced for this run; vision=dict(...) may be added by a recipe. The text
-    # tower's vocab_size, context_length, pooling and pad_id always come from the tokenizer.
-    config.model.overrides = ml_collections.ConfigDict(
-        {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
-    )
-
-    config.loss = ml_collections.ConfigDict()
-    config.loss.name = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP)
-    config.loss.impl = "all_gather"  # or "ring"
-    config.loss.max_logit_scale = 100.0  # CLIP clamps the learned temperature to [1, 100]
-
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 5e-4
-    config.optimizer.warmup_steps = 2000
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.98
-    config.optimizer.eps = 1e-6
-    config.optimizer.weight_decay = 0.2
-    config.optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
-    config.optimizer.grad_clip_norm = 1.0  # 0 = off
-    config.optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
-
-    # A step whose loss, gradient norm or BatchNorm statistics are NaN or inf is not applied
-    # (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
-    # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
-    config.nonfinite = ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # -1 = the devices the other axes leave
-    config.mesh.fsdp = 1
-    config.mesh.model = 1
-
     config.global_batch_size = 256
     config.accumulation_steps = 1  # GradCache micro-batches per step
     config.total_steps = 1000
     config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
-
+    config.log_every_steps = 50
+    config.eval_every_steps = 1000
+    config.model = _model_fields()
+    config.loss = ml_collections.ConfigDict(
+        # "softmax" (CLIP) or "sigmoid" (SigLIP); "all_gather" or "ring"; the temperature's clamp [1, max].
+        {"name": "softmax", "impl": "all_gather", "max_logit_scale": 100.0}
+    )
+    config.optimizer = _optimizer_fields()
+    # A step whose loss, gradient norm or BatchNorm statistics are NaN or inf is not applied
+    # (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
+    # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
+    config.nonfinite = ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
+    # -1 = the devices the other axes leave.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
     config.data = pipeline.default_data_config()
     config.data.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
+    config.tokenizer = _tokenizer_fields()
+    config.eval = _eval_fields()
+    config.init = _init_fields()
+    config.checkpoint = ml_collections.ConfigDict(
+        # keep_period: also keep every step divisible by it (0 = off).
+        {"every_steps": 1000, "max_to_keep": 3, "keep_period": 0, "async_save": True}
+    )
+    return config
 
-    config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
-    config.tokenizer.vocab_size = 256
-    config.tokenizer.model_type = "bpe"
-    config.tokenizer.context_length = 16
-    config.tokenizer.training_captions = 20000
 
+def _model_fields() -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
+    model.name = "tiny-vit"  # a clip_jax.available_models() name
+    # CLIPConfig fields replaced for this run; vision=dict(...) may be added by a recipe. The text
+    # tower's vocab_size, context_length, pooling and pad_id always come from the tokenizer.
+    model.overrides = ml_collections.ConfigDict(
+        {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
+    )
+    return model
+
+
+def _optimizer_fields() -> ml_collections.ConfigDict:
+    optimizer = ml_collections.ConfigDict()
+    optimizer.learning_rate = 5e-4
+    optimizer.warmup_steps = 2000
+    optimizer.b1 = 0.9
+    optimizer.b2 = 0.98
+    optimizer.eps = 1e-6
+    optimizer.weight_decay = 0.2
+    optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
+    optimizer.grad_clip_norm = 1.0  # 0 = off
+    optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
+    return optimizer
+
+
+def _tokenizer_fields() -> ml_collections.ConfigDict:
+    tokenizer = ml_collections.ConfigDict()
+    tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
+    tokenizer.vocab_size = 256
+    tokenizer.model_type = "bpe"
+    tokenizer.context_length = 16
+    tokenizer.training_captions = 20000
+    return tokenizer
+
+
+def _eval_fields() -> ml_collections.ConfigDict:
     # Every eval_every_steps steps and at the end: clip_jax.evaluation.suite, as evaluate.py runs it.
-    config.eval = ml_collections.ConfigDict()
-    config.eval.num_examples = 512  # test images per dataset (0 = no evaluation during training)
-    config.eval.tasks = "zero_shot"  # comma-separated: zero_shot, retrieval, linear_probe, few_shot
+    evaluation = ml_collections.ConfigDict()
+    evaluation.num_examples = 512  # test images per dataset (0 = no evaluation during training)
+    evaluation.tasks = "zero_shot"  # comma-separated: zero_shot, retrieval, linear_probe, few_shot
     # Comma-separated suite datasets: "synthetic" (the held-out colour x shape combinations),
     # "synthetic_seen" (only when training on the built-in dataset), TFDS names (docs/evaluation.md).
-    config.eval.datasets = "synthetic"
-    config.eval.prompt_modes = "class_name,single,ensemble"
-    config.eval.data_dir = ""  # TFDS directory of the evaluation datasets ("" = TFDS's default)
+    evaluation.datasets = "synthetic"
+    evaluation.prompt_modes = "class_name,single,ensemble"
+    evaluation.data_dir = ""  # TFDS directory of the evaluation datasets ("" = TFDS's default)
+    return evaluation
 
-    config.init = ml_collections.ConfigDict()
-    config.init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
-    config.init.regex = "^visual/"  # which of its parameters to take
+
+def _init_fields() -> ml_collections.ConfigDict:
+    init = ml_collections.ConfigDict()
+    init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
+    init.regex = "^visual/"  # which of its parameters to take
     # Only for a TorchScript init.checkpoint the safe reader cannot read: load it with torch.jit.load,
     # which runs the file's code. OpenAI's usual .pt files need no such consent.
-    config.init.trust_torchscript = False
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 1000
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.keep_period = 0  # also keep every step divisible by this (0 = off)
-    config.checkpoint.async_save = True
-
-    config.log_every_steps = 50
-    config.eval_every_steps = 1000
-    return config
+    init.trust_torchscript = False
+    return init
 
 
 def paper_config() -> ml_collections.ConfigDict:
