@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from clip_jax.models import CLIP, CLIPConfig
+from clip_jax.models.layout import stack_layers, unstack_layers
 
 FORMAT = "clip_jax.model"
 CONFIG_FILE = "config.json"
@@ -178,7 +179,6 @@ def load_model_directory(
     import orbax.checkpoint as ocp
     from flax import linen as nn
 
-    from clip_jax.convert import _stack_layers, _unstack_layers
     from flax import traverse_util
 
     data = read_model_config(directory)
@@ -201,7 +201,7 @@ def load_model_directory(
         raise _damaged(directory, f"{VARIABLES_DIR}/ could not be read", _innermost_message(error)) from None
     if config.scan_layers != stored.scan_layers:
         flat = traverse_util.flatten_dict(jax.device_get(variables))
-        flat = _stack_layers(flat, config) if config.scan_layers else _unstack_layers(flat)
+        flat = stack_layers(flat) if config.scan_layers else unstack_layers(flat)
         variables = jax.device_put(traverse_util.unflatten_dict(flat), sharding)
     return config, variables
 

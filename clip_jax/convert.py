@@ -29,9 +29,9 @@ from flax import traverse_util
 
 from clip_jax import torchscript
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
+from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers
 
 StateDict = dict[str, np.ndarray]
-FlatVariables = dict[tuple[str, ...], np.ndarray]
 
 # Keys that carry no learned value: buffers rebuilt by the model, or OpenAI's hyper-parameter scalars.
 _IGNORED_KEYS = re.compile(
@@ -464,34 +464,6 @@ def _expected_shapes(config: CLIPConfig) -> FlatVariables:
     return traverse_util.flatten_dict(nn.unbox(shapes))
 
 
-def _stack_layers(flat: FlatVariables, config: CLIPConfig) -> FlatVariables:
-    """Unrolled `block_{i}` leaves -> one `blocks` leaf per parameter, layers on axis 0 (nn.scan layout)."""
-    out: FlatVariables = {}
-    groups: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
-    for path, value in flat.items():
-        block = next((i for i, p in enumerate(path) if p.startswith("block_")), None)
-        if block is None:
-            out[path] = value
-            continue
-        key = (*path[:block], "blocks", *path[block + 1:])
-        groups.setdefault(key, {})[int(path[block][len("block_"):])] = value
-    for key, by_layer in groups.items():
-        out[key] = np.stack([by_layer[i] for i in range(len(by_layer))])
-    return out
-
-
-def _unstack_layers(flat: FlatVariables) -> FlatVariables:
-    out: FlatVariables = {}
-    for path, value in flat.items():
-        if "blocks" not in path:
-            out[path] = value
-            continue
-        at = path.index("blocks")
-        for i in range(value.shape[0]):
-            out[(*path[:at], f"block_{i}", *path[at + 1:])] = value[i]
-    return out
-
-
 def openclip_to_variables(state_dict: StateDict, config: CLIPConfig) -> dict[str, Any]:
     """Flax variables ({"params", ["batch_stats"]}) of numpy arrays from an open_clip-layout state dict.
 
@@ -530,7 +502,7 @@ def openclip_to_variables(state_dict: StateDict, config: CLIPConfig) -> dict[str
     if not_filled:
         raise ConversionError(f"internal: model parameters not filled: {not_filled[:5]}")
     if config.scan_layers:
-        flat = _stack_layers(flat, config)
+        flat = stack_layers(flat)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -545,7 +517,7 @@ def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> Stat
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
     flat = {path: np.asarray(jax.device_get(value), dtype=np.float32) for path, value in flat.items()}
     if config.scan_layers:
-        flat = _unstack_layers(flat)
+        flat = unstack_layers(flat)
     state_dict: StateDict = {}
     for rule in _rules(config):
         outputs = rule.to_torch(*[flat[p] for p in rule.flax_paths])
