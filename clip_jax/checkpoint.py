@@ -254,7 +254,7 @@ def load(
         from clip_jax import convert
 
         config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
-        hf_files = convert._hf_tokenizer_files(path)
+        hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(path)))
         context = config.text.context_length
         text_tokenizer = (
             tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context)

@@ -624,12 +624,6 @@ def save_state_dict(state_dict: StateDict, path: str) -> None:
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
 
 
-def _hf_tokenizer_files(path: str) -> tuple[str, str] | None:
-    directory = os.path.dirname(os.path.abspath(path))
-    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
-    return (vocab, merges) if os.path.isfile(vocab) and os.path.isfile(merges) else None
-
-
 def convert_checkpoint(
     source: str,
     output_dir: str,
@@ -650,7 +644,7 @@ def convert_checkpoint(
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
     )
-    hf_files = _hf_tokenizer_files(source)
+    hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(source)))
     if bpe_path is None and hf_files is not None:
         text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
     else:

@@ -32,6 +32,9 @@ import sentencepiece
 DEFAULT_CONTEXT_LENGTH = 77
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 BPE_ENVIRONMENT_VARIABLE = "CLIP_JAX_BPE"
+# The files of a Hugging Face CLIP tokenizer (a directory `get_tokenizer` and HF checkpoints name).
+HF_VOCAB_FILE = "vocab.json"
+HF_MERGES_FILE = "merges.txt"
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -632,6 +635,13 @@ def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokeniz
     raise ValueError(f"unknown tokenizer type {kind!r} in config {config}; expected 'clip' or 'sentencepiece'")
 
 
+def hf_tokenizer_files(directory: str | os.PathLike) -> tuple[str, str] | None:
+    """(vocab.json, merges.txt) of a Hugging Face CLIP tokenizer in `directory` (as HF checkpoints
+    ship them beside the weights), or None unless both are there."""
+    vocab_json, merges_txt = os.path.join(directory, HF_VOCAB_FILE), os.path.join(directory, HF_MERGES_FILE)
+    return (vocab_json, merges_txt) if os.path.isfile(vocab_json) and os.path.isfile(merges_txt) else None
+
+
 def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
     """"clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
     merges file; a directory with vocab.json and merges.txt -> BPE from Hugging Face files."""
@@ -642,9 +652,9 @@ def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT
         return SentencePieceTokenizer(name, context_length=context_length)
     if name.endswith(".txt.gz"):
         return ClipTokenizer(name, context_length=context_length)
-    vocab_json, merges_txt = os.path.join(name, "vocab.json"), os.path.join(name, "merges.txt")
-    if os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
-        return ClipTokenizer.from_hf_files(vocab_json, merges_txt, context_length=context_length)
+    hf_files = hf_tokenizer_files(name)
+    if hf_files is not None:
+        return ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
     raise ValueError(
         f"cannot tell which tokenizer {name!r} is: expected 'clip', a SentencePiece '.model' file, "
         f"a '{BPE_FILENAME}'-style '.txt.gz' file, or a directory holding vocab.json and merges.txt"
