@@ -85,7 +85,7 @@ def _evaluate() -> None:
 
     import jax
 
-    from clip_jax.checkpoint import load
+    from clip_jax.api import load
 
     model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript)
     print(f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices", flush=True)

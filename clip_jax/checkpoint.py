@@ -1,4 +1,6 @@
-"""Self-contained model directories (Orbax variables + config.json + tokenizer assets) and `load()`.
+"""Self-contained model directories (Orbax variables + config.json + tokenizer assets): writing and reading them.
+
+`clip_jax.load` (in `clip_jax.api`) reads these, training workdirs and PyTorch checkpoints.
 
 A model directory looks like
 
@@ -23,12 +25,12 @@ import json
 import os
 import secrets
 import shutil
-import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
+from clip_jax import tokenizer as tokenizers
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.models.layout import stack_layers, unstack_layers
 
@@ -206,64 +208,11 @@ def load_model_directory(
     return config, variables
 
 
-def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
-    """One RuntimeWarning if an array of `variables` holds NaN or inf: such weights load, but the
-    outputs they touch are NaN (a diverged run's checkpoint, a broken conversion)."""
-    from clip_jax.training.nonfinite import nonfinite_paths
-
-    # Reduced where the arrays live: only one bool per array comes to the host.
-    flags = np.array(jax.device_get([jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(variables)]))
-    if flags.all():
-        return
-    paths = nonfinite_paths(variables, flags)
-    warnings.warn(
-        f"{path}: {len(paths)} of {flags.size} arrays hold non-finite values (NaN or inf), first {paths[0]}; "
-        "the model's outputs will not be finite",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def load(
-    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
-) -> tuple[CLIP, dict[str, Any], Callable, Any]:
-    """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
-
-    `path` is a directory written by `python -m clip_jax.convert` / `save_model_directory`, a training
-    workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
-    `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
-    spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
-
-    No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
-    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
-    """
-    from clip_jax import tokenizer as tokenizers
-    from clip_jax import transforms
-    from clip_jax.training import checkpointing
-
-    if os.path.isdir(path) and checkpointing.is_training_workdir(path):
-        config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
-    elif os.path.isdir(path):
-        data = read_model_config(path)
-        config, variables = load_model_directory(path, **overrides)
-        try:
-            text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
-        except (OSError, ValueError) as error:
-            raise _damaged(path, "its tokenizer could not be loaded", str(error)) from None
-    elif os.path.isfile(path):
-        from clip_jax import convert
-
-        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
-        hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(path)))
-        context = config.text.context_length
-        text_tokenizer = (
-            tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context)
-            if hf_files
-            else tokenizers.ClipTokenizer(context_length=context)
-        )
-        variables = jax.device_put(variables, _single_device_sharding())
-    else:
-        raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")
-    warn_if_not_finite(path, variables)
-    preprocess = transforms.make_eval_transform(config.vision.image_size)
-    return CLIP(config), variables, preprocess, text_tokenizer
+def load_tokenizer(directory: str) -> Any:
+    """The tokenizer stored in a model directory; one that cannot be loaded is one ValueError
+    naming the directory."""
+    data = read_model_config(directory)
+    try:
+        return tokenizers.tokenizer_from_config(data["tokenizer"], directory)
+    except (OSError, ValueError) as error:
+        raise _damaged(directory, "its tokenizer could not be loaded", str(error)) from None

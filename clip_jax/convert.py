@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import tokenizer as tokenizers
 from clip_jax import torchscript
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers
@@ -624,6 +625,16 @@ def save_state_dict(state_dict: StateDict, path: str) -> None:
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
 
 
+def checkpoint_tokenizer(path: str, context_length: int, bpe_path: str | None = None) -> tokenizers.ClipTokenizer:
+    """The tokenizer of the PyTorch checkpoint at `path`: OpenAI's BPE from `bpe_path` if given, else
+    the Hugging Face vocab.json + merges.txt beside the file when both are there, else OpenAI's BPE
+    (what every CLIP checkpoint was trained with)."""
+    hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(path)))
+    if bpe_path is None and hf_files is not None:
+        return tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
+    return tokenizers.ClipTokenizer(bpe_path, context_length=context_length)
+
+
 def convert_checkpoint(
     source: str,
     output_dir: str,
@@ -638,17 +649,13 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
     `trust_torchscript` and `announce`: see `load_checkpoint`."""
-    from clip_jax import checkpoint, tokenizer as tokenizers
+    from clip_jax import checkpoint
 
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
     )
-    hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(source)))
-    if bpe_path is None and hf_files is not None:
-        text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
-    else:
-        text_tokenizer = tokenizers.ClipTokenizer(bpe_path, context_length=config.text.context_length)
+    text_tokenizer = checkpoint_tokenizer(source, config.text.context_length, bpe_path)
     checkpoint.save_model_directory(output_dir, config, variables, text_tokenizer, overwrite=overwrite)
     return config
 

@@ -180,8 +180,8 @@ def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
     images, texts = _inputs(32)
     np.save(tmp_path / "images.npy", images)
     script = (
-        "import sys, numpy as np, clip_jax.checkpoint as c\n"
-        "model, variables, preprocess, tokenizer = c.load(sys.argv[1])\n"
+        "import sys, numpy as np, clip_jax\n"
+        "model, variables, preprocess, tokenizer = clip_jax.load(sys.argv[1])\n"
         "texts = tokenizer(sys.argv[3:])\n"
         "images = np.load(sys.argv[2])\n"
         "np.save(sys.argv[1] + '.image.npy', model.apply(variables, images, method=model.encode_image))\n"

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.checkpoint import load
+from clip_jax.api import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.metrics import read_jsonl

@@ -460,7 +460,7 @@ def load_pretrained_params(
 
     from flax import traverse_util
 
-    from clip_jax.checkpoint import load
+    from clip_jax.api import load
     from clip_jax.training.optimizer import parameter_path
 
     _, pretrained, _, _ = load(path, trust_torchscript=trust_torchscript)
