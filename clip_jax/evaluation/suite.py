@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -455,20 +455,17 @@ def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
-def synthetic_dataset_for(checkpoint: str, image_size: int) -> Any:
-    """The built-in dataset a checkpoint was trained on: a training workdir's own data settings
-    (seed, held-out combinations) when it trained on "synthetic", else the default configuration."""
-    import os
+def synthetic_dataset_for(data_settings: Mapping[str, Any] | None, image_size: int) -> Any:
+    """The built-in dataset a model was trained on, at `image_size`.
 
+    `data_settings` is a training run's data config (the "data" section of the record a training
+    workdir keeps, `clip_jax.training.checkpointing.read_run_record`): when that run trained on
+    "synthetic", its seed and held-out combinations; for any other run, or None (a model that was
+    not trained by train.py), the default configuration.
+    """
     from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 
     settings = {}
-    if os.path.isdir(checkpoint):
-        from clip_jax.training import checkpointing
-
-        if checkpointing.is_training_workdir(checkpoint):
-            _, record = checkpointing.read_run_record(checkpoint)
-            data = record.get("training", {}).get("data", {})
-            if data.get("name") == "synthetic":
-                settings = {"seed": int(data["seed"]), "num_held_out": int(data["num_held_out"])}
+    if data_settings and data_settings.get("name") == "synthetic":
+        settings = {"seed": int(data_settings["seed"]), "num_held_out": int(data_settings["num_held_out"])}
     return SyntheticShapes(SyntheticShapesConfig(image_size=image_size, **settings))
