@@ -18,6 +18,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against `device.device_kind` in this order
 # (the first pattern found in the kind wins, so "v5 lite" is tried before "v5"). A JAX device is
@@ -291,6 +292,15 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a metrics JSONL file, in order."""
     with open(path) as file:
         return [json.loads(line) for line in file if line.strip()]
+
+
+def announce(message: str) -> None:
+    """A line for the person watching: printed by process 0 (above the progress bar), and logged."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message)
 
 
 class ProgressBar:

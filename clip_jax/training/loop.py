@@ -24,6 +24,7 @@ from clip_jax import losses, metrics, sharding
 from clip_jax.data import pipeline
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
+from clip_jax.metrics import announce
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing, nonfinite
 from clip_jax.training.optimizer import check_optimizer_config
@@ -515,15 +516,6 @@ def train_step_flops_per_device(
     if not analysis or not analysis.get("flops"):
         return None
     return float(analysis["flops"]) / mesh.devices.size
-
-
-def announce(message: str) -> None:
-    """A line for the person watching: printed by process 0 (above the progress bar), and logged."""
-    logging.info(message)
-    if jax.process_index() == 0:
-        from tqdm import tqdm
-
-        tqdm.write(message)
 
 
 def _scalar_metrics(step_metrics: dict[str, Any]) -> dict[str, float]:
