@@ -29,6 +29,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from flax import traverse_util
 
 from clip_jax import tokenizer as tokenizers
 from clip_jax.models import CLIP, CLIPConfig
@@ -51,9 +54,6 @@ def save_model_directory(
     output_dir: str, config: CLIPConfig, variables: dict[str, Any], tokenizer: Any, overwrite: bool = False
 ) -> str:
     """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic."""
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
     check_output_directory(output_dir, overwrite)
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
@@ -178,11 +178,6 @@ def load_model_directory(
 
     `overrides` replace spec fields that do not change the parameters' meaning (dtype, scan_layers, …).
     """
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
-    from flax import traverse_util
-
     data = read_model_config(directory)
     try:  # a spec that parses may still fail to build (a string where a size belongs): both are damage
         stored = CLIPConfig.from_dict(data["model"]).validate()

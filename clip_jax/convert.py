@@ -25,10 +25,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
+from clip_jax import checkpoint
 from clip_jax import tokenizer as tokenizers
 from clip_jax import torchscript
+from clip_jax.cli import one_line_errors
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers
 
@@ -121,8 +125,6 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         try:
             raw = load_file(path)
         except Exception as error:  # safetensors raises its own SafetensorError type
@@ -460,8 +462,6 @@ def _rules(config: CLIPConfig, state_dict_keys: set[str] | None = None) -> list[
 def _expected_shapes(config: CLIPConfig) -> FlatVariables:
     unscanned = CLIP(config.replace(scan_layers=False, remat_policy="none"))
     shapes = jax.eval_shape(lambda: unscanned.init_variables(jax.random.key(0)))
-    from flax import linen as nn
-
     return traverse_util.flatten_dict(nn.unbox(shapes))
 
 
@@ -513,8 +513,6 @@ def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> Stat
     BatchNorm's `num_batches_tracked` counters are written as 0: they count training steps, are unused
     when the momentum is set (as in CLIP), and Flax keeps no such counter.
     """
-    from flax import linen as nn
-
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
     flat = {path: np.asarray(jax.device_get(value), dtype=np.float32) for path, value in flat.items()}
     if config.scan_layers:
@@ -617,8 +615,6 @@ def load_checkpoint(
 def save_state_dict(state_dict: StateDict, path: str) -> None:
     """Write an open_clip-layout state dict: safetensors by extension, a torch pickle otherwise."""
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
         save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
         return
     torch = _import_torch(path)
@@ -649,8 +645,6 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
     `trust_torchscript` and `announce`: see `load_checkpoint`."""
-    from clip_jax import checkpoint
-
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
@@ -682,16 +676,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    from clip_jax.cli import one_line_errors
-
     with one_line_errors(args.verbose):
         _run(parser, args)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.to_open_clip:
-        from clip_jax import checkpoint
-
         if os.path.exists(args.output) and not args.overwrite:
             parser.error(f"{args.output} exists; pass --overwrite to replace it")
         config, variables = checkpoint.load_model_directory(args.source)
