@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import PIL.Image
+from etils import epath
 
 from clip_jax import checkpoint, convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts, preprocess_images
@@ -40,12 +41,12 @@ def load(
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
-    if os.path.isdir(path) and checkpointing.is_training_workdir(path):
+    if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
         config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
-    elif os.path.isdir(path):
+    elif epath.Path(path).is_dir():
         config, variables = checkpoint.load_model_directory(path, **overrides)
         text_tokenizer = checkpoint.load_tokenizer(path)
-    elif os.path.isfile(path):
+    elif epath.Path(path).is_file():
         config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
         text_tokenizer = convert.checkpoint_tokenizer(path, config.text.context_length)
         variables = jax.device_put(variables, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))

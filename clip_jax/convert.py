@@ -6,6 +6,10 @@ to and from the Flax variable tree, so the three formats share one well-tested p
 
     python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
 
+PyTorch files are read and written where they lie on a local (or mounted) filesystem: safetensors
+maps them into memory, and torch and the TorchScript reader open them as zip archives. Everything
+else (the HF config.json and tokenizer files beside them, model directories) goes through epath.
+
 Nothing a checkpoint contains is executed: OpenAI's TorchScript archives are read by
 `clip_jax.torchscript` (tensors only, never `torch.jit.load`) unless the caller passes
 `trust_torchscript=True` / `--trust-torchscript` for an archive that reader cannot handle, and
@@ -25,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from etils import epath
 from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
@@ -121,7 +126,7 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
     extension) is read by `clip_jax.torchscript`; one that reader refuses raises
     `UntrustedTorchScriptError` unless `trust_torchscript`, which falls back to `torch.jit.load`.
     """
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
     if path.endswith(".safetensors"):
@@ -158,15 +163,15 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
 
 
 def _hf_hints(path: str) -> dict[str, Any]:
-    config_path = os.path.join(os.path.dirname(path), "config.json")
-    if not os.path.isfile(config_path):
+    config_file = epath.Path(path).parent / "config.json"
+    config_path = os.fspath(config_file)
+    if not config_file.is_file():
         return {}
     try:
-        with open(config_path) as file:
-            hf_config = json.load(file)
+        hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ConversionError(
-            f"{config_path!r} (the Hugging Face config beside {os.path.basename(path)!r}) is not valid JSON "
+            f"{config_path!r} (the Hugging Face config beside {epath.Path(path).name!r}) is not valid JSON "
             f"({error.msg} at line {error.lineno} column {error.colno}); restore it, or move it away"
         ) from None
     if not isinstance(hf_config, dict):
@@ -625,7 +630,7 @@ def checkpoint_tokenizer(path: str, context_length: int, bpe_path: str | None = 
     """The tokenizer of the PyTorch checkpoint at `path`: OpenAI's BPE from `bpe_path` if given, else
     the Hugging Face vocab.json + merges.txt beside the file when both are there, else OpenAI's BPE
     (what every CLIP checkpoint was trained with)."""
-    hf_files = tokenizers.hf_tokenizer_files(os.path.dirname(os.path.abspath(path)))
+    hf_files = tokenizers.hf_tokenizer_files(epath.Path(path).parent)
     if bpe_path is None and hf_files is not None:
         return tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
     return tokenizers.ClipTokenizer(bpe_path, context_length=context_length)
@@ -682,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.to_open_clip:
-        if os.path.exists(args.output) and not args.overwrite:
+        if epath.Path(args.output).exists() and not args.overwrite:
             parser.error(f"{args.output} exists; pass --overwrite to replace it")
         config, variables = checkpoint.load_model_directory(args.source)
         save_state_dict(variables_to_openclip(variables, config), args.output)
