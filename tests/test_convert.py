@@ -593,6 +593,7 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
     from configs.default import get_config
+    from clip_jax import api
     from clip_jax.training import loop
 
     seen = []
@@ -601,7 +602,7 @@ def test_train_passes_trust_torchscript_through(monkeypatch):
         seen.append(kwargs.get("trust_torchscript"))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(checkpoint, "load", fake_load)
+    monkeypatch.setattr(api, "load", fake_load)
     assert get_config().init.trust_torchscript is False
     for trust in (True, False):
         with pytest.raises(RuntimeError, match="stop here"):
