@@ -3,6 +3,7 @@ ImageNet with its shift sets from tfds.testing.mock_data; results.json, results.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@functools.lru_cache(maxsize=None)  # once per process: a second import would define evaluate.py's absl flags again
 def _import_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(REPOSITORY, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)

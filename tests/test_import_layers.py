@@ -50,7 +50,7 @@ FUNCTION_LEVEL_IMPORTS_IN_PROGRESS = (
 @dataclasses.dataclass(frozen=True)
 class Import:
     importer: str  # the module holding the statement, e.g. clip_jax.convert
-    path: str  # its file, relative to the repository, e.g. clip_jax/convert.py
+    path: str  # its file, relative to the repository, e.g. clip_jax/convert/__init__.py
     line: int
     name: str  # the module as the statement names it, e.g. jax.experimental.multihost_utils
     target: str  # the module imported: a clip_jax module's full name, else the top-level package

@@ -4,7 +4,7 @@ Every source is first brought to open_clip's state-dict layout (numpy arrays key
 `visual.transformer.resblocks.0.attn.in_proj_weight`); one pair of functions then maps that layout
 to and from the Flax variable tree, so the three formats share one well-tested path.
 
-    python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
+    python -m clip_jax.convert ViT-B-32.pt converted/vit_b32    (clip_jax/convert/__main__.py runs `main`)
 
 PyTorch files are read and written where they lie on a local (or mounted) filesystem: safetensors
 maps them into memory, and torch and the TorchScript reader open them as zip archives. Everything
@@ -700,6 +700,3 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
 
-
-if __name__ == "__main__":
-    main()
