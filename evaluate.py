@@ -85,19 +85,30 @@ def _evaluate() -> None:
 
     import jax
 
-    from clip_jax.checkpoint import load
+    from clip_jax.api import load
 
     model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript)
     print(f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices", flush=True)
     synthetic = None
     if any(name in suite.SYNTHETIC_DATASETS for name in settings.datasets):
-        synthetic = suite.synthetic_dataset_for(FLAGS.checkpoint, model.config.vision.image_size)
+        synthetic = suite.synthetic_dataset_for(_training_data_settings(FLAGS.checkpoint), model.config.vision.image_size)
     log = (lambda message: print(message, flush=True)) if jax.process_index() == 0 else (lambda message: None)
     results = suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=log)
     results = {"checkpoint": FLAGS.checkpoint, "settings": _settings_record(settings), **results}
     if jax.process_index() == 0:
         for path in report.write_report(results, FLAGS.output, plots=FLAGS.plots):
             print(f"wrote {path}")
+
+
+def _training_data_settings(path: str) -> dict | None:
+    """The data settings recorded by the train.py run of a training workdir (None for any other
+    model): the built-in dataset's seed and held-out combinations are evaluated as it trained."""
+    from clip_jax.training import checkpointing
+
+    if not checkpointing.is_training_workdir(path):
+        return None
+    _, record = checkpointing.read_run_record(path)
+    return record.get("training", {}).get("data")
 
 
 def _settings_record(settings) -> dict:

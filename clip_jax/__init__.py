@@ -1,7 +1,6 @@
 """clip_jax: CLIP in JAX/Flax — models, tokenizers, weight conversion, training and evaluation."""
 
-from clip_jax.api import encode_images, encode_texts, zero_shot_classify
-from clip_jax.checkpoint import load
+from clip_jax.api import encode_images, encode_texts, load, zero_shot_classify
 from clip_jax.models import CLIP, CLIPConfig, available_models, create_model, get_model_config
 from clip_jax.tokenizer import ClipTokenizer, SentencePieceTokenizer, get_tokenizer
 

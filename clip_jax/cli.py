@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Iterator
 
+from absl import logging as absl_logging
+
 EXIT_FAILURE = 1
 
 
@@ -45,8 +47,6 @@ def quiet_library_logs() -> None:
     """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`), and the
     "Event loop is closed" tracebacks that TensorStore's callbacks report (as unraisable
     exceptions, `sys.unraisablehook`) when a failed Orbax write has closed the event loop they report to."""
-    from absl import logging as absl_logging
-
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(existing, _DropLibraryErrors) for existing in handler.filters):
         handler.addFilter(_DropLibraryErrors())

@@ -35,6 +35,7 @@ import sys
 import zipfile
 from typing import Any
 
+import ml_dtypes  # a dependency of jax
 import numpy as np
 
 
@@ -75,8 +76,6 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 
 def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":
-        import ml_dtypes  # a dependency of jax
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 

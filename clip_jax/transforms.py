@@ -15,6 +15,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 import PIL.Image
+from etils import epath
 
 # Per-channel statistics of OpenAI's training images (RGB order).
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -86,7 +87,7 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
             return PIL.Image.fromarray(image)
         raise ValueError(f"image arrays must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
     if isinstance(image, (str, os.PathLike)):
-        with PIL.Image.open(image) as opened:
+        with epath.Path(image).open("rb") as file, PIL.Image.open(file) as opened:
             # Read the pixels now so the file is closed when this returns.
             opened.load()
         return opened

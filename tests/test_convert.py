@@ -180,8 +180,8 @@ def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
     images, texts = _inputs(32)
     np.save(tmp_path / "images.npy", images)
     script = (
-        "import sys, numpy as np, clip_jax.checkpoint as c\n"
-        "model, variables, preprocess, tokenizer = c.load(sys.argv[1])\n"
+        "import sys, numpy as np, clip_jax\n"
+        "model, variables, preprocess, tokenizer = clip_jax.load(sys.argv[1])\n"
         "texts = tokenizer(sys.argv[3:])\n"
         "images = np.load(sys.argv[2])\n"
         "np.save(sys.argv[1] + '.image.npy', model.apply(variables, images, method=model.encode_image))\n"
@@ -593,6 +593,7 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
     from configs.default import get_config
+    from clip_jax import api
     from clip_jax.training import setup
 
     seen = []
@@ -601,7 +602,7 @@ def test_train_passes_trust_torchscript_through(monkeypatch):
         seen.append(kwargs.get("trust_torchscript"))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(checkpoint, "load", fake_load)
+    monkeypatch.setattr(api, "load", fake_load)
     assert get_config().init.trust_torchscript is False
     for trust in (True, False):
         with pytest.raises(RuntimeError, match="stop here"):

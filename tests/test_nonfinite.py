@@ -19,7 +19,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from clip_jax.checkpoint import load, save_model_directory
+from clip_jax.api import load
+from clip_jax.checkpoint import save_model_directory
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, get_model_config
 from clip_jax.sharding import make_mesh

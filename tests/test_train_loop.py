@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.checkpoint import load
+from clip_jax.api import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.metrics import read_jsonl
@@ -122,7 +122,8 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
         tasks=("zero_shot",), datasets=("synthetic",), prompt_modes=("class_name", "single", "ensemble"),
         batch_size=128, max_examples=512,
     )  # fmt: skip
-    synthetic = suite.synthetic_dataset_for(workdir, model.config.vision.image_size)
+    _, record = checkpointing.read_run_record(workdir)
+    synthetic = suite.synthetic_dataset_for(record["training"]["data"], model.config.vision.image_size)
     expected = suite.flatten_metrics(
         suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=lambda message: None)
     )

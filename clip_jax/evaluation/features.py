@@ -13,12 +13,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding
 from clip_jax.data import pipeline
 from clip_jax.models import CLIP
+from clip_jax.transforms import make_eval_transform
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -149,8 +151,6 @@ def _to_host(array: jax.Array) -> np.ndarray:
     """A global array, whole, on every process."""
     if array.is_fully_addressable:
         return np.asarray(array)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -166,8 +166,6 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
     """Every process's `local` rows concatenated in process order (the same count on each)."""
     if jax.process_count() == 1:
         return np.asarray(local)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
@@ -189,8 +187,6 @@ def preprocess_images(images: Any, image_size: int, preprocess: Callable | None 
         if np.issubdtype(images.dtype, np.floating):
             return images.astype(np.float32)
     if preprocess is None:
-        from clip_jax.transforms import make_eval_transform
-
         preprocess = make_eval_transform(image_size)
     processed = [np.asarray(preprocess(image), np.float32) for image in images]
     if not processed:

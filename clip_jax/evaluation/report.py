@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -35,11 +36,10 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_json(results: dict[str, Any], output_dir: str) -> str:
-    path = os.path.join(output_dir, JSON_FILE)
-    with open(path, "w") as file:
-        json.dump(_json_ready(results), file, indent=2)
-    return path
+def write_json(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    path = epath.Path(output_dir) / JSON_FILE
+    path.write_text(json.dumps(_json_ready(results), indent=2))
+    return os.fspath(path)
 
 
 def _percent(value: float | None) -> str:
@@ -116,11 +116,10 @@ def markdown_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict[str, Any], output_dir: str) -> str:
-    path = os.path.join(output_dir, MARKDOWN_FILE)
-    with open(path, "w") as file:
-        file.write(markdown_summary(results))
-    return path
+def write_markdown(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    path = epath.Path(output_dir) / MARKDOWN_FILE
+    path.write_text(markdown_summary(results))
+    return os.fspath(path)
 
 
 def _pyplot():
@@ -140,7 +139,7 @@ def check_plotting_available() -> None:
         raise ImportError("PNG plots need matplotlib: pip install matplotlib (or pass --noplots)") from error
 
 
-def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
+def write_plots(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
     """The PNGs the results allow; returns their paths."""
     plt = _pyplot()
     written = []
@@ -224,19 +223,21 @@ def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
     return written
 
 
-def _save(figure: Any, output_dir: str, filename: str) -> str:
-    path = os.path.join(output_dir, filename)
+def _save(figure: Any, output_dir: str | os.PathLike, filename: str) -> str:
+    path = epath.Path(output_dir) / filename
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with path.open("wb") as file:  # a file object: the output directory may be remote
+        figure.savefig(file, format="png", dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-    return path
+    return os.fspath(path)
 
 
-def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -> list[str]:
-    """results.json, results.md and (when `plots`) the PNGs into `output_dir`; returns the paths."""
-    os.makedirs(output_dir, exist_ok=True)
+def write_report(results: dict[str, Any], output_dir: str | os.PathLike, plots: bool = True) -> list[str]:
+    """results.json, results.md and (when `plots`) the PNGs into `output_dir` (local or remote);
+    returns the paths."""
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     paths = [write_json(results, output_dir), write_markdown(results, output_dir)]
     if plots:
         paths += write_plots(results, output_dir)

@@ -10,9 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import sharding
+from clip_jax import sharding, transforms
+from clip_jax.data import tfds as tfds_source
+from clip_jax.data.classification import EVAL_IMAGE_LIMITS
+from clip_jax.data.pipeline import SkippedExample, decode_image
 from clip_jax.evaluation.features import (
     Encoder,
     rebatch,
@@ -71,8 +75,6 @@ def _chunked_ranks(
 
 
 def _gather(array: jax.Array) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -203,11 +205,6 @@ def tfds_caption_batches(
     TFDS image-text split (e.g. coco_captions "test", 5 captions per image), in dataset order.
     Every process reads the whole split. Images that cannot be decoded or have no caption are
     skipped."""
-    from clip_jax import transforms
-    from clip_jax.data import tfds as tfds_source
-    from clip_jax.data.classification import EVAL_IMAGE_LIMITS
-    from clip_jax.data.pipeline import SkippedExample, decode_image
-
     builder = tfds_source.make_builder(name, data_dir)
     keys = tfds_source.feature_keys(builder, image_key, text_key, "tfds", needs_text=True)
     import tensorflow_datasets as tfds

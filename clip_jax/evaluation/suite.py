@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax.data.classification import load_classification
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
 from clip_jax.evaluation.features import Encoder, extract_image_features
 from clip_jax.evaluation.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
+    PHOTO_TEMPLATES,
     PROMPT_MODES,
     DatasetPrompts,
     get_prompts,
@@ -149,8 +153,6 @@ def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSetti
 
 
 def _tfds_classification(name: str, settings: EvaluationSettings, image_size: int) -> _Classification:
-    from clip_jax.data.classification import load_classification
-
     def open_split(split: str | None) -> Any:
         return load_classification(
             name, split, settings.data_dir, reader=settings.tfds_reader, image_decoder=settings.tfds_image_decoder
@@ -163,8 +165,6 @@ def _tfds_classification(name: str, settings: EvaluationSettings, image_size: in
             raise ValueError(f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}")
     except ValueError:
         # A dataset without curated prompts: its own (readable) label names and ImageNet-style prompts.
-        from clip_jax.evaluation.templates import PHOTO_TEMPLATES
-
         prompts = DatasetPrompts(tuple(test.class_names), PHOTO_TEMPLATES)
     outside_classes = [0]
     test_batches = _streamer(test, settings, image_size)
@@ -196,8 +196,6 @@ def _tfds_classification(name: str, settings: EvaluationSettings, image_size: in
 
 
 def _streamer(split_dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
-    import jax
-
     options = {} if settings.tfds_worker_kind is None else {"worker_kind": settings.tfds_worker_kind}
     return lambda batch_size: split_dataset.batches(
         image_size, batch_size, jax.process_index(), jax.process_count(), **options
@@ -400,8 +398,6 @@ def run_evaluation(
     encoder = Encoder(model, variables, mesh=mesh, batch_size=settings.batch_size)
     image_size = encoder.image_size
     if synthetic is None and any(name in SYNTHETIC_DATASETS for name in settings.datasets):
-        from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-
         synthetic = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
     if synthetic is not None and synthetic.config.image_size != image_size:
         raise ValueError(f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px")
@@ -476,20 +472,15 @@ def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
-def synthetic_dataset_for(checkpoint: str, image_size: int) -> Any:
-    """The built-in dataset a checkpoint was trained on: a training workdir's own data settings
-    (seed, held-out combinations) when it trained on "synthetic", else the default configuration."""
-    import os
+def synthetic_dataset_for(data_settings: Mapping[str, Any] | None, image_size: int) -> SyntheticShapes:
+    """The built-in dataset a model was trained on, at `image_size`.
 
-    from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-
+    `data_settings` is a training run's data config (the "data" section of the record a training
+    workdir keeps, `clip_jax.training.checkpointing.read_run_record`): when that run trained on
+    "synthetic", its seed and held-out combinations; for any other run, or None (a model that was
+    not trained by train.py), the default configuration.
+    """
     settings = {}
-    if os.path.isdir(checkpoint):
-        from clip_jax.training import checkpointing
-
-        if checkpointing.is_training_workdir(checkpoint):
-            _, record = checkpointing.read_run_record(checkpoint)
-            data = record.get("training", {}).get("data", {})
-            if data.get("name") == "synthetic":
-                settings = {"seed": int(data["seed"]), "num_held_out": int(data["num_held_out"])}
+    if data_settings and data_settings.get("name") == "synthetic":
+        settings = {"seed": int(data_settings["seed"]), "num_held_out": int(data_settings["num_held_out"])}
     return SyntheticShapes(SyntheticShapesConfig(image_size=image_size, **settings))

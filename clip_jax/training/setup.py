@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from clip_jax import checkpoint, metrics, sharding
+from clip_jax import api, metrics, sharding
 from clip_jax.data import pipeline
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
@@ -191,7 +191,7 @@ def load_pretrained_params(
     """`state` with the parameters whose "/"-joined path matches `pattern` replaced by those of
     the checkpoint at `path` (anything `clip_jax.load` reads), laid out with the state's shardings.
     `trust_torchscript`: as in `clip_jax.load` (config.init.trust_torchscript)."""
-    _, pretrained, _, _ = checkpoint.load(path, trust_torchscript=trust_torchscript)
+    _, pretrained, _, _ = api.load(path, trust_torchscript=trust_torchscript)
     flat_pretrained = traverse_util.flatten_dict(jax.device_get(pretrained["params"]), sep="/")
     compiled = re.compile(pattern)
     replaced = []
