@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from clip_jax.data.pipeline import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
+from clip_jax.data.sources import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
 
 READERS: tuple[str, ...] = ("auto", "data_source", "tf_data")
 IMAGE_DECODERS: tuple[str, ...] = ("pipeline", "tfds")

@@ -9,7 +9,7 @@ position is just (epoch, window, offset) and resuming re-reads one window.
 Shards are streamed (plain, gzip, bzip2 or xz tars), never held whole, and reading one costs
 bounded memory whatever it holds: a member over its size cap is skipped unread, a shard stops
 after `max_shard_bytes` decompressed bytes, and links, devices and duplicate names are refused;
-each case is counted (pipeline.SKIP_REASONS).
+each case is counted (sources.SKIP_REASONS).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
 
 import ml_collections
 
-from clip_jax.data.pipeline import RawExample, check_process_layout, epoch_permutation
+from clip_jax.data.sources import RawExample, check_process_layout, epoch_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class ShardLimits:
 
 class TarSample(NamedTuple):
     """One sample of a tar: its key, {extension: bytes} of the members read, and a
-    pipeline.SKIP_REASONS entry when a member made it unusable (its files are then not kept)."""
+    sources.SKIP_REASONS entry when a member made it unusable (its files are then not kept)."""
 
     key: str
     files: dict[str, bytes]
