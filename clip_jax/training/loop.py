@@ -8,9 +8,7 @@ import copy
 import dataclasses
 import json
 import os
-import queue
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,7 +19,10 @@ import numpy as np
 from absl import logging
 
 from clip_jax import losses, metrics, sharding
-from clip_jax.data import pipeline
+from clip_jax.data import decode
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.config import default_data_config
+from clip_jax.data.prefetch import Prefetcher, to_global_batch
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
@@ -31,7 +32,7 @@ from clip_jax.training.state import TrainState, abstract_train_state, create_tra
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
-DATA_SOURCES = pipeline.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
+DATA_SOURCES = data_iterator.SOURCE_NAMES  # ("synthetic", "tfds", "webdataset")
 TOKENIZER_KINDS = ("sentencepiece", "clip")
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -90,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
 
     # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
-    config.data = pipeline.default_data_config()
+    config.data = default_data_config()
     config.data.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
 
     config.tokenizer = ml_collections.ConfigDict()
@@ -226,7 +227,7 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def make_dataset(config: ml_collections.ConfigDict, image_size: int) -> SyntheticShapes | None:
     """The built-in dataset at the model's image size; None for the other sources (TFDS and shards
-    come through clip_jax.data.pipeline, `pipeline.make_train_source`)."""
+    come through clip_jax.data.iterator, `make_train_source`)."""
     if config.data.name != "synthetic":
         return None
     return SyntheticShapes(
@@ -246,57 +247,8 @@ def process_local_batches(
     )
     for batch in iterator:
         # The same arithmetic as the real corpora and the evaluation transform, bit for bit.
-        images = pipeline.normalize_images(batch["images"])
+        images = decode.normalize_images(batch["images"])
         yield {"images": images, "texts": tokenizer(batch["captions"], truncate=True)}
-
-
-def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """One global array per field from each process's rows (`make_array_from_process_local_data`)."""
-    return {
-        name: jax.make_array_from_process_local_data(batch_sharding, value) for name, value in local_batch.items()
-    }
-
-
-class Prefetcher:
-    """Runs `make_item` for the next items in a background thread, `size` ahead of the consumer,
-    so drawing and transferring a batch overlaps the previous step. Errors surface in `next()`."""
-
-    def __init__(self, items: Iterator[Any], size: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
-        self._thread.start()
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            self._queue.put(("error", error))
-            return
-        self._queue.put(("end", None))
-
-    def __iter__(self) -> "Prefetcher":
-        return self
-
-    def __next__(self) -> Any:
-        kind, value = self._queue.get()
-        if kind == "error":
-            raise value
-        if kind == "end":
-            raise StopIteration
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,12 +507,12 @@ def _train_and_evaluate(
     # The data is checked (shards found, TFDS dataset prepared) before anything is written.
     dataset = make_dataset(config, base_spec.vision.image_size)
     train_source = (
-        None if dataset is not None else pipeline.make_train_source(config.data, jax.process_index(), jax.process_count())
+        None if dataset is not None else data_iterator.make_train_source(config.data, jax.process_index(), jax.process_count())
     )
     if dataset is not None:
         caption_sample = dataset.all_captions_sample
     else:
-        caption_sample = lambda count: pipeline.caption_sample(train_source, count, int(config.data.seed))  # noqa: E731
+        caption_sample = lambda count: data_iterator.caption_sample(train_source, count, int(config.data.seed))  # noqa: E731
     if jax.process_index() == 0:
         _make_workdir(workdir)
     lock = _lock_workdir(workdir)
@@ -721,7 +673,7 @@ def _run(
             guard.check_before_save(state, step)  # never save a state that is not finite
         progress = {"step": step, "data_position": data_position}
         if data_state is not None and (force or checkpointer.manager.should_save(step)):
-            progress["data_states"] = pipeline.gather_states(data_state)  # a collective: only when saving
+            progress["data_states"] = data_iterator.gather_states(data_state)  # a collective: only when saving
         checkpointer.save(step, state, progress, run_record, force=force)
 
     # (local batch, iterator state after it) pairs; the state is None for the synthetic dataset,
@@ -729,14 +681,14 @@ def _run(
     if dataset is not None:
         local_batches = ((batch, None) for batch in process_local_batches(dataset, tokenizer, global_batch_size, data_position))
     else:
-        train_iterator = pipeline.make_train_iterator(
+        train_iterator = data_iterator.make_train_iterator(
             config.data,
             tokenizer,
             global_batch_size,
             image_size,
             jax.process_index(),
             jax.process_count(),
-            start_state=pipeline.local_state(data_states, jax.process_index(), jax.process_count()),
+            start_state=data_iterator.local_state(data_states, jax.process_index(), jax.process_count()),
             source=train_source,
         )
         local_batches = train_iterator.batches_with_state()
@@ -773,7 +725,7 @@ def _run(
                     mfu=metrics.model_flops_utilization(flops_per_device, step_seconds, peak_flops),
                 )
                 if data_state is not None:
-                    counters = pipeline.summed_counters(pipeline.gather_states(data_state))
+                    counters = data_iterator.summed_counters(data_iterator.gather_states(data_state))
                     scalars.update({f"data/{name}": count for name, count in counters.items()})
                 writer.write(step, scalars)
                 progress_bar.show({name: scalars.get(name) for name in ("loss", "pairs_per_second", "mfu")})
