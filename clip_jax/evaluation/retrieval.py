@@ -206,7 +206,8 @@ def tfds_caption_batches(
     from clip_jax import transforms
     from clip_jax.data import tfds as tfds_source
     from clip_jax.data.classification import EVAL_IMAGE_LIMITS
-    from clip_jax.data.pipeline import SkippedExample, decode_image
+    from clip_jax.data.decode import decode_image
+    from clip_jax.data.sources import SkippedExample
 
     builder = tfds_source.make_builder(name, data_dir)
     keys = tfds_source.feature_keys(builder, image_key, text_key, "tfds", needs_text=True)
