@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from clip_jax.data.sources import mix64
+
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
 COLOR_PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35),
@@ -364,26 +366,17 @@ _NUM_UNIFORMS = 19  # per-example random numbers; see SyntheticShapes._parameter
 _PIXELS_PER_CHUNK = 1 << 20  # bounds the temporaries of one vectorised drawing pass
 
 
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a one-to-one scramble of uint64 values (wrapping arithmetic)."""
-    values = values ^ (values >> np.uint64(30))
-    values = values * np.uint64(0xBF58476D1CE4E5B9)
-    values = values ^ (values >> np.uint64(27))
-    values = values * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
-
-
 def _example_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
     """One uint64 key per example, (n,); distinct indices give distinct keys."""
-    seed_key = _mix64(np.array([seed], dtype=np.uint64))
-    split_key = _mix64(seed_key + np.array([split_id + 1], dtype=np.uint64) * _GOLDEN_GAMMA)
-    return _mix64(split_key ^ (indices.astype(np.uint64) * _INDEX_MULTIPLIER))
+    seed_key = mix64(np.array([seed], dtype=np.uint64))
+    split_key = mix64(seed_key + np.array([split_id + 1], dtype=np.uint64) * _GOLDEN_GAMMA)
+    return mix64(split_key ^ (indices.astype(np.uint64) * _INDEX_MULTIPLIER))
 
 
 def _random_words(keys: np.ndarray, first_stream: int, count: int) -> np.ndarray:
     """Streams first_stream .. first_stream+count-1 of each key: uint64 (n, count)."""
     streams = np.arange(first_stream + 1, first_stream + count + 1, dtype=np.uint64)
-    return _mix64(keys[:, None] + streams[None, :] * _GOLDEN_GAMMA)
+    return mix64(keys[:, None] + streams[None, :] * _GOLDEN_GAMMA)
 
 
 def _uniforms(keys: np.ndarray, count: int) -> np.ndarray:
