@@ -127,7 +127,10 @@ def prepared_in_order(
             chunk.append((example, tag))
             if len(chunk) == CHUNK_SIZE:
                 send_chunk()
-        if chunk:
+        # A part-filled chunk waits for more examples while the workers have others in hand: sent
+        # as soon as a slot frees, chunks would shrink to one example each after the first fill,
+        # and every example would pay a task's cost (a pickle round trip with processes).
+        if chunk and (exhausted or not pending):
             send_chunk()
         if not pending:
             return
