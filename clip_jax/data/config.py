@@ -50,4 +50,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.webdataset.max_member_bytes = 64 * 2**20  # one image (or other member) of a sample
     config.webdataset.max_caption_bytes = 64 * 2**10  # the caption member (text_extension)
     config.webdataset.max_shard_bytes = 4 * 2**30  # decompressed bytes of one shard
+
+    config.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
     return config

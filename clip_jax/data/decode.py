@@ -6,9 +6,10 @@ normalisation. Pure functions of their arguments: they run in the decoding worke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -119,8 +120,12 @@ def _text_of(value: Any) -> str:
     raise SkippedExample("undecodable_caption", f"caption of type {type(value).__name__}")
 
 
-def choose_caption(text: Any, rng: np.random.Generator) -> str:
-    """The caption of an example: itself, or one drawn uniformly among its usable captions."""
+def choose_caption(text: Any, rng: np.random.Generator | Callable[[], np.random.Generator]) -> str:
+    """The caption of an example: itself, or one drawn uniformly among its usable captions.
+
+    `rng` may be a function that makes the example's generator: it is then only made when there
+    is a choice to draw (seeding one costs more than the rest for a single caption).
+    """
     if text is None:
         raise SkippedExample("missing_caption")
     several = isinstance(text, (list, tuple)) or (isinstance(text, np.ndarray) and text.ndim > 0)
@@ -140,20 +145,26 @@ def choose_caption(text: Any, rng: np.random.Generator) -> str:
             candidates.append(caption)
     if not candidates:
         raise SkippedExample("undecodable_caption" if undecodable else "empty_caption")
-    return candidates[int(rng.integers(len(candidates)))]
+    generator = rng if isinstance(rng, np.random.Generator) else rng()
+    return candidates[int(generator.integers(len(candidates)))]
 
 
 @dataclasses.dataclass(frozen=True)
 class ExamplePreparer:
     """Turns a RawExample into (image uint8 (size, size, 3), caption, converted): decoding, the
     caption draw, open_clip's random resized crop and bicubic resize. Normalisation happens per
-    batch (`normalize_images`), so workers send back a quarter of the bytes."""
+    batch (`normalize_images`), so workers send back a quarter of the bytes.
+
+    `ready_sized`: the source's images are uint8 (image_size, image_size, 3) arrays used as they are
+    (ExampleSource.ready_sized): not decoded, not cropped; any other image is an error.
+    """
 
     image_size: int
     seed: int
     limits: ImageLimits = ImageLimits()
     crop_scale: tuple[float, float] = transforms.DEFAULT_TRAIN_SCALE
     reduced_jpeg_decoding: bool = True
+    ready_sized: bool = False
 
     def reduced_decoding_size(self) -> int | None:
         if not self.reduced_jpeg_decoding:
@@ -171,12 +182,25 @@ class ExamplePreparer:
         image_data, text = example_contents(example, reader)
         if image_data is None:
             raise SkippedExample("missing_image", example.description)
+        if self.ready_sized:  # no crop to draw: the generator is only made for a caption choice
+            return self._ready_sized(example, image_data, text)
         rng = example_rng(self.seed, example.epoch, example.identity)
-        caption = choose_caption(text, rng)
+        caption = choose_caption(text, rng)  # drawn before the crop, from the same generator
         image, converted = decode_image(image_data, self.limits, self.reduced_decoding_size())
         # transforms.train_transform's crop, without its per-image normalisation.
         cropped = transforms.random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
         return np.asarray(cropped, dtype=np.uint8), caption, converted
+
+    def _ready_sized(self, example: RawExample, image_data: ImageData, text: Any) -> tuple[np.ndarray, str, bool]:
+        """The image array as it is (no decoding, no crop) and the caption."""
+        expected = (self.image_size, self.image_size, 3)
+        if not isinstance(image_data, np.ndarray) or image_data.dtype != np.uint8 or image_data.shape != expected:
+            found = f"{image_data.dtype} {image_data.shape}" if isinstance(image_data, np.ndarray) else type(image_data).__name__
+            raise ValueError(
+                f"{example.description or 'an example'} of a ready-sized source is {found}; expected uint8 {expected}"
+            )
+        caption = choose_caption(text, functools.partial(example_rng, self.seed, example.epoch, example.identity))
+        return image_data, caption, False
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
@@ -186,8 +210,10 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
     return transforms.normalize_pixels(images, transforms.OPENAI_MEAN, transforms.OPENAI_STD)
 
 
-def preparer_from_config(data_config: ml_collections.ConfigDict, image_size: int) -> ExamplePreparer:
-    """The decode + augment settings of `config.data`."""
+def preparer_from_config(
+    data_config: ml_collections.ConfigDict, image_size: int, ready_sized: bool = False
+) -> ExamplePreparer:
+    """The decode + augment settings of `config.data`; `ready_sized` as the source says."""
     scale = tuple(float(value) for value in data_config.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(
@@ -209,4 +235,5 @@ def preparer_from_config(data_config: ml_collections.ConfigDict, image_size: int
         limits=limits,
         crop_scale=scale,
         reduced_jpeg_decoding=bool(data_config.reduced_jpeg_decoding),
+        ready_sized=ready_sized,
     )

@@ -11,6 +11,7 @@ worker timing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -20,8 +21,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from clip_jax.data import synthetic, webdataset
 from clip_jax.data import tfds as tfds_source
-from clip_jax.data import webdataset
 from clip_jax.data.decode import ExamplePreparer, choose_caption, normalize_images, preparer_from_config
 from clip_jax.data.sources import (
     CONVERTED_IMAGE_MODE,
@@ -227,7 +228,8 @@ def caption_sample(source: ExampleSource, count: int, seed: int = 0, num_workers
         PreparerWithReader(_CaptionReader(seed), source.record_reader()), num_workers or default_num_workers(), "thread"
     )
     try:
-        stream = prepared_in_order(source.examples(source.initial_position()), pool, 8 * CHUNK_SIZE * pool.num_workers)
+        examples = source.examples(source.initial_position(), text_only=True)
+        stream = prepared_in_order(examples, pool, 8 * CHUNK_SIZE * pool.num_workers)
         for example, _, caption, skipped in stream:
             if example.epoch > 0:
                 break
@@ -250,24 +252,35 @@ class _CaptionReader:
         if example.problem is not None:
             raise SkippedExample(example.problem)
         _, text = example_contents(example, reader)
-        return choose_caption(text, example_rng(self.seed, example.epoch, example.identity))
+        return choose_caption(text, functools.partial(example_rng, self.seed, example.epoch, example.identity))
 
 
 def make_train_source(
-    data_config: ml_collections.ConfigDict, process_index: int, process_count: int
+    data_config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    *,
+    image_size: int | None = None,
+    global_batch_size: int | None = None,
 ) -> ExampleSource:
     """The raw-example source `config.data.name` names, for this process; checks the data exists
-    (shards found, TFDS dataset prepared) so a bad path fails before anything is compiled."""
+    (shards found, TFDS dataset prepared) so a bad path fails before anything is compiled.
+
+    The built-in dataset ("synthetic") also needs the model's `image_size` (it draws at that size)
+    and the `global_batch_size` (each process reads its rows of every global batch).
+    """
     check_process_layout(process_index, process_count)
     if data_config.name == "tfds":
         return tfds_source.source_from_config(data_config, process_index, process_count)
     if data_config.name == "webdataset":
         return webdataset.source_from_config(data_config, process_index, process_count)
     if data_config.name == "synthetic":
-        raise ValueError(
-            "data.name='synthetic' is served by clip_jax.data.synthetic (SyntheticShapes.batch_iterator), "
-            "not by this pipeline"
-        )
+        if image_size is None or global_batch_size is None:
+            raise ValueError(
+                f"data.name='synthetic' needs the model's image_size and the global_batch_size; got "
+                f"image_size={image_size!r}, global_batch_size={global_batch_size!r}"
+            )
+        return synthetic.source_from_config(data_config, process_index, process_count, image_size, global_batch_size)
     raise ValueError(f"unknown data.name {data_config.name!r}; expected one of {SOURCE_NAMES}")
 
 
@@ -291,14 +304,19 @@ def make_train_iterator(
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the {process_count} processes"
         )
-    preparer = preparer_from_config(data_config, image_size)
     if int(data_config.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0 (0 = one per CPU core), got {data_config.num_workers}")
     num_workers = int(data_config.num_workers) or default_num_workers()
     if data_config.worker_kind not in WORKER_KINDS:
         raise ValueError(f"data.worker_kind must be one of {WORKER_KINDS}, got {data_config.worker_kind!r}")
     if source is None:
-        source = make_train_source(data_config, process_index, process_count)
+        source = make_train_source(
+            data_config, process_index, process_count, image_size=image_size, global_batch_size=global_batch_size
+        )
+    preparer = preparer_from_config(data_config, image_size, ready_sized=source.ready_sized)
+    # Ready-sized examples need no decoding, only a copy: threads do that at no start-up cost,
+    # where worker processes would take seconds to start and a pickled copy of every image.
+    worker_kind = "thread" if source.ready_sized else str(data_config.worker_kind)
     return TrainIterator(
         source,
         tokenizer,
@@ -308,8 +326,21 @@ def make_train_iterator(
         process_count,
         num_workers,
         start_state,
-        worker_kind=str(data_config.worker_kind),
+        worker_kind=worker_kind,
     )
+
+
+def tokenizer_captions(
+    data_config: ml_collections.ConfigDict, count: int, *, image_size: int, global_batch_size: int
+) -> list[str]:
+    """Up to `count` captions from the start of the training data as a single process reads it:
+    the sample a tokenizer is trained on, the same whatever the number of processes of the run
+    (so a run on 2 hosts tokenizes as one on 1 host does)."""
+    source = make_train_source(data_config, 0, 1, image_size=image_size, global_batch_size=global_batch_size)
+    try:
+        return caption_sample(source, count, int(data_config.seed))
+    finally:
+        source.close()
 
 
 def gather_states(local_state: Mapping[str, Any]) -> list[dict[str, Any]]:

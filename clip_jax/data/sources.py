@@ -96,11 +96,19 @@ def example_contents(example: RawExample, reader: RecordReader | None) -> tuple[
 class ExampleSource(Protocol):
     """A deterministic, endless stream of raw examples for one process, resumable at any point."""
 
+    # True when every image is a uint8 (size, size, 3) array already at the model's image size and
+    # meant to be used as it is: no random resized crop (the built-in dataset draws at that size).
+    ready_sized: bool
+
     def initial_position(self) -> dict[str, int]:
         """The position of the first example of epoch 0."""
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
-        """The raw examples from `position` on, each with the position just after it."""
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        """The raw examples from `position` on, each with the position just after it. `text_only`:
+        the reader wants the captions alone (a tokenizer's sample), so a source may leave images
+        out (None) where producing them costs more than reading the example anyway."""
 
     def fingerprint(self) -> str:
         """What the positions refer to (dataset, size, layout): a resume checks it is unchanged."""

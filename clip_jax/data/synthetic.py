@@ -8,6 +8,10 @@ are sentences whose opening frame ("a photo of", "a drawing of", ...) names the 
 is out of distribution, and an ensemble of frames covers styles a single prompt does not.
 Randomness comes from a counter-based hash of (seed, split, index), and images are drawn
 for a whole batch at once with numpy.
+
+Training reads it like any other corpus: `SyntheticSource` is an ExampleSource whose examples
+are ready-sized (drawn at the model's image size), which clip_jax.data.iterator turns into
+batches and resumes from its state as it does TFDS and WebDataset shards.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
-from clip_jax.data.sources import mix64
+from clip_jax.data.sources import RawExample, mix64
 
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
 COLOR_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -506,8 +511,11 @@ class SyntheticShapes:
         """Captions of train examples 0 .. count-1 (no images drawn), e.g. to fit a tokenizer."""
         if count < 0:
             raise ValueError(f"count must be non-negative, got {count}")
-        indices = np.arange(count, dtype=np.int64)
-        parameters = self._parameters("train", self._checked_indices("train", indices))
+        return self.captions("train", np.arange(count, dtype=np.int64))
+
+    def captions(self, split: str, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Captions of examples `indices` of `split`, without drawing their images."""
+        parameters = self._parameters(split, self._checked_indices(split, indices))
         return [description.caption for description in self._descriptions(parameters)]
 
     # --- generation
@@ -751,3 +759,101 @@ class SyntheticBatchIterator:
         batch = self.dataset.get_batch(self.split, indices)
         self.step += 1
         return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in dataset as a training source (clip_jax.data.sources.ExampleSource).
+# --------------------------------------------------------------------------------------------
+
+# Train examples between the starts of two epochs of SyntheticSource. The stream is endless, so an
+# epoch only begins anew when a resume changes the topology (the iterator then moves to the next
+# epoch); this is more than any run reads, so epochs never overlap.
+EPOCH_STRIDE = 2**40
+# Examples drawn in one vectorised pass: as fast per example as a whole batch (measured at 32 px),
+# with a bounded amount of memory whatever the batch size. Captions alone are cheap and small, so
+# a tokenizer's sample takes them in larger passes.
+_DRAW_CHUNK = 64
+_CAPTION_CHUNK = 1024
+
+
+class SyntheticSource:
+    """The "train" split of the built-in dataset as this process's stream of raw examples.
+
+    The global batch of step s is train examples [s * B, (s + 1) * B) and process p reads its
+    contiguous rows of it (`process_batch_indices`), so the batches a TrainIterator makes from
+    this source are those of every earlier version of the default run, in any topology. Position
+    {"epoch", "offset"}: the next example is this process's `offset`-th of epoch `epoch`.
+    Images are drawn at the model's size, so they are ready-sized (no random resized crop).
+    """
+
+    ready_sized = True
+
+    def __init__(
+        self, dataset: SyntheticShapes, global_batch_size: int, process_index: int, process_count: int
+    ) -> None:
+        process_batch_indices(0, global_batch_size, process_index, process_count)  # raises on a bad layout
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.local_batch_size = global_batch_size // process_count
+
+    def fingerprint(self) -> str:
+        config = self.dataset.config
+        return (
+            f"synthetic: seed {config.seed}, {config.num_held_out} held out, {config.image_size} px, "
+            f"global batch {self.global_batch_size}"
+        )
+
+    def initial_position(self) -> dict[str, int]:
+        return {"epoch": 0, "offset": 0}
+
+    def record_reader(self) -> None:
+        return None  # examples carry their pixels
+
+    def example_indices(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        """Train example indices of this process's `offsets`-th examples of epoch `epoch`."""
+        steps, rows = np.divmod(np.asarray(offsets, dtype=np.int64), self.local_batch_size)
+        first_row = self.process_index * self.local_batch_size
+        return epoch * EPOCH_STRIDE + steps * self.global_batch_size + first_row + rows
+
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        epoch, offset = int(position["epoch"]), int(position["offset"])
+        if epoch < 0 or offset < 0:
+            raise ValueError(f"invalid synthetic position {dict(position)!r}")
+        while True:
+            chunk = _CAPTION_CHUNK if text_only else _DRAW_CHUNK
+            indices = self.example_indices(epoch, np.arange(offset, offset + chunk))
+            if text_only:  # a tokenizer's sample: captions cost a fraction of drawing
+                images: Sequence[np.ndarray | None] = [None] * len(indices)
+                captions = self.dataset.captions("train", indices)
+            else:
+                batch = self.dataset.get_batch("train", indices)
+                images, captions = batch["images"], batch["captions"]
+            for row, index in enumerate(indices.tolist()):
+                description = f"synthetic train example {index}"
+                example = RawExample(images[row], captions[row], (index,), epoch, description=description)
+                yield example, {"epoch": epoch, "offset": offset + row + 1}
+            offset += len(indices)
+
+    def close(self) -> None:
+        pass
+
+
+def source_from_config(
+    data_config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    image_size: int,
+    global_batch_size: int,
+) -> SyntheticSource:
+    """The built-in dataset of `config.data` (seed, num_held_out) drawn at the model's image size,
+    laid out in the run's global batches."""
+    dataset = SyntheticShapes(
+        SyntheticShapesConfig(
+            image_size=int(image_size), seed=int(data_config.seed), num_held_out=int(data_config.num_held_out)
+        )
+    )
+    return SyntheticSource(dataset, int(global_batch_size), process_index, process_count)

@@ -407,6 +407,8 @@ class WebDatasetSource:
     of epoch `epoch` of this process. The next window is read in the background.
     """
 
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
+
     def __init__(
         self,
         shards: Sequence[str],
@@ -519,7 +521,10 @@ class WebDatasetSource:
         order = epoch_permutation(len(samples), self.seed, epoch, self.process_index, window) if samples else []
         return problems + [samples[index] for index in order]
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # a tar is read whole either way, and images stay undecoded bytes
         epoch, window, offset = int(position["epoch"]), int(position["window"]), int(position["offset"])
         if min(epoch, window, offset) < 0:
             raise ValueError(f"invalid webdataset position {dict(position)!r}")
