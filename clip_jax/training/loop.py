@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,11 @@ import numpy as np
 from absl import logging
 
 from clip_jax import losses, metrics, sharding
-from clip_jax.data import decode
 from clip_jax.data import iterator as data_iterator
+from clip_jax.data import sources as data_sources
 from clip_jax.data.config import default_data_config
 from clip_jax.data.prefetch import Prefetcher, to_global_batch
-from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.synthetic import SyntheticSource
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig, get_model_config
 from clip_jax.training import checkpointing, nonfinite
@@ -90,9 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.total_steps = 1000
     config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
 
-    # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
+    # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.*, num_held_out (docs/data.md)
     config.data = default_data_config()
-    config.data.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
@@ -218,37 +218,6 @@ def _count_parameters(spec: CLIPConfig) -> int:
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
-
-
-# --------------------------------------------------------------------------------------------
-# Data: each process draws its share of every global batch and hands it to jax as one array.
-# --------------------------------------------------------------------------------------------
-
-
-def make_dataset(config: ml_collections.ConfigDict, image_size: int) -> SyntheticShapes | None:
-    """The built-in dataset at the model's image size; None for the other sources (TFDS and shards
-    come through clip_jax.data.iterator, `make_train_source`)."""
-    if config.data.name != "synthetic":
-        return None
-    return SyntheticShapes(
-        SyntheticShapesConfig(
-            image_size=image_size, seed=int(config.data.seed), num_held_out=int(config.data.num_held_out)
-        )
-    )
-
-
-def process_local_batches(
-    dataset: SyntheticShapes, tokenizer: Any, global_batch_size: int, start_step: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the global batch of each step from `start_step` on, ready for the
-    model: {"images": float32 (local, H, W, 3), "texts": int32 (local, context_length)}."""
-    iterator = dataset.batch_iterator(
-        "train", global_batch_size, jax.process_index(), jax.process_count(), start_step=start_step
-    )
-    for batch in iterator:
-        # The same arithmetic as the real corpora and the evaluation transform, bit for bit.
-        images = decode.normalize_images(batch["images"])
-        yield {"images": images, "texts": tokenizer(batch["captions"], truncate=True)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,26 +472,19 @@ def _train_and_evaluate(
 ) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(int(config.global_batch_size), mesh, int(config.accumulation_steps))
-    base_spec = model_spec(config)
     # The data is checked (shards found, TFDS dataset prepared) before anything is written.
-    dataset = make_dataset(config, base_spec.vision.image_size)
-    train_source = (
-        None if dataset is not None else data_iterator.make_train_source(config.data, jax.process_index(), jax.process_count())
-    )
-    if dataset is not None:
-        caption_sample = dataset.all_captions_sample
-    else:
-        caption_sample = lambda count: data_iterator.caption_sample(train_source, count, int(config.data.seed))  # noqa: E731
+    data_layout = {"image_size": model_spec(config).vision.image_size, "global_batch_size": int(config.global_batch_size)}
+    train_source = data_iterator.make_train_source(config.data, jax.process_index(), jax.process_count(), **data_layout)
+    caption_sample = functools.partial(data_iterator.tokenizer_captions, config.data, **data_layout)
     if jax.process_index() == 0:
         _make_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train_in_locked_workdir(config, workdir, preemption, mesh, dataset, train_source, caption_sample)
+        return _train_in_locked_workdir(config, workdir, preemption, mesh, train_source, caption_sample)
     finally:
         if lock is not None:
             lock.release()
-        if train_source is not None:
-            train_source.close()
+        train_source.close()
 
 
 def _lock_workdir(workdir: str) -> WorkdirLock | None:
@@ -546,8 +508,7 @@ def _train_in_locked_workdir(
     workdir: str,
     preemption: checkpointing.PreemptionWatcher,
     mesh: jax.sharding.Mesh,
-    dataset: SyntheticShapes | None,
-    train_source: Any,
+    train_source: data_sources.ExampleSource,
     caption_sample: Callable[[int], list[str]],
 ) -> TrainState:
     checkpoint_config = config.checkpoint
@@ -559,7 +520,7 @@ def _train_in_locked_workdir(
         async_save=bool(checkpoint_config.async_save),
     )
     try:
-        state = _run(config, workdir, preemption, mesh, dataset, train_source, caption_sample, checkpointer)
+        state = _run(config, workdir, preemption, mesh, train_source, caption_sample, checkpointer)
     except BaseException:
         checkpointer.close(raise_errors=False)  # the error being raised says what went wrong
         raise
@@ -572,8 +533,7 @@ def _run(
     workdir: str,
     preemption: checkpointing.PreemptionWatcher,
     mesh: jax.sharding.Mesh,
-    dataset: SyntheticShapes | None,
-    train_source: Any,
+    train_source: data_sources.ExampleSource,
     caption_sample: Callable[[int], list[str]],
     checkpointer: checkpointing.TrainingCheckpointer,
 ) -> TrainState:
@@ -605,8 +565,7 @@ def _run(
         _, _, state, progress = resumed
         _, state_shardings = abstract_train_state(config, model, mesh)
         start_step = int(progress["step"])
-        data_position = int(progress["data_position"])
-        data_states = progress.get("data_states")  # TFDS / shards: every process's iterator state
+        data_states = progress.get("data_states")  # every process's data iterator state
         announce(f"Resumed from the checkpoint of step {start_step} in {checkpointer.directory}")
     else:
         state, state_shardings = create_train_state(config, model, mesh)
@@ -620,7 +579,7 @@ def _run(
                 f"Warning: optimizer.freeze_regex {config.optimizer.freeze_regex!r} freezes parameters that "
                 "keep their random initialisation; set config.init.checkpoint to load pre-trained ones"
             )
-        start_step = data_position = 0
+        start_step = 0
         data_states = None
 
     total_steps = int(config.total_steps)
@@ -648,7 +607,9 @@ def _run(
     guard = nonfinite.Guard(config.nonfinite, checkpointer, mesh, announce)
     writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
     eval_settings = evaluation_settings(config) if int(config.eval.num_examples) else None
-    if eval_settings is not None and dataset is None:
+    # The built-in dataset the model trains on, evaluated on its held-out combinations.
+    synthetic_data = train_source.dataset if isinstance(train_source, SyntheticSource) else None
+    if eval_settings is not None and synthetic_data is None:
         # The built-in dataset's evaluations mean nothing for a model trained on other data.
         kept = tuple(name for name in eval_settings.datasets if name not in suite.SYNTHETIC_DATASETS)
         if kept != eval_settings.datasets:
@@ -663,7 +624,7 @@ def _run(
             return
         # Every process runs it: embedding gathers across processes.
         results = suite.run_evaluation(
-            model, state.variables, tokenizer, eval_settings, synthetic=dataset, mesh=mesh, log=logging.info
+            model, state.variables, tokenizer, eval_settings, synthetic=synthetic_data, mesh=mesh, log=logging.info
         )
         writer.write(step, suite.flatten_metrics(results))
         announce(f"step {step}: {evaluation_summary(results)}")
@@ -671,32 +632,27 @@ def _run(
     def save(step: int, force: bool) -> None:
         if force or checkpointer.manager.should_save(step):
             guard.check_before_save(state, step)  # never save a state that is not finite
-        progress = {"step": step, "data_position": data_position}
-        if data_state is not None and (force or checkpointer.manager.should_save(step)):
+        progress = {"step": step}
+        if force or checkpointer.manager.should_save(step):
             progress["data_states"] = data_iterator.gather_states(data_state)  # a collective: only when saving
         checkpointer.save(step, state, progress, run_record, force=force)
 
-    # (local batch, iterator state after it) pairs; the state is None for the synthetic dataset,
-    # whose position is data_position.
-    if dataset is not None:
-        local_batches = ((batch, None) for batch in process_local_batches(dataset, tokenizer, global_batch_size, data_position))
-    else:
-        train_iterator = data_iterator.make_train_iterator(
-            config.data,
-            tokenizer,
-            global_batch_size,
-            image_size,
-            jax.process_index(),
-            jax.process_count(),
-            start_state=data_iterator.local_state(data_states, jax.process_index(), jax.process_count()),
-            source=train_source,
-        )
-        local_batches = train_iterator.batches_with_state()
+    # Every source, the built-in one included, goes through the one iterator: (local batch,
+    # iterator state after it) pairs, resumed from the checkpoint's states.
+    train_iterator = data_iterator.make_train_iterator(
+        config.data,
+        tokenizer,
+        global_batch_size,
+        image_size,
+        jax.process_index(),
+        jax.process_count(),
+        start_state=data_iterator.local_state(data_states, jax.process_index(), jax.process_count()),
+        source=train_source,
+    )
     batches = Prefetcher(
-        ((to_global_batch(batch, batch_sharding), batch_state) for batch, batch_state in local_batches),
+        ((to_global_batch(batch, batch_sharding), batch_state) for batch, batch_state in train_iterator.batches_with_state()),
         int(config.data.prefetch_batches),
     )
-    data_state = None
     progress_bar = metrics.ProgressBar(total_steps, start_step)
     step = start_step
     preempted = False
@@ -709,7 +665,6 @@ def _run(
             data_wait += time.perf_counter() - wait_start
             state, step_metrics = compiled_step(state, batch)
             step += 1
-            data_position += 1
             progress_bar.update()
             checkpointer.check_for_errors()  # a failed background save stops the run now
 
@@ -724,9 +679,8 @@ def _run(
                     data_wait_fraction=data_wait / (now - last_log_time),
                     mfu=metrics.model_flops_utilization(flops_per_device, step_seconds, peak_flops),
                 )
-                if data_state is not None:
-                    counters = data_iterator.summed_counters(data_iterator.gather_states(data_state))
-                    scalars.update({f"data/{name}": count for name, count in counters.items()})
+                counters = data_iterator.summed_counters(data_iterator.gather_states(data_state))
+                scalars.update({f"data/{name}": count for name, count in counters.items()})
                 writer.write(step, scalars)
                 progress_bar.show({name: scalars.get(name) for name in ("loss", "pairs_per_second", "mfu")})
                 guard.check_counters(state, step)
@@ -746,8 +700,7 @@ def _run(
             announce(f"The workdir's checkpoint is already at step {start_step} >= total_steps={total_steps}")
     finally:
         batches.close()
-        if dataset is None:
-            train_iterator.close()  # its decoding threads and shard readers
+        train_iterator.close()  # its decoding threads and the source's readers
         progress_bar.close()
         writer.close()
     checkpointer.wait_until_finished()  # the last save is committed before the run says it is done
