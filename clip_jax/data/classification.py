@@ -27,6 +27,7 @@ from clip_jax.data.sources import (
     new_counters,
 )
 from clip_jax.data.workers import PreparerWithReader, WorkerPool, default_num_workers, prepared_in_order
+from clip_jax.evaluation import templates
 
 # The split each benchmark is scored on.
 DEFAULT_SPLITS: dict[str, str] = {
@@ -72,10 +73,8 @@ def readable_class_names(dataset_name: str, label_names: tuple[str, ...]) -> tup
     """Class names for prompts: the curated list of clip_jax.evaluation.templates when it has one of
     the right length (ImageNet's label names are WordNet ids), else the label names with "_" -> " "."""
     try:
-        from clip_jax.evaluation import templates
-
         curated = templates.get_prompts(dataset_name).class_names
-    except (ImportError, ValueError, AttributeError):
+    except (ValueError, AttributeError):  # no prompts for this dataset, or none with class names
         curated = ()
     if len(curated) == len(label_names):
         return tuple(curated)

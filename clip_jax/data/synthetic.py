@@ -556,19 +556,6 @@ class SyntheticShapes:
             first_background + 1 + choice(8, num_backgrounds - 1)
         ) % num_backgrounds
 
-        size = self.config.image_size
-        low, high = self._size_ranges[size_index, 0], self._size_ranges[size_index, 1]
-        radius = size * (low + (high - low) * uniforms[:, 11])  # pixels, (n,)
-        reach = radius * _SHAPE_EXTENT
-        margin = 0.04 * size
-        # Room between the image centre and the farthest centre that keeps the shape inside.
-        free = np.maximum(0.0, size / 2.0 - reach - margin)
-        horizontal = self._position_offsets[position_index, 0]
-        vertical = self._position_offsets[position_index, 1]
-        center_x = size / 2.0 + horizontal * free + (uniforms[:, 12] - 0.5) * 0.4 * free
-        center_y = size / 2.0 + vertical * free + (uniforms[:, 13] - 0.5) * 0.4 * free
-        rotation_degrees = (uniforms[:, 14] * 2.0 - 1.0) * self.config.max_rotation_degrees
-        rotation = rotation_degrees * (math.pi / 180.0)
         background_angle = uniforms[:, 9] * 2.0 * math.pi
         jitter = np.stack(
             [choice(column, 2 * _COLOR_JITTER + 1) - _COLOR_JITTER for column in (15, 16, 17)],
@@ -594,12 +581,31 @@ class SyntheticShapes:
             "background_cosine": np.array([math.cos(a) for a in background_angle]),
             "background_sine": np.array([math.sin(a) for a in background_angle]),
             "period_fraction": 0.08 + 0.08 * uniforms[:, 10],  # of the image side
+            **self._placement(size_index, position_index, uniforms),
+            "shape_color": shape_color.astype(np.uint8),  # (n, 3)
+        }
+
+    def _placement(self, size_index: np.ndarray, position_index: np.ndarray, uniforms: np.ndarray) -> dict:
+        """Each shape's radius, centre (pixels) and rotation, from its size and position names and
+        its uniforms; arrays of shape (n,)."""
+        size = self.config.image_size
+        low, high = self._size_ranges[size_index, 0], self._size_ranges[size_index, 1]
+        radius = size * (low + (high - low) * uniforms[:, 11])  # pixels, (n,)
+        reach = radius * _SHAPE_EXTENT
+        margin = 0.04 * size
+        # Room between the image centre and the farthest centre that keeps the shape inside.
+        free = np.maximum(0.0, size / 2.0 - reach - margin)
+        horizontal = self._position_offsets[position_index, 0]
+        vertical = self._position_offsets[position_index, 1]
+        rotation_degrees = (uniforms[:, 14] * 2.0 - 1.0) * self.config.max_rotation_degrees
+        rotation = rotation_degrees * (math.pi / 180.0)
+        return {
             "radius": radius,
-            "center_x": center_x,
-            "center_y": center_y,
+            "center_x": size / 2.0 + horizontal * free + (uniforms[:, 12] - 0.5) * 0.4 * free,
+            "center_y": size / 2.0 + vertical * free + (uniforms[:, 13] - 0.5) * 0.4 * free,
+            # Python's math, as for the background angle above.
             "rotation_cosine": np.array([math.cos(a) for a in rotation]),
             "rotation_sine": np.array([math.sin(a) for a in rotation]),
-            "shape_color": shape_color.astype(np.uint8),  # (n, 3)
         }
 
     def _descriptions(self, parameters: dict[str, np.ndarray]) -> list[ExampleDescription]:
