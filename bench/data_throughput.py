@@ -5,7 +5,11 @@ Writes shards of photo-like JPEGs (smooth random fields plus sensor-like noise, 
 default 256 px and quality 95 unless told otherwise) to a temporary directory, then measures
   1. one core: decode -> random resized crop -> bicubic resize -> normalise (images/s per core);
   2. the whole pipeline (tar reading, --workers worker processes or threads, OpenAI's tokenizer,
-     batching, normalisation) as train.py runs it.
+     batching, normalisation) as train.py runs it;
+  3. the built-in dataset at --synthetic-image-size (32 px: the default run) through that same
+     training iterator, beside drawing + normalising each batch directly with the generator
+     (what train.py did before the built-in dataset became a source), so the cost of going
+     through the one pipeline is visible.
 Not part of the test suite.
 """
 
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip_jax.data import decode  # noqa: E402
 from clip_jax.data import iterator as data_iterator  # noqa: E402
 from clip_jax.data.config import default_data_config  # noqa: E402
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig, process_batch_indices  # noqa: E402
 from clip_jax.data.workers import WORKER_KINDS, default_num_workers  # noqa: E402
 
 
@@ -103,6 +108,26 @@ def pipeline_rate(pattern: str, image_size: int, workers: int, worker_kind: str,
         return batches * batch_size / (time.perf_counter() - start)
 
 
+def synthetic_rates(image_size: int, batch_size: int, batches: int) -> tuple[float, float]:
+    """Images/s of the built-in dataset (tokenizer left out): (through the training iterator,
+    drawing and normalising each process batch directly)."""
+    def no_tokenizer(texts, truncate=True):
+        return np.zeros((len(texts), 16), np.int32)
+
+    config = default_data_config()  # name "synthetic"
+    with data_iterator.make_train_iterator(config, no_tokenizer, batch_size, image_size, 0, 1) as iterator:
+        next(iterator)  # start-up: threads started
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        through_iterator = batches * batch_size / (time.perf_counter() - start)
+    dataset = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
+    start = time.perf_counter()
+    for step in range(1, batches + 1):
+        decode.normalize_images(dataset.get_batch("train", process_batch_indices(step, batch_size, 0, 1))["images"])
+    return through_iterator, batches * batch_size / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=224, help="model input size")
@@ -113,6 +138,8 @@ def main() -> None:
     parser.add_argument("--worker-kind", choices=WORKER_KINDS, default="process")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--synthetic-image-size", type=int, default=32, help="model input size for the built-in dataset")
+    parser.add_argument("--synthetic-batches", type=int, default=50)
     parser.add_argument(
         "--gpu-images-per-second",
         type=float,
@@ -145,6 +172,13 @@ def main() -> None:
                 f"to feed {target:.0f} images/s: {target / per_core:.1f} cores at the one-core rate "
                 f"({target / per_core_in_pipeline:.1f} at the whole-pipeline rate)"
             )
+    through_iterator, direct = synthetic_rates(
+        arguments.synthetic_image_size, arguments.batch_size, arguments.synthetic_batches
+    )
+    print(
+        f"built-in dataset at {arguments.synthetic_image_size} px, batches of {arguments.batch_size}: "
+        f"{through_iterator:.0f} images/s through the training iterator, {direct:.0f} drawn directly"
+    )
 
 
 if __name__ == "__main__":
