@@ -375,3 +375,34 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
     resumed = saved_data_states(workdir, 2)
     assert resumed == uninterrupted == [expected]
     assert resumed[0]["source"] == {"epoch": 1, "offset": 6}
+
+
+# --- prefetching
+
+
+def test_prefetcher_keeps_order_reraises_the_sources_error_and_stops_on_close():
+    from clip_jax.data.prefetch import Prefetcher
+
+    def failing():
+        yield from range(5)
+        raise OSError("shard 7 vanished")
+
+    prefetcher = Prefetcher(failing(), size=2)
+    assert [next(prefetcher) for _ in range(5)] == list(range(5))
+    with pytest.raises(OSError, match="shard 7 vanished"):
+        next(prefetcher)
+    prefetcher.close()
+
+    taken = []
+
+    def endless():
+        for number in range(10**9):
+            taken.append(number)
+            yield number
+
+    prefetcher = Prefetcher(endless(), size=3)
+    assert next(prefetcher) == 0
+    prefetcher.close()
+    assert not prefetcher._thread.is_alive()
+    assert len(taken) <= 6  # at most the queue's size ahead of the consumer (plus one in hand)
+

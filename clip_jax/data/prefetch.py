@@ -19,8 +19,9 @@ def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.shar
 
 
 class Prefetcher:
-    """Runs `make_item` for the next items in a background thread, `size` ahead of the consumer,
-    so drawing and transferring a batch overlaps the previous step. Errors surface in `next()`."""
+    """Takes the next items of `items` in a background thread, up to `size` ahead of the consumer,
+    so preparing and transferring a batch overlaps the previous step. An error raised by `items`
+    is raised by `next()`; `close()` stops the thread."""
 
     def __init__(self, items: Iterator[Any], size: int) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
