@@ -13,7 +13,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clip_jax.data import pipeline, webdataset
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data import sources, webdataset
+from clip_jax.data.config import default_data_config
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 from batch_helpers import assert_same_batches, take
@@ -74,7 +76,7 @@ def good_samples(prefix: str, count: int, start_seed: int = 0):
 
 
 def make_data_config(shards: str, **overrides):
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "webdataset"
     config.webdataset.shards = shards
     config.num_workers = 2
@@ -89,7 +91,7 @@ def make_data_config(shards: str, **overrides):
 
 
 def make_iterator(config, global_batch_size=4, process_index=0, process_count=1, start_state=None):
-    return pipeline.make_train_iterator(
+    return data_iterator.make_train_iterator(
         config, character_tokenizer, global_batch_size, IMAGE_SIZE, process_index, process_count, start_state
     )
 
@@ -126,10 +128,10 @@ def test_resolve_shards_globs_braces_and_clear_errors(tmp_path):
 
 def test_missing_shards_fail_when_the_iterator_is_made_not_at_the_first_batch(tmp_path):
     with pytest.raises(ValueError, match="no file matches"):
-        pipeline.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 1)
+        data_iterator.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 1)
     write_tar(str(tmp_path / "00000.tar"), good_samples("a", 2))
     with pytest.raises(ValueError, match="1 shards cannot be shared by 2 processes"):
-        pipeline.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 2)
+        data_iterator.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 2)
 
 
 # --- reading tars
@@ -227,7 +229,7 @@ def bad_shards(tmp_path_factory):
 
 def keys_in_reading_order(config, epochs: int, process_index: int = 0, process_count: int = 1):
     """[(key or "shard:<path>", epoch, position)] of the raw examples of the first `epochs` epochs."""
-    source = pipeline.make_train_source(config, process_index, process_count)
+    source = data_iterator.make_train_source(config, process_index, process_count)
     result = []
     try:
         for example, position in source.examples(source.initial_position()):
@@ -259,7 +261,7 @@ def test_every_bad_case_is_skipped_or_converted_with_exact_counters_and_the_run_
             position = iterator.state["source"]
             # Expected counters: every raw example up to the current position, by the test's table.
             consumed = order[: next(index for index, entry in enumerate(order) if entry[2] == position) + 1]
-            expected = {name: 0 for name in pipeline.COUNTER_NAMES}
+            expected = {name: 0 for name in sources.COUNTER_NAMES}
             for key, _, _ in consumed:
                 if key.startswith("shard "):
                     expected["truncated_shard"] += 1
@@ -365,8 +367,8 @@ def test_a_state_from_another_topology_restarts_at_the_next_epoch(clean_shards):
 
 def test_caption_sample_reads_usable_captions_without_decoding_images(bad_shards):
     pattern, outcome = bad_shards
-    source = pipeline.make_train_source(make_data_config(pattern, shards_per_window=1), 0, 1)
-    captions = pipeline.caption_sample(source, 100)
+    source = data_iterator.make_train_source(make_data_config(pattern, shards_per_window=1), 0, 1)
+    captions = data_iterator.caption_sample(source, 100)
     source.close()
     # Captions are the keys; every sample whose caption is usable, images good or bad, once.
     caption_problems = ("missing_caption", "missing_image", "empty_caption", "undecodable_caption")
@@ -399,7 +401,7 @@ def test_train_py_trains_from_shards_and_checkpoints_the_data_position(bad_shard
     # The checkpoint of step 2 holds the data position after 2 batches of 4 (tiny-vit: 32 px),
     # with the skip counters of the bad samples read so far, and these appear in the log.
     config = make_data_config(pattern)
-    with pipeline.make_train_iterator(config, character_tokenizer, 4, 32, 0, 1) as iterator:
+    with data_iterator.make_train_iterator(config, character_tokenizer, 4, 32, 0, 1) as iterator:
         next(iterator), next(iterator)
         expected = iterator.state
     progress = json.load(open(os.path.join(workdir, "checkpoints", "2", "progress", "metadata")))
@@ -407,7 +409,7 @@ def test_train_py_trains_from_shards_and_checkpoints_the_data_position(bad_shard
     assert saved["source"] == expected["source"] and saved["counters"] == expected["counters"]
     assert saved["batches"] == progress["step"] == 2
     assert logged[1]["data/undecodable_image"] == expected["counters"]["undecodable_image"]
-    assert sum(logged[-1][f"data/{name}"] for name in pipeline.SKIP_REASONS) > 0
+    assert sum(logged[-1][f"data/{name}"] for name in sources.SKIP_REASONS) > 0
 
 
 # --- hostile shards: sizes, links, duplicates
@@ -439,7 +441,8 @@ def add_member(archive: tarfile.TarFile, name: str, content: bytes = b"", **fiel
 
 ISOLATED_READ = """
 import json, os, sys, time
-from clip_jax.data import pipeline
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.config import default_data_config
 
 def peak_mib():
     # VmHWM: this process image's peak resident memory. (ru_maxrss would carry the parent's peak
@@ -448,10 +451,10 @@ def peak_mib():
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
 
-config = pipeline.default_data_config()
+config = default_data_config()
 config.name = "webdataset"
 config.webdataset.shards = sys.argv[1]
-source = pipeline.make_train_source(config, 0, 1)
+source = data_iterator.make_train_source(config, 0, 1)
 start, before = time.perf_counter(), peak_mib()
 problems = {}
 for count, (example, _) in enumerate(source.examples(source.initial_position()), start=1):
@@ -524,7 +527,7 @@ def test_an_oversized_caption_is_skipped_unread_and_counted(tmp_path):
 
     tokenizer = ClipTokenizer()
     tokenizer(["warm up"], truncate=True)
-    longest_caption = "x" * pipeline.default_data_config().webdataset.max_caption_bytes
+    longest_caption = "x" * default_data_config().webdataset.max_caption_bytes
     start = time.perf_counter()
     tokenizer([longest_caption, "y" + longest_caption[1:]], truncate=True)
     assert time.perf_counter() - start < 0.2
@@ -579,7 +582,7 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
         add_member(archive, "dir/tail.txt", b"tail")
         add_member(archive, "dir/tail.json", type=tarfile.SYMTYPE, linkname="/etc/passwd")  # never read
     config = make_data_config(str(tmp_path / "*.tar"))
-    source = pipeline.make_train_source(config, 0, 1)
+    source = data_iterator.make_train_source(config, 0, 1)
     problems, order = {}, []
     for example, position in source.examples(source.initial_position()):
         if example.epoch == 2:
@@ -598,14 +601,14 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
         state = iterator.state
     assert [sorted(caption_of_row(row) for row in batch["texts"]) for batch in batches] == [["good", "tail"]] * 2
     consumed = order[: [position for _, position in order].index(state["source"]) + 1]
-    expected = {name: 0 for name in pipeline.COUNTER_NAMES}
+    expected = {name: 0 for name in sources.COUNTER_NAMES}
     for problem, _ in consumed:
         if problem is not None:
             expected[problem] += 1
     assert expected["link_member"] >= 3 and expected["duplicate_member"] >= 1  # all of epoch 0 at least
     assert state["counters"] == expected
     # Counters of several processes add up for the training log (data/<reason>).
-    summed = pipeline.summed_counters([state, state])
+    summed = data_iterator.summed_counters([state, state])
     assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
 
 
@@ -650,7 +653,7 @@ def test_several_shard_patterns_in_one_string(tmp_path):
     assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
     only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
     assert webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
-    source = pipeline.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
+    source = data_iterator.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
     assert len(source.shards) == 4
     source.close()
     # A missing pattern says how several are written, e.g. a Python list given on the command line.

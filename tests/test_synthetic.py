@@ -352,3 +352,80 @@ def test_drawn_geometry_matches_shape_size_and_position(upright_dataset_64):
             if description.position == "center":
                 assert abs(center_x - size / 2) < 4 and abs(center_y - size / 2) < 4
     assert all(count >= 20 for count in checked.values()), checked
+
+
+# --- the built-in dataset as a training source, through the iterator every source goes through
+
+
+def character_tokenizer(texts, truncate=True):
+    """Each caption's character codes, zero-padded to 64 columns: distinct captions, distinct rows."""
+    rows = np.zeros((len(texts), 64), np.int32)
+    for row, text in enumerate(texts):
+        codes = [ord(character) for character in text[:64]]
+        rows[row, : len(codes)] = codes
+    return rows
+
+
+def openai_normalized(images: np.ndarray) -> np.ndarray:
+    """OpenAI's normalisation written out with broadcasting (not the row-tiled code under test)."""
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+    return (images.astype(np.float32) / np.float32(255) - mean) / std
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_synthetic_source_batches_are_the_generators_rows_and_resume_exactly(dataset_32, process_count):
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+
+    global_batch_size, steps = 8, 4
+    config = default_data_config()  # name "synthetic", seed 0, 16 held out: dataset_32's settings
+    config.num_workers = 2
+    for process in range(process_count):
+        with data_iterator.make_train_iterator(
+            config, character_tokenizer, global_batch_size, 32, process, process_count
+        ) as iterator:
+            pairs = [pair for pair, _ in zip(iterator.batches_with_state(), range(steps))]
+        for step, (batch, state) in enumerate(pairs):
+            indices = process_batch_indices(step, global_batch_size, process, process_count)
+            expected = dataset_32.get_batch("train", indices)
+            # Drawn at the model's size and used as drawn: a random resized crop would change pixels.
+            assert batch["images"].tobytes() == openai_normalized(expected["images"]).tobytes()
+            np.testing.assert_array_equal(batch["texts"], character_tokenizer(expected["captions"]))
+            assert state["source"] == {"epoch": 0, "offset": (step + 1) * len(indices)}
+            assert state["batches"] == step + 1 and state["process_count"] == process_count
+        for stop in (1, 3):
+            with data_iterator.make_train_iterator(
+                config, character_tokenizer, global_batch_size, 32, process, process_count,
+                start_state=pairs[stop - 1][1],
+            ) as resumed:  # fmt: skip
+                batch = next(resumed)
+            assert batch["images"].tobytes() == pairs[stop][0]["images"].tobytes()
+            np.testing.assert_array_equal(batch["texts"], pairs[stop][0]["texts"])
+
+
+def test_tokenizer_captions_of_the_synthetic_source_are_the_first_train_captions(dataset_32):
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+
+    # Whatever the batch layout: the sample is read as one process reads the data.
+    captions = data_iterator.tokenizer_captions(default_data_config(), 300, image_size=32, global_batch_size=6)
+    assert captions == [dataset_32.example("train", index)[1] for index in range(300)]
+
+
+def test_synthetic_source_needs_its_layout_and_ready_sized_images():
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+    from clip_jax.data.decode import ExamplePreparer
+    from clip_jax.data.sources import RawExample
+
+    with pytest.raises(ValueError, match="image_size=None"):
+        data_iterator.make_train_source(default_data_config(), 0, 1, global_batch_size=8)
+    with pytest.raises(ValueError, match="10 is not divisible by process_count 4"):
+        data_iterator.make_train_source(default_data_config(), 0, 4, image_size=32, global_batch_size=10)
+    preparer = ExamplePreparer(image_size=32, seed=0, ready_sized=True)
+    with pytest.raises(ValueError, match=r"uint8 \(16, 16, 3\); expected uint8 \(32, 32, 3\)"):
+        preparer(RawExample(np.zeros((16, 16, 3), np.uint8), "a red circle", (0,), 0))
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    prepared, caption, converted = preparer(RawExample(pixels, " a red circle ", (0,), 0))
+    assert prepared.tobytes() == pixels.tobytes() and caption == "a red circle" and not converted

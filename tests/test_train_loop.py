@@ -82,6 +82,32 @@ def test_short_run_leaves_checkpoints_event_files_and_jsonl(short_run):
     assert scalars[(ZERO_SHOT_KEY, SHORT_RUN_STEPS)] == pytest.approx(zero_shot[0][ZERO_SHOT_KEY], rel=1e-6)
 
 
+def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(short_run):
+    """The built-in dataset goes through the iterator TFDS and shards go through: the checkpoint
+    holds its TrainIterator state, the one a bare iterator of the same data reaches in as many
+    batches, positioned at the synthetic source's next example."""
+    import json
+
+    from clip_jax.data import iterator as data_iterator
+
+    workdir, _ = short_run
+    with open(os.path.join(workdir, "checkpoints", str(SHORT_RUN_STEPS), "progress", "metadata")) as file:
+        progress = json.load(file)
+
+    def no_tokenizer(texts, truncate):
+        return np.zeros((len(texts), 4), np.int32)
+
+    config = _default_config()
+    image_size = loop.model_spec(config).vision.image_size
+    with data_iterator.make_train_iterator(config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1) as iterator:
+        for _ in range(SHORT_RUN_STEPS):
+            next(iterator)
+        expected = iterator.state
+    assert progress == {"step": SHORT_RUN_STEPS, "data_states": [expected]}
+    assert expected["source"] == {"epoch": 0, "offset": SHORT_RUN_STEPS * config.global_batch_size}
+    assert expected["fingerprint"].startswith("synthetic:") and expected["batches"] == SHORT_RUN_STEPS
+
+
 def test_workdir_loads_on_one_device_and_reproduces_the_logged_zero_shot(short_run):
     workdir, _ = short_run
     model, variables, preprocess, tokenizer = load(workdir)

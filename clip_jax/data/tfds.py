@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from clip_jax.data.pipeline import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
+from clip_jax.data.sources import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
 
 READERS: tuple[str, ...] = ("auto", "data_source", "tf_data")
 IMAGE_DECODERS: tuple[str, ...] = ("pipeline", "tfds")
@@ -248,6 +248,8 @@ class TfdsRandomAccessSource:
     share each epoch. Position {"epoch", "offset"}: the next example is the offset-th of the
     epoch's permutation. An example's augmentation depends on its record index, not the topology."""
 
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
+
     def __init__(
         self,
         name: str,
@@ -283,7 +285,10 @@ class TfdsRandomAccessSource:
     def record_reader(self) -> "TfdsRecordReader":
         return TfdsRecordReader(self.name, self.split, self.data_dir, self.keys, self._source)
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # images stay undecoded bytes until a worker prepares them: nothing to save
         epoch, offset = int(position["epoch"]), int(position["offset"])
         share = self.end - self.start
         while True:
@@ -311,6 +316,8 @@ class TfdsStreamingSource:
     """tf.data over `tfds.split_for_jax_process(split)`: files shuffled with a per-epoch seed, then
     a seeded shuffle buffer. Position {"epoch", "offset"}: examples of the epoch already used;
     resuming skips them again (read, not decoded)."""
+
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
 
     def __init__(
         self,
@@ -360,7 +367,10 @@ class TfdsStreamingSource:
             dataset = dataset.skip(skip)
         return dataset.prefetch(2)
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # images stay undecoded bytes until a worker prepares them: nothing to save
         epoch, offset = int(position["epoch"]), int(position["offset"])
         tfds = import_tfds()
         while True:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding
-from clip_jax.data import pipeline
+from clip_jax.data import decode
 from clip_jax.models import CLIP
 from clip_jax.transforms import make_eval_transform
 
@@ -183,7 +183,7 @@ def preprocess_images(images: Any, image_size: int, preprocess: Callable | None 
     """
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3):
         if images.dtype == np.uint8:
-            return pipeline.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
+            return decode.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
         if np.issubdtype(images.dtype, np.floating):
             return images.astype(np.float32)
     if preprocess is None:

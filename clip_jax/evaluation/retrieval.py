@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 from clip_jax import sharding, transforms
 from clip_jax.data import tfds as tfds_source
 from clip_jax.data.classification import EVAL_IMAGE_LIMITS
-from clip_jax.data.pipeline import SkippedExample, decode_image
+from clip_jax.data.decode import decode_image
+from clip_jax.data.sources import SkippedExample
 from clip_jax.evaluation.features import (
     Encoder,
     rebatch,

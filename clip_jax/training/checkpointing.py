@@ -4,7 +4,8 @@ loading the newest parameters of a training workdir onto one device.
 A workdir looks like
 
     checkpoints/<step>/state/      the TrainState (params, optimizer state, step, RNG), sharded
-    checkpoints/<step>/progress/   {"step": ..., "data_position": ...}: where the data resumes
+    checkpoints/<step>/progress/   {"step": ..., "data_states": [...]}: where the data resumes (one
+                                    clip_jax.data.iterator state per process)
     checkpoints/<step>/config/     {"model": <CLIPConfig>, "tokenizer": <tokenizer config>,
                                     "training": <the run's ConfigDict>}
     <tokenizer files>              e.g. tokenizer.model (SentencePiece trained at the start)

@@ -21,7 +21,8 @@ import jax
 import ml_collections
 
 from clip_jax import losses
-from clip_jax.data import pipeline
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.config import default_data_config
 from clip_jax.evaluation.suite import EvaluationSettings
 from clip_jax.models import CLIPConfig, get_model_config
 
@@ -61,8 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     # -1 = the devices the other axes leave.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
-    config.data = pipeline.default_data_config()
-    config.data.num_held_out = 16  # synthetic only: colour x shape combinations never shown in training
+    config.data = default_data_config()
     config.tokenizer = _tokenizer_fields()
     config.eval = _eval_fields()
     config.init = _init_fields()
@@ -435,7 +435,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int | None = None
     process_count = jax.process_count() if process_count is None else process_count
     if step.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {step.global_batch_size} is not divisible by the {process_count} processes")
-    _require(config.data.name in pipeline.SOURCE_NAMES, "data.name", config.data.name, f"one of {pipeline.SOURCE_NAMES}")
+    _require(config.data.name in data_iterator.SOURCE_NAMES, "data.name", config.data.name, f"one of {data_iterator.SOURCE_NAMES}")
     log_every_steps = config.log_every_steps
     _require(_is_integer(log_every_steps) and log_every_steps >= 1, "log_every_steps", log_every_steps, ">= 1")
     tokenizer = config.tokenizer

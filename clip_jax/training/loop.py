@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax import metrics
-from clip_jax.data import pipeline
+from clip_jax.data import iterator as data_iterator
 from clip_jax.training import checkpointing
 from clip_jax.training.config import validate
 from clip_jax.training.setup import Run, prepared_run
@@ -68,7 +68,7 @@ def _log(run: Run, step: int, step_metrics: dict[str, Any], data_state: Any, thr
     scalars = {name: float(np.asarray(value)) for name, value in jax.device_get(step_metrics).items()}
     scalars.update(throughput.rates(step))
     if data_state is not None:
-        counters = pipeline.summed_counters(pipeline.gather_states(data_state))
+        counters = data_iterator.summed_counters(data_iterator.gather_states(data_state))
         scalars.update({f"data/{name}": count for name, count in counters.items()})
     run.writer.write(step, scalars)
     run.guard.check_counters(run.state, step)
@@ -80,9 +80,9 @@ def _save(run: Run, step: int, data_state: Any, force: bool) -> None:
     due = force or run.checkpointer.manager.should_save(step)
     if due:
         run.guard.check_before_save(run.state, step)  # never save a state that is not finite
-    progress: dict[str, Any] = {"step": step, "data_position": step}
-    if data_state is not None and due:
-        progress["data_states"] = pipeline.gather_states(data_state)  # a collective: only when saving
+    progress: dict[str, Any] = {"step": step}
+    if due:
+        progress["data_states"] = data_iterator.gather_states(data_state)  # a collective: only when saving
     run.checkpointer.save(step, run.state, progress, run.record, force=force)
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import queue
+import functools
 import re
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -23,8 +22,10 @@ from etils import epath
 from flax import traverse_util
 
 from clip_jax import api, metrics, sharding
-from clip_jax.data import pipeline
-from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.prefetch import Prefetcher, to_global_batch
+from clip_jax.data.sources import ExampleSource
+from clip_jax.data.synthetic import SyntheticSource
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing
@@ -63,7 +64,7 @@ class _Model:
     spec: CLIPConfig
     state: TrainState
     state_shardings: TrainState
-    progress: dict[str, Any]  # {"step", ...} of the restored checkpoint; {"step": 0} when fresh
+    progress: dict[str, Any]  # {"step", "data_states"} of the restored checkpoint; {"step": 0} when fresh
 
 
 @contextlib.contextmanager
@@ -72,9 +73,8 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
     mesh = sharding.make_mesh(dataclasses.asdict(settings.mesh))
     sharding.check_batch_divisible(settings.step.global_batch_size, mesh, settings.step.accumulation_steps)
     with contextlib.ExitStack() as stack:
-        dataset, source, caption_sample = _data_source(settings)  # checked before anything is written
-        if source is not None:
-            stack.callback(source.close)
+        source, caption_sample = _data_source(settings)  # checked before anything is written
+        stack.callback(source.close)
         if jax.process_index() == 0:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         lock = _lock_workdir(workdir)
@@ -91,7 +91,9 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
         writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir)))
         start_step = int(built.progress["step"])
         writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
-        batches = _data_feed(settings, stack, mesh, dataset, source, built)
+        batches = _data_feed(settings, stack, mesh, source, built)
+        # The built-in dataset's own evaluation sets, when the run trains on it.
+        dataset = source.dataset if isinstance(source, SyntheticSource) else None
         yield Run(
             settings=settings,
             mesh=mesh,
@@ -312,96 +314,34 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
-def _data_source(settings: Settings) -> tuple[SyntheticShapes | None, Any, Callable[[int], list[str]]]:
-    """(the built-in dataset or None, the pipeline's source or None, captions to fit a tokenizer);
-    shards are found and TFDS datasets opened here, so a bad path fails before anything is written."""
-    data = settings.data
-    if data.name == "synthetic":
-        image_size = settings.model.spec().vision.image_size
-        dataset = SyntheticShapes(SyntheticShapesConfig(image_size=image_size, seed=int(data.seed), num_held_out=int(data.num_held_out)))
-        return dataset, None, dataset.all_captions_sample
-    source = pipeline.make_train_source(data, jax.process_index(), jax.process_count())
-    return None, source, lambda count: pipeline.caption_sample(source, count, int(data.seed))
+def _data_source(settings: Settings) -> tuple[ExampleSource, Callable[[int], list[str]]]:
+    """(this process's source of training examples, captions to fit a tokenizer on): the built-in
+    dataset, TFDS or shards, all behind one interface. Shards are found and TFDS datasets opened
+    here, so a bad path fails before anything is written."""
+    layout = {
+        "image_size": settings.model.spec().vision.image_size,
+        "global_batch_size": settings.step.global_batch_size,
+    }
+    source = data_iterator.make_train_source(settings.data, jax.process_index(), jax.process_count(), **layout)
+    return source, functools.partial(data_iterator.tokenizer_captions, settings.data, **layout)
 
 
 def _data_feed(
-    settings: Settings, stack: contextlib.ExitStack, mesh: jax.sharding.Mesh, dataset: Any, source: Any, built: _Model
+    settings: Settings, stack: contextlib.ExitStack, mesh: jax.sharding.Mesh, source: ExampleSource, built: _Model
 ) -> Iterator[tuple[dict[str, jax.Array], Any]]:
-    """(global batch, data state after it) from the next step on, prepared ahead in a thread."""
-    global_batch_size = settings.step.global_batch_size
-    start = int(built.progress["step"])
-    if dataset is not None:
-        local = (
-            (batch, None)
-            for batch in _synthetic_batches(dataset, built.tokenizer, global_batch_size, int(built.progress.get("data_position", start)))
-        )
-    else:
-        iterator = pipeline.make_train_iterator(
-            settings.data, built.tokenizer, global_batch_size, built.spec.vision.image_size,
-            jax.process_index(), jax.process_count(),
-            start_state=pipeline.local_state(built.progress.get("data_states"), jax.process_index(), jax.process_count()),
-            source=source,
-        )  # fmt: skip
-        stack.callback(iterator.close)  # its decoding workers and shard readers
-        local = iterator.batches_with_state()
+    """(global batch, data state after it) from the next step on, prepared ahead in a thread; the
+    iterator resumes from the checkpoint's `data_states`, whatever the source."""
+    iterator = data_iterator.make_train_iterator(
+        settings.data, built.tokenizer, settings.step.global_batch_size, built.spec.vision.image_size,
+        jax.process_index(), jax.process_count(),
+        start_state=data_iterator.local_state(built.progress.get("data_states"), jax.process_index(), jax.process_count()),
+        source=source,
+    )  # fmt: skip
+    stack.callback(iterator.close)  # its decoding workers and shard readers
     batch_sharding = sharding.batch_sharding(mesh)
     prefetcher = Prefetcher(
-        ((to_global_batch(batch, batch_sharding), state) for batch, state in local), int(settings.data.prefetch_batches)
+        ((to_global_batch(batch, batch_sharding), state) for batch, state in iterator.batches_with_state()),
+        int(settings.data.prefetch_batches),
     )
     stack.callback(prefetcher.close)
     return prefetcher
-
-
-def _synthetic_batches(dataset: SyntheticShapes, tokenizer: Any, global_batch_size: int, start_step: int):
-    """This process's rows of the global batch of each step from `start_step` on."""
-    iterator = dataset.batch_iterator("train", global_batch_size, jax.process_index(), jax.process_count(), start_step=start_step)
-    for batch in iterator:
-        # The same arithmetic as the real corpora and the evaluation transform, bit for bit.
-        yield {"images": pipeline.normalize_images(batch["images"]), "texts": tokenizer(batch["captions"], truncate=True)}
-
-
-def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """One global array per field from each process's rows (`make_array_from_process_local_data`)."""
-    return {name: jax.make_array_from_process_local_data(batch_sharding, value) for name, value in local_batch.items()}
-
-
-class Prefetcher:
-    """Runs the next items of `items` in a background thread, `size` ahead of the consumer, so
-    drawing and transferring a batch overlaps the previous step. Errors surface in `next()`."""
-
-    def __init__(self, items: Iterator[Any], size: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
-        self._thread.start()
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            self._queue.put(("error", error))
-            return
-        self._queue.put(("end", None))
-
-    def __iter__(self) -> "Prefetcher":
-        return self
-
-    def __next__(self) -> Any:
-        kind, value = self._queue.get()
-        if kind == "error":
-            raise value
-        if kind == "end":
-            raise StopIteration
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
