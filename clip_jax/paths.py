@@ -15,3 +15,9 @@ def absolute(path: str | os.PathLike) -> epath.Path:
     """
     path = epath.Path(path)
     return path if path.is_absolute() else path.resolve()
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on a local (or mounted) filesystem, where POSIX renames and locks work;
+    False for object stores (gs://, s3://, ...)."""
+    return "://" not in os.fspath(path)

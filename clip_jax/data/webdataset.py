@@ -31,6 +31,7 @@ from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
 import ml_collections
 from etils import epath
 
+from clip_jax import paths
 from clip_jax.data.sources import RawExample, check_process_layout, epoch_permutation
 
 logger = logging.getLogger(__name__)
@@ -111,10 +112,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [prefix + choice + rest for choice in choices for rest in expand_braces(suffix)]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def _split_directory(path: str) -> tuple[str, str]:
     directory, _, name = path.rpartition("/")
     return directory or ".", name
@@ -122,18 +119,14 @@ def _split_directory(path: str) -> tuple[str, str]:
 
 def _list_directory(directory: str) -> set[str] | None:
     """Names in `directory`, or None if it does not exist."""
-    if _is_remote(directory):
-        path = epath.Path(directory)
-        if not path.exists():
-            return None
-        return {child.name for child in path.iterdir()}
-    if not os.path.isdir(directory):
+    path = epath.Path(directory)
+    if not path.is_dir():
         return None
-    return set(os.listdir(directory))
+    return {child.name for child in path.iterdir()}
 
 
 def _glob(pattern: str) -> list[str]:
-    if _is_remote(pattern):
+    if not paths.is_local(pattern):  # an object store's glob matches file names only
         directory, name_pattern = _split_directory(pattern)
         if _GLOB_CHARACTERS.search(directory):
             raise ValueError(f"remote shard pattern {pattern!r}: only the file name may hold * ? [ ]")
@@ -202,9 +195,7 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
 
 def open_shard(path: str) -> BinaryIO:
     """The shard's bytes as a file object, read as they are needed (local or remote)."""
-    if _is_remote(path):
-        return epath.Path(path).open("rb")
-    return open(path, "rb")
+    return epath.Path(path).open("rb")
 
 
 # --------------------------------------------------------------------------------------------

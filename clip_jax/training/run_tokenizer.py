@@ -14,26 +14,23 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
+from clip_jax import paths
 from clip_jax import tokenizer as tokenizers
-from clip_jax.training.checkpointing import broadcast_bytes
+from clip_jax.training.multihost import broadcast_bytes
 from clip_jax.training.config import TokenizerSettings
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 
 
-def _is_local(workdir: str) -> bool:
-    return "://" not in workdir
-
-
 def _write_atomically(path: epath.Path, data: bytes) -> None:
     """A reader never sees half a file: written beside it, then renamed (a plain write on object
     stores, where an object appears whole anyway)."""
-    if not _is_local(os.fspath(path)):
+    if not paths.is_local(os.fspath(path)):
         path.write_bytes(data)
         return
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
-    partial.rename(path)
+    os.replace(partial, path)  # atomic, and replaces (epath's rename refuses an existing file)
 
 
 def _scratch_directory() -> str:
@@ -71,7 +68,7 @@ def build_tokenizer(settings: TokenizerSettings, caption_sample: Callable[[int],
     model_bytes = broadcast_bytes(model_bytes)
     if jax.process_index() == 0:
         _write_atomically(directory / SENTENCEPIECE_FILE, model_bytes)
-    if jax.process_index() == 0 and _is_local(workdir):
+    if jax.process_index() == 0 and paths.is_local(workdir):
         # Load the run's own copy: no scratch file to outlive a killed process.
         local_path = os.path.join(workdir, SENTENCEPIECE_FILE)
     else:
@@ -82,7 +79,7 @@ def build_tokenizer(settings: TokenizerSettings, caption_sample: Callable[[int],
 
 def tokenizer_from_workdir(tokenizer_record: dict[str, Any], workdir: str) -> Any:
     """The tokenizer a run saved in `workdir` (its files copied to a local directory if remote)."""
-    if _is_local(workdir):
+    if paths.is_local(workdir):
         return tokenizers.tokenizer_from_config(tokenizer_record, workdir)
     local_directory = _scratch_directory()
     for key, name in tokenizer_record.items():

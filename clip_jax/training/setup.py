@@ -28,7 +28,7 @@ from clip_jax.data.sources import ExampleSource
 from clip_jax.data.synthetic import SyntheticSource
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig
-from clip_jax.training import checkpointing
+from clip_jax.training import checkpointing, multihost
 from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
 from clip_jax.training.optimizer import make_optimizer, parameter_path
@@ -123,7 +123,7 @@ def _lock_workdir(workdir: str) -> WorkdirLock | None:
         except WorkdirLockedError as error:
             lock, message = None, str(error).encode("utf-8")
     if jax.process_count() > 1:
-        message = checkpointing.broadcast_bytes(message if jax.process_index() == 0 else None)
+        message = multihost.broadcast_bytes(message if jax.process_index() == 0 else None)
     if message:
         raise WorkdirLockedError(message.decode("utf-8"))
     return lock
