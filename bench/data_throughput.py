@@ -85,13 +85,16 @@ def single_thread_rate(pattern: str, image_size: int, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def pipeline_rate(pattern: str, image_size: int, workers: int, worker_kind: str, batch_size: int, batches: int) -> float:
+def pipeline_rate(
+    pattern: str, image_size: int, workers: int, worker_kind: str, batch_size: int, batches: int
+) -> float:
     """Images/s of the whole training iterator with `workers` decoding workers."""
     from clip_jax.tokenizer import ClipTokenizer
 
     try:
         tokenizer = ClipTokenizer(context_length=77)
     except FileNotFoundError:  # no BPE file here: a stand-in of similar (small) cost
+
         def tokenizer(texts, truncate=True):
             return np.zeros((len(texts), 77), np.int32)
 
@@ -111,6 +114,7 @@ def pipeline_rate(pattern: str, image_size: int, workers: int, worker_kind: str,
 def synthetic_rates(image_size: int, batch_size: int, batches: int) -> tuple[float, float]:
     """Images/s of the built-in dataset (tokenizer left out): (through the training iterator,
     drawing and normalising each process batch directly)."""
+
     def no_tokenizer(texts, truncate=True):
         return np.zeros((len(texts), 16), np.int32)
 
@@ -138,7 +142,9 @@ def main() -> None:
     parser.add_argument("--worker-kind", choices=WORKER_KINDS, default="process")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--synthetic-image-size", type=int, default=32, help="model input size for the built-in dataset")
+    parser.add_argument(
+        "--synthetic-image-size", type=int, default=32, help="model input size for the built-in dataset"
+    )
     parser.add_argument("--synthetic-batches", type=int, default=50)
     parser.add_argument(
         "--gpu-images-per-second",
@@ -150,7 +156,9 @@ def main() -> None:
     workers = arguments.workers or default_num_workers()
     with tempfile.TemporaryDirectory(prefix="clip_jax-bench-") as directory:
         num_shards, per_shard = 8, 250
-        pattern, mean_bytes = write_shards(directory, num_shards, per_shard, arguments.source_size, arguments.jpeg_quality)
+        pattern, mean_bytes = write_shards(
+            directory, num_shards, per_shard, arguments.source_size, arguments.jpeg_quality
+        )
         print(
             f"{num_shards} shards x {per_shard} JPEGs of {arguments.source_size}x{arguments.source_size} px "
             f"(quality {arguments.jpeg_quality}, {mean_bytes / 1024:.0f} KiB each) -> {arguments.image_size} px"

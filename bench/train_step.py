@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="on CPU, run both frameworks' steps in turns (both processes alive) instead of one after the other",
     )
     parser.add_argument(
-        "--pause", type=float, default=0.0,
+        "--pause",
+        type=float,
+        default=0.0,
         help="with --framework clip_jax or open_clip: seconds to sleep before each timed step",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a child driven by the parent
@@ -178,7 +180,10 @@ class _Runner:
             except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
                 if not _is_out_of_memory(error) or batch_size == sizes[-1]:
                     raise
-                print(f"{self.framework}: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
+                print(
+                    f"{self.framework}: batch {batch_size} does not fit ({type(error).__name__}); trying the next",
+                    flush=True,
+                )
                 release()
         raise RuntimeError("no batch size given")
 
@@ -304,8 +309,12 @@ def open_clip_model_from_spec(spec):
     )
     text = spec.text
     text_cfg = CLIPTextCfg(
-        context_length=text.context_length, vocab_size=text.vocab_size, width=text.width, heads=text.heads,
-        layers=text.layers, mlp_ratio=text.mlp_ratio,
+        context_length=text.context_length,
+        vocab_size=text.vocab_size,
+        width=text.width,
+        heads=text.heads,
+        layers=text.layers,
+        mlp_ratio=text.mlp_ratio,
     )
     return CLIP(spec.embed_dim, vision_cfg, text_cfg, quick_gelu=spec.activation == "quick_gelu")
 
@@ -424,7 +433,7 @@ class Child:
     def _expect(self, prefix: str) -> str:
         for line in self.process.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
             print(line, end="", flush=True)
         code = self.process.wait()
         raise SystemExit(f"{self.framework} run failed (exit {code}) before printing {prefix.strip()!r}")
@@ -492,8 +501,11 @@ def run_children(args: argparse.Namespace, argv: list[str], env: dict[str, str])
         for index in range(args.steps):
             order = (ours, reference) if index % 2 == 0 else (reference, ours)
             seconds = {child.framework: child.step() for child in order}
-            print(f"step {index + 1}/{args.steps}: clip_jax {seconds['clip_jax']:.3f} s, "
-                  f"open_clip {seconds['open_clip']:.3f} s", flush=True)
+            print(
+                f"step {index + 1}/{args.steps}: clip_jax {seconds['clip_jax']:.3f} s, "
+                f"open_clip {seconds['open_clip']:.3f} s",
+                flush=True,
+            )
         return ours.result(), reference.result()
     finally:
         for child in children:
@@ -562,11 +574,15 @@ def main(argv: list[str] | None = None) -> None:
     if ours.get("peak_flops_per_device"):
         print(f"peak: {ours['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device ({ours['peak_source']})")
     for when, measured in zip(("before", "after"), ours.get("matmul_peaks", [])):
-        print(f"  matmul peak {when} the steps: sustained {measured['sustained'] / 1e9:.0f} GFLOP/s "
-              f"(size {measured['size']}), fastest single call {measured['best_single'] / 1e9:.0f} GFLOP/s")
+        print(
+            f"  matmul peak {when} the steps: sustained {measured['sustained'] / 1e9:.0f} GFLOP/s "
+            f"(size {measured['size']}), fastest single call {measured['best_single'] / 1e9:.0f} GFLOP/s"
+        )
     if ours.get("mfu_against_best_single_matmul") is not None:
-        print(f"  clip_jax MFU against the fastest single matmul call instead: "
-              f"{100 * ours['mfu_against_best_single_matmul']:.1f}%")
+        print(
+            f"  clip_jax MFU against the fastest single matmul call instead: "
+            f"{100 * ours['mfu_against_best_single_matmul']:.1f}%"
+        )
     if flops:
         print(f"FLOPs per step per device (XLA cost analysis): {flops:.3e}")
     ratio = ours["pairs_per_second"] / reference["pairs_per_second"]

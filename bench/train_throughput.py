@@ -66,8 +66,12 @@ def main(argv: list[str]) -> None:
     size, length = spec.vision.image_size, spec.text.context_length
     rng = np.random.default_rng(0)
     batch = {
-        "images": jax.device_put(rng.standard_normal((global_batch_size, size, size, 3), dtype=np.float32), batch_sharding),
-        "texts": jax.device_put(rng.integers(1, vocab_size, (global_batch_size, length), dtype=np.int32), batch_sharding),
+        "images": jax.device_put(
+            rng.standard_normal((global_batch_size, size, size, 3), dtype=np.float32), batch_sharding
+        ),
+        "texts": jax.device_put(
+            rng.integers(1, vocab_size, (global_batch_size, length), dtype=np.int32), batch_sharding
+        ),
     }
     start = time.perf_counter()
     compiled = make_train_step(model, settings.step, mesh, state_shardings).lower(state, batch).compile()
@@ -91,16 +95,22 @@ def main(argv: list[str]) -> None:
         peak_source = "float32 matmul measured now, divided over the virtual devices"
     mfu = metrics.model_flops_utilization(flops_per_device, step_seconds, peak)
     parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
-    print(f"config: {settings.model.name}, {parameters / 1e6:.1f}M parameters, dtype {spec.dtype}, "
-          f"global batch {global_batch_size}, mesh {dict(mesh.shape)}")
+    print(
+        f"config: {settings.model.name}, {parameters / 1e6:.1f}M parameters, dtype {spec.dtype}, "
+        f"global batch {global_batch_size}, mesh {dict(mesh.shape)}"
+    )
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
     print(f"compile time: {compile_seconds:.1f} s")
     print(f"step time: {step_seconds * 1000:.1f} ms (mean of {FLAGS.steps} steps)")
-    print(f"pairs/s: {global_batch_size / step_seconds:.1f} ({global_batch_size / step_seconds / jax.device_count():.1f} per device)")
+    print(
+        f"pairs/s: {global_batch_size / step_seconds:.1f} ({global_batch_size / step_seconds / jax.device_count():.1f} per device)"
+    )
     if flops_per_device:
         print(f"FLOPs per step: {flops_per_device * jax.device_count():.3g} ({flops_per_device:.3g} per device)")
-    print(f"MFU: {'unavailable' if mfu is None else f'{100 * mfu:.1f}%'}"
-          + ("" if peak is None else f" of {peak:.3g} FLOP/s per device ({peak_source})"))
+    print(
+        f"MFU: {'unavailable' if mfu is None else f'{100 * mfu:.1f}%'}"
+        + ("" if peak is None else f" of {peak:.3g} FLOP/s per device ({peak_source})")
+    )
     print(f"final loss: {float(step_metrics['loss']):.4f}")
 
 

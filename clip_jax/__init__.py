@@ -5,7 +5,17 @@ from clip_jax.models import CLIP, CLIPConfig, available_models, create_model, ge
 from clip_jax.tokenizer import ClipTokenizer, SentencePieceTokenizer, get_tokenizer
 
 __all__ = [
-    "CLIP", "CLIPConfig", "ClipTokenizer", "SentencePieceTokenizer", "available_models", "create_model",
-    "encode_images", "encode_texts", "get_model_config", "get_tokenizer", "load", "zero_shot_classify",
+    "CLIP",
+    "CLIPConfig",
+    "ClipTokenizer",
+    "SentencePieceTokenizer",
+    "available_models",
+    "create_model",
+    "encode_images",
+    "encode_texts",
+    "get_model_config",
+    "get_tokenizer",
+    "load",
+    "zero_shot_classify",
 ]
 __version__ = "0.1.0"

@@ -59,7 +59,11 @@ def check_output_directory(output_dir: str | os.PathLike, overwrite: bool = Fals
 
 
 def save_model_directory(
-    output_dir: str | os.PathLike, config: CLIPConfig, variables: dict[str, Any], tokenizer: Any, overwrite: bool = False
+    output_dir: str | os.PathLike,
+    config: CLIPConfig,
+    variables: dict[str, Any],
+    tokenizer: Any,
+    overwrite: bool = False,
 ) -> str:
     """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic. Returns
     the directory's absolute path."""

@@ -210,7 +210,9 @@ class TensorBoardWriter:
         if not scalars:
             return
         values = [self._summary.Value(tag=name, simple_value=float(value)) for name, value in scalars.items()]
-        self._writer.write_event(self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=values)))
+        self._writer.write_event(
+            self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=values))
+        )
         self._writer.flush()
 
     def flush(self) -> None:

@@ -229,8 +229,7 @@ def find_bpe_path() -> str:
     if from_environment:
         if not epath.Path(from_environment).is_file():
             raise FileNotFoundError(
-                f"{BPE_ENVIRONMENT_VARIABLE}={from_environment!r} does not name a file; point it at "
-                f"{BPE_FILENAME}"
+                f"{BPE_ENVIRONMENT_VARIABLE}={from_environment!r} does not name a file; point it at {BPE_FILENAME}"
             )
         return from_environment
     for package in ("open_clip", "clip"):
@@ -323,7 +322,9 @@ class ClipTokenizer:
             if first + second not in token_to_id:
                 raise ValueError(f"merge {first!r} {second!r} of {merges_txt} makes a token missing from {vocab_json}")
         tokenizer = cls.__new__(cls)
-        tokenizer._initialise(token_to_id, merges, context_length, {"vocab_file": vocab_json, "merges_file": merges_txt})
+        tokenizer._initialise(
+            token_to_id, merges, context_length, {"vocab_file": vocab_json, "merges_file": merges_txt}
+        )
         return tokenizer
 
     def _initialise(
@@ -647,7 +648,7 @@ def hf_tokenizer_files(directory: str | os.PathLike) -> tuple[str, str] | None:
 
 
 def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
-    """"clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
+    """ "clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
     merges file; a directory with vocab.json and merges.txt -> BPE from Hugging Face files."""
     name = os.fspath(kind_or_path)
     if name == "clip":

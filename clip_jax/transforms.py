@@ -311,9 +311,7 @@ def preprocess_batch(
     _check_channel_statistics(mean, std)
     # A lone path or image is itself iterable (characters, rows); refuse it rather than
     # silently treating it as many images.
-    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
-        isinstance(images, np.ndarray) and images.ndim != 4
-    ):
+    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (isinstance(images, np.ndarray) and images.ndim != 4):
         raise TypeError(
             "preprocess_batch takes a sequence of images (or an (n, H, W, C) array); "
             f"wrap a single image in a list, got {type(images).__name__}: {images!r:.200}"

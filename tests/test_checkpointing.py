@@ -89,7 +89,9 @@ def _train(workdir: str, *extra: str, device_count: int = 2, launcher: list[str]
 
 
 def _default_config():
-    specification = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    specification = importlib.util.spec_from_file_location(
+        "default_config", os.path.join(REPO, "configs", "default.py")
+    )
     module = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(module)
     return module.get_config()
@@ -134,7 +136,9 @@ def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_pa
     for expected, actual in zip(leaves_reference, leaves_resumed):
         assert np.array_equal(expected, actual)
     # The logged losses of the resumed steps equal those of the uninterrupted run.
-    losses_reference = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference_workdir, "metrics.jsonl")) if "loss" in r}
+    losses_reference = {
+        r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference_workdir, "metrics.jsonl")) if "loss" in r
+    }
     losses_resumed = {}
     for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         if "loss" in record:
@@ -146,7 +150,14 @@ def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_pa
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "preempted")
     env = _environment(2)
-    command = [sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS, "--config.total_steps=100000", "--config.checkpoint.every_steps=100000"]
+    command = [
+        sys.executable,
+        TRAIN,
+        f"--workdir={workdir}",
+        *FLAGS,
+        "--config.total_steps=100000",
+        "--config.checkpoint.every_steps=100000",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     jsonl = os.path.join(workdir, "metrics.jsonl")
     deadline = time.monotonic() + 300
@@ -191,6 +202,7 @@ def checkpoint_of_8_devices(tmp_path_factory):
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 return leaf + 7
             return leaf + jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape) * 1e-3 + 0.5
+
         return jax.tree.map(fill, state)
 
     state = jax.jit(distinct_values, out_shardings=state_shardings)(state)

@@ -31,7 +31,10 @@ def _long_functions(directory: str) -> list[str]:
 
 
 def test_no_function_in_training_or_data_is_over_60_lines():
-    long = [*_long_functions(os.path.join(REPO, "clip_jax", "training")), *_long_functions(os.path.join(REPO, "clip_jax", "data"))]
+    long = [
+        *_long_functions(os.path.join(REPO, "clip_jax", "training")),
+        *_long_functions(os.path.join(REPO, "clip_jax", "data")),
+    ]
     assert long == [], "split these functions:\n" + "\n".join(long)
 
 

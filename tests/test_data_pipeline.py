@@ -265,9 +265,10 @@ def test_iterator_batches_counts_skips_and_resumes_exactly():
 
 def test_iterator_results_do_not_depend_on_the_kind_or_number_of_workers():
     records = make_records(12, bad_every=5)
-    with make_iterator(ListSource(records), num_workers=1) as one, make_iterator(
-        ListSource(records), num_workers=2, worker_kind="process"
-    ) as processes:
+    with (
+        make_iterator(ListSource(records), num_workers=1) as one,
+        make_iterator(ListSource(records), num_workers=2, worker_kind="process") as processes,
+    ):
         for _ in range(4):
             from_threads, from_processes = next(one), next(processes)
             assert from_threads["images"].tobytes() == from_processes["images"].tobytes()
@@ -362,6 +363,7 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
             # The iterator restored from checkpoint 1 went on exactly: its state after step 2 is that
             # of the uninterrupted run and of a bare iterator after 2 batches of 8 (16 of 10 examples).
             data_config = config().data
+
             def no_tokenizer(texts, truncate):
                 return np.zeros((len(texts), 4), np.int32)
 
@@ -406,4 +408,3 @@ def test_prefetcher_keeps_order_reraises_the_sources_error_and_stops_on_close():
     prefetcher.close()
     assert not prefetcher._thread.is_alive()
     assert len(taken) <= 6  # at most the queue's size ahead of the consumer (plus one in hand)
-

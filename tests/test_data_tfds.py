@@ -73,7 +73,7 @@ def prepared(tmp_path_factory):
 
 
 def number_tokenizer(texts, truncate=True):
-    """"caption N" -> [N]; mock captions (random letters) -> [length]."""
+    """ "caption N" -> [N]; mock captions (random letters) -> [length]."""
     return np.array([[int(text.split()[-1]) if text.startswith("caption ") else len(text)] for text in texts], np.int32)
 
 
@@ -209,7 +209,9 @@ def test_mock_cifar10_and_imagenet_have_class_names_and_padded_process_batches()
         collected = []
         for process_index in range(3):
             batches = list(
-                cifar.batches(IMAGE_SIZE, batch_size=2, process_index=process_index, process_count=3, worker_kind="thread")
+                cifar.batches(
+                    IMAGE_SIZE, batch_size=2, process_index=process_index, process_count=3, worker_kind="thread"
+                )
             )
             assert len(batches) == cifar.num_batches(2, 3) == 2  # shares of 4, 3, 3 -> 2 batches each
             for batch in batches:

@@ -164,7 +164,10 @@ def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp
         read, problem = webdataset.read_tar_samples(io.BytesIO(compressed), extensions=("png", "txt"))
         assert problem is None, mode
         assert [(sample.key, sorted(sample.files)) for sample in read] == [
-            ("empty", ["txt"]), ("s000", ["txt"]), ("s001", ["png", "txt"]), ("s002", ["txt"])
+            ("empty", ["txt"]),
+            ("s000", ["txt"]),
+            ("s001", ["png", "txt"]),
+            ("s002", ["txt"]),
         ]  # only the extensions asked for are read
         read, problem = webdataset.read_tar_samples(compressed[: len(compressed) // 2])
         assert problem == "truncated_shard", mode
@@ -236,7 +239,11 @@ def keys_in_reading_order(config, epochs: int, process_index: int = 0, process_c
             if example.epoch >= epochs:
                 break
             # Samples are described as "<shard path>:<key>", shard-level events as "shard <path>".
-            key = example.description if example.description.startswith("shard ") else example.description.rsplit(":", 1)[1]
+            key = (
+                example.description
+                if example.description.startswith("shard ")
+                else example.description.rsplit(":", 1)[1]
+            )
             result.append((key, example.epoch, dict(position)))
     finally:
         source.close()
@@ -274,7 +281,9 @@ def test_every_bad_case_is_skipped_or_converted_with_exact_counters_and_the_run_
             if caption_of_row(batch["texts"][0]) == "gray16":
                 # 16-bit mid grey (0x8000) becomes 8-bit 128, not the white that clipping gives.
                 for channel in range(3):
-                    np.testing.assert_allclose(batch["images"][0, ..., channel], expected_pixel(128, channel), atol=1e-5)
+                    np.testing.assert_allclose(
+                        batch["images"][0, ..., channel], expected_pixel(128, channel), atol=1e-5
+                    )
             if caption_of_row(batch["texts"][0]) == "cmyk":
                 # CMYK (0, 255, 0, 0) is magenta; the crop of a flat image stays flat.
                 magenta = [expected_pixel(value, channel) for channel, value in enumerate((255, 0, 255))]
@@ -609,7 +618,10 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
     assert state["counters"] == expected
     # Counters of several processes add up for the training log (data/<reason>).
     summed = data_iterator.summed_counters([state, state])
-    assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+    assert (
+        summed["link_member"] == 2 * expected["link_member"]
+        and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+    )
 
 
 def test_a_shard_whose_file_fails_mid_stream_is_counted_not_fatal(tmp_path, monkeypatch):
@@ -647,12 +659,16 @@ def test_several_shard_patterns_in_one_string(tmp_path):
         for index in range(3):
             write_tar(str(tmp_path / directory / f"{index:05d}.tar"), good_samples(f"{directory}{index}-", 1))
     laion, coco = str(tmp_path / "laion"), str(tmp_path / "coco")
-    expected = sorted([f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)])
+    expected = sorted(
+        [f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)]
+    )
     # Commas outside braces separate patterns; those inside braces are brace lists, as before.
     assert webdataset.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
     assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
     only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
-    assert webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
+    assert (
+        webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion
+    )  # each once; empty parts ignored
     source = data_iterator.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
     assert len(source.shards) == 4
     source.close()

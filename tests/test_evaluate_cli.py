@@ -112,8 +112,16 @@ def test_all_tasks_on_the_built_in_dataset_and_mock_imagenet(trained_workdir, tm
 
 def test_bad_flags_fail_before_any_work(tmp_path):
     completed = subprocess.run(
-        [sys.executable, os.path.join(REPOSITORY, "evaluate.py"), f"--checkpoint={tmp_path}", "--tasks=zero_shot,captioning"],
-        capture_output=True, text=True, timeout=120, cwd=REPOSITORY,
+        [
+            sys.executable,
+            os.path.join(REPOSITORY, "evaluate.py"),
+            f"--checkpoint={tmp_path}",
+            "--tasks=zero_shot,captioning",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPOSITORY,
     )
     assert completed.returncode != 0
     assert "unknown task(s) ['captioning']" in completed.stderr

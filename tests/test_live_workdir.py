@@ -84,7 +84,9 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
         )  # fmt: skip
         assert second.returncode == 1
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {running.pid}" in errors[0], second.stderr
+        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {running.pid}" in errors[0], (
+            second.stderr
+        )
         assert "Traceback" not in second.stderr and "Resumed" not in second.stdout + second.stderr
     finally:
         if running.poll() is None:

@@ -138,7 +138,12 @@ def test_a_remote_workdir_is_written_through_epath(tmp_path):
     bucket = tmp_path / "bucket"
     env = {**os.environ, "EPATH_USE_TF": "false"}
     completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_WRITER, str(bucket)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+        [sys.executable, "-c", REMOTE_WRITER, str(bucket)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])

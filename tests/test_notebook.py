@@ -27,7 +27,9 @@ def model_directory(tmp_path_factory):
     config = get_config()
     directory = tmp_path_factory.mktemp("notebook")
     captions = SyntheticShapes(SyntheticShapesConfig(image_size=32)).all_captions_sample(1000)
-    tokenizer_path = train_sentencepiece(captions, int(config.tokenizer.vocab_size), str(directory / "spm.model"), hard_vocab_limit=False)
+    tokenizer_path = train_sentencepiece(
+        captions, int(config.tokenizer.vocab_size), str(directory / "spm.model"), hard_vocab_limit=False
+    )
     tokenizer = SentencePieceTokenizer(tokenizer_path, int(config.tokenizer.context_length))
     spec = validate(config).model.spec(tokenizer)
     # Random values of the right shapes, drawn by numpy: running Flax's initialisers op by op costs
@@ -50,7 +52,10 @@ def test_example_notebook_executes(model_directory, monkeypatch):
     )
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
     printed = "".join(
-        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
     )
     assert "held-out classes:" in printed
     assert "->" in printed  # the one-liner's predictions

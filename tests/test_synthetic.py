@@ -37,8 +37,7 @@ def color_masks(images: np.ndarray, color_names) -> np.ndarray:
     pixels = images.astype(np.float32)
     return np.stack(
         [
-            np.linalg.norm(pixels - np.array(COLOR_PALETTE[name], np.float32), axis=-1)
-            <= COLOR_TOLERANCE
+            np.linalg.norm(pixels - np.array(COLOR_PALETTE[name], np.float32), axis=-1) <= COLOR_TOLERANCE
             for name in color_names
         ]
     )
@@ -58,9 +57,7 @@ def test_same_seed_and_index_give_identical_bytes_and_other_seeds_differ():
     assert batch["captions"] == batch_again["captions"]
     np.testing.assert_array_equal(batch["labels"], batch_again["labels"])
     other_batch = other.get_batch("train", indices)
-    differing = [
-        not np.array_equal(a, b) for a, b in zip(batch["images"], other_batch["images"])
-    ]
+    differing = [not np.array_equal(a, b) for a, b in zip(batch["images"], other_batch["images"])]
     assert all(differing)
     # Splits are separate streams too.
     validation = first.get_batch("validation", indices)
@@ -148,9 +145,7 @@ def test_zero_shot_templates_and_names():
 
 def test_other_seeds_and_sizes_of_held_out_set_keep_every_colour_and_shape_in_training():
     for seed, num_held_out in ((1, 8), (2, 20), (5, 3)):
-        dataset = SyntheticShapes(
-            SyntheticShapesConfig(image_size=16, seed=seed, num_held_out=num_held_out)
-        )
+        dataset = SyntheticShapes(SyntheticShapesConfig(image_size=16, seed=seed, num_held_out=num_held_out))
         train_names = [dataset.all_class_names[label] for label in dataset.train_labels]
         assert len(dataset.held_out_labels) == num_held_out
         assert {n.split(" ")[0] for n in train_names} == set(dataset.color_names)
@@ -217,8 +212,7 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(dataset_32):
     global_batch_size, process_count = 24, 4
     for step in (0, 5):
         shares = [
-            process_batch_indices(step, global_batch_size, process, process_count)
-            for process in range(process_count)
+            process_batch_indices(step, global_batch_size, process, process_count) for process in range(process_count)
         ]
         union = np.concatenate(shares)
         assert len(set(union.tolist())) == global_batch_size  # disjoint
@@ -246,9 +240,7 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(dataset_32):
 def test_iterator_resumes_exactly_at_any_step(dataset_32):
     from_start = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2)
     batches = [next(from_start) for _ in range(4)]
-    resumed = dataset_32.batch_iterator(
-        "train", 8, process_index=1, process_count=2, start_step=from_start.step - 1
-    )
+    resumed = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2, start_step=from_start.step - 1)
     assert resumed.step == 3
     np.testing.assert_array_equal(next(resumed)["images"], batches[3]["images"])
     assert resumed.step == 4
@@ -293,8 +285,7 @@ def shape_masks_of(dataset: SyntheticShapes, batch: dict) -> np.ndarray:
     """(n, H, W) bool: the pixels of each image in its label's colour."""
     masks = color_masks(batch["images"], dataset.color_names)
     color_indices = [
-        dataset.color_names.index(dataset.all_class_names[label].split(" ")[0])
-        for label in batch["labels"]
+        dataset.color_names.index(dataset.all_class_names[label].split(" ")[0]) for label in batch["labels"]
     ]
     return masks[color_indices, np.arange(len(color_indices))]
 

@@ -99,7 +99,9 @@ def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(s
 
     config = _default_config()
     image_size = loop.model_spec(config).vision.image_size
-    with data_iterator.make_train_iterator(config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1) as iterator:
+    with data_iterator.make_train_iterator(
+        config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1
+    ) as iterator:
         for _ in range(SHORT_RUN_STEPS):
             next(iterator)
         expected = iterator.state
@@ -122,9 +124,7 @@ def test_workdir_loads_on_one_device_and_reproduces_the_logged_zero_shot(short_r
         image, _, label = dataset.held_out_example(index)
         images.append(preprocess(image))
         labels.append(label)
-    image_embeddings = np.asarray(
-        model.apply(variables, np.stack(images), normalize=True, method=model.encode_image)
-    )
+    image_embeddings = np.asarray(model.apply(variables, np.stack(images), normalize=True, method=model.encode_image))
     class_embeddings = []
     for label in dataset.held_out_labels:
         name = dataset.all_class_names[label]
@@ -164,7 +164,9 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
 
 
 def _default_config():
-    specification = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    specification = importlib.util.spec_from_file_location(
+        "default_config", os.path.join(REPO, "configs", "default.py")
+    )
     module = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(module)
     return module.get_config()
@@ -213,5 +215,7 @@ def test_workdir_of_another_model_is_refused_before_compiling(never_compile, sho
     workdir, _ = short_run
     config = _default_config()
     config.model.name = "tiny-resnet"
-    with pytest.raises(ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"):
+    with pytest.raises(
+        ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"
+    ):
         loop.train_and_evaluate(config, workdir)

@@ -162,8 +162,14 @@ def vit():
     reference_inputs = jax.device_put((host_state.params, images, texts), device)
     reference = jax.jit(make_vit_reference(model)).lower(*reference_inputs).compile(FAST_COMPILE)
     return dict(
-        model=model, images=images, texts=texts, state=state, state_shardings=state_shardings,
-        host_state=host_state, reference=reference, device=device,
+        model=model,
+        images=images,
+        texts=texts,
+        state=state,
+        state_shardings=state_shardings,
+        host_state=host_state,
+        reference=reference,
+        device=device,
     )
 
 

@@ -143,14 +143,16 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ConversionError(f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}") from error
+            raise ConversionError(
+                f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}"
+            ) from error
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]  # an open_clip training checkpoint
         if not isinstance(loaded, dict):
             raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict")
         raw = {k: _to_numpy(v) for k, v in loaded.items() if hasattr(v, "shape")}
         kind = None
-    raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+    raw = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in raw.items()}
     if kind is None:
         kind = "hf" if any(k.startswith(("text_model.", "vision_model.")) for k in raw) else "open_clip"
     if kind == "hf":
@@ -158,7 +160,9 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         raw = hf_to_openclip(raw)
     if "token_embedding.weight" not in raw or not any(k.startswith("visual.") for k in raw):
         sample = ", ".join(sorted(raw)[:5]) or "no tensors"
-        raise ConversionError(f"{path!r} is not a CLIP checkpoint: no text and image towers among its keys ({sample}, …)")
+        raise ConversionError(
+            f"{path!r} is not a CLIP checkpoint: no text and image towers among its keys ({sample}, …)"
+        )
     return raw, kind, hints
 
 
@@ -307,9 +311,7 @@ def _transposed(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
 
 def _conv(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
     # torch (out, in, kh, kw) <-> flax (kh, kw, in, out)
-    return _Rule(
-        [torch_key], [flax_path], lambda t: [t.transpose(2, 3, 1, 0)], lambda f: [f.transpose(3, 2, 0, 1)]
-    )
+    return _Rule([torch_key], [flax_path], lambda t: [t.transpose(2, 3, 1, 0)], lambda f: [f.transpose(3, 2, 0, 1)])
 
 
 def _layer_norm(torch_prefix: str, flax_prefix: tuple[str, ...]) -> list[_Rule]:
@@ -446,9 +448,7 @@ def _rules(config: CLIPConfig, state_dict_keys: set[str] | None = None) -> list[
     t = (*params, "text")
     # open_clip's own text towers may hold the projection as a Linear ("text_projection.weight").
     if state_dict_keys is not None and "text_projection.weight" in state_dict_keys:
-        text_projection = _Rule(
-            ["text_projection.weight"], [(*t, "projection")], lambda w: [w.T], lambda p: [p.T]
-        )
+        text_projection = _Rule(["text_projection.weight"], [(*t, "projection")], lambda w: [w.T], lambda p: [p.T])
     else:
         text_projection = _copy("text_projection", (*t, "projection"))
     rules += [
@@ -666,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
         "or (--to-open-clip) a clip_jax directory back into an open_clip state dict.",
     )
-    parser.add_argument("source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip")
+    parser.add_argument(
+        "source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip"
+    )
     parser.add_argument("output", help="the directory to create (or the state-dict file with --to-open-clip)")
     parser.add_argument("--model", help="a registered spec name (default: read off the tensor shapes)")
     parser.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the MLP activation")
@@ -699,4 +701,3 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     )  # fmt: skip
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
-

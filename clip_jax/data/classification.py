@@ -161,7 +161,9 @@ class ClassificationDataset:
         workers = num_workers or default_num_workers()
         pool = WorkerPool(PreparerWithReader(EvalPreparer(image_size), reader), workers, worker_kind)
         try:
-            stream = prepared_in_order(((record, None) for record in records), pool, 2 * batch_size + 32 * pool.num_workers)
+            stream = prepared_in_order(
+                ((record, None) for record in records), pool, 2 * batch_size + 32 * pool.num_workers
+            )
             for _ in range(self.num_batches(batch_size, process_count)):
                 images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
                 labels = np.zeros((batch_size,), np.int32)

@@ -195,7 +195,11 @@ class ExamplePreparer:
         """The image array as it is (no decoding, no crop) and the caption."""
         expected = (self.image_size, self.image_size, 3)
         if not isinstance(image_data, np.ndarray) or image_data.dtype != np.uint8 or image_data.shape != expected:
-            found = f"{image_data.dtype} {image_data.shape}" if isinstance(image_data, np.ndarray) else type(image_data).__name__
+            found = (
+                f"{image_data.dtype} {image_data.shape}"
+                if isinstance(image_data, np.ndarray)
+                else type(image_data).__name__
+            )
             raise ValueError(
                 f"{example.description or 'an example'} of a ready-sized source is {found}; expected uint8 {expected}"
             )

@@ -106,7 +106,9 @@ class TrainIterator:
             return fresh
         start_state = json.loads(json.dumps(start_state))  # a private copy
         if start_state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown data iterator state version {start_state.get('version')!r}: {start_state!r:.300}")
+            raise ValueError(
+                f"unknown data iterator state version {start_state.get('version')!r}: {start_state!r:.300}"
+            )
         changed = [
             f"{field}: {start_state.get(field)!r} saved, {fresh[field]!r} now"
             for field in ("fingerprint", "seed", "process_index", "process_count")
@@ -174,7 +176,9 @@ class TrainIterator:
     def _log_first_skip(self, reason: str, example: RawExample) -> None:
         if reason not in self._warned_reasons:
             self._warned_reasons.add(reason)
-            logger.warning("Skipping %s: %s; further skips are only counted.", example.description or "an example", reason)
+            logger.warning(
+                "Skipping %s: %s; further skips are only counted.", example.description or "an example", reason
+            )
 
     def batches_with_state(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
         """(batch, state after it) pairs; iterate this OR the iterator itself, not both."""
@@ -356,7 +360,9 @@ def gather_states(local_state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(gathered[index, : lengths[index]].tobytes().decode("utf-8")) for index in range(len(lengths))]
 
 
-def local_state(saved_states: Sequence[Mapping[str, Any]] | None, process_index: int, process_count: int) -> dict | None:
+def local_state(
+    saved_states: Sequence[Mapping[str, Any]] | None, process_index: int, process_count: int
+) -> dict | None:
     """This process's entry of `gather_states`' list (None when nothing was saved). With another
     process count than the saved run, process 0's state is returned: TrainIterator sees the
     changed topology and goes on from the next epoch."""

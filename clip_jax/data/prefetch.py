@@ -13,9 +13,7 @@ import numpy as np
 
 def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """One global array per field from each process's rows (`make_array_from_process_local_data`)."""
-    return {
-        name: jax.make_array_from_process_local_data(batch_sharding, value) for name, value in local_batch.items()
-    }
+    return {name: jax.make_array_from_process_local_data(batch_sharding, value) for name, value in local_batch.items()}
 
 
 class Prefetcher:

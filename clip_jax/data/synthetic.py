@@ -176,9 +176,7 @@ def _star_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _cross_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     absolute_u, absolute_v = np.abs(u), np.abs(v)
-    return ((absolute_u <= 0.3) & (absolute_v <= 0.95)) | (
-        (absolute_u <= 0.95) & (absolute_v <= 0.3)
-    )
+    return ((absolute_u <= 0.3) & (absolute_v <= 0.95)) | ((absolute_u <= 0.95) & (absolute_v <= 0.3))
 
 
 def _ring_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -264,9 +262,7 @@ class SyntheticShapesConfig:
         if not 0 <= self.num_held_out <= len(self.colors) * len(self.shapes):
             raise ValueError(f"num_held_out out of range: {self.num_held_out}")
         if not 0.0 <= self.max_rotation_degrees <= 45.0:
-            raise ValueError(
-                f"max_rotation_degrees must be in [0, 45], got {self.max_rotation_degrees}"
-            )
+            raise ValueError(f"max_rotation_degrees must be in [0, 45], got {self.max_rotation_degrees}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,9 +278,7 @@ class ExampleDescription:
     caption: str
 
 
-def process_batch_indices(
-    step: int, global_batch_size: int, process_index: int, process_count: int
-) -> np.ndarray:
+def process_batch_indices(step: int, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
     """Example indices this process loads at `step`: its contiguous slice of the global batch.
 
     The global batch of step s is examples [s * B, (s + 1) * B); process p takes rows
@@ -297,10 +291,7 @@ def process_batch_indices(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size % process_count != 0:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by "
-            f"process_count {process_count}"
-        )
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
     if step < 0:
         raise ValueError(f"step must be non-negative, got {step}")
     local_batch_size = global_batch_size // process_count
@@ -327,8 +318,7 @@ def _choose_held_out_combinations(
         combinations.append((int(color_order[color_slot]), int(shape_order[shape_slot])))
     if len(set(combinations)) != len(combinations):
         raise ValueError(
-            f"cannot hold out {num_held_out} distinct combinations of {num_colors} colours "
-            f"and {num_shapes} shapes"
+            f"cannot hold out {num_held_out} distinct combinations of {num_colors} colours and {num_shapes} shapes"
         )
     held_out = set(combinations)
     for color_index in range(num_colors):
@@ -356,9 +346,7 @@ def _background_palette(shape_colors: Sequence[tuple[int, int, int]]) -> np.ndar
     distances = np.linalg.norm(candidates_array[:, None, :] - colors[None, :, :], axis=-1)
     kept = candidates_array[distances.min(axis=1) >= _BACKGROUND_MIN_DISTANCE]
     if len(kept) < 4:
-        raise ValueError(
-            f"colours {shape_colors} leave too few distinct background colours ({len(kept)})"
-        )
+        raise ValueError(f"colours {shape_colors} leave too few distinct background colours ({len(kept)})")
     return kept
 
 
@@ -485,9 +473,7 @@ class SyntheticShapes:
         chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
         for start in range(0, len(indices), chunk):
             rows = slice(start, start + chunk)
-            self._draw(
-                {name: values[rows] for name, values in parameters.items()}, images[rows]
-            )
+            self._draw({name: values[rows] for name, values in parameters.items()}, images[rows])
         return {
             "images": images,
             "captions": [description.caption for description in self._descriptions(parameters)],
@@ -503,9 +489,7 @@ class SyntheticShapes:
         start_step: int = 0,
     ) -> "SyntheticBatchIterator":
         """Endless iterator over this process's share of each global batch, from `start_step`."""
-        return SyntheticBatchIterator(
-            self, split, global_batch_size, process_index, process_count, start_step
-        )
+        return SyntheticBatchIterator(self, split, global_batch_size, process_index, process_count, start_step)
 
     def all_captions_sample(self, count: int) -> list[str]:
         """Captions of train examples 0 .. count-1 (no images drawn), e.g. to fit a tokenizer."""
@@ -524,9 +508,7 @@ class SyntheticShapes:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
         if len(self._labels_by_split[split]) == 0:
-            raise ValueError(
-                f"split {split!r} is empty with num_held_out={self.config.num_held_out}"
-            )
+            raise ValueError(f"split {split!r} is empty with num_held_out={self.config.num_held_out}")
         array = np.asarray(indices)
         if array.size == 0:
             return np.zeros((0,), dtype=np.int64)
@@ -552,9 +534,7 @@ class SyntheticShapes:
         num_backgrounds = len(self._background_colors)
         first_background = choice(7, num_backgrounds)
         # Offset by 1 .. N-1 places so a two-colour background never repeats its colour.
-        second_background = (
-            first_background + 1 + choice(8, num_backgrounds - 1)
-        ) % num_backgrounds
+        second_background = (first_background + 1 + choice(8, num_backgrounds - 1)) % num_backgrounds
 
         background_angle = uniforms[:, 9] * 2.0 * math.pi
         jitter = np.stack(
@@ -649,9 +629,7 @@ class SyntheticShapes:
         """
         weight = self._background_weights(parameters)  # (n, H, W), 0 = first colour
         masks = self._shape_masks(parameters)  # (n, H, W)
-        noisy_rows = np.flatnonzero(
-            parameters["background_index"] == BACKGROUND_KINDS.index("noisy")
-        )
+        noisy_rows = np.flatnonzero(parameters["background_index"] == BACKGROUND_KINDS.index("noisy"))
         noise = self._grey_noise(parameters["key"][noisy_rows])  # (m, H, W)
         # One colour channel at a time: numpy's inner loops then run along image rows,
         # where a trailing axis of 3 would make them three elements long (several times slower).
@@ -675,9 +653,9 @@ class SyntheticShapes:
             if rows.size == 0 or kind in ("plain", "noisy"):
                 continue  # one colour only: weight stays 0
             if kind == "checkered":
-                cell = np.maximum(
-                    2.0, np.floor(size * parameters["period_fraction"][rows])
-                ).astype(np.float32)[:, None, None]  # pixels, (m, 1, 1)
+                cell = np.maximum(2.0, np.floor(size * parameters["period_fraction"][rows])).astype(np.float32)[
+                    :, None, None
+                ]  # pixels, (m, 1, 1)
                 parity = np.floor(self._pixel_x / cell) + np.floor(self._pixel_y / cell)
                 weight[rows] = parity % 2.0
                 continue
@@ -689,9 +667,7 @@ class SyntheticShapes:
                 highest = along.max(axis=(1, 2), keepdims=True)
                 weight[rows] = (along - lowest) / (highest - lowest)
             elif kind == "striped":
-                half_period = (size * parameters["period_fraction"][rows] / 2.0).astype(
-                    np.float32
-                )[:, None, None]
+                half_period = (size * parameters["period_fraction"][rows] / 2.0).astype(np.float32)[:, None, None]
                 weight[rows] = np.floor(along / half_period) % 2.0
             else:
                 raise AssertionError(f"unhandled background kind {kind!r}")
@@ -759,9 +735,7 @@ class SyntheticBatchIterator:
         return self
 
     def __next__(self) -> dict:
-        indices = process_batch_indices(
-            self.step, self.global_batch_size, self.process_index, self.process_count
-        )
+        indices = process_batch_indices(self.step, self.global_batch_size, self.process_index, self.process_count)
         batch = self.dataset.get_batch(self.split, indices)
         self.step += 1
         return batch

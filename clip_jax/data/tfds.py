@@ -96,7 +96,9 @@ class FeatureKeys:
     decoders: dict[str, Any] | None  # TFDS `decoders=` (SkipDecoding of the image), or None
 
 
-def feature_keys(builder: Any, image_key: str, text_key: str, image_decoder: str, needs_text: bool = True) -> FeatureKeys:
+def feature_keys(
+    builder: Any, image_key: str, text_key: str, image_decoder: str, needs_text: bool = True
+) -> FeatureKeys:
     """Checks the builder has the features the config names and returns their key paths."""
     tfds = import_tfds()
     if image_decoder not in IMAGE_DECODERS:
@@ -202,7 +204,9 @@ def load_tf_data(
             decoders=decoders,
         )
     except Exception as error:
-        raise ValueError(f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}") from error
+        raise ValueError(
+            f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}"
+        ) from error
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -336,7 +340,9 @@ class TfdsStreamingSource:
         self.name, self.split, self.data_dir, self.keys = name, split, data_dir, keys
         self.process_index, self.process_count = process_index, process_count
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.process_split = import_tfds().split_for_jax_process(split, process_index=process_index, process_count=process_count)
+        self.process_split = import_tfds().split_for_jax_process(
+            split, process_index=process_index, process_count=process_count
+        )
         self._epoch_dataset(0)  # fails now, not at the first batch, if the data is missing
 
     def fingerprint(self) -> str:

@@ -558,7 +558,9 @@ class WebDatasetSource:
         self._reader.shutdown(wait=False, cancel_futures=True)
 
 
-def source_from_config(data_config: ml_collections.ConfigDict, process_index: int, process_count: int) -> WebDatasetSource:
+def source_from_config(
+    data_config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> WebDatasetSource:
     """The shards source of `config.data` (`data.webdataset.*`), shards resolved and checked now."""
     settings = data_config.webdataset
     extensions = [extension.strip() for extension in str(settings.image_extensions).split(",") if extension.strip()]

@@ -140,7 +140,9 @@ class Encoder:
                 outputs.append(gather_from_processes(local))
             else:
                 # Each process supplies the rows of its own devices from the whole chunk it holds.
-                global_chunk = jax.make_array_from_callback(chunk.shape, self.batch_sharding, lambda index: chunk[index])
+                global_chunk = jax.make_array_from_callback(
+                    chunk.shape, self.batch_sharding, lambda index: chunk[index]
+                )
                 outputs.append(_to_host(embed(self.model, self.variables, global_chunk))[:rows])
         if not outputs:
             return np.zeros((0, self.embed_dim), np.float32)

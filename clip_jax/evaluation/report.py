@@ -63,13 +63,18 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if zero_shot:
         modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
         lines += ["## Zero-shot classification (top-1 %, top-5 % of the richest prompts)", ""]
-        lines += ["| dataset | " + " | ".join(f"top-1 {m}" for m in modes) + " | top-5 | mean per-class recall | classes | images |"]
+        lines += [
+            "| dataset | "
+            + " | ".join(f"top-1 {m}" for m in modes)
+            + " | top-5 | mean per-class recall | classes | images |"
+        ]
         lines += ["|---" * (len(modes) + 5) + "|"]
         for name, entry in zero_shot.items():
             best = entry[_best_mode(entry)]
             cells = [_percent(entry[m]["top1"]) if m in entry else "–" for m in modes]
             lines.append(
-                f"| {name} | " + " | ".join(cells)
+                f"| {name} | "
+                + " | ".join(cells)
                 + f" | {_percent(best.get('top5'))} | {_percent(best['mean_per_class_recall'])} | {best['num_classes']} | {best['num_examples']} |"
             )
         lines.append("")
@@ -78,11 +83,18 @@ def markdown_summary(results: dict[str, Any]) -> str:
         names = [k for k in next(iter(results["retrieval"].values())) if "R@" in k]
         lines += ["| dataset | " + " | ".join(names) + " | images | captions |", "|---" * (len(names) + 3) + "|"]
         for name, entry in results["retrieval"].items():
-            lines.append(f"| {name} | " + " | ".join(_percent(entry[k]) for k in names) + f" | {entry['num_images']} | {entry['num_texts']} |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_percent(entry[k]) for k in names)
+                + f" | {entry['num_images']} | {entry['num_texts']} |"
+            )
         lines.append("")
     if results.get("linear_probe"):
         lines += ["## Linear probe (L-BFGS logistic regression, L2 chosen on a validation split)", ""]
-        lines += ["| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, entry in results["linear_probe"].items():
             lines.append(
                 f"| {name} | {_percent(entry['top1'])} | {_percent(entry.get('top5'))} | "
@@ -92,7 +104,10 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if results.get("few_shot"):
         shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
         lines += ["## Few-shot linear probes (top-1 %, mean ± std over seeds) against zero-shot", ""]
-        lines += ["| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 2) + "|"]
+        lines += [
+            "| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+            "|---" * (len(shots) + 2) + "|",
+        ]
         for name, entry in results["few_shot"].items():
             zero = zero_shot.get(name, {})
             zero_cell = _percent(zero[_best_mode(zero)]["top1"]) if _best_mode(zero) else "–"
@@ -105,9 +120,13 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if results.get("robustness"):
         summary = results["robustness"]
         lines += ["## Robustness to distribution shift (zero-shot top-1 %)", ""]
-        lines += ["| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |", "|---" * (len(summary["shift_top1"]) + 2) + "|"]
+        lines += [
+            "| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |",
+            "|---" * (len(summary["shift_top1"]) + 2) + "|",
+        ]
         lines.append(
-            f"| {_percent(summary['imagenet_top1'])} | " + " | ".join(_percent(v) for v in summary["shift_top1"].values())
+            f"| {_percent(summary['imagenet_top1'])} | "
+            + " | ".join(_percent(v) for v in summary["shift_top1"].values())
             + f" | {_percent(summary['mean_shift_top1'])} |"
         )
         lines.append("")
@@ -154,7 +173,9 @@ def write_plots(results: dict[str, Any], output_dir: str | os.PathLike) -> list[
             runs = [entry["shots"].get(k) or entry["shots"].get(str(k)) for k in shots]
             means = np.array([100 * run["top1_mean"] for run in runs])
             stds = np.array([100 * run["top1_std"] for run in runs])
-            axis.errorbar(shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe")
+            axis.errorbar(
+                shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe"
+            )
             axis.fill_between(shots, means - stds, means + stds, color=color, alpha=0.15)
             mode = _best_mode(zero_shot.get(name, {}))
             if mode:

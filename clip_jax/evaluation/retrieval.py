@@ -44,7 +44,9 @@ def _text_to_image_ranks(text_chunk: jax.Array, correct_image: jax.Array, images
 
 
 @jax.jit
-def _image_to_text_ranks(image_chunk: jax.Array, chunk_image_ids: jax.Array, texts: jax.Array, text_to_image: jax.Array) -> jax.Array:
+def _image_to_text_ranks(
+    image_chunk: jax.Array, chunk_image_ids: jax.Array, texts: jax.Array, text_to_image: jax.Array
+) -> jax.Array:
     """Per image (chunk rows): how many captions of other images score >= its best caption.
     image_chunk (c, D), chunk_image_ids (c,), texts (M, D), text_to_image (M,) -> (c,) int32."""
     scores = jnp.matmul(image_chunk, texts.T, precision=jax.lax.Precision.HIGHEST)  # (c, M)
@@ -54,8 +56,12 @@ def _image_to_text_ranks(image_chunk: jax.Array, chunk_image_ids: jax.Array, tex
 
 
 def _chunked_ranks(
-    rank_fn: Callable, queries: np.ndarray, query_extras: Sequence[np.ndarray], replicated_args: Sequence[np.ndarray],
-    mesh: Mesh, chunk_size: int,
+    rank_fn: Callable,
+    queries: np.ndarray,
+    query_extras: Sequence[np.ndarray],
+    replicated_args: Sequence[np.ndarray],
+    mesh: Mesh,
+    chunk_size: int,
 ) -> np.ndarray:
     """Runs `rank_fn(query_chunk, *chunk_extras, *replicated_args)` over row chunks of `queries`,
     each chunk split over the mesh's batch axes (padded to a multiple of them)."""
@@ -95,10 +101,14 @@ def retrieval_ranks(
     if image_features.ndim != 2 or text_features.ndim != 2 or image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"expected features (N, D) and (M, D), got {image_features.shape} and {text_features.shape}")
     if text_to_image.shape != (len(text_features),) or not np.issubdtype(text_to_image.dtype, np.integer):
-        raise ValueError(f"text_to_image must be {len(text_features)} integer image ids, got {text_to_image.shape} {text_to_image.dtype}")
+        raise ValueError(
+            f"text_to_image must be {len(text_features)} integer image ids, got {text_to_image.shape} {text_to_image.dtype}"
+        )
     num_images = len(image_features)
     if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
-        raise ValueError(f"text_to_image ranges over [{text_to_image.min()}, {text_to_image.max()}], not [0, {num_images})")
+        raise ValueError(
+            f"text_to_image ranges over [{text_to_image.min()}, {text_to_image.max()}], not [0, {num_images})"
+        )
     without_caption = np.setdiff1d(np.arange(num_images), text_to_image)
     if len(without_caption):
         raise ValueError(f"images {without_caption[:10].tolist()} have no caption")
@@ -108,7 +118,9 @@ def retrieval_ranks(
     image_ranks = _chunked_ranks(
         _image_to_text_ranks, image_features, [image_ids], [text_features, text_to_image], mesh, chunk_size
     )
-    text_ranks = _chunked_ranks(_text_to_image_ranks, text_features, [text_to_image], [image_features], mesh, chunk_size)
+    text_ranks = _chunked_ranks(
+        _text_to_image_ranks, text_features, [text_to_image], [image_features], mesh, chunk_size
+    )
     return image_ranks, text_ranks
 
 

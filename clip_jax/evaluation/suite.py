@@ -95,7 +95,9 @@ class EvaluationSettings:
             raise ValueError(f"unknown dataset(s) {unknown}; expected some of {sorted(known_datasets())}")
         unknown = sorted(set(self.prompt_modes) - set(PROMPT_MODES))
         if unknown or not self.prompt_modes:
-            raise ValueError(f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}")
+            raise ValueError(
+                f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("max_examples", "max_train_examples"):
@@ -139,7 +141,9 @@ def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSetti
     # "synthetic": the held-out combinations, the task of the built-in default (compositional
     # transfer); "synthetic_seen": combinations seen in training. Probes learn from other
     # examples of the same split (indices after the test examples).
-    split, classes = ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    split, classes = (
+        ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    )
     return _Classification(
         name=name,
         prompts=synthetic_prompts(dataset),
@@ -162,7 +166,9 @@ def _tfds_classification(name: str, settings: EvaluationSettings, image_size: in
     try:
         prompts = get_prompts(name)
         if len(prompts.class_names) != test.num_classes:
-            raise ValueError(f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}")
+            raise ValueError(
+                f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}"
+            )
     except ValueError:
         # A dataset without curated prompts: its own (readable) label names and ImageNet-style prompts.
         prompts = DatasetPrompts(tuple(test.class_names), PHOTO_TEMPLATES)
@@ -238,7 +244,9 @@ def _labels_mapped_into(
     return mapped
 
 
-def _features(encoder: Encoder, data: _Classification, stream: Callable, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _features(
+    encoder: Encoder, data: _Classification, stream: Callable, limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     batch_size = encoder.local_batch_size if data.process_local else encoder.batch_size
     return extract_image_features(encoder, stream(batch_size), max_examples=limit, process_local=data.process_local)
 
@@ -311,14 +319,24 @@ def evaluate_classification(
                 skipped.append("linear_probe: no class has two training images to validate the regularisation on")
             else:
                 results["linear_probe"] = probes.linear_probe(
-                    train_features, train_labels, test_features, test_labels, num_classes, class_subset=subset, mesh=encoder.mesh
+                    train_features,
+                    train_labels,
+                    test_features,
+                    test_labels,
+                    num_classes,
+                    class_subset=subset,
+                    mesh=encoder.mesh,
                 )
-                log(f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})")
+                log(
+                    f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})"
+                )
         if "few_shot" in settings.tasks:
             # Every class of the training pool needs k images for a k-shot sample.
             usable = [k for k in settings.shots if k <= fewest]
             if len(usable) < len(settings.shots):
-                skipped.append(f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images")
+                skipped.append(
+                    f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images"
+                )
             if usable:
                 results["few_shot"] = probes.few_shot(
                     train_features, train_labels, test_features, test_labels, num_classes,
@@ -333,7 +351,9 @@ def evaluate_classification(
     return results
 
 
-def _retrieval_batches(name: str, dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
+def _retrieval_batches(
+    name: str, dataset: Any, settings: EvaluationSettings, image_size: int
+) -> Callable[[int], Iterator[dict]]:
     if name == "synthetic":
         count = settings.max_examples or SYNTHETIC_RETRIEVAL_EXAMPLES
 
@@ -400,7 +420,9 @@ def run_evaluation(
     if synthetic is None and any(name in SYNTHETIC_DATASETS for name in settings.datasets):
         synthetic = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
     if synthetic is not None and synthetic.config.image_size != image_size:
-        raise ValueError(f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px")
+        raise ValueError(
+            f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px"
+        )
     results: dict[str, Any] = {task: {} for task in settings.tasks}
     skipped: list[str] = []
     classification_tasks = [task for task in settings.tasks if task != "retrieval"]
@@ -410,7 +432,9 @@ def run_evaluation(
             if _is_retrieval(name):
                 stream = _retrieval_batches(name, synthetic, settings, image_size)
                 started = time.time()
-                results["retrieval"][name] = retrieval.retrieval_evaluate_model(encoder, tokenizer, stream(encoder.batch_size))
+                results["retrieval"][name] = retrieval.retrieval_evaluate_model(
+                    encoder, tokenizer, stream(encoder.batch_size)
+                )
                 log(
                     f"{name}: retrieval image->text R@1 {results['retrieval'][name]['image_to_text_R@1']:.4f}, "
                     f"text->image R@1 {results['retrieval'][name]['text_to_image_R@1']:.4f} ({time.time() - started:.1f}s)"

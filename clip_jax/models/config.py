@@ -46,9 +46,7 @@ class VisionConfig:
             if not isinstance(self.layers, int):
                 raise ValueError(f"ViT layers must be an int, got {self.layers!r}")
             if self.image_size % self.patch_size:
-                raise ValueError(
-                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-                )
+                raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
             if self.width % self.num_heads:
                 raise ValueError(f"vision width {self.width} not divisible by heads {self.num_heads}")
         else:

@@ -25,8 +25,8 @@ def stack_layers(flat: FlatVariables) -> FlatVariables:
         if block is None:
             out[path] = value
             continue
-        key = (*path[:block], SCANNED_NAME, *path[block + 1:])
-        groups.setdefault(key, {})[int(path[block][len(UNROLLED_PREFIX):])] = value
+        key = (*path[:block], SCANNED_NAME, *path[block + 1 :])
+        groups.setdefault(key, {})[int(path[block][len(UNROLLED_PREFIX) :])] = value
     for key, by_layer in groups.items():
         out[key] = np.stack([by_layer[i] for i in range(len(by_layer))])
     return out
@@ -42,5 +42,5 @@ def unstack_layers(flat: FlatVariables) -> FlatVariables:
             continue
         at = path.index(SCANNED_NAME)
         for i in range(value.shape[0]):
-            out[(*path[:at], f"{UNROLLED_PREFIX}{i}", *path[at + 1:])] = value[i]
+            out[(*path[:at], f"{UNROLLED_PREFIX}{i}", *path[at + 1 :])] = value[i]
     return out

@@ -52,8 +52,6 @@ CONFIG_ITEM = "config"
 _IDENTITY_MODEL_FIELDS = ("embed_dim", "vision", "text", "activation", "param_dtype", "scan_layers")
 
 
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the step, the path and what to do."""
 
@@ -341,9 +339,7 @@ class TrainingCheckpointer:
 
     def run_config(self, step: int) -> dict[str, Any]:
         """The {"model", "tokenizer", "training"} record saved with checkpoint `step`."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
-        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
         return dict(restored[CONFIG_ITEM])
 
     def wait_until_finished(self) -> None:
@@ -465,7 +461,9 @@ def _read_live(
             steps = checkpointer.all_steps()
             if step is not None:
                 if step not in steps:
-                    raise CheckpointError(f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}")
+                    raise CheckpointError(
+                        f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}"
+                    )
                 candidates = [step]
             else:
                 candidates = [candidate for candidate in reversed(steps) if candidate not in unreadable]

@@ -207,7 +207,9 @@ class OptimizerSettings:
             value = getattr(self, name)
             _require(_finite(value) and 0 <= value < 1, f"optimizer.{name}", value, "in [0, 1)")
         _require(_finite(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "> 0")
-        _require(_finite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        _require(
+            _finite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0"
+        )
         _require(_finite(self.grad_clip_norm) and self.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
                  self.grad_clip_norm, ">= 0 (0 = off)")  # fmt: skip
         _check_regex("optimizer.no_decay_regex", self.no_decay_regex)
@@ -272,8 +274,12 @@ class CheckpointSettings:
     async_save: bool = True
 
     def __post_init__(self) -> None:
-        _require(_is_integer(self.every_steps) and self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, ">= 1")
-        _require(_is_integer(self.max_to_keep) and self.max_to_keep >= 1, "checkpoint.max_to_keep", self.max_to_keep, ">= 1")
+        _require(
+            _is_integer(self.every_steps) and self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, ">= 1"
+        )
+        _require(
+            _is_integer(self.max_to_keep) and self.max_to_keep >= 1, "checkpoint.max_to_keep", self.max_to_keep, ">= 1"
+        )
         _require(_is_integer(self.keep_period) and self.keep_period >= 0, "checkpoint.keep_period",
                  self.keep_period, ">= 0 (0 = off)")  # fmt: skip
 
@@ -291,7 +297,9 @@ class TokenizerSettings:
         _require(_is_integer(self.context_length) and self.context_length >= 2, "tokenizer.context_length",
                  self.context_length, ">= 2")  # fmt: skip
         if self.kind == "sentencepiece":
-            _require(_is_integer(self.vocab_size) and self.vocab_size >= 1, "tokenizer.vocab_size", self.vocab_size, ">= 1")
+            _require(
+                _is_integer(self.vocab_size) and self.vocab_size >= 1, "tokenizer.vocab_size", self.vocab_size, ">= 1"
+            )
             _require(_is_integer(self.training_captions) and self.training_captions >= 1,
                      "tokenizer.training_captions", self.training_captions, ">= 1")  # fmt: skip
 
@@ -413,8 +421,12 @@ def _step(config: ml_collections.ConfigDict) -> StepSettings:
     return StepSettings(
         global_batch_size=config.global_batch_size,
         optimizer=_optimizer(config),
-        loss=LossSettings(name=config.loss.name, impl=config.loss.impl, max_logit_scale=float(config.loss.max_logit_scale)),
-        nonfinite=NonFiniteSettings(policy=config.nonfinite.policy, max_consecutive_skips=config.nonfinite.max_consecutive_skips),
+        loss=LossSettings(
+            name=config.loss.name, impl=config.loss.impl, max_logit_scale=float(config.loss.max_logit_scale)
+        ),
+        nonfinite=NonFiniteSettings(
+            policy=config.nonfinite.policy, max_consecutive_skips=config.nonfinite.max_consecutive_skips
+        ),
         accumulation_steps=config.accumulation_steps,
         train_batch_norm=bool(config.train_batch_norm),
     )
@@ -434,8 +446,15 @@ def validate(config: ml_collections.ConfigDict, process_count: int | None = None
     step = _step(config)
     process_count = jax.process_count() if process_count is None else process_count
     if step.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {step.global_batch_size} is not divisible by the {process_count} processes")
-    _require(config.data.name in data_iterator.SOURCE_NAMES, "data.name", config.data.name, f"one of {data_iterator.SOURCE_NAMES}")
+        raise ValueError(
+            f"global_batch_size {step.global_batch_size} is not divisible by the {process_count} processes"
+        )
+    _require(
+        config.data.name in data_iterator.SOURCE_NAMES,
+        "data.name",
+        config.data.name,
+        f"one of {data_iterator.SOURCE_NAMES}",
+    )
     log_every_steps = config.log_every_steps
     _require(_is_integer(log_every_steps) and log_every_steps >= 1, "log_every_steps", log_every_steps, ">= 1")
     tokenizer = config.tokenizer

@@ -16,7 +16,7 @@ from clip_jax.training.config import OptimizerSettings
 
 
 def parameter_path(key_path: tuple[Any, ...]) -> str:
-    """"/"-joined names of a key path from `jax.tree_util.tree_map_with_path`, e.g.
+    """ "/"-joined names of a key path from `jax.tree_util.tree_map_with_path`, e.g.
     "visual/transformer/block_0/attn/query/kernel"."""
     names = []
     for key in key_path:
@@ -94,6 +94,8 @@ def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
         return transform
 
     def labels(params: Any) -> Any:
-        return jax.tree.map(lambda frozen: "frozen" if frozen else "trainable", frozen_mask(settings.freeze_regex, params))
+        return jax.tree.map(
+            lambda frozen: "frozen" if frozen else "trainable", frozen_mask(settings.freeze_regex, params)
+        )
 
     return optax.multi_transform({"trainable": transform, "frozen": optax.set_to_zero()}, labels)

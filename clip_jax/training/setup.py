@@ -109,7 +109,11 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             writer=writer,
             evaluator=Evaluator(settings, model, built.tokenizer, mesh, dataset, writer),
             batches=batches,
-            record={"model": built.spec.to_dict(), "tokenizer": built.tokenizer.to_config(), "training": settings.record},
+            record={
+                "model": built.spec.to_dict(),
+                "tokenizer": built.tokenizer.to_config(),
+                "training": settings.record,
+            },
         )
 
 

@@ -69,9 +69,7 @@ def _init_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -> Tra
     )
 
 
-def _optimizer_state_shardings(
-    abstract_opt_state: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh
-) -> Any:
+def _optimizer_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:
     """Each optimizer-state leaf that mirrors a parameter (Adam's moments, wherever optax nests
     them: the key path ends with the parameter's own dict keys) is sharded like that parameter;
     the rest (step counts) is replicated. Matched by path rather than by `optax.tree_map_params`,
@@ -94,7 +92,9 @@ def _optimizer_state_shardings(
     return jax.tree_util.tree_map_with_path(choose, abstract_opt_state)
 
 
-def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> tuple[TrainState, TrainState]:
+def abstract_train_state(
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
     """(state of `jax.ShapeDtypeStruct`s carrying their shardings, the tree of those shardings).
 
     The first is what Orbax restores into, onto any mesh; the second is the `out_shardings` of the
@@ -126,7 +126,9 @@ def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, seed: in
     return abstract_with_shardings, state_shardings
 
 
-def create_train_state(model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
     """(initial state, its shardings): parameters from `seed`, created by one jitted function whose
     outputs are already laid out over `mesh`, so no host or device ever holds a full copy of a
     sharded parameter."""

@@ -23,7 +23,12 @@ from jax.sharding import PartitionSpec as P
 from clip_jax import losses
 from clip_jax.models import CLIP
 from clip_jax.sharding import (
-    BATCH_AXES, activation_sharding, batch_axis_size, batch_sharding, check_batch_divisible, replicated,
+    BATCH_AXES,
+    activation_sharding,
+    batch_axis_size,
+    batch_sharding,
+    check_batch_divisible,
+    replicated,
 )
 from clip_jax.training.config import StepSettings
 from clip_jax.training.nonfinite import finite_leaf_flags
@@ -42,8 +47,7 @@ def _check_batch(batch: Batch, mesh: Mesh, accumulation_steps: int) -> None:
     images, texts = batch["images"], batch["texts"]
     if images.ndim != 4 or texts.ndim != 2 or images.shape[0] != texts.shape[0]:
         raise ValueError(
-            f"expected images (B, H, W, 3) and texts (B, L) of one batch size; got {images.shape} and "
-            f"{texts.shape}"
+            f"expected images (B, H, W, 3) and texts (B, L) of one batch size; got {images.shape} and {texts.shape}"
         )
     check_batch_divisible(images.shape[0], mesh, accumulation_steps)
 
@@ -132,7 +136,9 @@ def _accumulated_gradients(context, params, batch_stats, images, texts, stop_fro
     )
     # Pass 1: embeddings only; nothing is differentiated, so no activation is kept.
     _, (micro_embeddings, micro_batch_stats) = jax.lax.scan(
-        lambda _, micro_batch: (None, _embed(context, params, batch_stats, *micro_batch)), None, (micro_images, micro_texts)
+        lambda _, micro_batch: (None, _embed(context, params, batch_stats, *micro_batch)),
+        None,
+        (micro_images, micro_texts),
     )
     embeddings = jax.lax.with_sharding_constraint(
         tuple(_from_micro_batches(e, shards) for e in micro_embeddings), batch_sharding(context.mesh)

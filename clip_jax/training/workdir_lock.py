@@ -199,7 +199,7 @@ class WorkdirLock:
     def release(self) -> None:
         """Give the workdir up (the next run starts without a warning)."""
         if self._file is not None:
-                # Emptied rather than deleted: deleting a locked file lets a waiting opener lock the
+            # Emptied rather than deleted: deleting a locked file lets a waiting opener lock the
             # old, unlinked file while a third run creates and locks a new one.
             self._file.seek(0)
             self._file.truncate()
