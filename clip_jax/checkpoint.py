@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import linen as nn
 from etils import epath
+from flax import linen as nn
 from flax import traverse_util
 
 from clip_jax import paths

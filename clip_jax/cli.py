@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from absl import logging as absl_logging
 

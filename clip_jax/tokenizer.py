@@ -22,7 +22,6 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Union
 
 import ftfy
 import numpy as np
@@ -77,7 +76,7 @@ _LONG_DECIMAL_REFERENCE = regex.compile(r"&#([0-9]{8,})")
 _LAST_SPACE = regex.compile(r"\s", flags=regex.REVERSE)  # searches from the end of the window
 _LEADING_WHITESPACE = regex.compile(r"\s*")
 
-TextBatch = Union[str, bytes, Sequence[Union[str, bytes]]]
+TextBatch = str | bytes | Sequence[str | bytes]
 
 
 def _byte_symbols() -> dict[int, str]:
@@ -613,7 +612,7 @@ class SentencePieceTokenizer:
         )
 
 
-Tokenizer = Union[ClipTokenizer, SentencePieceTokenizer]
+Tokenizer = ClipTokenizer | SentencePieceTokenizer
 
 
 def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokenizer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -28,7 +28,7 @@ DEFAULT_TRAIN_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 # torchvision tries this many random boxes before falling back to a center crop.
 RANDOM_CROP_ATTEMPTS = 10
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
+ImageInput = PIL.Image.Image | np.ndarray | str | os.PathLike
 
 # A crop box as (top, left, height, width) in pixels, torchvision's (i, j, h, w) order.
 CropBox = tuple[int, int, int, int]

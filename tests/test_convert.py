@@ -15,7 +15,8 @@ from clip_jax import checkpoint, convert
 from clip_jax.tokenizer import ClipTokenizer
 
 open_clip = pytest.importorskip("open_clip")  # in requirements-dev.txt: a missing reference is an install error
-from open_clip.model import CLIP as OpenClipModel, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+from open_clip.model import CLIP as OpenClipModel  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 TOLERANCE = 1e-4
 CAPTIONS = ["a photo of a dog.", "a diagram of two red circles on a white background", "zebra"]
@@ -617,9 +618,9 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
-    from configs.default import get_config
     from clip_jax import api
     from clip_jax.training import setup
+    from configs.default import get_config
 
     seen = []
 

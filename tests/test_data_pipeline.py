@@ -243,7 +243,7 @@ def test_iterator_batches_counts_skips_and_resumes_exactly():
 
     with make_iterator(ListSource(records)) as iterator:
         pairs = []
-        for batch, state in iterator.batches_with_state():
+        for _batch, state in iterator.batches_with_state():
             pairs.append(state)
             if len(pairs) == 10:
                 break

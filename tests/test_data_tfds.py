@@ -14,11 +14,12 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from batch_helpers import assert_same_batches, take  # noqa: E402
+
 from clip_jax.data import classification, decode, sources  # noqa: E402
 from clip_jax.data import iterator as data_iterator  # noqa: E402
-from clip_jax.data.config import default_data_config  # noqa: E402
 from clip_jax.data import tfds as tfds_source  # noqa: E402
-from batch_helpers import assert_same_batches, take  # noqa: E402
+from clip_jax.data.config import default_data_config  # noqa: E402
 
 IMAGE_SIZE = 16
 NUM_RECORDS = 14

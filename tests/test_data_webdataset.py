@@ -12,13 +12,12 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+from batch_helpers import assert_same_batches, take
 
 from clip_jax.data import iterator as data_iterator
 from clip_jax.data import sources, webdataset
 from clip_jax.data.config import default_data_config
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
-
-from batch_helpers import assert_same_batches, take
 
 IMAGE_SIZE = 16
 CONTEXT_LENGTH = 24

@@ -16,7 +16,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@functools.lru_cache(maxsize=None)  # once per process: a second import would define evaluate.py's absl flags again
+@functools.cache  # once per process: a second import would define evaluate.py's absl flags again
 def _import_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(REPOSITORY, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)

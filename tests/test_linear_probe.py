@@ -130,7 +130,7 @@ def test_few_shot_probes():
     test_x, test_y = _separable(200, seed=9, margin=0.2)
     results = few_shot(train_x, train_y, test_x, test_y, NUM_CLASSES, shots=(1, 4), seeds=(0, 1))
     assert sorted(results["shots"]) == [1, 4]
-    for k, entry in results["shots"].items():
+    for entry in results["shots"].values():
         assert [run["seed"] for run in entry["per_seed"]] == [0, 1]
         top1 = [run["top1"] for run in entry["per_seed"]]
         assert entry["top1_mean"] == pytest.approx(np.mean(top1))

@@ -306,7 +306,7 @@ def test_drawn_geometry_matches_shape_size_and_position(upright_dataset_64):
         fill = box.mean()
         height = box.shape[0]
 
-        def width_at(fraction: float) -> int:
+        def width_at(fraction: float, box: np.ndarray = box, height: int = height) -> int:
             return int(box[int(fraction * (height - 1))].sum())
 
         if shape == "square":

@@ -14,11 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import create_model, losses
+from clip_jax.evaluation.features import Encoder
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.training.config import LossSettings, NonFiniteSettings, OptimizerSettings, StepSettings
 from clip_jax.training.optimizer import learning_rate_schedule, make_optimizer, regex_mask
 from clip_jax.training.state import abstract_train_state, create_train_state
-from clip_jax.evaluation.features import Encoder
 from clip_jax.training.step import make_train_step
 
 # The programs here are tiny and run once: XLA's LLVM optimisation is most of their compile time

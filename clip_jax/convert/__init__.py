@@ -25,7 +25,8 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,9 +35,8 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from clip_jax import checkpoint
+from clip_jax import checkpoint, torchscript
 from clip_jax import tokenizer as tokenizers
-from clip_jax import torchscript
 from clip_jax.cli import one_line_errors
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers

@@ -9,7 +9,8 @@ import dataclasses
 import functools
 import io
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np

@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import json
 import logging
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -188,7 +189,7 @@ class TrainIterator:
             self.state = state
             yield batch, state
 
-    def __iter__(self) -> "TrainIterator":
+    def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -211,7 +212,7 @@ class TrainIterator:
         self._pool.shutdown()
         self.source.close()
 
-    def __enter__(self) -> "TrainIterator":
+    def __enter__(self) -> TrainIterator:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Mapping, Protocol, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,7 +36,7 @@ SKIP_REASONS: tuple[str, ...] = (
 CONVERTED_IMAGE_MODE = "converted_image_mode"  # grayscale, CMYK, palette, alpha or 16-bit -> RGB
 COUNTER_NAMES: tuple[str, ...] = (*SKIP_REASONS, CONVERTED_IMAGE_MODE)
 
-ImageData = Union[bytes, np.ndarray]
+ImageData = bytes | np.ndarray
 
 
 def new_counters() -> dict[str, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -487,7 +487,7 @@ class SyntheticShapes:
         process_index: int = 0,
         process_count: int = 1,
         start_step: int = 0,
-    ) -> "SyntheticBatchIterator":
+    ) -> SyntheticBatchIterator:
         """Endless iterator over this process's share of each global batch, from `start_step`."""
         return SyntheticBatchIterator(self, split, global_batch_size, process_index, process_count, start_step)
 
@@ -691,7 +691,7 @@ class SyntheticShapes:
             if rows.size == 0:
                 continue
 
-            def per_example(name: str) -> np.ndarray:
+            def per_example(name: str, rows: np.ndarray = rows) -> np.ndarray:
                 return parameters[name][rows].astype(np.float32)[:, None, None]  # (m, 1, 1)
 
             radius = per_example("radius")

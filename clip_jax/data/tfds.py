@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -286,7 +287,7 @@ class TfdsRandomAccessSource:
         share = self.end - self.start
         return self.start + permuted_indices(offsets, share, (self.seed, epoch, self.start, share))
 
-    def record_reader(self) -> "TfdsRecordReader":
+    def record_reader(self) -> TfdsRecordReader:
         return TfdsRecordReader(self.name, self.split, self.data_dir, self.keys, self._source)
 
     def examples(

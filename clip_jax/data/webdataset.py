@@ -26,7 +26,8 @@ import os
 import re
 import tarfile
 import zlib
-from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import BinaryIO, NamedTuple
 
 import ml_collections
 from etils import epath
@@ -176,20 +177,20 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
         by_directory: dict[str, list[str]] = {}
         for path in explicit:
             by_directory.setdefault(_split_directory(path)[0], []).append(path)
-        for directory, paths in by_directory.items():
+        for directory, named in by_directory.items():
             names = _list_directory(directory)
             if names is None:
                 raise ValueError(
                     f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r}); "
                     f"{SEVERAL_PATTERNS_HINT}"
                 )
-            missing = [path for path in paths if _split_directory(path)[1] not in names]
+            missing = [path for path in named if _split_directory(path)[1] not in names]
             if missing:
                 raise ValueError(
-                    f"data.webdataset.shards: {len(missing)} of the {len(paths)} shards named by {pattern!r} in "
+                    f"data.webdataset.shards: {len(missing)} of the {len(named)} shards named by {pattern!r} in "
                     f"{directory!r} do not exist, e.g. {missing[:3]}"
                 )
-            found.update(paths)
+            found.update(named)
     return sorted(found)
 
 

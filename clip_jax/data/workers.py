@@ -10,7 +10,8 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from clip_jax.data.sources import RawExample, RecordReader, SkippedExample
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -141,7 +142,7 @@ class Encoder:
             else:
                 # Each process supplies the rows of its own devices from the whole chunk it holds.
                 global_chunk = jax.make_array_from_callback(
-                    chunk.shape, self.batch_sharding, lambda index: chunk[index]
+                    chunk.shape, self.batch_sharding, lambda index, chunk=chunk: chunk[index]
                 )
                 outputs.append(_to_host(embed(self.model, self.variables, global_chunk))[:rows])
         if not outputs:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding, transforms
@@ -20,10 +21,10 @@ from clip_jax.data.decode import decode_image
 from clip_jax.data.sources import SkippedExample
 from clip_jax.evaluation.features import (
     Encoder,
-    rebatch,
     default_mesh,
     encode_prompts,
     preprocess_images,
+    rebatch,
 )
 
 RECALL_AT: tuple[int, ...] = (1, 5, 10)

@@ -8,10 +8,10 @@ A template is a string whose "{}" takes a class name, e.g. "a photo of a {}.".
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 # A template is a format string with one "{}", or a function of the class name (open_clip's kind).
-Template = Union[str, Callable[[str], str]]
+Template = str | Callable[[str], str]
 
 # How many prompts describe a class in zero-shot classification (the paper's ablation).
 PROMPT_MODES: tuple[str, ...] = ("class_name", "single", "ensemble")

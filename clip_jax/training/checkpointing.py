@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from etils import epath
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from clip_jax import paths
 from clip_jax.models import CLIP, CLIPConfig
@@ -441,7 +441,7 @@ def read_run_record(workdir: str) -> tuple[int, dict[str, Any]]:
 
 
 def _read_live(
-    workdir: str, step: int | None, read: Callable[["TrainingCheckpointer", int, dict[str, Any]], Any]
+    workdir: str, step: int | None, read: Callable[[TrainingCheckpointer, int, dict[str, Any]], Any]
 ) -> tuple[int, dict[str, Any], Any]:
     """(step, record, read(checkpointer, step, record)) of the newest checkpoint (or `step`) that
     reads. A running `train.py` may delete the chosen checkpoint (rotation) while it is read: the

@@ -9,15 +9,16 @@ import atexit
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from etils import epath
 
 from clip_jax import paths
 from clip_jax import tokenizer as tokenizers
-from clip_jax.training.multihost import broadcast_bytes
 from clip_jax.training.config import TokenizerSettings
+from clip_jax.training.multihost import broadcast_bytes
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 

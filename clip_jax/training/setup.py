@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import re
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ class Run:
     checkpointer: checkpointing.TrainingCheckpointer
     guard: Guard
     writer: metrics.MetricsWriter
-    evaluator: "Evaluator"
+    evaluator: Evaluator
     batches: Iterator[tuple[dict[str, jax.Array], Any]]  # (global batch, data state after it)
     record: dict[str, Any]  # {"model", "tokenizer", "training"}: saved with every checkpoint
 

@@ -215,7 +215,7 @@ class WorkdirLock:
                 self.path.unlink(missing_ok=True)
         self._record = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         self.acquire()
         return self
 
