@@ -108,7 +108,7 @@ def print_timeline(spans: list[tuple[int, int, str]], wall: float) -> None:
         print(f"  {(start - origin) / 1e9:6.2f} s -> {(end - origin) / 1e9:6.2f} s  {name} ({count} operations)")
     busy = covered([(start, end) for start, end, _ in spans])
     print(
-        f"  some operation traced on some thread for {busy / 1e9:.2f} s of the {wall:.2f} s step; the rest is "
+        f"  some operation traced on some thread for {busy / 1e9:.3f} s of the {wall:.3f} s step; the rest is "
         f"untraced work (e.g. XLA's own dot kernels, which it traces only as a launch) and waiting"
     )
 

@@ -20,6 +20,7 @@ from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.metrics import read_jsonl
 from clip_jax.training import checkpointing, loop, setup
+from clip_jax.training.config import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_RUN_STEPS = 20
@@ -98,7 +99,7 @@ def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(s
         return np.zeros((len(texts), 4), np.int32)
 
     config = _default_config()
-    image_size = loop.model_spec(config).vision.image_size
+    image_size = validate(config).model.spec().vision.image_size
     with data_iterator.make_train_iterator(
         config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1
     ) as iterator:
