@@ -18,7 +18,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, model directory or checkpoint file.", required=True)
-flags.DEFINE_string("model", None, "Model spec name for a PyTorch file whose architecture should not be read off shapes.")
+flags.DEFINE_string(
+    "model", None, "Model spec name for a PyTorch file whose architecture should not be read off shapes."
+)
 flags.DEFINE_list("tasks", None, "Comma-separated: zero_shot, retrieval, linear_probe, few_shot (default: zero_shot).")
 flags.DEFINE_list(
     "datasets", None,
@@ -37,7 +39,9 @@ flags.DEFINE_list("prompt_modes", ["class_name", "single", "ensemble"], "Zero-sh
 flags.DEFINE_enum("tfds_reader", "auto", ["auto", "data_source", "tf_data"], "How TFDS datasets are read.")
 flags.DEFINE_enum("tfds_image_decoder", "pipeline", ["pipeline", "tfds"], "Who decodes TFDS images.")
 flags.DEFINE_enum(
-    "tfds_worker_kind", None, ["process", "thread"],
+    "tfds_worker_kind",
+    None,
+    ["process", "thread"],
     "Who decodes TFDS images (default: the data pipeline's); 'thread' where the data exists only in this process.",
 )
 flags.DEFINE_bool("plots", True, "Write PNG plots (needs matplotlib).")
@@ -85,13 +89,18 @@ def _evaluate() -> None:
 
     import jax
 
-    from clip_jax.checkpoint import load
+    from clip_jax.api import load
 
     model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript)
-    print(f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices", flush=True)
+    print(
+        f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices",
+        flush=True,
+    )
     synthetic = None
     if any(name in suite.SYNTHETIC_DATASETS for name in settings.datasets):
-        synthetic = suite.synthetic_dataset_for(FLAGS.checkpoint, model.config.vision.image_size)
+        synthetic = suite.synthetic_dataset_for(
+            _training_data_settings(FLAGS.checkpoint), model.config.vision.image_size
+        )
     log = (lambda message: print(message, flush=True)) if jax.process_index() == 0 else (lambda message: None)
     results = suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=log)
     results = {"checkpoint": FLAGS.checkpoint, "settings": _settings_record(settings), **results}
@@ -100,10 +109,23 @@ def _evaluate() -> None:
             print(f"wrote {path}")
 
 
+def _training_data_settings(path: str) -> dict | None:
+    """The data settings recorded by the train.py run of a training workdir (None for any other
+    model): the built-in dataset's seed and held-out combinations are evaluated as it trained."""
+    from clip_jax.training import checkpointing
+
+    if not checkpointing.is_training_workdir(path):
+        return None
+    _, record = checkpointing.read_run_record(path)
+    return record.get("training", {}).get("data")
+
+
 def _settings_record(settings) -> dict:
     import dataclasses
 
-    return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(settings).items()}
+    return {
+        name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(settings).items()
+    }
 
 
 if __name__ == "__main__":

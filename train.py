@@ -69,7 +69,9 @@ def initialize_distributed() -> None:
             return
         logging.info("Detected %s: starting jax.distributed from the environment", cluster)
         jax.distributed.initialize()
-    logging.info("Process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+    logging.info(
+        "Process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -5,7 +5,11 @@ Writes shards of photo-like JPEGs (smooth random fields plus sensor-like noise, 
 default 256 px and quality 95 unless told otherwise) to a temporary directory, then measures
   1. one core: decode -> random resized crop -> bicubic resize -> normalise (images/s per core);
   2. the whole pipeline (tar reading, --workers worker processes or threads, OpenAI's tokenizer,
-     batching, normalisation) as train.py runs it.
+     batching, normalisation) as train.py runs it;
+  3. the built-in dataset at --synthetic-image-size (32 px: the default run) through that same
+     training iterator, beside drawing + normalising each batch directly with the generator
+     (what train.py did before the built-in dataset became a source), so the cost of going
+     through the one pipeline is visible.
 Not part of the test suite.
 """
 
@@ -24,7 +28,11 @@ import PIL.Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clip_jax.data import pipeline  # noqa: E402
+from clip_jax.data import decode  # noqa: E402
+from clip_jax.data import iterator as data_iterator  # noqa: E402
+from clip_jax.data.config import default_data_config  # noqa: E402
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig, process_batch_indices  # noqa: E402
+from clip_jax.data.workers import WORKER_KINDS, default_num_workers  # noqa: E402
 
 
 def photo_like_jpeg(rng: np.random.Generator, size: int, quality: int) -> bytes:
@@ -58,11 +66,11 @@ def write_shards(directory: str, num_shards: int, per_shard: int, size: int, qua
 
 def single_thread_rate(pattern: str, image_size: int, count: int) -> float:
     """Images/s of decode + augment on one thread (one core)."""
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "webdataset"
     config.webdataset.shards = pattern
-    source = pipeline.make_train_source(config, 0, 1)
-    preparer = pipeline.preparer_from_config(config, image_size)
+    source = data_iterator.make_train_source(config, 0, 1)
+    preparer = decode.preparer_from_config(config, image_size)
     examples = []
     for example, _ in source.examples(source.initial_position()):
         examples.append(example)
@@ -70,34 +78,58 @@ def single_thread_rate(pattern: str, image_size: int, count: int) -> float:
             break
     source.close()
     for example in examples[:20]:  # warm caches and lazy imports
-        pipeline.normalize_images(preparer(example)[0])
+        decode.normalize_images(preparer(example)[0])
     start = time.perf_counter()
     for example in examples:
-        pipeline.normalize_images(preparer(example)[0])
+        decode.normalize_images(preparer(example)[0])
     return count / (time.perf_counter() - start)
 
 
-def pipeline_rate(pattern: str, image_size: int, workers: int, worker_kind: str, batch_size: int, batches: int) -> float:
+def pipeline_rate(
+    pattern: str, image_size: int, workers: int, worker_kind: str, batch_size: int, batches: int
+) -> float:
     """Images/s of the whole training iterator with `workers` decoding workers."""
     from clip_jax.tokenizer import ClipTokenizer
 
     try:
         tokenizer = ClipTokenizer(context_length=77)
     except FileNotFoundError:  # no BPE file here: a stand-in of similar (small) cost
+
         def tokenizer(texts, truncate=True):
             return np.zeros((len(texts), 77), np.int32)
 
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "webdataset"
     config.webdataset.shards = pattern
     config.num_workers = workers
     config.worker_kind = worker_kind
-    with pipeline.make_train_iterator(config, tokenizer, batch_size, image_size, 0, 1) as iterator:
+    with data_iterator.make_train_iterator(config, tokenizer, batch_size, image_size, 0, 1) as iterator:
         next(iterator)  # start-up: first window read, threads started
         start = time.perf_counter()
         for _ in range(batches):
             next(iterator)
         return batches * batch_size / (time.perf_counter() - start)
+
+
+def synthetic_rates(image_size: int, batch_size: int, batches: int) -> tuple[float, float]:
+    """Images/s of the built-in dataset (tokenizer left out): (through the training iterator,
+    drawing and normalising each process batch directly)."""
+
+    def no_tokenizer(texts, truncate=True):
+        return np.zeros((len(texts), 16), np.int32)
+
+    config = default_data_config()  # name "synthetic"
+    with data_iterator.make_train_iterator(config, no_tokenizer, batch_size, image_size, 0, 1) as iterator:
+        next(iterator)  # start-up: threads started
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        through_iterator = batches * batch_size / (time.perf_counter() - start)
+    dataset = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
+    start = time.perf_counter()
+    for step in range(1, batches + 1):
+        decode.normalize_images(dataset.get_batch("train", process_batch_indices(step, batch_size, 0, 1))["images"])
+    return through_iterator, batches * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -107,9 +139,13 @@ def main() -> None:
     parser.add_argument("--jpeg-quality", type=int, default=95, help="img2dataset's default encode quality")
     parser.add_argument("--single-thread-images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=0, help="decoding workers; 0 = one per core")
-    parser.add_argument("--worker-kind", choices=pipeline.WORKER_KINDS, default="process")
+    parser.add_argument("--worker-kind", choices=WORKER_KINDS, default="process")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument(
+        "--synthetic-image-size", type=int, default=32, help="model input size for the built-in dataset"
+    )
+    parser.add_argument("--synthetic-batches", type=int, default=50)
     parser.add_argument(
         "--gpu-images-per-second",
         type=float,
@@ -117,10 +153,12 @@ def main() -> None:
         help="training throughput of one accelerator (image-text pairs/s) to size the CPU for",
     )
     arguments = parser.parse_args()
-    workers = arguments.workers or pipeline.default_num_workers()
+    workers = arguments.workers or default_num_workers()
     with tempfile.TemporaryDirectory(prefix="clip_jax-bench-") as directory:
         num_shards, per_shard = 8, 250
-        pattern, mean_bytes = write_shards(directory, num_shards, per_shard, arguments.source_size, arguments.jpeg_quality)
+        pattern, mean_bytes = write_shards(
+            directory, num_shards, per_shard, arguments.source_size, arguments.jpeg_quality
+        )
         print(
             f"{num_shards} shards x {per_shard} JPEGs of {arguments.source_size}x{arguments.source_size} px "
             f"(quality {arguments.jpeg_quality}, {mean_bytes / 1024:.0f} KiB each) -> {arguments.image_size} px"
@@ -131,17 +169,24 @@ def main() -> None:
             pattern, arguments.image_size, workers, arguments.worker_kind, arguments.batch_size, arguments.batches
         )
         print(
-            f"whole pipeline, {workers} {arguments.worker_kind} workers on {pipeline.default_num_workers()} cores: "
+            f"whole pipeline, {workers} {arguments.worker_kind} workers on {default_num_workers()} cores: "
             f"{total:.0f} images/s "
-            f"({total / min(workers, pipeline.default_num_workers()):.0f} per core)"
+            f"({total / min(workers, default_num_workers()):.0f} per core)"
         )
         if arguments.gpu_images_per_second:
             target = arguments.gpu_images_per_second
-            per_core_in_pipeline = total / min(workers, pipeline.default_num_workers())
+            per_core_in_pipeline = total / min(workers, default_num_workers())
             print(
                 f"to feed {target:.0f} images/s: {target / per_core:.1f} cores at the one-core rate "
                 f"({target / per_core_in_pipeline:.1f} at the whole-pipeline rate)"
             )
+    through_iterator, direct = synthetic_rates(
+        arguments.synthetic_image_size, arguments.batch_size, arguments.synthetic_batches
+    )
+    print(
+        f"built-in dataset at {arguments.synthetic_image_size} px, batches of {arguments.batch_size}: "
+        f"{through_iterator:.0f} images/s through the training iterator, {direct:.0f} drawn directly"
+    )
 
 
 if __name__ == "__main__":

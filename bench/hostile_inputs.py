@@ -32,16 +32,17 @@ MIXED_WORDS = ["photo", "dog", "the", "xylophone", "café", "2024", "!!", "日�
 
 READ_IN_A_FRESH_PROCESS = """
 import json, sys, time
-from clip_jax.data import pipeline
+from clip_jax.data import iterator
+from clip_jax.data.config import default_data_config
 
 def peak_mib():  # this process image's peak resident memory (ru_maxrss would include the parent's)
     with open("/proc/self/status") as status:
         return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
 
-config = pipeline.default_data_config()
+config = default_data_config()
 config.name = "webdataset"
 config.webdataset.shards = sys.argv[1]
-source = pipeline.make_train_source(config, 0, 1)
+source = iterator.make_train_source(config, 0, 1)
 start, before = time.perf_counter(), peak_mib()
 problems = []
 for count, (example, _) in enumerate(source.examples(source.initial_position()), start=1):

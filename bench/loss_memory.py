@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = []
     for loss in args.losses.split(","):
         for devices in device_counts:
-            mesh = jax.make_mesh(
-                (devices,), ("data",), devices=jax.devices()[:devices], axis_types=(AxisType.Auto,)
-            )
+            mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices], axis_types=(AxisType.Auto,))
             for global_batch in [int(b) for b in args.global_batches.split(",")]:
                 if global_batch % devices:
                     continue

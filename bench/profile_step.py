@@ -107,8 +107,10 @@ def print_timeline(spans: list[tuple[int, int, str]], wall: float) -> None:
     for name, start, end, count in merged:
         print(f"  {(start - origin) / 1e9:6.2f} s -> {(end - origin) / 1e9:6.2f} s  {name} ({count} operations)")
     busy = covered([(start, end) for start, end, _ in spans])
-    print(f"  some operation traced on some thread for {busy / 1e9:.2f} s of the {wall:.2f} s step; the rest is "
-          f"untraced work (e.g. XLA's own dot kernels, which it traces only as a launch) and waiting")
+    print(
+        f"  some operation traced on some thread for {busy / 1e9:.3f} s of the {wall:.3f} s step; the rest is "
+        f"untraced work (e.g. XLA's own dot kernels, which it traces only as a launch) and waiting"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,8 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                 by_operation[name] += duration
                 spans.append((start_ns, start_ns + duration, part(phase, metadata.get(name, ""))))
     grand = sum(totals.values())
-    print(f"{args.model} batch {args.batch_size} {dtype} scan={args.scan} on {jax.devices()[0].device_kind}: "
-          f"step {wall:.2f} s wall, {faults:,} minor page faults; operations {grand / 1e9:.2f} thread-s")
+    print(
+        f"{args.model} batch {args.batch_size} {dtype} scan={args.scan} on {jax.devices()[0].device_kind}: "
+        f"step {wall:.2f} s wall, {faults:,} minor page faults; operations {grand / 1e9:.2f} thread-s"
+    )
     print(f"| phase | {' | '.join(KINDS)} | total |")
     print("| --- |" + " ---: |" * (len(KINDS) + 1))
     for phase in PHASES:
@@ -165,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         cells = " | ".join(f"{value / 1e9:.2f} s ({100 * value / grand:.0f}%)" for value in row)
         print(f"| {phase} | {cells} | {sum(row) / 1e9:.2f} s ({100 * sum(row) / grand:.0f}%) |")
     kind_totals = [sum(totals[phase, kind] for phase in PHASES) for kind in KINDS]
-    print("| all | " + " | ".join(f"{v / 1e9:.2f} s ({100 * v / grand:.0f}%)" for v in kind_totals) + f" | {grand / 1e9:.2f} s |")
+    print(
+        "| all | "
+        + " | ".join(f"{v / 1e9:.2f} s ({100 * v / grand:.0f}%)" for v in kind_totals)
+        + f" | {grand / 1e9:.2f} s |"
+    )
     print_timeline(spans, wall)
     print("\nmost expensive operations (thread-s, summed over loop iterations):")
     for name, duration in by_operation.most_common(args.top):

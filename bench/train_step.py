@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="on CPU, run both frameworks' steps in turns (both processes alive) instead of one after the other",
     )
     parser.add_argument(
-        "--pause", type=float, default=0.0,
+        "--pause",
+        type=float,
+        default=0.0,
         help="with --framework clip_jax or open_clip: seconds to sleep before each timed step",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a child driven by the parent
@@ -123,12 +125,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def build_clip_jax_step(model_name: str, model, batch_size: int):
     """The compiled clip_jax train step at `batch_size` (the default recipe), its state and a batch.
 
-    Returns (compiled, state, batch, config, mesh); `bench/profile_step.py` profiles the same step.
+    Returns (compiled, state, batch, settings, mesh); `bench/profile_step.py` profiles the same step.
     """
     import jax
 
     from clip_jax import sharding
-    from clip_jax.training.loop import base_config
+    from clip_jax.training.config import base_config, validate
+    from clip_jax.training.optimizer import make_optimizer
     from clip_jax.training.state import create_train_state
     from clip_jax.training.step import make_train_step
 
@@ -137,9 +140,10 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
     config.global_batch_size = batch_size
     config.total_steps = 1_000_000
     config.optimizer.warmup_steps = 100
+    settings = validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    state, state_shardings = create_train_state(config, model, mesh)
-    train_step = make_train_step(model, config, mesh, state_shardings)
+    state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
+    train_step = make_train_step(model, settings.step, mesh, state_shardings)
     images, texts = _random_inputs(model.config, batch_size)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {
@@ -147,7 +151,7 @@ def build_clip_jax_step(model_name: str, model, batch_size: int):
         "texts": jax.device_put(texts, batch_sharding),
     }
     compiled = train_step.lower(state, batch).compile()
-    return compiled, state, batch, config, mesh
+    return compiled, state, batch, settings, mesh
 
 
 class _Runner:
@@ -176,7 +180,10 @@ class _Runner:
             except Exception as error:  # noqa: BLE001 - an out-of-memory batch: try the next size
                 if not _is_out_of_memory(error) or batch_size == sizes[-1]:
                     raise
-                print(f"{self.framework}: batch {batch_size} does not fit ({type(error).__name__}); trying the next", flush=True)
+                print(
+                    f"{self.framework}: batch {batch_size} does not fit ({type(error).__name__}); trying the next",
+                    flush=True,
+                )
                 release()
         raise RuntimeError("no batch size given")
 
@@ -222,7 +229,7 @@ class ClipJaxRunner(_Runner):
 
         def setup(batch_size: int) -> None:
             start = time.perf_counter()
-            self.compiled, self.state, self.batch, self.config, self.mesh = build_clip_jax_step(
+            self.compiled, self.state, self.batch, self.settings, self.mesh = build_clip_jax_step(
                 args.model, self.model, batch_size
             )
             self.compile_seconds = time.perf_counter() - start
@@ -244,7 +251,7 @@ class ClipJaxRunner(_Runner):
         import numpy as np
 
         from clip_jax import metrics
-        from clip_jax.training.loop import train_step_flops_per_device
+        from clip_jax.training.setup import step_flops_per_device
 
         if self.backend == "cpu":
             self.peaks.append(metrics.measure_matmul_peak())
@@ -255,11 +262,8 @@ class ClipJaxRunner(_Runner):
         timing = self.timing()
         step_seconds = timing["step_seconds"]
         # Model FLOPs: XLA counts a scanned layer once, so scanned/rematted steps are counted on
-        # their unrolled twin (see train_step_flops_per_device).
-        abstract_batch = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.batch
-        )
-        flops = train_step_flops_per_device(self.compiled, self.model, self.config, self.mesh, abstract_batch)
+        # their unrolled twin (see step_flops_per_device).
+        flops = step_flops_per_device(self.compiled, self.model, self.settings, self.mesh, self.state.tx)
         result = {
             "framework": "clip_jax",
             "model": self.args.model,
@@ -305,8 +309,12 @@ def open_clip_model_from_spec(spec):
     )
     text = spec.text
     text_cfg = CLIPTextCfg(
-        context_length=text.context_length, vocab_size=text.vocab_size, width=text.width, heads=text.heads,
-        layers=text.layers, mlp_ratio=text.mlp_ratio,
+        context_length=text.context_length,
+        vocab_size=text.vocab_size,
+        width=text.width,
+        heads=text.heads,
+        layers=text.layers,
+        mlp_ratio=text.mlp_ratio,
     )
     return CLIP(spec.embed_dim, vision_cfg, text_cfg, quick_gelu=spec.activation == "quick_gelu")
 
@@ -425,7 +433,7 @@ class Child:
     def _expect(self, prefix: str) -> str:
         for line in self.process.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
             print(line, end="", flush=True)
         code = self.process.wait()
         raise SystemExit(f"{self.framework} run failed (exit {code}) before printing {prefix.strip()!r}")
@@ -493,8 +501,11 @@ def run_children(args: argparse.Namespace, argv: list[str], env: dict[str, str])
         for index in range(args.steps):
             order = (ours, reference) if index % 2 == 0 else (reference, ours)
             seconds = {child.framework: child.step() for child in order}
-            print(f"step {index + 1}/{args.steps}: clip_jax {seconds['clip_jax']:.3f} s, "
-                  f"open_clip {seconds['open_clip']:.3f} s", flush=True)
+            print(
+                f"step {index + 1}/{args.steps}: clip_jax {seconds['clip_jax']:.3f} s, "
+                f"open_clip {seconds['open_clip']:.3f} s",
+                flush=True,
+            )
         return ours.result(), reference.result()
     finally:
         for child in children:
@@ -563,11 +574,15 @@ def main(argv: list[str] | None = None) -> None:
     if ours.get("peak_flops_per_device"):
         print(f"peak: {ours['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device ({ours['peak_source']})")
     for when, measured in zip(("before", "after"), ours.get("matmul_peaks", [])):
-        print(f"  matmul peak {when} the steps: sustained {measured['sustained'] / 1e9:.0f} GFLOP/s "
-              f"(size {measured['size']}), fastest single call {measured['best_single'] / 1e9:.0f} GFLOP/s")
+        print(
+            f"  matmul peak {when} the steps: sustained {measured['sustained'] / 1e9:.0f} GFLOP/s "
+            f"(size {measured['size']}), fastest single call {measured['best_single'] / 1e9:.0f} GFLOP/s"
+        )
     if ours.get("mfu_against_best_single_matmul") is not None:
-        print(f"  clip_jax MFU against the fastest single matmul call instead: "
-              f"{100 * ours['mfu_against_best_single_matmul']:.1f}%")
+        print(
+            f"  clip_jax MFU against the fastest single matmul call instead: "
+            f"{100 * ours['mfu_against_best_single_matmul']:.1f}%"
+        )
     if flops:
         print(f"FLOPs per step per device (XLA cost analysis): {flops:.3e}")
     ratio = ours["pairs_per_second"] / reference["pairs_per_second"]

@@ -32,40 +32,49 @@ flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.")
 
 def main(argv: list[str]) -> None:
     del argv
+    import dataclasses
+
     import jax
     import numpy as np
 
     from clip_jax import metrics, sharding
     from clip_jax.models import CLIP
-    from clip_jax.training import loop
+    from clip_jax.training.config import validate
+    from clip_jax.training.optimizer import make_optimizer
+    from clip_jax.training.setup import step_flops_per_device
     from clip_jax.training.state import create_train_state
     from clip_jax.training.step import make_train_step
 
     config = FLAGS.config
-    loop.validate_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    global_batch_size = int(config.global_batch_size)
-    sharding.check_batch_divisible(global_batch_size, mesh, int(config.accumulation_steps))
+    settings = validate(config)
+    mesh = sharding.make_mesh(dataclasses.asdict(settings.mesh))
+    global_batch_size = settings.step.global_batch_size
+    sharding.check_batch_divisible(global_batch_size, mesh, settings.step.accumulation_steps)
     # The text tower's size as the run's tokenizer would set it, without training one.
-    vocab_size = 49408 if config.tokenizer.kind == "clip" else int(config.tokenizer.vocab_size)
+    tokenizer = settings.tokenizer
+    vocab_size = 49408 if tokenizer.kind == "clip" else tokenizer.vocab_size
     tokenizer_shape = types.SimpleNamespace(
         vocab_size=vocab_size,
-        context_length=int(config.tokenizer.context_length),
-        pooling="argmax" if config.tokenizer.kind == "clip" else "last",
+        context_length=tokenizer.context_length,
+        pooling="argmax" if tokenizer.kind == "clip" else "last",
         pad_token_id=0,
     )
-    spec = loop.model_spec(config, tokenizer_shape)
+    spec = settings.model.spec(tokenizer_shape)
     model = CLIP(spec)
-    state, state_shardings = create_train_state(config, model, mesh)
+    state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     size, length = spec.vision.image_size, spec.text.context_length
     rng = np.random.default_rng(0)
     batch = {
-        "images": jax.device_put(rng.standard_normal((global_batch_size, size, size, 3), dtype=np.float32), batch_sharding),
-        "texts": jax.device_put(rng.integers(1, vocab_size, (global_batch_size, length), dtype=np.int32), batch_sharding),
+        "images": jax.device_put(
+            rng.standard_normal((global_batch_size, size, size, 3), dtype=np.float32), batch_sharding
+        ),
+        "texts": jax.device_put(
+            rng.integers(1, vocab_size, (global_batch_size, length), dtype=np.int32), batch_sharding
+        ),
     }
     start = time.perf_counter()
-    compiled = make_train_step(model, config, mesh, state_shardings).lower(state, batch).compile()
+    compiled = make_train_step(model, settings.step, mesh, state_shardings).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     for _ in range(FLAGS.warmup_steps):
         state, step_metrics = compiled(state, batch)
@@ -76,7 +85,7 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready((state, step_metrics))
     step_seconds = (time.perf_counter() - start) / FLAGS.steps
 
-    flops_per_device = loop.train_step_flops_per_device(compiled, model, config, mesh, batch)
+    flops_per_device = step_flops_per_device(compiled, model, settings, mesh, state.tx)
     device = jax.devices()[0]
     peak = metrics.device_peak_flops(device)
     peak_source = "bf16 peak table"
@@ -86,16 +95,22 @@ def main(argv: list[str]) -> None:
         peak_source = "float32 matmul measured now, divided over the virtual devices"
     mfu = metrics.model_flops_utilization(flops_per_device, step_seconds, peak)
     parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
-    print(f"config: {config.model.name}, {parameters / 1e6:.1f}M parameters, dtype {spec.dtype}, "
-          f"global batch {global_batch_size}, mesh {dict(mesh.shape)}")
+    print(
+        f"config: {settings.model.name}, {parameters / 1e6:.1f}M parameters, dtype {spec.dtype}, "
+        f"global batch {global_batch_size}, mesh {dict(mesh.shape)}"
+    )
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
     print(f"compile time: {compile_seconds:.1f} s")
     print(f"step time: {step_seconds * 1000:.1f} ms (mean of {FLAGS.steps} steps)")
-    print(f"pairs/s: {global_batch_size / step_seconds:.1f} ({global_batch_size / step_seconds / jax.device_count():.1f} per device)")
+    print(
+        f"pairs/s: {global_batch_size / step_seconds:.1f} ({global_batch_size / step_seconds / jax.device_count():.1f} per device)"
+    )
     if flops_per_device:
         print(f"FLOPs per step: {flops_per_device * jax.device_count():.3g} ({flops_per_device:.3g} per device)")
-    print(f"MFU: {'unavailable' if mfu is None else f'{100 * mfu:.1f}%'}"
-          + ("" if peak is None else f" of {peak:.3g} FLOP/s per device ({peak_source})"))
+    print(
+        f"MFU: {'unavailable' if mfu is None else f'{100 * mfu:.1f}%'}"
+        + ("" if peak is None else f" of {peak:.3g} FLOP/s per device ({peak_source})")
+    )
     print(f"final loss: {float(step_metrics['loss']):.4f}")
 
 

@@ -1,20 +1,77 @@
-"""Notebook helpers over `clip_jax.load`'s outputs: embeddings of images (PIL, numpy or paths) and
-texts, and zero-shot classification in one call; batches are split over every available device."""
+"""The public API: `load` (any model clip_jax reads, as `(model, variables, preprocess, tokenizer)`),
+and notebook helpers over its outputs: embeddings of images (PIL, numpy or paths) and texts, and
+zero-shot classification in one call; batches are split over every available device.
+
+This is the one module outside `clip_jax.training` that imports it: `load` reads training
+workdirs, and the library's lower layers (checkpoint, convert, evaluation) know nothing of training.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 import PIL.Image
+from etils import epath
 
+from clip_jax import checkpoint, convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts, preprocess_images
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
 from clip_jax.models import CLIP
+from clip_jax.training import checkpointing
+from clip_jax.training.nonfinite import nonfinite_paths
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def load(
+    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
+) -> tuple[CLIP, dict[str, Any], Callable, Any]:
+    """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
+
+    `path` is a directory written by `python -m clip_jax.convert` / `save_model_directory`, a training
+    workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
+    `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
+    spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
+
+    No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
+    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
+    """
+    if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
+        config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
+    elif epath.Path(path).is_dir():
+        config, variables = checkpoint.load_model_directory(path, **overrides)
+        text_tokenizer = checkpoint.load_tokenizer(path)
+    elif epath.Path(path).is_file():
+        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
+        text_tokenizer = convert.checkpoint_tokenizer(path, config.text.context_length)
+        variables = jax.device_put(variables, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    else:
+        raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")
+    warn_if_not_finite(path, variables)
+    preprocess = transforms.make_eval_transform(config.vision.image_size)
+    return CLIP(config), variables, preprocess, text_tokenizer
+
+
+def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
+    """One RuntimeWarning if an array of `variables` holds NaN or inf: such weights load, but the
+    outputs they touch are NaN (a diverged run's checkpoint, a broken conversion)."""
+    # Reduced where the arrays live: only one bool per array comes to the host.
+    flags = np.array(jax.device_get([jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(variables)]))
+    if flags.all():
+        return
+    paths = nonfinite_paths(variables, flags)
+    warnings.warn(
+        f"{path}: {len(paths)} of {flags.size} arrays hold non-finite values (NaN or inf), first {paths[0]}; "
+        "the model's outputs will not be finite",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _as_image_batch(images: Any) -> Any:

@@ -1,4 +1,6 @@
-"""Self-contained model directories (Orbax variables + config.json + tokenizer assets) and `load()`.
+"""Self-contained model directories (Orbax variables + config.json + tokenizer assets): writing and reading them.
+
+`clip_jax.load` (in `clip_jax.api`) reads these, training workdirs and PyTorch checkpoints.
 
 A model directory looks like
 
@@ -14,6 +16,10 @@ is moved aside just before it and deleted only after it succeeded.
 
 Loading a damaged directory raises one `ValueError` (or `FileNotFoundError`) naming the directory
 and the file, e.g. a `config.json` that is not JSON or a truncated file under `variables/`.
+
+Paths go through etils epath, so a model directory may be read from a bucket (gs://...). Writing
+one needs a local (or mounted) filesystem: the final step is `os.rename`, whose POSIX semantics are
+the protocol (see `_publish`); an object store has no atomic rename of a directory.
 """
 
 from __future__ import annotations
@@ -22,91 +28,116 @@ import errno
 import json
 import os
 import secrets
-import shutil
-import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import linen as nn
+from flax import traverse_util
 
+from clip_jax import paths
+from clip_jax import tokenizer as tokenizers
 from clip_jax.models import CLIP, CLIPConfig
+from clip_jax.models.layout import stack_layers, unstack_layers
 
 FORMAT = "clip_jax.model"
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
-def check_output_directory(output_dir: str, overwrite: bool = False) -> None:
+def check_output_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse, before any work, to write over an existing non-empty directory unless `overwrite`."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise FileExistsError(f"output {output_dir!r} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"output directory {output_dir!r} is not empty; pass overwrite=True to replace it")
+    path = epath.Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {os.fspath(output_dir)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output directory {os.fspath(output_dir)!r} is not empty; pass overwrite=True to replace it"
+        )
 
 
 def save_model_directory(
-    output_dir: str, config: CLIPConfig, variables: dict[str, Any], tokenizer: Any, overwrite: bool = False
+    output_dir: str | os.PathLike,
+    config: CLIPConfig,
+    variables: dict[str, Any],
+    tokenizer: Any,
+    overwrite: bool = False,
 ) -> str:
-    """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic."""
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
+    """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic. Returns
+    the directory's absolute path."""
     check_output_directory(output_dir, overwrite)
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = _make_hidden_directory(output_dir, "partial")
+    output = paths.absolute(output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _make_hidden_directory(output, "partial")
     try:
         variables = jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables)))
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
+        checkpointer.save(staging / VARIABLES_DIR, variables)
         checkpointer.wait_until_finished()
         for asset in tokenizer.asset_files():
-            shutil.copy2(asset, os.path.join(staging, os.path.basename(asset)))
-        with open(os.path.join(staging, CONFIG_FILE), "w") as file:
-            json.dump({"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}, file, indent=2)
-        _publish(staging, output_dir, overwrite)
+            asset = epath.Path(asset)
+            asset.copy(staging / asset.name)
+        record = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}
+        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        _publish(staging, output, overwrite)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
         raise
-    return output_dir
+    return os.fspath(output)
 
 
-def _hidden_name(output_dir: str, kind: str) -> str:
-    return os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.{kind}-{secrets.token_hex(4)}")
+def _remove_tree(path: epath.Path) -> None:
+    """Delete a directory this process made, as far as it can: a cleanup that fails must not hide
+    the error being handled."""
+    try:
+        path.rmtree()
+    except OSError:
+        pass
 
 
-def _make_hidden_directory(output_dir: str, kind: str) -> str:
-    """A new, uniquely named hidden directory beside `output_dir`. A plain `os.mkdir`, unlike
-    `tempfile.mkdtemp` (always 0700), so the published directory gets the umask's permissions."""
+def _hidden_name(output: epath.Path, kind: str) -> epath.Path:
+    return output.parent / f".{output.name}.{kind}-{secrets.token_hex(4)}"
+
+
+def _make_hidden_directory(output: epath.Path, kind: str) -> epath.Path:
+    """A new, uniquely named hidden directory beside `output`. A plain mkdir (`os.mkdir` on a local
+    disk), unlike `tempfile.mkdtemp` (always 0700), so the published directory gets the umask's
+    permissions; it fails if the name exists, so the directory is this process's alone."""
     for _ in range(100):
-        path = _hidden_name(output_dir, kind)
+        path = _hidden_name(output, kind)
         try:
-            os.mkdir(path)
+            path.mkdir()
             return path
         except FileExistsError:
             continue
-    raise FileExistsError(f"could not create a staging directory beside {output_dir!r}")
+    raise FileExistsError(f"could not create a staging directory beside {os.fspath(output)!r}")
 
 
-def _publish(staging: str, output_dir: str, overwrite: bool) -> None:
-    """Rename the complete `staging` to `output_dir`, atomically and without clobbering another writer.
+def _publish(staging: epath.Path, output: epath.Path, overwrite: bool) -> None:
+    """Rename the complete `staging` to `output`, atomically and without clobbering another writer.
 
     `os.rename` of a directory fails onto a non-empty directory, so it is the check: no window lies
     between a test and the act. With `overwrite`, an existing output is first moved aside (itself an
     atomic rename) and deleted only once the new one is in place; if another writer lands in
     between, its output is kept and the old one is moved back, or left at its hidden name and
     reported if that is not possible.
+
+    The renames are `os.rename`, not epath's: epath tests for the destination first and refuses an
+    empty directory, which `os.rename` replaces (an empty output directory is allowed, see
+    `check_output_directory`), and its test is the window this protocol has none of.
     """
+    output_dir = os.fspath(output)
     aside = None
     if overwrite and os.path.lexists(output_dir):
-        aside = _hidden_name(output_dir, "old")
+        aside = os.fspath(_hidden_name(output, "old"))
         try:
             os.rename(output_dir, aside)
         except FileNotFoundError:  # someone else removed it meanwhile: nothing to move aside
             aside = None
     try:
-        os.rename(staging, output_dir)
+        os.rename(os.fspath(staging), output_dir)
     except OSError as error:
         if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             raise
@@ -122,7 +153,7 @@ def _publish(staging: str, output_dir: str, overwrite: bool) -> None:
             "(with overwrite to replace it)"
         ) from None
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_tree(epath.Path(aside))
 
 
 def _damaged(directory: str, what: str, reason: str) -> ValueError:
@@ -134,14 +165,14 @@ def _damaged(directory: str, what: str, reason: str) -> ValueError:
     )
 
 
-def read_model_config(directory: str) -> dict[str, Any]:
+def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a model directory; one-line errors naming the file if it is damaged."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    directory = os.fspath(directory)
+    path = epath.Path(directory) / CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{directory!r} is not a clip_jax model directory: no {CONFIG_FILE}")
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise _damaged(
             directory, f"{CONFIG_FILE} is not valid JSON", f"{error.msg} at line {error.lineno} column {error.colno}"
@@ -150,7 +181,7 @@ def read_model_config(directory: str) -> dict[str, Any]:
         raise _damaged(directory, f"{CONFIG_FILE} is not UTF-8 text", str(error)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path!r} is not a clip_jax model config (format {found!r}, expected {FORMAT!r})")
+        raise ValueError(f"{os.fspath(path)!r} is not a clip_jax model config (format {found!r}, expected {FORMAT!r})")
     for key in ("model", "tokenizer"):
         if not isinstance(data.get(key), dict):
             raise _damaged(directory, f"{CONFIG_FILE} lacks its {key!r} section", f"keys {sorted(data)}")
@@ -169,18 +200,13 @@ def _single_device_sharding() -> jax.sharding.Sharding:
 
 
 def load_model_directory(
-    directory: str, sharding: jax.sharding.Sharding | None = None, **overrides: Any
+    directory: str | os.PathLike, sharding: jax.sharding.Sharding | None = None, **overrides: Any
 ) -> tuple[CLIPConfig, dict[str, Any]]:
     """(spec, variables) of a model directory, restored onto `sharding` (default: the first local device).
 
     `overrides` replace spec fields that do not change the parameters' meaning (dtype, scan_layers, …).
     """
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
-    from clip_jax.convert import _stack_layers, _unstack_layers
-    from flax import traverse_util
-
+    directory = os.fspath(directory)
     data = read_model_config(directory)
     try:  # a spec that parses may still fail to build (a string where a size belongs): both are damage
         stored = CLIPConfig.from_dict(data["model"]).validate()
@@ -192,8 +218,8 @@ def load_model_directory(
     config = stored.replace(**overrides) if overrides else stored
     sharding = sharding or _single_device_sharding()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    variables_dir = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
-    if not os.path.isdir(variables_dir):
+    variables_dir = paths.absolute(directory) / VARIABLES_DIR  # Orbax takes absolute paths only
+    if not variables_dir.is_dir():
         raise FileNotFoundError(f"model directory {directory!r} has no {VARIABLES_DIR}/; re-convert the model")
     try:
         variables = ocp.StandardCheckpointer().restore(variables_dir, abstract)
@@ -201,69 +227,17 @@ def load_model_directory(
         raise _damaged(directory, f"{VARIABLES_DIR}/ could not be read", _innermost_message(error)) from None
     if config.scan_layers != stored.scan_layers:
         flat = traverse_util.flatten_dict(jax.device_get(variables))
-        flat = _stack_layers(flat, config) if config.scan_layers else _unstack_layers(flat)
+        flat = stack_layers(flat) if config.scan_layers else unstack_layers(flat)
         variables = jax.device_put(traverse_util.unflatten_dict(flat), sharding)
     return config, variables
 
 
-def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
-    """One RuntimeWarning if an array of `variables` holds NaN or inf: such weights load, but the
-    outputs they touch are NaN (a diverged run's checkpoint, a broken conversion)."""
-    from clip_jax.training.nonfinite import nonfinite_paths
-
-    # Reduced where the arrays live: only one bool per array comes to the host.
-    flags = np.array(jax.device_get([jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(variables)]))
-    if flags.all():
-        return
-    paths = nonfinite_paths(variables, flags)
-    warnings.warn(
-        f"{path}: {len(paths)} of {flags.size} arrays hold non-finite values (NaN or inf), first {paths[0]}; "
-        "the model's outputs will not be finite",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def load(
-    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
-) -> tuple[CLIP, dict[str, Any], Callable, Any]:
-    """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
-
-    `path` is a directory written by `python -m clip_jax.convert` / `save_model_directory`, a training
-    workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
-    `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
-    spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
-
-    No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
-    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
-    """
-    from clip_jax import tokenizer as tokenizers
-    from clip_jax import transforms
-    from clip_jax.training import checkpointing
-
-    if os.path.isdir(path) and checkpointing.is_training_workdir(path):
-        config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
-    elif os.path.isdir(path):
-        data = read_model_config(path)
-        config, variables = load_model_directory(path, **overrides)
-        try:
-            text_tokenizer = tokenizers.tokenizer_from_config(data["tokenizer"], path)
-        except (OSError, ValueError) as error:
-            raise _damaged(path, "its tokenizer could not be loaded", str(error)) from None
-    elif os.path.isfile(path):
-        from clip_jax import convert
-
-        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
-        hf_files = convert._hf_tokenizer_files(path)
-        context = config.text.context_length
-        text_tokenizer = (
-            tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context)
-            if hf_files
-            else tokenizers.ClipTokenizer(context_length=context)
-        )
-        variables = jax.device_put(variables, _single_device_sharding())
-    else:
-        raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")
-    warn_if_not_finite(path, variables)
-    preprocess = transforms.make_eval_transform(config.vision.image_size)
-    return CLIP(config), variables, preprocess, text_tokenizer
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The tokenizer stored in a model directory; one that cannot be loaded is one ValueError
+    naming the directory."""
+    directory = os.fspath(directory)
+    data = read_model_config(directory)
+    try:
+        return tokenizers.tokenizer_from_config(data["tokenizer"], directory)
+    except (OSError, ValueError) as error:
+        raise _damaged(directory, "its tokenizer could not be loaded", str(error)) from None

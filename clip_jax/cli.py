@@ -12,7 +12,10 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
+from types import TracebackType
+
+from absl import logging as absl_logging
 
 EXIT_FAILURE = 1
 
@@ -43,10 +46,9 @@ class _DropLibraryErrors(logging.Filter):
 
 def quiet_library_logs() -> None:
     """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`), and the
-    "Event loop is closed" tracebacks that TensorStore's callbacks report (as unraisable
-    exceptions, `sys.unraisablehook`) when a failed Orbax write has closed the event loop they report to."""
-    from absl import logging as absl_logging
-
+    unraisable exceptions (`sys.unraisablehook`) left by Orbax's failed reads and writes: the
+    "Event loop is closed" of TensorStore's callbacks once a failed write has closed Orbax's event
+    loop, and the coroutines of reads of a checkpoint already reported unreadable."""
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(existing, _DropLibraryErrors) for existing in handler.filters):
         handler.addFilter(_DropLibraryErrors())
@@ -57,10 +59,20 @@ def quiet_library_logs() -> None:
             value = unraisable.exc_value
             if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
                 return
+            if _raised_in_orbax(unraisable.exc_traceback):
+                return  # e.g. the reads of a checkpoint found unreadable (and reported) before
             previous(unraisable)
 
         unraisablehook._clip_jax_quiet = True  # type: ignore[attr-defined]
         sys.unraisablehook = unraisablehook
+
+
+def _raised_in_orbax(traceback: TracebackType | None) -> bool:
+    while traceback is not None:
+        if "/orbax/" in traceback.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 @contextlib.contextmanager

@@ -82,18 +82,14 @@ def sigmoid_contrastive_loss(
     """SigLIP loss: -sum_ij log_sigmoid(z_ij * (scale * x_i.y_j + bias)) / batch, z = +1 on the
     diagonal (matching pairs) and -1 elsewhere."""
     _check_embeddings(image_embeds, text_embeds)
-    image_embeds, text_embeds, logit_scale, logit_bias = _float32(
-        image_embeds, text_embeds, logit_scale, logit_bias
-    )
+    image_embeds, text_embeds, logit_scale, logit_bias = _float32(image_embeds, text_embeds, logit_scale, logit_bias)
     batch_size = image_embeds.shape[0]
     logits = logit_scale * _similarity(image_embeds, text_embeds) + logit_bias
     signs = 2 * jnp.eye(batch_size, dtype=jnp.float32) - 1
     return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / batch_size
 
 
-def in_batch_accuracy(
-    image_embeds: jax.Array, text_embeds: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def in_batch_accuracy(image_embeds: jax.Array, text_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Fractions of images whose most similar text is their own caption, and of texts whose most
     similar image is their own; for logging (a positive logit scale does not change the argmax)."""
     _check_embeddings(image_embeds, text_embeds)
@@ -186,9 +182,7 @@ def _positive_mask(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
     return jnp.arange(global_batch)[None, :] == local_rows[:, None]
 
 
-def _all_gather_softmax_loss(
-    image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]
-) -> jax.Array:
+def _all_gather_softmax_loss(image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     local_batch = image.shape[0]
     global_batch = local_batch * jax.lax.axis_size(axes)
     positives = _positive_mask(local_batch, axes)
@@ -283,9 +277,7 @@ def _block_gradients(
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _ring_softmax_loss(
-    image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]
-) -> jax.Array:
+def _ring_softmax_loss(image: jax.Array, text: jax.Array, scale: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     loss, _ = _ring_softmax_forward(image, text, scale, axes)
     return loss
 
@@ -308,9 +300,7 @@ def _ring_softmax_forward(image, text, scale, axes):
         step, (empty, jnp.zeros_like(empty)), text, empty, axes
     )
     # Image->text rows and text->image columns (those of this device's texts) share the positives.
-    partial_sum = (
-        jnp.sum(row_log_sum_exp) + jnp.sum(column_log_sum_exp) - 2 * jnp.sum(positive_logits)
-    )
+    partial_sum = jnp.sum(row_log_sum_exp) + jnp.sum(column_log_sum_exp) - 2 * jnp.sum(positive_logits)
     loss = jax.lax.psum(partial_sum, axes) / (2 * global_batch)
     return loss, (image, text, scale, row_log_sum_exp, column_log_sum_exp)
 
@@ -392,9 +382,7 @@ def _ring_sigmoid_backward(axes, residuals, loss_gradient):
         if is_diagonal:
             logit_gradient = logit_gradient - jnp.eye(local_batch, dtype=jnp.float32)
         logit_gradient = weight * logit_gradient
-        image_block, text_block, scale_block = _block_gradients(
-            image, visitor_text, similarity, logit_gradient, scale
-        )
+        image_block, text_block, scale_block = _block_gradients(image, visitor_text, similarity, logit_gradient, scale)
         resident = (
             image_gradient + image_block,
             scale_gradient + scale_block,
@@ -459,9 +447,7 @@ def make_sharded_loss_fn(
             impl=impl,
         )
 
-    sharded_loss = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(batch_spec, batch_spec, P(), P()), out_specs=P()
-    )
+    sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(batch_spec, batch_spec, P(), P()), out_specs=P())
 
     def loss_fn(
         image_embeds: jax.Array,

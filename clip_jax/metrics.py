@@ -2,8 +2,10 @@
 progress bar, and model-FLOPs utilisation (XLA's FLOP count of the compiled step against the
 device's peak).
 
-The TensorBoard writer encodes the event protocol buffers and TFRecord framing itself, so logging
-never imports TensorFlow (seconds of start-up and a second thread pool beside XLA's).
+Event files are written by tensorboardX, which does not need TensorFlow (seconds of start-up and a
+second thread pool beside XLA's). The workdir may be local or remote (gs://...): metrics.jsonl, and
+the event files of a remote workdir, are opened through etils epath like every other file.
+`announce` is the one way a run tells the person watching what it does.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
 import time
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
+from etils import epath
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against `device.device_kind` in this order
 # (the first pattern found in the kind wins, so "v5 lite" is tried before "v5"). A JAX device is
@@ -125,116 +129,98 @@ def model_flops_utilization(
 
 
 # --------------------------------------------------------------------------------------------
-# TensorBoard event files: TFRecord-framed `Event` protocol buffers, encoded by hand.
+# TensorBoard event files, written by tensorboardX.
 # --------------------------------------------------------------------------------------------
 
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
-        table.append(crc)
-    return table
+# Remote schemes that etils epath serves (Cloud Storage, S3, Azure). tensorboardX opens an event
+# file with the built-in open() unless a writer factory is registered for the path's scheme; its
+# own gs:// and s3:// factories need google-cloud-storage and boto3 and re-upload the whole file at
+# every flush. Registering epath's for them sends event files through the same file layer (and
+# credentials) as metrics.jsonl and the checkpoints.
+REMOTE_SCHEMES: tuple[str, ...] = ("gs", "s3", "az")
 
 
-_CRC32C_TABLE = _crc32c_table()
+class _EpathEventFile:
+    """An event file opened through etils epath, as tensorboardX's RecordWriter uses it.
 
+    Only write, flush and close: RecordWriter fsyncs a file that has a `fileno`, which an object in
+    a bucket does not have (fsspec's file objects have one that raises)."""
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of `data`, as TFRecord files use it."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+    def __init__(self, path: str) -> None:
+        self._file = epath.Path(path).open("wb")
 
-
-def _masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord(payload: bytes) -> bytes:
-    length = struct.pack("<Q", len(payload))
-    return (
-        length
-        + struct.pack("<I", _masked_crc32c(length))
-        + payload
-        + struct.pack("<I", _masked_crc32c(payload))
-    )
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # protobuf encodes negative int64 as ten-byte two's complement
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None, summary: bytes | None = None) -> bytes:
-    """An `Event` message: wall_time (1, double), step (2, int64), file_version (3) or summary (5)."""
-    message = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-    if file_version is not None:
-        message += _length_delimited(3, file_version.encode())
-    if summary is not None:
-        message += _length_delimited(5, summary)
-    return message
-
-
-def _scalar_summary(scalars: Mapping[str, float]) -> bytes:
-    """A `Summary` of `Value`s with tag (1, string) and simple_value (2, float)."""
-    values = b""
-    for tag, value in scalars.items():
-        value_message = _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
-        values += _length_delimited(1, value_message)
-    return values
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _open_for_append(path: str, mode: str):
-    """A file object for local paths; tf.io.gfile (imported only then) for gs:// and the like."""
-    if _is_remote(path):
-        import tensorflow as tf
-
-        return tf.io.gfile.GFile(path, mode)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return open(path, mode)
-
-
-class TensorBoardWriter:
-    """Appends scalar summaries to one `events.out.tfevents.*` file that TensorBoard reads."""
-
-    def __init__(self, log_dir: str) -> None:
-        filename = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.clip_jax"
-        self.path = os.path.join(log_dir, filename)
-        self._file = _open_for_append(self.path, "ab")
-        self._file.write(_tfrecord(_event(time.time(), 0, file_version="brain.Event:2")))
-        self._file.flush()
-
-    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        if scalars:
-            self._file.write(_tfrecord(_event(time.time(), step, summary=_scalar_summary(scalars))))
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+class _EpathEventFiles:
+    """A tensorboardX writer factory (`tensorboardX.record_writer.register_writer_factory`)."""
+
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboardx() -> Any:
+    """tensorboardX, imported when the first TensorBoard writer is made, with epath registered for
+    the remote schemes. Not at the top of this module: tensorboardX's package imports torch when
+    torch is installed (a second of start-up; this module does not use it), and only process 0
+    writes event files."""
+    import tensorboardX.event_file_writer
+    import tensorboardX.proto.event_pb2
+    import tensorboardX.proto.summary_pb2
+    import tensorboardX.record_writer
+
+    for scheme in REMOTE_SCHEMES:
+        tensorboardX.record_writer.register_writer_factory(scheme, _EpathEventFiles())
+    return tensorboardX
+
+
+class TensorBoardWriter:
+    """Scalar summaries in one `events.out.tfevents.*` file of `log_dir` (local or remote), which
+    TensorBoard reads.
+
+    Each `scalars` call is one event, in the file (flushed to the OS, or to the bucket) when it
+    returns, like the JSONL line written beside it. tensorboardX's `SummaryWriter` would queue
+    events for a background process and flush every two minutes instead.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        tensorboardx = _tensorboardx()
+        self._event = tensorboardx.proto.event_pb2.Event
+        self._summary = tensorboardx.proto.summary_pb2.Summary
+        log_dir = epath.Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # The process id in the name keeps two writers started in the same second apart.
+        self._writer = tensorboardx.event_file_writer.EventsWriter(
+            str(log_dir / "events"), filename_suffix=f".{os.getpid()}.clip_jax"
+        )
+        self._writer.flush()
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One event holding `scalars` at `step`, tags exactly as named (tensorboardX's own
+        `summary.scalar` would rewrite characters such as the "@" of "R@1")."""
+        if not scalars:
+            return
+        values = [self._summary.Value(tag=name, simple_value=float(value)) for name, value in scalars.items()]
+        self._writer.write_event(
+            self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=values))
+        )
+        self._writer.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,16 +241,18 @@ class MetricsWriter:
 
     Only process 0 writes (pass `enabled=False` elsewhere); each JSONL line is
     {"step": ..., "time": unix seconds, name: value, ...}, None standing for NaN/inf/unavailable.
+    `workdir` may be local or remote (gs://...): both files go through etils epath.
     """
 
-    def __init__(self, workdir: str, enabled: bool | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None) -> None:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self._tensorboard: TensorBoardWriter | None = None
         self._jsonl = None
         if self.enabled:
-            self._tensorboard = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR))
-            self._jsonl = _open_for_append(os.path.join(workdir, JSONL_FILE), "a")
+            directory = epath.Path(workdir)
+            self._tensorboard = TensorBoardWriter(directory / TENSORBOARD_DIR)
+            self._jsonl = (directory / JSONL_FILE).open("a")
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Log `scalars` (python/numpy numbers; None = unavailable, kept only in the JSONL)."""
@@ -287,10 +275,16 @@ class MetricsWriter:
             self.enabled = False
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics JSONL file, in order."""
-    with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file (local or remote), in order."""
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+
+
+def announce(message: str) -> None:
+    """A line for the person watching: printed by process 0 (above the progress bar), and logged."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 class ProgressBar:
@@ -300,8 +294,6 @@ class ProgressBar:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._bar = None
         if self.enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def update(self, steps: int = 1) -> None:
@@ -331,3 +323,12 @@ def _brief(value: Any) -> str:
     if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
         return f"{value:.2e}"
     return f"{value:.4g}"
+
+
+def lowered_flops(lowered: Any, device_count: int) -> float | None:
+    """FLOPs per device of a lowered (not compiled) program over `device_count` devices, from XLA's
+    cost analysis of the whole program; None when XLA gives no count."""
+    analysis = lowered.cost_analysis()
+    if not analysis or not analysis.get("flops"):
+        return None
+    return float(analysis["flops"]) / device_count

@@ -122,9 +122,7 @@ def param_shardings(abstract_boxed_variables: Any, mesh: Mesh, rules: Rules = LO
     `nn.unbox(variables)`. Unboxed leaves (e.g. BatchNorm statistics) are replicated."""
     logical_specs = nn.get_partition_spec(abstract_boxed_variables)
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-    shapes = jax.tree.map(
-        lambda leaf: tuple(leaf.shape), nn.unbox(abstract_boxed_variables)
-    )
+    shapes = jax.tree.map(lambda leaf: tuple(leaf.shape), nn.unbox(abstract_boxed_variables))
     return jax.tree.map(
         lambda spec, shape: NamedSharding(mesh, _divisible_spec(spec, shape, mesh)),
         mesh_specs,

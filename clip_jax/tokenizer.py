@@ -22,16 +22,21 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Union
 
 import ftfy
 import numpy as np
 import regex
 import sentencepiece
+from etils import epath
+
+from clip_jax import paths
 
 DEFAULT_CONTEXT_LENGTH = 77
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 BPE_ENVIRONMENT_VARIABLE = "CLIP_JAX_BPE"
+# The files of a Hugging Face CLIP tokenizer (a directory `get_tokenizer` and HF checkpoints name).
+HF_VOCAB_FILE = "vocab.json"
+HF_MERGES_FILE = "merges.txt"
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -71,7 +76,7 @@ _LONG_DECIMAL_REFERENCE = regex.compile(r"&#([0-9]{8,})")
 _LAST_SPACE = regex.compile(r"\s", flags=regex.REVERSE)  # searches from the end of the window
 _LEADING_WHITESPACE = regex.compile(r"\s*")
 
-TextBatch = Union[str, bytes, Sequence[Union[str, bytes]]]
+TextBatch = str | bytes | Sequence[str | bytes]
 
 
 def _byte_symbols() -> dict[int, str]:
@@ -208,11 +213,11 @@ def _file_beside_package(package: str, filename: str) -> str | None:
         return None
     directories = list(spec.submodule_search_locations or [])
     if not directories and spec.origin:
-        directories = [os.path.dirname(spec.origin)]
+        directories = [os.fspath(epath.Path(spec.origin).parent)]
     for directory in directories:
-        candidate = os.path.join(directory, filename)
-        if os.path.isfile(candidate):
-            return candidate
+        candidate = epath.Path(directory) / filename
+        if candidate.is_file():
+            return os.fspath(candidate)
     return None
 
 
@@ -221,10 +226,9 @@ def find_bpe_path() -> str:
     open_clip or OpenAI clip package (located without importing it)."""
     from_environment = os.environ.get(BPE_ENVIRONMENT_VARIABLE)
     if from_environment:
-        if not os.path.isfile(from_environment):
+        if not epath.Path(from_environment).is_file():
             raise FileNotFoundError(
-                f"{BPE_ENVIRONMENT_VARIABLE}={from_environment!r} does not name a file; point it at "
-                f"{BPE_FILENAME}"
+                f"{BPE_ENVIRONMENT_VARIABLE}={from_environment!r} does not name a file; point it at {BPE_FILENAME}"
             )
         return from_environment
     for package in ("open_clip", "clip"):
@@ -240,8 +244,7 @@ def find_bpe_path() -> str:
 
 
 def _read_clip_merges(bpe_path: str) -> list[tuple[str, str]]:
-    with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
+    lines = gzip.decompress(epath.Path(bpe_path).read_bytes()).decode("utf-8").split("\n")
     merge_lines = lines[1 : 1 + CLIP_MERGE_COUNT]  # line 0 is a version header
     if len(merge_lines) < CLIP_MERGE_COUNT:
         raise ValueError(f"{bpe_path} holds {len(merge_lines)} merges; a CLIP BPE file needs {CLIP_MERGE_COUNT}")
@@ -269,7 +272,7 @@ class ClipTokenizer:
         if bpe_path is None:
             bpe_path = find_bpe_path()
         bpe_path = os.fspath(bpe_path)
-        if not os.path.isfile(bpe_path):
+        if not epath.Path(bpe_path).is_file():
             raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path!r}")
         merges = _read_clip_merges(bpe_path)
         byte_symbols = list(_byte_symbols().values())
@@ -293,15 +296,14 @@ class ClipTokenizer:
         """Build from a Hugging Face CLIPTokenizer's `vocab.json` (token -> id) and `merges.txt`."""
         vocab_json, merges_txt = os.fspath(vocab_json), os.fspath(merges_txt)
         for path in (vocab_json, merges_txt):
-            if not os.path.isfile(path):
+            if not epath.Path(path).is_file():
                 raise FileNotFoundError(f"Hugging Face tokenizer file not found: {path!r}")
-        with open(vocab_json, encoding="utf-8") as handle:
-            token_to_id = {token: int(index) for token, index in json.load(handle).items()}
+        vocabulary = json.loads(epath.Path(vocab_json).read_text(encoding="utf-8"))
+        token_to_id = {token: int(index) for token, index in vocabulary.items()}
         for special in (START_OF_TEXT, END_OF_TEXT):
             if special not in token_to_id:
                 raise ValueError(f"{vocab_json} has no {special!r} token; it is not a CLIP vocabulary")
-        with open(merges_txt, encoding="utf-8") as handle:
-            lines = handle.read().split("\n")
+        lines = epath.Path(merges_txt).read_text(encoding="utf-8").split("\n")
         merges = [
             _parse_merge(line, merges_txt, number)
             for number, line in enumerate(lines, start=1)
@@ -319,7 +321,9 @@ class ClipTokenizer:
             if first + second not in token_to_id:
                 raise ValueError(f"merge {first!r} {second!r} of {merges_txt} makes a token missing from {vocab_json}")
         tokenizer = cls.__new__(cls)
-        tokenizer._initialise(token_to_id, merges, context_length, {"vocab_file": vocab_json, "merges_file": merges_txt})
+        tokenizer._initialise(
+            token_to_id, merges, context_length, {"vocab_file": vocab_json, "merges_file": merges_txt}
+        )
         return tokenizer
 
     def _initialise(
@@ -505,7 +509,7 @@ class ClipTokenizer:
 
     def to_config(self) -> dict:
         """JSON-able description; file names are relative to the exported model directory."""
-        files = {key: os.path.basename(path) for key, path in self._assets.items()}
+        files = {key: epath.Path(path).name for key, path in self._assets.items()}
         return {"type": "clip", **files, "context_length": self.context_length}
 
     def __repr__(self) -> str:
@@ -523,12 +527,11 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH):
         model_path = os.fspath(model_path)
-        if not os.path.isfile(model_path):
+        if not epath.Path(model_path).is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {model_path!r}")
         self.model_path = model_path
         self.context_length = _check_context_length(context_length, minimum=1)
-        with open(model_path, "rb") as handle:
-            self._load(handle.read())
+        self._load(epath.Path(model_path).read_bytes())
 
     def _load(self, model_proto: bytes) -> None:
         self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
@@ -598,7 +601,7 @@ class SentencePieceTokenizer:
         """JSON-able description; the file name is relative to the exported model directory."""
         return {
             "type": "sentencepiece",
-            "model_file": os.path.basename(self.model_path),
+            "model_file": epath.Path(self.model_path).name,
             "context_length": self.context_length,
         }
 
@@ -609,7 +612,7 @@ class SentencePieceTokenizer:
         )
 
 
-Tokenizer = Union[ClipTokenizer, SentencePieceTokenizer]
+Tokenizer = ClipTokenizer | SentencePieceTokenizer
 
 
 def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokenizer:
@@ -621,7 +624,7 @@ def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokeniz
     def asset(key: str) -> str:
         if key not in config:
             raise ValueError(f"tokenizer config {config} of type {kind!r} lacks {key!r}")
-        return os.path.join(directory, config[key])
+        return os.fspath(epath.Path(directory) / config[key])
 
     if kind == "clip":
         if "bpe_file" in config:
@@ -632,8 +635,19 @@ def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokeniz
     raise ValueError(f"unknown tokenizer type {kind!r} in config {config}; expected 'clip' or 'sentencepiece'")
 
 
+def hf_tokenizer_files(directory: str | os.PathLike) -> tuple[str, str] | None:
+    """(vocab.json, merges.txt) of a Hugging Face CLIP tokenizer in `directory` (as HF checkpoints
+    ship them beside the weights), or None unless both are there. The paths are absolute: a
+    tokenizer's asset files stay where they are if the working directory changes."""
+    directory = paths.absolute(directory)
+    vocab_json, merges_txt = directory / HF_VOCAB_FILE, directory / HF_MERGES_FILE
+    if vocab_json.is_file() and merges_txt.is_file():
+        return os.fspath(vocab_json), os.fspath(merges_txt)
+    return None
+
+
 def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
-    """"clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
+    """ "clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
     merges file; a directory with vocab.json and merges.txt -> BPE from Hugging Face files."""
     name = os.fspath(kind_or_path)
     if name == "clip":
@@ -642,9 +656,9 @@ def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT
         return SentencePieceTokenizer(name, context_length=context_length)
     if name.endswith(".txt.gz"):
         return ClipTokenizer(name, context_length=context_length)
-    vocab_json, merges_txt = os.path.join(name, "vocab.json"), os.path.join(name, "merges.txt")
-    if os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
-        return ClipTokenizer.from_hf_files(vocab_json, merges_txt, context_length=context_length)
+    hf_files = hf_tokenizer_files(name)
+    if hf_files is not None:
+        return ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
     raise ValueError(
         f"cannot tell which tokenizer {name!r} is: expected 'clip', a SentencePiece '.model' file, "
         f"a '{BPE_FILENAME}'-style '.txt.gz' file, or a directory holding vocab.json and merges.txt"
@@ -654,7 +668,7 @@ def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT
 def _iterate_training_texts(texts: Iterable[str] | str | os.PathLike, counter: list[int]) -> Iterator[str]:
     """Cleaned, non-empty training texts; counts them in counter[0] so errors can report it."""
     if isinstance(texts, (str, os.PathLike)):
-        with open(texts, encoding="utf-8") as handle:
+        with epath.Path(texts).open("r", encoding="utf-8") as handle:
             yield from _iterate_training_texts(handle, counter)
         return
     for text in texts:
@@ -684,7 +698,7 @@ def train_sentencepiece(
         raise ValueError(f"vocab_size must be an int of at least 4 (pad, unk, eos and one piece), got {vocab_size!r}")
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ValueError(f"model_type must be 'unigram', 'bpe', 'char' or 'word', got {model_type!r}")
-    if isinstance(texts, (str, os.PathLike)) and not os.path.isfile(texts):
+    if isinstance(texts, (str, os.PathLike)) and not epath.Path(texts).is_file():
         raise FileNotFoundError(f"training text file not found: {os.fspath(texts)!r}")
     output = os.fspath(output)
     counter = [0]
@@ -713,11 +727,8 @@ def train_sentencepiece(
         raise ValueError(
             f"SentencePiece training with vocab_size={vocab_size} on {counter[0]} texts failed: {reason}"
         ) from error
-    directory = os.path.dirname(output)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(output, "wb") as handle:
-        handle.write(model.getvalue())
+    epath.Path(output).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(output).write_bytes(model.getvalue())
     return output
 
 

@@ -35,6 +35,7 @@ import sys
 import zipfile
 from typing import Any
 
+import ml_dtypes  # a dependency of jax
 import numpy as np
 
 
@@ -58,7 +59,12 @@ _STORAGE_DTYPES = {
 
 # torch.jit._pickle's helpers tag typed lists and values; each returns its first argument unchanged.
 _TYPE_TAG_HELPERS = {
-    "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_genericlist", "restore_type_tag",
+    "build_intlist",
+    "build_doublelist",
+    "build_boollist",
+    "build_tensorlist",
+    "build_genericlist",
+    "restore_type_tag",
 }
 
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_]+$")
@@ -75,8 +81,6 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 
 def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":
-        import ml_dtypes  # a dependency of jax
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -99,7 +103,9 @@ class _ScriptObject:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _ScriptObject:
         if args or kwargs:
-            raise pickle.UnpicklingError(f"{cls.qualified_name} is created with arguments, which TorchScript never does")
+            raise pickle.UnpicklingError(
+                f"{cls.qualified_name} is created with arguments, which TorchScript never does"
+            )
         return object.__new__(cls)
 
     def __setstate__(self, state: Any) -> None:
@@ -164,7 +170,9 @@ class _Archive:
         info = self.zip.getinfo(name)
         expected = numel * storage_type.dtype.itemsize
         if info.file_size != expected:
-            raise UnsafeToRead(f"storage record {name} holds {info.file_size} bytes, its {numel} elements need {expected}")
+            raise UnsafeToRead(
+                f"storage record {name} holds {info.file_size} bytes, its {numel} elements need {expected}"
+            )
         array = np.empty(numel, storage_type.dtype)
         # Read straight into the array: no second copy of (possibly gigabytes of) weights.
         view = memoryview(array.view(np.uint8))
@@ -273,7 +281,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             or not isinstance(offset, int)
             or offset < 0
         ):
-            raise UnsafeToRead(f"a tensor with a malformed layout (offset {offset!r}, size {size!r}, stride {stride!r})")
+            raise UnsafeToRead(
+                f"a tensor with a malformed layout (offset {offset!r}, size {size!r}, stride {stride!r})"
+            )
         if 0 in size:
             return np.empty(size, storage.dtype)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -297,7 +307,9 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _collect(archive: _Archive, obj: _ScriptObject, prefix: str, out: dict[str, np.ndarray], path: tuple[int, ...]) -> None:
+def _collect(
+    archive: _Archive, obj: _ScriptObject, prefix: str, out: dict[str, np.ndarray], path: tuple[int, ...]
+) -> None:
     """state_dict's walk: each module's parameters, then its buffers, then its submodules in order."""
     where = prefix.rstrip(".") or "the top-level module"
     info = archive.class_info(obj.qualified_name)
@@ -344,4 +356,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         KeyError, RecursionError, MemoryError, OverflowError, UnicodeDecodeError,
     ) as error:  # fmt: skip
         detail = " ".join(str(error).split())[:200]
-        raise UnsafeToRead(f"its data.pkl does not unpickle as plain tensors ({type(error).__name__}: {detail})") from None
+        raise UnsafeToRead(
+            f"its data.pkl does not unpickle as plain tensors ({type(error).__name__}: {detail})"
+        ) from None

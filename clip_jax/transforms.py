@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import PIL.Image
+from etils import epath
 
 # Per-channel statistics of OpenAI's training images (RGB order).
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -27,7 +28,7 @@ DEFAULT_TRAIN_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 # torchvision tries this many random boxes before falling back to a center crop.
 RANDOM_CROP_ATTEMPTS = 10
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
+ImageInput = PIL.Image.Image | np.ndarray | str | os.PathLike
 
 # A crop box as (top, left, height, width) in pixels, torchvision's (i, j, h, w) order.
 CropBox = tuple[int, int, int, int]
@@ -86,7 +87,7 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
             return PIL.Image.fromarray(image)
         raise ValueError(f"image arrays must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
     if isinstance(image, (str, os.PathLike)):
-        with PIL.Image.open(image) as opened:
+        with epath.Path(image).open("rb") as file, PIL.Image.open(file) as opened:
             # Read the pixels now so the file is closed when this returns.
             opened.load()
         return opened
@@ -119,19 +120,33 @@ def _center_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _to_normalized_array(image: PIL.Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """RGB-converts, scales to [0, 1] and normalises; (H, W, 3) float32."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    height, width, _ = pixels.shape
+def normalize_pixels(
+    pixels: np.ndarray, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
+) -> np.ndarray:
+    """uint8 (..., H, W, 3) RGB -> float32 scaled to [0, 1] and normalised per channel.
+
+    The one normalisation of clip_jax: the transforms below and the training batches
+    (clip_jax.data.decode.normalize_images) both go through it, so they agree bit for bit.
+    """
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-1] != 3:
+        shape = getattr(pixels, "shape", None)
+        raise ValueError(f"expected uint8 (..., H, W, 3) images, got {getattr(pixels, 'dtype', type(pixels))} {shape}")
+    mean_array, std_array = _check_channel_statistics(mean, std)
+    width = pixels.shape[-2]
     # float32 throughout, with the same operation order as torch (divide, subtract, divide),
-    # so results match open_clip to the last bit. In place on an (H, W*3) view with the channel
+    # so results match open_clip to the last bit. In place on a (rows, W*3) view with the channel
     # constants tiled along the row: numpy's inner loop then spans whole rows rather than
     # 3-element pixels, about 4x faster for the same operations.
-    out = pixels.reshape(height, width * 3).astype(np.float32)
+    out = pixels.reshape(-1, width * 3).astype(np.float32)
     out /= np.float32(255)
-    out -= np.tile(mean.astype(np.float32), width)
-    out /= np.tile(std.astype(np.float32), width)
-    return out.reshape(height, width, 3)
+    out -= np.tile(mean_array, width)
+    out /= np.tile(std_array, width)
+    return out.reshape(pixels.shape)
+
+
+def _to_normalized_array(image: PIL.Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """RGB-converts, scales to [0, 1] and normalises; (H, W, 3) float32."""
+    return normalize_pixels(np.asarray(image.convert("RGB"), dtype=np.uint8), mean, std)
 
 
 def eval_transform(
@@ -190,6 +205,23 @@ def sample_random_resized_crop(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+def random_resized_crop(
+    image: PIL.Image.Image,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: Sequence[float] = DEFAULT_TRAIN_SCALE,
+    ratio: Sequence[float] = DEFAULT_TRAIN_RATIO,
+) -> PIL.Image.Image:
+    """open_clip's random resized crop of a PIL image: a box drawn by sample_random_resized_crop,
+    resized bicubically to image_size x image_size (not resized when already that size). The
+    one crop of clip_jax: the training transform and the data pipeline's workers both use it."""
+    top, left, crop_height, crop_width = sample_random_resized_crop(image.width, image.height, rng, scale, ratio)
+    cropped = image.crop((left, top, left + crop_width, top + crop_height))
+    if cropped.size != (image_size, image_size):
+        cropped = cropped.resize((image_size, image_size), _BICUBIC)
+    return cropped
+
+
 def train_transform(
     image: ImageInput,
     image_size: int,
@@ -203,13 +235,7 @@ def train_transform(
     augmentation. (image_size, image_size, 3) float32, a function of the image and rng state."""
     image_size = _check_image_size(image_size)
     mean_array, std_array = _check_channel_statistics(mean, std)
-    pil_image = load_image(image)
-    top, left, crop_height, crop_width = sample_random_resized_crop(
-        pil_image.width, pil_image.height, rng, scale, ratio
-    )
-    cropped = pil_image.crop((left, top, left + crop_width, top + crop_height))
-    if cropped.size != (image_size, image_size):
-        cropped = cropped.resize((image_size, image_size), _BICUBIC)
+    cropped = random_resized_crop(load_image(image), image_size, rng, scale, ratio)
     return _to_normalized_array(cropped, mean_array, std_array)
 
 
@@ -285,9 +311,7 @@ def preprocess_batch(
     _check_channel_statistics(mean, std)
     # A lone path or image is itself iterable (characters, rows); refuse it rather than
     # silently treating it as many images.
-    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
-        isinstance(images, np.ndarray) and images.ndim != 4
-    ):
+    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (isinstance(images, np.ndarray) and images.ndim != 4):
         raise TypeError(
             "preprocess_batch takes a sequence of images (or an (n, H, W, C) array); "
             f"wrap a single image in a list, got {type(images).__name__}: {images!r:.200}"

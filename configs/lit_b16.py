@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clip_jax.training.loop import base_config
+from clip_jax.training.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

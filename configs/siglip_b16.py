@@ -18,7 +18,7 @@ import math
 
 import ml_collections
 
-from clip_jax.training.loop import base_config
+from clip_jax.training.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

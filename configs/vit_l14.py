@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clip_jax.training.loop import paper_config
+from clip_jax.training.config import paper_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -19,7 +19,11 @@ def _run(script: str, *args: str, tmp_path) -> str:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # one CPU device
     process = subprocess.run(
         [sys.executable, os.path.join(BENCH, script), *args],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-4000:]
     return process.stdout
@@ -28,7 +32,15 @@ def _run(script: str, *args: str, tmp_path) -> str:
 def test_train_step_bench_compares_both_frameworks(tmp_path):
     out_file = tmp_path / "result.json"
     stdout = _run(
-        "train_step.py", "--model", "tiny-vit", "--batch-size", "8", "--steps", "2", "--json-out", str(out_file),
+        "train_step.py",
+        "--model",
+        "tiny-vit",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--json-out",
+        str(out_file),
         tmp_path=tmp_path,
     )
     # On CPU the two children take turns, one step each.
@@ -58,7 +70,13 @@ def test_train_step_bench_compares_both_frameworks(tmp_path):
 
 def test_profile_step_sums_the_trace_by_kind(tmp_path):
     stdout = _run(
-        "profile_step.py", "--model", "tiny-vit", "--batch-size", "8", "--trace-dir", str(tmp_path / "trace"),
+        "profile_step.py",
+        "--model",
+        "tiny-vit",
+        "--batch-size",
+        "8",
+        "--trace-dir",
+        str(tmp_path / "trace"),
         tmp_path=tmp_path,
     )
     rows = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}

@@ -21,7 +21,8 @@ from clip_jax import sharding
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing
-from clip_jax.training import loop
+from clip_jax.training.config import validate
+from clip_jax.training.optimizer import make_optimizer
 from clip_jax.training.state import abstract_train_state, create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +89,9 @@ def _train(workdir: str, *extra: str, device_count: int = 2, launcher: list[str]
 
 
 def _default_config():
-    specification = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    specification = importlib.util.spec_from_file_location(
+        "default_config", os.path.join(REPO, "configs", "default.py")
+    )
     module = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(module)
     return module.get_config()
@@ -133,7 +136,9 @@ def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_pa
     for expected, actual in zip(leaves_reference, leaves_resumed):
         assert np.array_equal(expected, actual)
     # The logged losses of the resumed steps equal those of the uninterrupted run.
-    losses_reference = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference_workdir, "metrics.jsonl")) if "loss" in r}
+    losses_reference = {
+        r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference_workdir, "metrics.jsonl")) if "loss" in r
+    }
     losses_resumed = {}
     for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         if "loss" in record:
@@ -145,7 +150,14 @@ def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_pa
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "preempted")
     env = _environment(2)
-    command = [sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS, "--config.total_steps=100000", "--config.checkpoint.every_steps=100000"]
+    command = [
+        sys.executable,
+        TRAIN,
+        f"--workdir={workdir}",
+        *FLAGS,
+        "--config.total_steps=100000",
+        "--config.checkpoint.every_steps=100000",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     jsonl = os.path.join(workdir, "metrics.jsonl")
     deadline = time.monotonic() + 300
@@ -179,9 +191,10 @@ def checkpoint_of_8_devices(tmp_path_factory):
     config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 4, 1
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.devices.size == 8
-    spec = CLIPConfig.from_dict(loop.model_spec(config).to_dict())
+    settings = validate(config)
+    spec = CLIPConfig.from_dict(settings.model.spec().to_dict())
     model = CLIP(spec)
-    state, state_shardings = create_train_state(config, model, mesh)
+    state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
 
     def distinct_values(state):
         # Adam's moments start at zero; make every leaf worth restoring.
@@ -189,6 +202,7 @@ def checkpoint_of_8_devices(tmp_path_factory):
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 return leaf + 7
             return leaf + jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape) * 1e-3 + 0.5
+
         return jax.tree.map(fill, state)
 
     state = jax.jit(distinct_values, out_shardings=state_shardings)(state)
@@ -210,7 +224,8 @@ def test_checkpoint_of_8_devices_restores_onto_other_meshes(checkpoint_of_8_devi
     config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
     device_count = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:device_count])
-    abstract_state, _ = abstract_train_state(config, CLIP(spec), mesh)
+    settings = validate(config)
+    abstract_state, _ = abstract_train_state(CLIP(spec), make_optimizer(settings.optimizer), settings.seed, mesh)
     checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
     try:
         state, progress = checkpointer.restore(checkpointer.latest_step(), abstract_state)

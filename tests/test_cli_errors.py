@@ -10,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = [
     "--config.global_batch_size=16",
@@ -21,7 +19,12 @@ QUICK = [
 
 
 def _environment(cache_env: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **(cache_env or {}), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {
+        **os.environ,
+        **(cache_env or {}),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
 
 
 def _run(arguments: list[str], cache_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -38,7 +41,13 @@ def test_bad_shard_pattern_is_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "workdir"
     pattern = str(tmp_path / "missing" / "{00000..00003}.tar")
     result = _run(
-        ["train.py", f"--workdir={workdir}", "--config.data.name=webdataset", f"--config.data.webdataset.shards={pattern}", *QUICK]
+        [
+            "train.py",
+            f"--workdir={workdir}",
+            "--config.data.name=webdataset",
+            f"--config.data.webdataset.shards={pattern}",
+            *QUICK,
+        ]
     )
     assert result.returncode == 1
     errors = _error_lines(result)
@@ -59,7 +68,9 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 def test_unknown_evaluation_dataset_is_rejected_before_the_model_loads(tmp_path):
     # The checkpoint does not exist either: the dataset name must be the error reported.
-    result = _run(["evaluate.py", f"--checkpoint={tmp_path / 'nothing'}", "--datasets=imagenett", f"--output={tmp_path}"])
+    result = _run(
+        ["evaluate.py", f"--checkpoint={tmp_path / 'nothing'}", "--datasets=imagenett", f"--output={tmp_path}"]
+    )
     assert result.returncode == 1
     errors = _error_lines(result)
     assert len(errors) == 1 and "imagenett" in errors[0] and "unknown dataset" in errors[0], result.stderr
@@ -104,11 +115,22 @@ def test_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes(tmp_path,
         ["--config.total_steps=20", "--config.log_every_steps=5", "--config.checkpoint.every_steps=5",
          "--config.checkpoint.max_to_keep=2", *QUICK]
     )  # fmt: skip
-    env = {**_environment(compilation_cache_env), "MOUNT": str(mount), "OUT": str(out), "PYTHON": sys.executable, "FLAGS": flags}
+    env = {
+        **_environment(compilation_cache_env),
+        "MOUNT": str(mount),
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "FLAGS": flags,
+    }
     script = tmp_path / "full_disk.sh"
     script.write_text(FULL_DISK_SCRIPT)
     result = subprocess.run(
-        [unshare, "--map-root-user", "--mount", "sh", str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+        [unshare, "--map-root-user", "--mount", "sh", str(script)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0 and (out / "second.rc").exists(), result.stderr[-3000:]
     first_err = (out / "first.err").read_text()

@@ -15,7 +15,8 @@ from clip_jax import checkpoint, convert
 from clip_jax.tokenizer import ClipTokenizer
 
 open_clip = pytest.importorskip("open_clip")  # in requirements-dev.txt: a missing reference is an install error
-from open_clip.model import CLIP as OpenClipModel, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+from open_clip.model import CLIP as OpenClipModel  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 TOLERANCE = 1e-4
 CAPTIONS = ["a photo of a dog.", "a diagram of two red circles on a white background", "zebra"]
@@ -79,7 +80,9 @@ def _torch_outputs(model: OpenClipModel, images: np.ndarray, texts: np.ndarray) 
     with torch.no_grad():
         image = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2))
         text = model.encode_text(torch.from_numpy(texts.astype(np.int64)))
-        logits, _ = model.get_logits(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(texts.astype(np.int64)))
+        logits, _ = model.get_logits(
+            torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(texts.astype(np.int64))
+        )
     return {"image": image.numpy(), "text": text.numpy(), "logits": logits.numpy()}
 
 
@@ -98,7 +101,9 @@ def _jax_outputs(model: clip_jax.CLIP, variables, images: np.ndarray, texts: np.
 def _assert_parity(label: str, reference: dict, ours: dict) -> None:
     for key in ("image", "text", "logits"):
         difference = float(np.abs(reference[key] - ours[key]).max())
-        print(f"{label} {key}: max abs difference {difference:.2e} (reference magnitude {np.abs(reference[key]).max():.2f})")
+        print(
+            f"{label} {key}: max abs difference {difference:.2e} (reference magnitude {np.abs(reference[key]).max():.2f})"
+        )
         assert difference <= TOLERANCE, (label, key, difference)
 
 
@@ -138,7 +143,8 @@ def test_scanned_conversion_matches_and_exports_exactly():
     assert "blocks" in variables["params"]["text"]["transformer"]
     images, texts = _inputs(32)
     _assert_parity(
-        "scanned", _torch_outputs(reference_model, images, texts),
+        "scanned",
+        _torch_outputs(reference_model, images, texts),
         _jax_outputs(clip_jax.create_model(config), variables, images, texts),
     )
     exported = convert.variables_to_openclip(variables, config)
@@ -180,8 +186,8 @@ def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
     images, texts = _inputs(32)
     np.save(tmp_path / "images.npy", images)
     script = (
-        "import sys, numpy as np, clip_jax.checkpoint as c\n"
-        "model, variables, preprocess, tokenizer = c.load(sys.argv[1])\n"
+        "import sys, numpy as np, clip_jax\n"
+        "model, variables, preprocess, tokenizer = clip_jax.load(sys.argv[1])\n"
         "texts = tokenizer(sys.argv[3:])\n"
         "images = np.load(sys.argv[2])\n"
         "np.save(sys.argv[1] + '.image.npy', model.apply(variables, images, method=model.encode_image))\n"
@@ -189,7 +195,9 @@ def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(output), str(tmp_path / "images.npy"), *CAPTIONS],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     reference = _torch_outputs(reference_model, images, texts)
@@ -221,7 +229,11 @@ def test_cli_round_trip_through_safetensors(tmp_path):
     assert "ResNet" in result.stdout
     stored = json.loads((tmp_path / "out" / "config.json").read_text())
     stored_config = clip_jax.CLIPConfig.from_dict(stored["model"])
-    assert (stored_config.vision.layers, stored_config.vision.width, stored_config.vision.num_heads) == ((1, 1, 2, 1), 16, 8)
+    assert (stored_config.vision.layers, stored_config.vision.width, stored_config.vision.num_heads) == (
+        (1, 1, 2, 1),
+        16,
+        8,
+    )
     result = _run_cli(str(tmp_path / "out"), str(tmp_path / "back.safetensors"), "--to-open-clip")
     assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file
@@ -237,12 +249,23 @@ def test_hugging_face_safetensors_parity(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.CLIPConfig(
         text_config=dict(
-            hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407,
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            eos_token_id=49407,
         ),
         vision_config=dict(
-            hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
-            image_size=32, patch_size=8, hidden_act="quick_gelu",
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            hidden_act="quick_gelu",
         ),
         projection_dim=32,
     )
@@ -251,7 +274,9 @@ def test_hugging_face_safetensors_parity(tmp_path):
     hf_model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
     choices = []
     config, variables = convert.load_checkpoint(
-        str(tmp_path / "hf" / "model.safetensors"), _small_vit_config().replace(activation="gelu"), announce=choices.append
+        str(tmp_path / "hf" / "model.safetensors"),
+        _small_vit_config().replace(activation="gelu"),
+        announce=choices.append,
     )
     assert config.activation == "quick_gelu"  # config.json's hidden_act, over the spec's
     assert len(choices) == 1 and "hidden_act" in choices[0].describe(cli=True), choices
@@ -289,7 +314,9 @@ def test_missing_tensor_is_named(small_state_dict):
 
 def test_misshaped_tensor_is_named_with_its_shape(small_state_dict):
     small_state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"] = np.zeros((200, 64), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight.*\(200, 64\)"):
+    with pytest.raises(
+        convert.ConversionError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight.*\(200, 64\)"
+    ):
         convert.convert_state_dict(small_state_dict, _small_vit_config())
 
 
@@ -542,14 +569,13 @@ def test_openai_archive_converts_without_torch_jit(tmp_path, monkeypatch):
         assert np.asarray(ours).tobytes() == np.asarray(theirs).tobytes(), name
     images, texts = _inputs(32)
     _assert_parity(
-        "safe torchscript", _torch_outputs(reference_model, images, texts),
+        "safe torchscript",
+        _torch_outputs(reference_model, images, texts),
         _jax_outputs(clip_jax.create_model(config), variables, images, texts),
     )
 
 
-@pytest.mark.parametrize(
-    "damage", ["no-data-pkl", "forbidden-global", "storage-out-of-range", "truncated-storage"]
-)
+@pytest.mark.parametrize("damage", ["no-data-pkl", "forbidden-global", "storage-out-of-range", "truncated-storage"])
 def test_safe_reader_refuses_what_it_cannot_read_in_one_line(tmp_path, damage):
     """Archives the safe reader cannot read are refused (never run), naming the file and the opt-in."""
     import pickle
@@ -592,8 +618,9 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
+    from clip_jax import api
+    from clip_jax.training import setup
     from configs.default import get_config
-    from clip_jax.training import loop
 
     seen = []
 
@@ -601,11 +628,11 @@ def test_train_passes_trust_torchscript_through(monkeypatch):
         seen.append(kwargs.get("trust_torchscript"))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(checkpoint, "load", fake_load)
+    monkeypatch.setattr(api, "load", fake_load)
     assert get_config().init.trust_torchscript is False
     for trust in (True, False):
         with pytest.raises(RuntimeError, match="stop here"):
-            loop.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=trust)
+            setup.load_pretrained_params(None, None, "x.pt", "^visual/", trust_torchscript=trust)
         assert seen.pop() is trust
 
 
@@ -810,8 +837,10 @@ def test_damaged_model_directory_files_give_one_line(saved_model_directory, dama
 def test_invalid_hugging_face_config_json_is_named(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"text_model.embeddings.token_embedding.weight": np.zeros((4, 2), np.float32)},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {"text_model.embeddings.token_embedding.weight": np.zeros((4, 2), np.float32)},
+        str(tmp_path / "model.safetensors"),
+    )
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(convert.ConversionError, match=r"config\.json.*not valid JSON.*line 1") as raised:
         convert.read_checkpoint(str(tmp_path / "model.safetensors"))

@@ -82,7 +82,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(runs, damage, tmp_path, compilation_cache_env):
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
+    runs, damage, tmp_path, compilation_cache_env
+):
     base, resumed_from_4, _ = runs
     workdir = str(tmp_path / "workdir")
     shutil.copytree(base, workdir)

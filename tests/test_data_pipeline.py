@@ -15,8 +15,11 @@ import PIL.Image
 import pytest
 
 from clip_jax import transforms
-from clip_jax.data import pipeline
-from clip_jax.data.pipeline import ImageLimits, RawExample, SkippedExample
+from clip_jax.data import decode, sources, workers
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.config import default_data_config
+from clip_jax.data.decode import ImageLimits
+from clip_jax.data.sources import RawExample, SkippedExample
 
 IMAGE_SIZE = 16
 
@@ -39,28 +42,28 @@ def number_tokenizer(texts, truncate=True):
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 4097])
 def test_permuted_indices_is_a_permutation_that_depends_on_the_key(size):
     positions = np.arange(size)
-    permuted = pipeline.permuted_indices(positions, size, (0, 1))
+    permuted = sources.permuted_indices(positions, size, (0, 1))
     assert sorted(permuted.tolist()) == list(range(size))
-    np.testing.assert_array_equal(pipeline.permuted_indices(positions, size, (0, 1)), permuted)
+    np.testing.assert_array_equal(sources.permuted_indices(positions, size, (0, 1)), permuted)
     if size >= 64:
-        other = pipeline.permuted_indices(positions, size, (0, 2))
+        other = sources.permuted_indices(positions, size, (0, 2))
         assert not np.array_equal(other, permuted)
         assert not np.array_equal(permuted, positions)  # shuffled, not the identity
         # Any position on its own gives the same index as in the whole.
-        np.testing.assert_array_equal(pipeline.permuted_indices(positions[5:9], size, (0, 1)), permuted[5:9])
+        np.testing.assert_array_equal(sources.permuted_indices(positions[5:9], size, (0, 1)), permuted[5:9])
     with pytest.raises(ValueError, match="positions must lie"):
-        pipeline.permuted_indices([size], size, (0, 1))
+        sources.permuted_indices([size], size, (0, 1))
 
 
 def test_even_shares_are_disjoint_cover_everything_and_differ_by_at_most_one():
     for total, processes in [(10, 3), (8, 8), (1000, 7), (5, 1)]:
-        shares = [pipeline.even_share(total, index, processes) for index in range(processes)]
+        shares = [sources.even_share(total, index, processes) for index in range(processes)]
         covered = [item for start, end in shares for item in range(start, end)]
         assert covered == list(range(total))
         sizes = [end - start for start, end in shares]
         assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="process_index"):
-        pipeline.even_share(10, 3, 3)
+        sources.even_share(10, 3, 3)
 
 
 # --- captions
@@ -68,10 +71,10 @@ def test_even_shares_are_disjoint_cover_everything_and_differ_by_at_most_one():
 
 def test_caption_choice_takes_usable_captions_only_and_names_the_skip_reason():
     rng = np.random.default_rng(0)
-    assert pipeline.choose_caption(b"  a dog \n", rng) == "a dog"
-    assert pipeline.choose_caption(np.str_("a cat"), rng) == "a cat"
+    assert decode.choose_caption(b"  a dog \n", rng) == "a dog"
+    assert decode.choose_caption(np.str_("a cat"), rng) == "a cat"
     several = np.array([b"", b"one", "tw\u00f6".encode(), b"\xff\xfe"], dtype=object)
-    drawn = {pipeline.choose_caption(several, np.random.default_rng(seed)) for seed in range(50)}
+    drawn = {decode.choose_caption(several, np.random.default_rng(seed)) for seed in range(50)}
     assert drawn == {"one", "tw\u00f6"}
     for text, reason in [
         (None, "missing_caption"),
@@ -81,7 +84,7 @@ def test_caption_choice_takes_usable_captions_only_and_names_the_skip_reason():
         ([b"\xff"], "undecodable_caption"),
     ]:
         with pytest.raises(SkippedExample) as raised:
-            pipeline.choose_caption(text, rng)
+            decode.choose_caption(text, rng)
         assert raised.value.reason == reason
 
 
@@ -90,13 +93,13 @@ def test_caption_choice_takes_usable_captions_only_and_names_the_skip_reason():
 
 def test_decode_image_converts_odd_modes_and_skips_by_limits():
     limits = ImageLimits(min_image_size=4, max_image_pixels=10_000, max_aspect_ratio=5.0)
-    image, converted = pipeline.decode_image(jpeg_bytes(20, 10), limits)
+    image, converted = decode.decode_image(jpeg_bytes(20, 10), limits)
     assert image.mode == "RGB" and image.size == (20, 10) and not converted
-    image, converted = pipeline.decode_image(np.full((8, 8), 7, np.uint8), limits)
+    image, converted = decode.decode_image(np.full((8, 8), 7, np.uint8), limits)
     assert image.mode == "RGB" and converted and np.asarray(image)[0, 0].tolist() == [7, 7, 7]
-    image, converted = pipeline.decode_image(np.full((8, 8, 3), 0x4000, np.uint16), limits)
+    image, converted = decode.decode_image(np.full((8, 8, 3), 0x4000, np.uint16), limits)
     assert converted and np.asarray(image)[0, 0].tolist() == [64, 64, 64]
-    image, converted = pipeline.decode_image(np.zeros((8, 8, 4), np.uint8), limits)
+    image, converted = decode.decode_image(np.zeros((8, 8, 4), np.uint8), limits)
     assert converted and image.mode == "RGB"
     for data, reason in [
         (jpeg_bytes(3, 40), "image_too_small"),
@@ -108,27 +111,27 @@ def test_decode_image_converts_odd_modes_and_skips_by_limits():
         ("not bytes", "undecodable_image"),
     ]:
         with pytest.raises(SkippedExample) as raised:
-            pipeline.decode_image(data, limits)
+            decode.decode_image(data, limits)
         assert raised.value.reason == reason, data if isinstance(data, str) else type(data)
 
 
 def test_reduced_jpeg_decoding_keeps_every_crop_at_least_the_output_size():
-    preparer = pipeline.ExamplePreparer(image_size=224, seed=0)
+    preparer = decode.ExamplePreparer(image_size=224, seed=0)
     reduced = preparer.reduced_decoding_size()
     # sqrt(scale_min / max_ratio) of a side: the smallest crop side torchvision's crop can draw.
     assert reduced * np.sqrt(0.9 / (4 / 3)) >= 224
-    image, _ = pipeline.decode_image(jpeg_bytes(1200, 1000), ImageLimits(), reduced)
+    image, _ = decode.decode_image(jpeg_bytes(1200, 1000), ImageLimits(), reduced)
     assert image.size == (600, 500)  # 1/2 scale: 1/4 would leave 250 < reduced
     assert min(image.size) >= reduced
-    image, _ = pipeline.decode_image(jpeg_bytes(1200, 1000), ImageLimits(), None)
+    image, _ = decode.decode_image(jpeg_bytes(1200, 1000), ImageLimits(), None)
     assert image.size == (1200, 1000)
-    assert pipeline.ExamplePreparer(image_size=224, seed=0, reduced_jpeg_decoding=False).reduced_decoding_size() is None
+    assert decode.ExamplePreparer(image_size=224, seed=0, reduced_jpeg_decoding=False).reduced_decoding_size() is None
 
 
 def test_example_preparer_is_a_pure_function_of_seed_epoch_and_identity_and_matches_train_transform():
     data = jpeg_bytes(40, 30, seed=3)
     example = RawExample(data, b"caption 1", identity=(5, 2), epoch=0)
-    preparer = pipeline.ExamplePreparer(image_size=IMAGE_SIZE, seed=0)
+    preparer = decode.ExamplePreparer(image_size=IMAGE_SIZE, seed=0)
     first, caption, converted = preparer(example)
     assert first.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and first.dtype == np.uint8
     assert caption == "caption 1" and not converted
@@ -139,17 +142,17 @@ def test_example_preparer_is_a_pure_function_of_seed_epoch_and_identity_and_matc
     # Crop here + normalisation per batch = clip_jax.transforms.train_transform, to the bit, given
     # the same generator state (the caption draw of a single caption takes no random number).
     reference = transforms.train_transform(
-        PIL.Image.open(io.BytesIO(data)), IMAGE_SIZE, pipeline.example_rng(0, 0, (5, 2))
+        PIL.Image.open(io.BytesIO(data)), IMAGE_SIZE, sources.example_rng(0, 0, (5, 2))
     )
-    assert pipeline.normalize_images(first[None])[0].tobytes() == reference.tobytes()
+    assert decode.normalize_images(first[None])[0].tobytes() == reference.tobytes()
 
 
 def test_normalize_images_matches_the_transforms_normalisation_bit_for_bit():
     images = np.random.default_rng(0).integers(0, 256, (3, 7, 11, 3), dtype=np.uint8)
     expected = np.stack([transforms.eval_transform(PIL.Image.fromarray(image), 7) for image in images[:, :, 2:9]])
-    np.testing.assert_array_equal(pipeline.normalize_images(images[:, :, 2:9].copy()), expected)
+    np.testing.assert_array_equal(decode.normalize_images(images[:, :, 2:9].copy()), expected)
     with pytest.raises(ValueError, match="uint8"):
-        pipeline.normalize_images(images.astype(np.float32))
+        decode.normalize_images(images.astype(np.float32))
 
 
 def _slow_for_some(example):
@@ -162,9 +165,9 @@ def _slow_for_some(example):
 def test_prepared_in_order_keeps_order_whatever_the_worker_timing():
     items = [(RawExample(b"x", "t", (index,), 0), index) for index in range(40)]
     items = iter([*items[:30], (RawExample(None, None, (99,), 0, problem="missing_image"), 99), *items[30:]])
-    pool = pipeline.WorkerPool(_slow_for_some, 4, "thread")
+    pool = workers.WorkerPool(_slow_for_some, 4, "thread")
     try:
-        results = list(pipeline.prepared_in_order(items, pool, lookahead=20))
+        results = list(workers.prepared_in_order(items, pool, lookahead=20))
     finally:
         pool.shutdown()
     assert [tag for _, tag, _, _ in results] == [*range(30), 99, *range(30, 40)]
@@ -222,8 +225,8 @@ def make_records(count: int, bad_every: int = 0):
 
 
 def make_iterator(source, local_batch_size=4, start_state=None, num_workers=2, worker_kind="thread"):
-    preparer = pipeline.ExamplePreparer(image_size=IMAGE_SIZE, seed=0)
-    return pipeline.TrainIterator(
+    preparer = decode.ExamplePreparer(image_size=IMAGE_SIZE, seed=0)
+    return data_iterator.TrainIterator(
         source, number_tokenizer, preparer, local_batch_size, 0, 1, num_workers, start_state, worker_kind=worker_kind
     )
 
@@ -240,7 +243,7 @@ def test_iterator_batches_counts_skips_and_resumes_exactly():
 
     with make_iterator(ListSource(records)) as iterator:
         pairs = []
-        for batch, state in iterator.batches_with_state():
+        for _batch, state in iterator.batches_with_state():
             pairs.append(state)
             if len(pairs) == 10:
                 break
@@ -262,9 +265,10 @@ def test_iterator_batches_counts_skips_and_resumes_exactly():
 
 def test_iterator_results_do_not_depend_on_the_kind_or_number_of_workers():
     records = make_records(12, bad_every=5)
-    with make_iterator(ListSource(records), num_workers=1) as one, make_iterator(
-        ListSource(records), num_workers=2, worker_kind="process"
-    ) as processes:
+    with (
+        make_iterator(ListSource(records), num_workers=1) as one,
+        make_iterator(ListSource(records), num_workers=2, worker_kind="process") as processes,
+    ):
         for _ in range(4):
             from_threads, from_processes = next(one), next(processes)
             assert from_threads["images"].tobytes() == from_processes["images"].tobytes()
@@ -280,31 +284,31 @@ def test_iterator_refuses_a_source_where_everything_is_bad():
 
 def test_state_helpers_for_checkpoints():
     states = [{"counters": {"empty_caption": 2, "undecodable_image": 1}}, {"counters": {"empty_caption": 3}}]
-    summed = pipeline.summed_counters(states)
+    summed = data_iterator.summed_counters(states)
     assert summed["empty_caption"] == 5 and summed["undecodable_image"] == 1 and summed["missing_image"] == 0
-    assert pipeline.local_state(states, 1, 2) == states[1]
-    assert pipeline.local_state(states, 0, 4) == states[0]  # another topology: the iterator restarts the epoch
-    assert pipeline.local_state([], 0, 1) is None
-    assert pipeline.gather_states({"batches": 3}) == [{"batches": 3}]  # one process: itself
+    assert data_iterator.local_state(states, 1, 2) == states[1]
+    assert data_iterator.local_state(states, 0, 4) == states[0]  # another topology: the iterator restarts the epoch
+    assert data_iterator.local_state([], 0, 1) is None
+    assert data_iterator.gather_states({"batches": 3}) == [{"batches": 3}]  # one process: itself
 
 
 def test_config_checks_name_the_offending_field():
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "webdataset"
     config.worker_kind = "fiber"
     with pytest.raises(ValueError, match="data.worker_kind"):
-        pipeline.make_train_iterator(config, number_tokenizer, 4, IMAGE_SIZE, 0, 1)
+        data_iterator.make_train_iterator(config, number_tokenizer, 4, IMAGE_SIZE, 0, 1)
     config.worker_kind = "thread"
     config.crop_scale = (0.9, 1.5)
     with pytest.raises(ValueError, match="crop_scale"):
-        pipeline.preparer_from_config(config, IMAGE_SIZE)
-    config = pipeline.default_data_config()
+        decode.preparer_from_config(config, IMAGE_SIZE)
+    config = default_data_config()
     config.name = "imagenet_folder"
     with pytest.raises(ValueError, match="unknown data.name 'imagenet_folder'"):
-        pipeline.make_train_source(config, 0, 1)
+        data_iterator.make_train_source(config, 0, 1)
     config.name = "webdataset"
     with pytest.raises(ValueError, match="global_batch_size 6 must be a positive multiple of the 4"):
-        pipeline.make_train_iterator(config, number_tokenizer, 6, IMAGE_SIZE, 0, 4)
+        data_iterator.make_train_iterator(config, number_tokenizer, 6, IMAGE_SIZE, 0, 4)
 
 
 # --- the training loop on mocked TFDS data: train, stop, resume
@@ -318,9 +322,10 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
     from jax.experimental.compilation_cache import compilation_cache
 
     from clip_jax.training import loop
+    from clip_jax.training.config import base_config
 
     def config():
-        config = loop.base_config()
+        config = base_config()
         config.total_steps = 2
         config.optimizer.warmup_steps = 0
         config.global_batch_size = 8  # one row per virtual device
@@ -358,10 +363,11 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
             # The iterator restored from checkpoint 1 went on exactly: its state after step 2 is that
             # of the uninterrupted run and of a bare iterator after 2 batches of 8 (16 of 10 examples).
             data_config = config().data
+
             def no_tokenizer(texts, truncate):
                 return np.zeros((len(texts), 4), np.int32)
 
-            with pipeline.make_train_iterator(data_config, no_tokenizer, 8, 32, 0, 1) as iterator:
+            with data_iterator.make_train_iterator(data_config, no_tokenizer, 8, 32, 0, 1) as iterator:
                 next(iterator), next(iterator)
                 expected = iterator.state
     finally:
@@ -372,3 +378,33 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
     resumed = saved_data_states(workdir, 2)
     assert resumed == uninterrupted == [expected]
     assert resumed[0]["source"] == {"epoch": 1, "offset": 6}
+
+
+# --- prefetching
+
+
+def test_prefetcher_keeps_order_reraises_the_sources_error_and_stops_on_close():
+    from clip_jax.data.prefetch import Prefetcher
+
+    def failing():
+        yield from range(5)
+        raise OSError("shard 7 vanished")
+
+    prefetcher = Prefetcher(failing(), size=2)
+    assert [next(prefetcher) for _ in range(5)] == list(range(5))
+    with pytest.raises(OSError, match="shard 7 vanished"):
+        next(prefetcher)
+    prefetcher.close()
+
+    taken = []
+
+    def endless():
+        for number in range(10**9):
+            taken.append(number)
+            yield number
+
+    prefetcher = Prefetcher(endless(), size=3)
+    assert next(prefetcher) == 0
+    prefetcher.close()
+    assert not prefetcher._thread.is_alive()
+    assert len(taken) <= 6  # at most the queue's size ahead of the consumer (plus one in hand)

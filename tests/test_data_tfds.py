@@ -14,9 +14,12 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from clip_jax.data import classification, pipeline  # noqa: E402
-from clip_jax.data import tfds as tfds_source  # noqa: E402
 from batch_helpers import assert_same_batches, take  # noqa: E402
+
+from clip_jax.data import classification, decode, sources  # noqa: E402
+from clip_jax.data import iterator as data_iterator  # noqa: E402
+from clip_jax.data import tfds as tfds_source  # noqa: E402
+from clip_jax.data.config import default_data_config  # noqa: E402
 
 IMAGE_SIZE = 16
 NUM_RECORDS = 14
@@ -71,12 +74,12 @@ def prepared(tmp_path_factory):
 
 
 def number_tokenizer(texts, truncate=True):
-    """"caption N" -> [N]; mock captions (random letters) -> [length]."""
+    """ "caption N" -> [N]; mock captions (random letters) -> [length]."""
     return np.array([[int(text.split()[-1]) if text.startswith("caption ") else len(text)] for text in texts], np.int32)
 
 
 def data_config(name: str, reader: str, data_dir: str | None = None, **tfds_settings):
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "tfds"
     config.num_workers = 2
     config.worker_kind = "thread"  # worker processes would not see tfds.testing.mock_data
@@ -92,7 +95,7 @@ def data_config(name: str, reader: str, data_dir: str | None = None, **tfds_sett
 
 
 def make_iterator(config, global_batch_size=4, process_index=0, process_count=1, start_state=None):
-    return pipeline.make_train_iterator(
+    return data_iterator.make_train_iterator(
         config, number_tokenizer, global_batch_size, IMAGE_SIZE, process_index, process_count, start_state
     )
 
@@ -118,7 +121,7 @@ def test_mock_coco_captions_one_caption_drawn_deterministic_and_resumable(reader
     config = data_config("coco_captions", reader, image_decoder="tfds")
     with tfds.testing.mock_data(num_examples=10):
         reference = check_determinism_and_resume(config, total=4, stop=2)  # 16 of 10 examples: two epochs
-        source = pipeline.make_train_source(config, 0, 1)
+        source = data_iterator.make_train_source(config, 0, 1)
         assert source.keys.text == ("captions", "text")  # the default text key found in coco_captions
         source.close()
     batch = reference[0]
@@ -129,14 +132,14 @@ def test_mock_coco_captions_one_caption_drawn_deterministic_and_resumable(reader
 
 def test_unknown_dataset_and_missing_features_fail_clearly():
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'no_such_dataset_anywhere'"):
-        pipeline.make_train_source(data_config("no_such_dataset_anywhere", "auto"), 0, 1)
+        data_iterator.make_train_source(data_config("no_such_dataset_anywhere", "auto"), 0, 1)
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(ValueError, match=r"no text feature 'description'.*captions/text"):
-            pipeline.make_train_source(data_config("coco_captions", "data_source", text_key="description"), 0, 1)
+            data_iterator.make_train_source(data_config("coco_captions", "data_source", text_key="description"), 0, 1)
         with pytest.raises(ValueError, match="no feature 'picture'"):
-            pipeline.make_train_source(data_config("coco_captions", "data_source", image_key="picture"), 0, 1)
+            data_iterator.make_train_source(data_config("coco_captions", "data_source", image_key="picture"), 0, 1)
     with pytest.raises(ValueError, match="data.tfds.reader"):
-        pipeline.make_train_source(data_config("coco_captions", "grain"), 0, 1)
+        data_iterator.make_train_source(data_config("coco_captions", "grain"), 0, 1)
 
 
 # --- image-text: a user's builder prepared on disk
@@ -144,7 +147,7 @@ def test_unknown_dataset_and_missing_features_fail_clearly():
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_auto_reader_follows_the_file_format(prepared, file_format):
-    source = pipeline.make_train_source(data_config("tiny_captioned_images", "auto", prepared[file_format]), 0, 1)
+    source = data_iterator.make_train_source(data_config("tiny_captioned_images", "auto", prepared[file_format]), 0, 1)
     expected = tfds_source.TfdsRandomAccessSource if file_format == "array_record" else tfds_source.TfdsStreamingSource
     assert isinstance(source, expected)
     assert source.keys.decoders is not None  # encoded bytes go to the pipeline
@@ -153,14 +156,14 @@ def test_auto_reader_follows_the_file_format(prepared, file_format):
 
 def caption_numbers(config, process_index, process_count, epochs=1):
     """Record numbers ("caption N") of the raw examples of a process's first `epochs` epochs."""
-    source = pipeline.make_train_source(config, process_index, process_count)
+    source = data_iterator.make_train_source(config, process_index, process_count)
     reader = source.record_reader()
     numbers = []
     for example, _ in source.examples(source.initial_position()):
         if example.epoch >= epochs:
             break
-        _, text = pipeline.example_contents(example, reader)
-        numbers.append(int(pipeline.choose_caption(text, np.random.default_rng(0)).split()[-1]))
+        _, text = sources.example_contents(example, reader)
+        numbers.append(int(decode.choose_caption(text, np.random.default_rng(0)).split()[-1]))
     source.close()
     return numbers
 
@@ -207,7 +210,9 @@ def test_mock_cifar10_and_imagenet_have_class_names_and_padded_process_batches()
         collected = []
         for process_index in range(3):
             batches = list(
-                cifar.batches(IMAGE_SIZE, batch_size=2, process_index=process_index, process_count=3, worker_kind="thread")
+                cifar.batches(
+                    IMAGE_SIZE, batch_size=2, process_index=process_index, process_count=3, worker_kind="thread"
+                )
             )
             assert len(batches) == cifar.num_batches(2, 3) == 2  # shares of 4, 3, 3 -> 2 batches each
             for batch in batches:

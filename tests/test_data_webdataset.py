@@ -12,11 +12,12 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-
-from clip_jax.data import pipeline, webdataset
-from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
-
 from batch_helpers import assert_same_batches, take
+
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data import sources, webdataset
+from clip_jax.data.config import default_data_config
+from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 IMAGE_SIZE = 16
 CONTEXT_LENGTH = 24
@@ -74,7 +75,7 @@ def good_samples(prefix: str, count: int, start_seed: int = 0):
 
 
 def make_data_config(shards: str, **overrides):
-    config = pipeline.default_data_config()
+    config = default_data_config()
     config.name = "webdataset"
     config.webdataset.shards = shards
     config.num_workers = 2
@@ -89,7 +90,7 @@ def make_data_config(shards: str, **overrides):
 
 
 def make_iterator(config, global_batch_size=4, process_index=0, process_count=1, start_state=None):
-    return pipeline.make_train_iterator(
+    return data_iterator.make_train_iterator(
         config, character_tokenizer, global_batch_size, IMAGE_SIZE, process_index, process_count, start_state
     )
 
@@ -126,10 +127,10 @@ def test_resolve_shards_globs_braces_and_clear_errors(tmp_path):
 
 def test_missing_shards_fail_when_the_iterator_is_made_not_at_the_first_batch(tmp_path):
     with pytest.raises(ValueError, match="no file matches"):
-        pipeline.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 1)
+        data_iterator.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 1)
     write_tar(str(tmp_path / "00000.tar"), good_samples("a", 2))
     with pytest.raises(ValueError, match="1 shards cannot be shared by 2 processes"):
-        pipeline.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 2)
+        data_iterator.make_train_source(make_data_config(str(tmp_path / "*.tar")), 0, 2)
 
 
 # --- reading tars
@@ -162,7 +163,10 @@ def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp
         read, problem = webdataset.read_tar_samples(io.BytesIO(compressed), extensions=("png", "txt"))
         assert problem is None, mode
         assert [(sample.key, sorted(sample.files)) for sample in read] == [
-            ("empty", ["txt"]), ("s000", ["txt"]), ("s001", ["png", "txt"]), ("s002", ["txt"])
+            ("empty", ["txt"]),
+            ("s000", ["txt"]),
+            ("s001", ["png", "txt"]),
+            ("s002", ["txt"]),
         ]  # only the extensions asked for are read
         read, problem = webdataset.read_tar_samples(compressed[: len(compressed) // 2])
         assert problem == "truncated_shard", mode
@@ -227,14 +231,18 @@ def bad_shards(tmp_path_factory):
 
 def keys_in_reading_order(config, epochs: int, process_index: int = 0, process_count: int = 1):
     """[(key or "shard:<path>", epoch, position)] of the raw examples of the first `epochs` epochs."""
-    source = pipeline.make_train_source(config, process_index, process_count)
+    source = data_iterator.make_train_source(config, process_index, process_count)
     result = []
     try:
         for example, position in source.examples(source.initial_position()):
             if example.epoch >= epochs:
                 break
             # Samples are described as "<shard path>:<key>", shard-level events as "shard <path>".
-            key = example.description if example.description.startswith("shard ") else example.description.rsplit(":", 1)[1]
+            key = (
+                example.description
+                if example.description.startswith("shard ")
+                else example.description.rsplit(":", 1)[1]
+            )
             result.append((key, example.epoch, dict(position)))
     finally:
         source.close()
@@ -259,7 +267,7 @@ def test_every_bad_case_is_skipped_or_converted_with_exact_counters_and_the_run_
             position = iterator.state["source"]
             # Expected counters: every raw example up to the current position, by the test's table.
             consumed = order[: next(index for index, entry in enumerate(order) if entry[2] == position) + 1]
-            expected = {name: 0 for name in pipeline.COUNTER_NAMES}
+            expected = {name: 0 for name in sources.COUNTER_NAMES}
             for key, _, _ in consumed:
                 if key.startswith("shard "):
                     expected["truncated_shard"] += 1
@@ -272,7 +280,9 @@ def test_every_bad_case_is_skipped_or_converted_with_exact_counters_and_the_run_
             if caption_of_row(batch["texts"][0]) == "gray16":
                 # 16-bit mid grey (0x8000) becomes 8-bit 128, not the white that clipping gives.
                 for channel in range(3):
-                    np.testing.assert_allclose(batch["images"][0, ..., channel], expected_pixel(128, channel), atol=1e-5)
+                    np.testing.assert_allclose(
+                        batch["images"][0, ..., channel], expected_pixel(128, channel), atol=1e-5
+                    )
             if caption_of_row(batch["texts"][0]) == "cmyk":
                 # CMYK (0, 255, 0, 0) is magenta; the crop of a flat image stays flat.
                 magenta = [expected_pixel(value, channel) for channel, value in enumerate((255, 0, 255))]
@@ -365,8 +375,8 @@ def test_a_state_from_another_topology_restarts_at_the_next_epoch(clean_shards):
 
 def test_caption_sample_reads_usable_captions_without_decoding_images(bad_shards):
     pattern, outcome = bad_shards
-    source = pipeline.make_train_source(make_data_config(pattern, shards_per_window=1), 0, 1)
-    captions = pipeline.caption_sample(source, 100)
+    source = data_iterator.make_train_source(make_data_config(pattern, shards_per_window=1), 0, 1)
+    captions = data_iterator.caption_sample(source, 100)
     source.close()
     # Captions are the keys; every sample whose caption is usable, images good or bad, once.
     caption_problems = ("missing_caption", "missing_image", "empty_caption", "undecodable_caption")
@@ -399,7 +409,7 @@ def test_train_py_trains_from_shards_and_checkpoints_the_data_position(bad_shard
     # The checkpoint of step 2 holds the data position after 2 batches of 4 (tiny-vit: 32 px),
     # with the skip counters of the bad samples read so far, and these appear in the log.
     config = make_data_config(pattern)
-    with pipeline.make_train_iterator(config, character_tokenizer, 4, 32, 0, 1) as iterator:
+    with data_iterator.make_train_iterator(config, character_tokenizer, 4, 32, 0, 1) as iterator:
         next(iterator), next(iterator)
         expected = iterator.state
     progress = json.load(open(os.path.join(workdir, "checkpoints", "2", "progress", "metadata")))
@@ -407,7 +417,7 @@ def test_train_py_trains_from_shards_and_checkpoints_the_data_position(bad_shard
     assert saved["source"] == expected["source"] and saved["counters"] == expected["counters"]
     assert saved["batches"] == progress["step"] == 2
     assert logged[1]["data/undecodable_image"] == expected["counters"]["undecodable_image"]
-    assert sum(logged[-1][f"data/{name}"] for name in pipeline.SKIP_REASONS) > 0
+    assert sum(logged[-1][f"data/{name}"] for name in sources.SKIP_REASONS) > 0
 
 
 # --- hostile shards: sizes, links, duplicates
@@ -439,7 +449,8 @@ def add_member(archive: tarfile.TarFile, name: str, content: bytes = b"", **fiel
 
 ISOLATED_READ = """
 import json, os, sys, time
-from clip_jax.data import pipeline
+from clip_jax.data import iterator as data_iterator
+from clip_jax.data.config import default_data_config
 
 def peak_mib():
     # VmHWM: this process image's peak resident memory. (ru_maxrss would carry the parent's peak
@@ -448,10 +459,10 @@ def peak_mib():
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
 
-config = pipeline.default_data_config()
+config = default_data_config()
 config.name = "webdataset"
 config.webdataset.shards = sys.argv[1]
-source = pipeline.make_train_source(config, 0, 1)
+source = data_iterator.make_train_source(config, 0, 1)
 start, before = time.perf_counter(), peak_mib()
 problems = {}
 for count, (example, _) in enumerate(source.examples(source.initial_position()), start=1):
@@ -528,7 +539,7 @@ def test_an_oversized_caption_is_skipped_unread_and_counted(tmp_path):
 
     tokenizer = ClipTokenizer()
     tokenizer(["warm up"], truncate=True)
-    longest_caption = "x" * pipeline.default_data_config().webdataset.max_caption_bytes
+    longest_caption = "x" * default_data_config().webdataset.max_caption_bytes
     start = time.process_time()
     tokenizer([longest_caption, "y" + longest_caption[1:]], truncate=True)
     assert time.process_time() - start < 0.2
@@ -583,7 +594,7 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
         add_member(archive, "dir/tail.txt", b"tail")
         add_member(archive, "dir/tail.json", type=tarfile.SYMTYPE, linkname="/etc/passwd")  # never read
     config = make_data_config(str(tmp_path / "*.tar"))
-    source = pipeline.make_train_source(config, 0, 1)
+    source = data_iterator.make_train_source(config, 0, 1)
     problems, order = {}, []
     for example, position in source.examples(source.initial_position()):
         if example.epoch == 2:
@@ -602,15 +613,18 @@ def test_links_duplicates_and_special_members_are_counted_not_dropped_silently(t
         state = iterator.state
     assert [sorted(caption_of_row(row) for row in batch["texts"]) for batch in batches] == [["good", "tail"]] * 2
     consumed = order[: [position for _, position in order].index(state["source"]) + 1]
-    expected = {name: 0 for name in pipeline.COUNTER_NAMES}
+    expected = {name: 0 for name in sources.COUNTER_NAMES}
     for problem, _ in consumed:
         if problem is not None:
             expected[problem] += 1
     assert expected["link_member"] >= 3 and expected["duplicate_member"] >= 1  # all of epoch 0 at least
     assert state["counters"] == expected
     # Counters of several processes add up for the training log (data/<reason>).
-    summed = pipeline.summed_counters([state, state])
-    assert summed["link_member"] == 2 * expected["link_member"] and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+    summed = data_iterator.summed_counters([state, state])
+    assert (
+        summed["link_member"] == 2 * expected["link_member"]
+        and summed["duplicate_member"] == 2 * expected["duplicate_member"]
+    )
 
 
 def test_a_shard_whose_file_fails_mid_stream_is_counted_not_fatal(tmp_path, monkeypatch):
@@ -648,13 +662,17 @@ def test_several_shard_patterns_in_one_string(tmp_path):
         for index in range(3):
             write_tar(str(tmp_path / directory / f"{index:05d}.tar"), good_samples(f"{directory}{index}-", 1))
     laion, coco = str(tmp_path / "laion"), str(tmp_path / "coco")
-    expected = sorted([f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)])
+    expected = sorted(
+        [f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)]
+    )
     # Commas outside braces separate patterns; those inside braces are brace lists, as before.
     assert webdataset.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
     assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
     only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
-    assert webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
-    source = pipeline.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
+    assert (
+        webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion
+    )  # each once; empty parts ignored
+    source = data_iterator.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
     assert len(source.shards) == 4
     source.close()
     # A missing pattern says how several are written, e.g. a Python list given on the command line.

@@ -3,6 +3,7 @@ ImageNet with its shift sets from tfds.testing.mock_data; results.json, results.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@functools.cache  # once per process: a second import would define evaluate.py's absl flags again
 def _import_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(REPOSITORY, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -110,9 +112,38 @@ def test_all_tasks_on_the_built_in_dataset_and_mock_imagenet(trained_workdir, tm
 
 def test_bad_flags_fail_before_any_work(tmp_path):
     completed = subprocess.run(
-        [sys.executable, os.path.join(REPOSITORY, "evaluate.py"), f"--checkpoint={tmp_path}", "--tasks=zero_shot,captioning"],
-        capture_output=True, text=True, timeout=120, cwd=REPOSITORY,
+        [
+            sys.executable,
+            os.path.join(REPOSITORY, "evaluate.py"),
+            f"--checkpoint={tmp_path}",
+            "--tasks=zero_shot,captioning",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPOSITORY,
     )
     assert completed.returncode != 0
     assert "unknown task(s) ['captioning']" in completed.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_built_in_dataset_is_the_one_the_workdir_trained_on(trained_workdir, tmp_path):
+    """evaluate.py takes the data settings from a training workdir's record, and gives the suite
+    nothing for a path that is not one; the suite builds the dataset from those settings."""
+    from clip_jax.evaluation import suite
+    from clip_jax.training import checkpointing
+
+    evaluate = _import_script("evaluate")
+    _, record = checkpointing.read_run_record(trained_workdir)
+    settings = evaluate._training_data_settings(trained_workdir)
+    assert settings == record["training"]["data"] and settings["name"] == "synthetic"
+    assert evaluate._training_data_settings(str(tmp_path)) is None
+
+    # Settings unlike the defaults, so that taking them and ignoring them differ.
+    default = suite.synthetic_dataset_for(None, 32).config
+    trained = suite.synthetic_dataset_for({**settings, "seed": default.seed + 7, "num_held_out": 5}, 32).config
+    assert (trained.seed, trained.num_held_out, trained.image_size) == (default.seed + 7, 5, 32)
+    # A run on other data says nothing about the built-in dataset: its default configuration.
+    other = suite.synthetic_dataset_for({**settings, "name": "tfds", "seed": default.seed + 7}, 32).config
+    assert other == default

@@ -94,7 +94,9 @@ def test_strength_ties_go_to_the_stronger_regularisation():
     rng = np.random.default_rng(5)
     train_y, val_y = rng.integers(0, NUM_CLASSES, 60), rng.integers(0, NUM_CLASSES, 30)
     train_x, val_x = (np.eye(NUM_CLASSES, dtype=np.float32)[y] for y in (train_y, val_y))
-    best, sweep = linear_probe.select_l2([(train_x, train_y, val_x, val_y)], NUM_CLASSES, [1e-3, 1e-1, 1e-2], refine=False)
+    best, sweep = linear_probe.select_l2(
+        [(train_x, train_y, val_x, val_y)], NUM_CLASSES, [1e-3, 1e-1, 1e-2], refine=False
+    )
     accuracies = {entry["l2"]: entry["validation_accuracy"] for entry in sweep}
     assert accuracies == {1e-3: 1.0, 1e-2: 1.0, 1e-1: 1.0}
     assert best == 1e-1
@@ -128,7 +130,7 @@ def test_few_shot_probes():
     test_x, test_y = _separable(200, seed=9, margin=0.2)
     results = few_shot(train_x, train_y, test_x, test_y, NUM_CLASSES, shots=(1, 4), seeds=(0, 1))
     assert sorted(results["shots"]) == [1, 4]
-    for k, entry in results["shots"].items():
+    for entry in results["shots"].values():
         assert [run["seed"] for run in entry["per_seed"]] == [0, 1]
         top1 = [run["top1"] for run in entry["per_seed"]]
         assert entry["top1_mean"] == pytest.approx(np.mean(top1))

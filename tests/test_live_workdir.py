@@ -68,7 +68,8 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
                 model, variables, _, tokenizer = clip_jax.load(workdir)
                 assert np.isfinite(np.asarray(variables["params"]["logit_scale"]))
                 if attempt % 5 == 0:
-                    suite.synthetic_dataset_for(workdir, model.config.vision.image_size)
+                    _, record = checkpointing.read_run_record(workdir)
+                    suite.synthetic_dataset_for(record["training"]["data"], model.config.vision.image_size)
                 loads += 1
             except Exception as error:  # noqa: BLE001 - counting every kind of failure is the point
                 failures.append(f"{type(error).__name__}: {str(error)[:200]}")
@@ -83,7 +84,9 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
         )  # fmt: skip
         assert second.returncode == 1
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {running.pid}" in errors[0], second.stderr
+        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {running.pid}" in errors[0], (
+            second.stderr
+        )
         assert "Traceback" not in second.stderr and "Resumed" not in second.stdout + second.stderr
     finally:
         if running.poll() is None:

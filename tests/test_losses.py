@@ -98,9 +98,7 @@ def test_references_accept_bfloat16_embeddings_and_compute_in_float32():
     images, texts = make_embeddings(seed=3)
     images16, texts16 = jnp.asarray(images, jnp.bfloat16), jnp.asarray(texts, jnp.bfloat16)
     loss = losses.softmax_contrastive_loss(images16, texts16, 10.0)
-    expected = loop_softmax_loss(
-        np.asarray(images16, np.float32), np.asarray(texts16, np.float32), 10.0
-    )
+    expected = loop_softmax_loss(np.asarray(images16, np.float32), np.asarray(texts16, np.float32), 10.0)
     assert loss.dtype == jnp.float32
     assert relative_difference(loss, expected) <= TOLERANCE
 
@@ -190,20 +188,15 @@ def test_sharded_loss_and_gradients_match_single_device(mesh_name, loss, impl):
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_ring_agrees_with_all_gather(mesh_name, loss):
     for scale, bias in SCALES_AND_BIASES:
-        ring_value, ring_gradients = sharded_value_and_gradients(
-            mesh_name, loss, "ring", scale, bias
-        )
-        gather_value, gather_gradients = sharded_value_and_gradients(
-            mesh_name, loss, "all_gather", scale, bias
-        )
+        ring_value, ring_gradients = sharded_value_and_gradients(mesh_name, loss, "ring", scale, bias)
+        gather_value, gather_gradients = sharded_value_and_gradients(mesh_name, loss, "all_gather", scale, bias)
         differences = [relative_difference(ring_value, gather_value)]
         for ring_gradient, gather_gradient in zip(ring_gradients, gather_gradients):
             if np.all(np.asarray(gather_gradient) == 0):  # the softmax's bias gradient
                 assert np.all(np.asarray(ring_gradient) == 0)
                 continue
             differences.append(relative_difference(ring_gradient, gather_gradient))
-        print(f"{mesh_name} {loss} scale {scale}: ring vs all_gather max relative difference",
-              max(differences))
+        print(f"{mesh_name} {loss} scale {scale}: ring vs all_gather max relative difference", max(differences))
         assert max(differences) <= TOLERANCE
 
 
@@ -222,13 +215,9 @@ def test_unknown_loss_or_impl_is_rejected_by_name():
     images, texts = make_embeddings()
     mesh = jax.make_mesh(*MESHES["data8"])
     with pytest.raises(ValueError, match="cosine"):
-        losses.sharded_contrastive_loss(
-            images, texts, 1.0, 0.0, loss="cosine", axis_names="data", impl="ring"
-        )
+        losses.sharded_contrastive_loss(images, texts, 1.0, 0.0, loss="cosine", axis_names="data", impl="ring")
     with pytest.raises(ValueError, match="tree_reduce"):
-        losses.sharded_contrastive_loss(
-            images, texts, 1.0, 0.0, loss="softmax", axis_names="data", impl="tree_reduce"
-        )
+        losses.sharded_contrastive_loss(images, texts, 1.0, 0.0, loss="softmax", axis_names="data", impl="tree_reduce")
     with pytest.raises(ValueError, match="cosine"):
         losses.make_sharded_loss_fn(mesh, "data", loss="cosine")
     with pytest.raises(ValueError, match="tree_reduce"):
@@ -261,15 +250,12 @@ def test_ring_memory_stays_flat_as_the_global_batch_grows():
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
         for impl in losses.IMPLEMENTATIONS:
             loss_fn = losses.make_sharded_loss_fn(mesh, "data", loss="softmax", impl=impl)
-            compiled = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2))).lower(
-                embeddings, embeddings, scalar
-            ).compile()
+            compiled = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2))).lower(embeddings, embeddings, scalar).compile()
             analysis = compiled.memory_analysis()
             if analysis is None:
                 pytest.skip("this backend reports no memory analysis")
             temporary_bytes[impl, num_devices] = analysis.temp_size_in_bytes
-    print(f"per-device temporary bytes of the softmax gradient, local batch {local_batch}:",
-          temporary_bytes)
+    print(f"per-device temporary bytes of the softmax gradient, local batch {local_batch}:", temporary_bytes)
     # Doubling the global batch doubles the gathered logits but leaves the ring's blocks alone.
     assert temporary_bytes["all_gather", 8] >= 1.8 * temporary_bytes["all_gather", 4]
     assert temporary_bytes["ring", 8] <= 1.2 * temporary_bytes["ring", 4]

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import clip_jax
-from clip_jax.convert import _stack_layers
-from flax import traverse_util
+from clip_jax.models.layout import stack_layers
 
 OPENAI_NAMES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
@@ -87,7 +87,7 @@ def test_every_parameter_has_logical_axis_names(name):
 
 def _scanned_copy(variables, config):
     flat = traverse_util.flatten_dict(nn.unbox(variables))
-    return traverse_util.unflatten_dict(_stack_layers({k: np.asarray(v) for k, v in flat.items()}, config))
+    return traverse_util.unflatten_dict(stack_layers({k: np.asarray(v) for k, v in flat.items()}))
 
 
 @pytest.mark.parametrize("remat_policy", ["none", "dots_saveable", "full"])

@@ -56,7 +56,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation
     multi_workdir, single_workdir = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
     address = f"127.0.0.1:{_free_port()}"
     processes = [
-        _start(multi_workdir, 2, cache, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}")
+        _start(
+            multi_workdir, 2, cache, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"
+        )
         for index in range(2)
     ]
     single = _start(single_workdir, 4, cache)

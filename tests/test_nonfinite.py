@@ -14,17 +14,19 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
-from clip_jax.checkpoint import load, save_model_directory
+from clip_jax.api import load
+from clip_jax.checkpoint import save_model_directory
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, get_model_config
 from clip_jax.sharding import make_mesh
 from clip_jax.tokenizer import ClipTokenizer
 from clip_jax.training import checkpointing
+from clip_jax.training.config import NonFiniteSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
@@ -158,12 +160,12 @@ def _small_state(consecutive: int = 0, **params):
     return TrainState(
         step=jnp.int32(6), params=params, opt_state={"mu": jax.tree.map(jnp.zeros_like, params)}, batch_stats={},
         rng=jnp.zeros((2,), jnp.uint32), skipped_steps=jnp.int32(consecutive),
-        consecutive_skipped_steps=jnp.int32(consecutive),
+        consecutive_skipped_steps=jnp.int32(consecutive), tx=optax.identity(),
     )  # fmt: skip
 
 
-def _nonfinite_config(policy: str = "skip", max_consecutive_skips: int = 2) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(policy=policy, max_consecutive_skips=max_consecutive_skips))
+def _nonfinite_config(policy: str = "skip", max_consecutive_skips: int = 2) -> NonFiniteSettings:
+    return NonFiniteSettings(policy=policy, max_consecutive_skips=max_consecutive_skips)
 
 
 def test_the_guard_refuses_to_save_a_state_that_is_not_finite():

@@ -16,20 +16,21 @@ NOTEBOOK = os.path.join(REPOSITORY, "examples", "zero_shot.ipynb")
 
 @pytest.fixture(scope="module")
 def model_directory(tmp_path_factory):
-    from configs.default import get_config
-
     from clip_jax.checkpoint import save_model_directory
     from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
     from clip_jax.models import CLIP
     from clip_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
-    from clip_jax.training.loop import model_spec
+    from clip_jax.training.config import validate
+    from configs.default import get_config
 
     config = get_config()
     directory = tmp_path_factory.mktemp("notebook")
     captions = SyntheticShapes(SyntheticShapesConfig(image_size=32)).all_captions_sample(1000)
-    tokenizer_path = train_sentencepiece(captions, int(config.tokenizer.vocab_size), str(directory / "spm.model"), hard_vocab_limit=False)
+    tokenizer_path = train_sentencepiece(
+        captions, int(config.tokenizer.vocab_size), str(directory / "spm.model"), hard_vocab_limit=False
+    )
     tokenizer = SentencePieceTokenizer(tokenizer_path, int(config.tokenizer.context_length))
-    spec = model_spec(config, tokenizer)
+    spec = validate(config).model.spec(tokenizer)
     # Random values of the right shapes, drawn by numpy: running Flax's initialisers op by op costs
     # tens of seconds here, and any finite weights exercise the notebook's API.
     shapes = jax.eval_shape(lambda: nn.unbox(CLIP(spec).init_variables(jax.random.key(0))))
@@ -50,7 +51,10 @@ def test_example_notebook_executes(model_directory, monkeypatch):
     )
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
     printed = "".join(
-        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
     )
     assert "held-out classes:" in printed
     assert "->" in printed  # the one-liner's predictions

@@ -11,7 +11,12 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import create_model
 from clip_jax.sharding import (
-    BATCH_AXES, LOGICAL_AXIS_RULES, batch_axis_size, batch_sharding, check_batch_divisible, make_mesh,
+    BATCH_AXES,
+    LOGICAL_AXIS_RULES,
+    batch_axis_size,
+    batch_sharding,
+    check_batch_divisible,
+    make_mesh,
     param_shardings,
 )
 

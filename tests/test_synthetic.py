@@ -37,8 +37,7 @@ def color_masks(images: np.ndarray, color_names) -> np.ndarray:
     pixels = images.astype(np.float32)
     return np.stack(
         [
-            np.linalg.norm(pixels - np.array(COLOR_PALETTE[name], np.float32), axis=-1)
-            <= COLOR_TOLERANCE
+            np.linalg.norm(pixels - np.array(COLOR_PALETTE[name], np.float32), axis=-1) <= COLOR_TOLERANCE
             for name in color_names
         ]
     )
@@ -58,9 +57,7 @@ def test_same_seed_and_index_give_identical_bytes_and_other_seeds_differ():
     assert batch["captions"] == batch_again["captions"]
     np.testing.assert_array_equal(batch["labels"], batch_again["labels"])
     other_batch = other.get_batch("train", indices)
-    differing = [
-        not np.array_equal(a, b) for a, b in zip(batch["images"], other_batch["images"])
-    ]
+    differing = [not np.array_equal(a, b) for a, b in zip(batch["images"], other_batch["images"])]
     assert all(differing)
     # Splits are separate streams too.
     validation = first.get_batch("validation", indices)
@@ -148,9 +145,7 @@ def test_zero_shot_templates_and_names():
 
 def test_other_seeds_and_sizes_of_held_out_set_keep_every_colour_and_shape_in_training():
     for seed, num_held_out in ((1, 8), (2, 20), (5, 3)):
-        dataset = SyntheticShapes(
-            SyntheticShapesConfig(image_size=16, seed=seed, num_held_out=num_held_out)
-        )
+        dataset = SyntheticShapes(SyntheticShapesConfig(image_size=16, seed=seed, num_held_out=num_held_out))
         train_names = [dataset.all_class_names[label] for label in dataset.train_labels]
         assert len(dataset.held_out_labels) == num_held_out
         assert {n.split(" ")[0] for n in train_names} == set(dataset.color_names)
@@ -217,8 +212,7 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(dataset_32):
     global_batch_size, process_count = 24, 4
     for step in (0, 5):
         shares = [
-            process_batch_indices(step, global_batch_size, process, process_count)
-            for process in range(process_count)
+            process_batch_indices(step, global_batch_size, process, process_count) for process in range(process_count)
         ]
         union = np.concatenate(shares)
         assert len(set(union.tolist())) == global_batch_size  # disjoint
@@ -246,9 +240,7 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(dataset_32):
 def test_iterator_resumes_exactly_at_any_step(dataset_32):
     from_start = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2)
     batches = [next(from_start) for _ in range(4)]
-    resumed = dataset_32.batch_iterator(
-        "train", 8, process_index=1, process_count=2, start_step=from_start.step - 1
-    )
+    resumed = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2, start_step=from_start.step - 1)
     assert resumed.step == 3
     np.testing.assert_array_equal(next(resumed)["images"], batches[3]["images"])
     assert resumed.step == 4
@@ -293,8 +285,7 @@ def shape_masks_of(dataset: SyntheticShapes, batch: dict) -> np.ndarray:
     """(n, H, W) bool: the pixels of each image in its label's colour."""
     masks = color_masks(batch["images"], dataset.color_names)
     color_indices = [
-        dataset.color_names.index(dataset.all_class_names[label].split(" ")[0])
-        for label in batch["labels"]
+        dataset.color_names.index(dataset.all_class_names[label].split(" ")[0]) for label in batch["labels"]
     ]
     return masks[color_indices, np.arange(len(color_indices))]
 
@@ -315,7 +306,7 @@ def test_drawn_geometry_matches_shape_size_and_position(upright_dataset_64):
         fill = box.mean()
         height = box.shape[0]
 
-        def width_at(fraction: float) -> int:
+        def width_at(fraction: float, box: np.ndarray = box, height: int = height) -> int:
             return int(box[int(fraction * (height - 1))].sum())
 
         if shape == "square":
@@ -352,3 +343,80 @@ def test_drawn_geometry_matches_shape_size_and_position(upright_dataset_64):
             if description.position == "center":
                 assert abs(center_x - size / 2) < 4 and abs(center_y - size / 2) < 4
     assert all(count >= 20 for count in checked.values()), checked
+
+
+# --- the built-in dataset as a training source, through the iterator every source goes through
+
+
+def character_tokenizer(texts, truncate=True):
+    """Each caption's character codes, zero-padded to 64 columns: distinct captions, distinct rows."""
+    rows = np.zeros((len(texts), 64), np.int32)
+    for row, text in enumerate(texts):
+        codes = [ord(character) for character in text[:64]]
+        rows[row, : len(codes)] = codes
+    return rows
+
+
+def openai_normalized(images: np.ndarray) -> np.ndarray:
+    """OpenAI's normalisation written out with broadcasting (not the row-tiled code under test)."""
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+    return (images.astype(np.float32) / np.float32(255) - mean) / std
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_synthetic_source_batches_are_the_generators_rows_and_resume_exactly(dataset_32, process_count):
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+
+    global_batch_size, steps = 8, 4
+    config = default_data_config()  # name "synthetic", seed 0, 16 held out: dataset_32's settings
+    config.num_workers = 2
+    for process in range(process_count):
+        with data_iterator.make_train_iterator(
+            config, character_tokenizer, global_batch_size, 32, process, process_count
+        ) as iterator:
+            pairs = [pair for pair, _ in zip(iterator.batches_with_state(), range(steps))]
+        for step, (batch, state) in enumerate(pairs):
+            indices = process_batch_indices(step, global_batch_size, process, process_count)
+            expected = dataset_32.get_batch("train", indices)
+            # Drawn at the model's size and used as drawn: a random resized crop would change pixels.
+            assert batch["images"].tobytes() == openai_normalized(expected["images"]).tobytes()
+            np.testing.assert_array_equal(batch["texts"], character_tokenizer(expected["captions"]))
+            assert state["source"] == {"epoch": 0, "offset": (step + 1) * len(indices)}
+            assert state["batches"] == step + 1 and state["process_count"] == process_count
+        for stop in (1, 3):
+            with data_iterator.make_train_iterator(
+                config, character_tokenizer, global_batch_size, 32, process, process_count,
+                start_state=pairs[stop - 1][1],
+            ) as resumed:  # fmt: skip
+                batch = next(resumed)
+            assert batch["images"].tobytes() == pairs[stop][0]["images"].tobytes()
+            np.testing.assert_array_equal(batch["texts"], pairs[stop][0]["texts"])
+
+
+def test_tokenizer_captions_of_the_synthetic_source_are_the_first_train_captions(dataset_32):
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+
+    # Whatever the batch layout: the sample is read as one process reads the data.
+    captions = data_iterator.tokenizer_captions(default_data_config(), 300, image_size=32, global_batch_size=6)
+    assert captions == [dataset_32.example("train", index)[1] for index in range(300)]
+
+
+def test_synthetic_source_needs_its_layout_and_ready_sized_images():
+    from clip_jax.data import iterator as data_iterator
+    from clip_jax.data.config import default_data_config
+    from clip_jax.data.decode import ExamplePreparer
+    from clip_jax.data.sources import RawExample
+
+    with pytest.raises(ValueError, match="image_size=None"):
+        data_iterator.make_train_source(default_data_config(), 0, 1, global_batch_size=8)
+    with pytest.raises(ValueError, match="10 is not divisible by process_count 4"):
+        data_iterator.make_train_source(default_data_config(), 0, 4, image_size=32, global_batch_size=10)
+    preparer = ExamplePreparer(image_size=32, seed=0, ready_sized=True)
+    with pytest.raises(ValueError, match=r"uint8 \(16, 16, 3\); expected uint8 \(32, 32, 3\)"):
+        preparer(RawExample(np.zeros((16, 16, 3), np.uint8), "a red circle", (0,), 0))
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    prepared, caption, converted = preparer(RawExample(pixels, " a red circle ", (0,), 0))
+    assert prepared.tobytes() == pixels.tobytes() and caption == "a red circle" and not converted

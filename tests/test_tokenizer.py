@@ -38,31 +38,135 @@ open_clip = pytest.importorskip("open_clip")
 # Component pools the parity strings are assembled from; each probes a part of the cleaning,
 # the pre-tokenizer regex or the byte-level BPE.
 WORDS = [
-    "a", "photo", "of", "the", "dog", "cat", "sitting", "on", "grass", "tokenization",
-    "antidisestablishmentarianism", "supercalifragilisticexpialidocious", "xylophone", "qwzx",
+    "a",
+    "photo",
+    "of",
+    "the",
+    "dog",
+    "cat",
+    "sitting",
+    "on",
+    "grass",
+    "tokenization",
+    "antidisestablishmentarianism",
+    "supercalifragilisticexpialidocious",
+    "xylophone",
+    "qwzx",
 ]
 UNICODE = [
-    "Café", "naïve", "résumé", "Ångström", "straße", "Ærøskøbing", "São Paulo", "Dvořák",
-    "日本語のテキスト", "中文字符", "한국어 문장", "مرحبا بالعالم", "שלום עולם", "Привет мир",
-    "ελληνικά", "हिन्दी", "ภาษาไทย", "e\u0301t\u0301e\u0301", "a\u0308\u0301\u0323", "Z\u0324\u0354\u0367\u0311\u0313",
-    "ﬁne ﬂow", "ＡＢＣ全角", "①②③", "½ ¾", "ß ẞ", "İstanbul", "ǅemal", "Ⅻ", "µ", "Ω", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "𝟙𝟚𝟛",
+    "Café",
+    "naïve",
+    "résumé",
+    "Ångström",
+    "straße",
+    "Ærøskøbing",
+    "São Paulo",
+    "Dvořák",
+    "日本語のテキスト",
+    "中文字符",
+    "한국어 문장",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "Привет мир",
+    "ελληνικά",
+    "हिन्दी",
+    "ภาษาไทย",
+    "e\u0301t\u0301e\u0301",
+    "a\u0308\u0301\u0323",
+    "Z\u0324\u0354\u0367\u0311\u0313",
+    "ﬁne ﬂow",
+    "ＡＢＣ全角",
+    "①②③",
+    "½ ¾",
+    "ß ẞ",
+    "İstanbul",
+    "ǅemal",
+    "Ⅻ",
+    "µ",
+    "Ω",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "𝟙𝟚𝟛",
 ]
 EMOJI = [
-    "😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "❤️", "🇯🇵", "🧑🏿‍🚀", "✌🏻", "🐶🐱", "👩‍💻", "🤷‍♂️", "🫠", "☕", "1️⃣",
+    "😀",
+    "👍🏽",
+    "👨‍👩‍👧‍👦",
+    "🏳️‍🌈",
+    "❤️",
+    "🇯🇵",
+    "🧑🏿‍🚀",
+    "✌🏻",
+    "🐶🐱",
+    "👩‍💻",
+    "🤷‍♂️",
+    "🫠",
+    "☕",
+    "1️⃣",
 ]
 HTML = [
-    "&amp;", "&lt;b&gt;bold&lt;/b&gt;", "&#39;", "&amp;amp;", "&amp;lt;", "&quot;quoted&quot;", "&#x27;",
-    "&nbsp;", "&copy; 2020", "&amp;#39;", "&unknown;", "AT&T", "&#128512;", "&#28;", "&#x85;", "&amp;quot;",
-    "Tom &amp; Jerry", "&eacute;t&eacute;",
+    "&amp;",
+    "&lt;b&gt;bold&lt;/b&gt;",
+    "&#39;",
+    "&amp;amp;",
+    "&amp;lt;",
+    "&quot;quoted&quot;",
+    "&#x27;",
+    "&nbsp;",
+    "&copy; 2020",
+    "&amp;#39;",
+    "&unknown;",
+    "AT&T",
+    "&#128512;",
+    "&#28;",
+    "&#x85;",
+    "&amp;quot;",
+    "Tom &amp; Jerry",
+    "&eacute;t&eacute;",
 ]
 PUNCTUATION = [
-    "!!!", "...", "?!?", "--", "()", "[]{}", "@#$%^&*", "~~~", "«»", "“quotes”", "‘single’", "—", "…",
-    "¿¡", "<>", "\\/", "__init__", "#hashtag", "@user", "http://example.com/a?b=c", "e-mail", "½-price",
+    "!!!",
+    "...",
+    "?!?",
+    "--",
+    "()",
+    "[]{}",
+    "@#$%^&*",
+    "~~~",
+    "«»",
+    "“quotes”",
+    "‘single’",
+    "—",
+    "…",
+    "¿¡",
+    "<>",
+    "\\/",
+    "__init__",
+    "#hashtag",
+    "@user",
+    "http://example.com/a?b=c",
+    "e-mail",
+    "½-price",
 ]
 NUMBERS = ["2024", "3.14159", "1,000,000", "-42", "0x1F", "٣٤٥", "1st", "10%", "৩", "12:30pm", "1e-9", "⁴²"]
 CONTRACTIONS = [
-    "it's", "don't", "they're", "we've", "I'm", "you'll", "he'd", "IT'S", "O'Neil", "rock'n'roll",
-    "it’s", "can't", "'s", "'tis", "y'all", "DON'T", "We'Ve", "ma'am",
+    "it's",
+    "don't",
+    "they're",
+    "we've",
+    "I'm",
+    "you'll",
+    "he'd",
+    "IT'S",
+    "O'Neil",
+    "rock'n'roll",
+    "it’s",
+    "can't",
+    "'s",
+    "'tis",
+    "y'all",
+    "DON'T",
+    "We'Ve",
+    "ma'am",
 ]
 MIXED_CASE = ["HeLLo WoRLD", "iPhone", "McDonald's", "NASA", "CamelCaseWord", "ALL CAPS CAPTION", "eBay"]
 MOJIBAKE = ["cafÃ©", "â€œquotedâ€\x9d", "Ã¼ber", "SchÃ¶n", "doesnâ€™t"]
@@ -70,14 +174,27 @@ ODD_CHARACTERS = ["\x00", "\u200b", "\ufeff", "\x1c", "\x1f", "\x7f", "\u00ad", 
 # Code point ranges for made-up words: Latin with accents, Greek, Cyrillic, Arabic, Devanagari,
 # Hangul, CJK, emoji, mathematical letters (outside the basic plane), combining marks.
 SCRIPT_RANGES = [
-    (0x61, 0x7A), (0x41, 0x5A), (0xC0, 0x17F), (0x391, 0x3C9), (0x410, 0x44F), (0x621, 0x64A), (0x905, 0x939),
-    (0xAC00, 0xD7A3), (0x4E00, 0x9FFF), (0x1F300, 0x1F64F), (0x1D400, 0x1D6A3), (0x300, 0x36F),
+    (0x61, 0x7A),
+    (0x41, 0x5A),
+    (0xC0, 0x17F),
+    (0x391, 0x3C9),
+    (0x410, 0x44F),
+    (0x621, 0x64A),
+    (0x905, 0x939),
+    (0xAC00, 0xD7A3),
+    (0x4E00, 0x9FFF),
+    (0x1F300, 0x1F64F),
+    (0x1D400, 0x1D6A3),
+    (0x300, 0x36F),
 ]
 
 
 def _made_up_words(generator: random.Random) -> list[str]:
     ascii_words = [
-        "".join(generator.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'") for _ in range(generator.randint(1, 14)))
+        "".join(
+            generator.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'")
+            for _ in range(generator.randint(1, 14))
+        )
         for _ in range(400)
     ]
     script_words = []
@@ -89,11 +206,36 @@ def _made_up_words(generator: random.Random) -> list[str]:
 
 MADE_UP_WORDS = _made_up_words(random.Random(7))
 SEPARATORS = ["", " ", "  ", "\t", "\n", " \n ", "\r\n", "\u00a0", "\u3000", "\u2003", "   \t\n  ", "\x0b"]
-POOLS = [WORDS, WORDS, MADE_UP_WORDS, MADE_UP_WORDS, UNICODE, EMOJI, HTML, PUNCTUATION, NUMBERS, CONTRACTIONS, MIXED_CASE, MOJIBAKE, ODD_CHARACTERS]
+POOLS = [
+    WORDS,
+    WORDS,
+    MADE_UP_WORDS,
+    MADE_UP_WORDS,
+    UNICODE,
+    EMOJI,
+    HTML,
+    PUNCTUATION,
+    NUMBERS,
+    CONTRACTIONS,
+    MIXED_CASE,
+    MOJIBAKE,
+    ODD_CHARACTERS,
+]
 
 FIXED_STRINGS = [
-    "", " ", "\n\t ", "a", "A", "!", "'s", "&amp;amp;amp;", "a photo of a dog.", "    leading and trailing    ",
-    "x" * 300, "ab" * 200, "🙂" * 40,
+    "",
+    " ",
+    "\n\t ",
+    "a",
+    "A",
+    "!",
+    "'s",
+    "&amp;amp;amp;",
+    "a photo of a dog.",
+    "    leading and trailing    ",
+    "x" * 300,
+    "ab" * 200,
+    "🙂" * 40,
 ]
 
 
@@ -305,7 +447,8 @@ def test_hf_files_give_identical_ids(tmp_path, clip_tokenizer, reference_tokeniz
     # it on the texts those two steps leave alone.
     reference = transformers.CLIPTokenizer(vocab_json, merges_txt)
     plain = [
-        text for text in texts
+        text
+        for text in texts
         if html.unescape(text) == text and ftfy.fix_text(text) == unicodedata.normalize("NFC", text)
     ]
     assert len(plain) > 100
@@ -315,13 +458,39 @@ def test_hf_files_give_identical_ids(tmp_path, clip_tokenizer, reference_tokeniz
 
 CAPTION_ADJECTIVES = ["red", "Blue", "small", "huge", "old", "young", "shiny", "wooden", "furry", "striped", "green"]
 CAPTION_SUBJECTS = [
-    "dog", "cat", "car", "bird", "man", "Woman", "tree", "house", "bicycle", "horse", "boat", "child", "guitar",
-    "elephant", "umbrella", "train", "pizza", "laptop", "giraffe", "kitchen",
+    "dog",
+    "cat",
+    "car",
+    "bird",
+    "man",
+    "Woman",
+    "tree",
+    "house",
+    "bicycle",
+    "horse",
+    "boat",
+    "child",
+    "guitar",
+    "elephant",
+    "umbrella",
+    "train",
+    "pizza",
+    "laptop",
+    "giraffe",
+    "kitchen",
 ]
 CAPTION_ACTIONS = ["sitting", "running", "sleeping", "standing", "jumping", "looking at the camera", "parked", "flying"]
 CAPTION_PLACES = [
-    "in the park", "on the beach", "near a river", "at Night", "under the bridge", "in Paris", "beside a window",
-    "on a snowy mountain", "in downtown Tokyo", "during the sunset",
+    "in the park",
+    "on the beach",
+    "near a river",
+    "at Night",
+    "under the bridge",
+    "in Paris",
+    "beside a window",
+    "on a snowy mountain",
+    "in downtown Tokyo",
+    "during the sunset",
 ]
 
 
@@ -374,8 +543,20 @@ def test_train_sentencepiece_cli_and_file_input(tmp_path, capsys):
     corpus.write_text("\n".join(_captions(300, seed=1)) + "\n\n", encoding="utf-8")
     output = tmp_path / "models" / "spm.model"
     environment = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "clip_jax.tokenizer", "train", "--input", str(corpus), "--vocab-size", "100",
-               "--output", str(output), "--model-type", "bpe"]
+    command = [
+        sys.executable,
+        "-m",
+        "clip_jax.tokenizer",
+        "train",
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        "100",
+        "--output",
+        str(output),
+        "--model-type",
+        "bpe",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     tokenizer = SentencePieceTokenizer(output)
@@ -510,7 +691,15 @@ def test_truncated_rows_of_long_words_and_texts_equal_open_clip(clip_tokenizer, 
     generator = random.Random(12)
     # Words long enough that only a prefix of each is encoded, in several scripts; the Latin ones
     # have the most merges. Before and after them, ordinary text.
-    scripts = [(0x61, 0x7A), (0x61, 0x7A), (0x61, 0x7A), (0xC0, 0x17F), (0x410, 0x44F), (0x4E00, 0x9FFF), (0x1F300, 0x1F64F)]
+    scripts = [
+        (0x61, 0x7A),
+        (0x61, 0x7A),
+        (0x61, 0x7A),
+        (0xC0, 0x17F),
+        (0x410, 0x44F),
+        (0x4E00, 0x9FFF),
+        (0x1F300, 0x1F64F),
+    ]
     texts = []
     for low, high in scripts:
         word = _random_word(generator, generator.randint(3_000, 6_000), low, high)
@@ -534,7 +723,9 @@ def test_text_character_cap_only_cuts_texts_that_cannot_fit(clip_tokenizer, refe
     words = "a photo of a small dog sitting on the grass in the park "
     at_cap = (words * (cap // len(words) + 1))[:cap]
     over_cap = words * (2 * cap // len(words))
-    np.testing.assert_array_equal(clip_tokenizer([at_cap, over_cap], truncate=True), reference_tokenizer([at_cap, over_cap]).numpy())
+    np.testing.assert_array_equal(
+        clip_tokenizer([at_cap, over_cap], truncate=True), reference_tokenizer([at_cap, over_cap]).numpy()
+    )
     # What the cap gives up: a text past it is cut even when its tail would still fit, which only
     # happens when most of it vanishes in cleaning, like whitespace between words.
     padded = "a dog " + " " * (2 * cap) + "on the grass"

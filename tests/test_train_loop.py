@@ -15,11 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.checkpoint import load
+from clip_jax.api import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
 from clip_jax.metrics import read_jsonl
-from clip_jax.training import checkpointing, loop
+from clip_jax.training import checkpointing, loop, setup
+from clip_jax.training.config import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_RUN_STEPS = 20
@@ -82,6 +83,34 @@ def test_short_run_leaves_checkpoints_event_files_and_jsonl(short_run):
     assert scalars[(ZERO_SHOT_KEY, SHORT_RUN_STEPS)] == pytest.approx(zero_shot[0][ZERO_SHOT_KEY], rel=1e-6)
 
 
+def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(short_run):
+    """The built-in dataset goes through the iterator TFDS and shards go through: the checkpoint
+    holds its TrainIterator state, the one a bare iterator of the same data reaches in as many
+    batches, positioned at the synthetic source's next example."""
+    import json
+
+    from clip_jax.data import iterator as data_iterator
+
+    workdir, _ = short_run
+    with open(os.path.join(workdir, "checkpoints", str(SHORT_RUN_STEPS), "progress", "metadata")) as file:
+        progress = json.load(file)
+
+    def no_tokenizer(texts, truncate):
+        return np.zeros((len(texts), 4), np.int32)
+
+    config = _default_config()
+    image_size = validate(config).model.spec().vision.image_size
+    with data_iterator.make_train_iterator(
+        config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1
+    ) as iterator:
+        for _ in range(SHORT_RUN_STEPS):
+            next(iterator)
+        expected = iterator.state
+    assert progress == {"step": SHORT_RUN_STEPS, "data_states": [expected]}
+    assert expected["source"] == {"epoch": 0, "offset": SHORT_RUN_STEPS * config.global_batch_size}
+    assert expected["fingerprint"].startswith("synthetic:") and expected["batches"] == SHORT_RUN_STEPS
+
+
 def test_workdir_loads_on_one_device_and_reproduces_the_logged_zero_shot(short_run):
     workdir, _ = short_run
     model, variables, preprocess, tokenizer = load(workdir)
@@ -96,9 +125,7 @@ def test_workdir_loads_on_one_device_and_reproduces_the_logged_zero_shot(short_r
         image, _, label = dataset.held_out_example(index)
         images.append(preprocess(image))
         labels.append(label)
-    image_embeddings = np.asarray(
-        model.apply(variables, np.stack(images), normalize=True, method=model.encode_image)
-    )
+    image_embeddings = np.asarray(model.apply(variables, np.stack(images), normalize=True, method=model.encode_image))
     class_embeddings = []
     for label in dataset.held_out_labels:
         name = dataset.all_class_names[label]
@@ -122,7 +149,8 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
         tasks=("zero_shot",), datasets=("synthetic",), prompt_modes=("class_name", "single", "ensemble"),
         batch_size=128, max_examples=512,
     )  # fmt: skip
-    synthetic = suite.synthetic_dataset_for(workdir, model.config.vision.image_size)
+    _, record = checkpointing.read_run_record(workdir)
+    synthetic = suite.synthetic_dataset_for(record["training"]["data"], model.config.vision.image_size)
     expected = suite.flatten_metrics(
         suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=lambda message: None)
     )
@@ -137,7 +165,9 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
 
 
 def _default_config():
-    specification = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    specification = importlib.util.spec_from_file_location(
+        "default_config", os.path.join(REPO, "configs", "default.py")
+    )
     module = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(module)
     return module.get_config()
@@ -151,7 +181,7 @@ def never_compile(monkeypatch):
         raise AssertionError("the error should have been raised before the state or the step was built")
 
     for name in ("create_train_state", "abstract_train_state", "make_train_step"):
-        monkeypatch.setattr(loop, name, forbidden)
+        monkeypatch.setattr(setup, name, forbidden)
 
 
 @pytest.mark.parametrize(
@@ -160,16 +190,16 @@ def never_compile(monkeypatch):
         ("global_batch_size", 12, "global batch size 12 is not divisible by the 8 batch-axis devices"),
         ("mesh.data", 3, "has 3 devices but there are 8 devices"),
         ("model.name", "ViT-X-99", "unknown model 'ViT-X-99'"),
-        ("loss.name", "hinge", "unknown loss.name 'hinge'"),
+        ("loss.name", "hinge", "loss.name must be one of ('softmax', 'sigmoid'); got 'hinge'"),
         ("eval.prompt_modes", "ensemble,best", "unknown prompt mode"),
         # A negative learning rate trains uphill; the rest make AdamW or the guard meaningless.
         ("optimizer.learning_rate", -0.001, "optimizer.learning_rate must be a finite number > 0; got -0.001"),
         ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number > 0; got nan"),
-        ("optimizer.warmup_steps", 2000, "optimizer.warmup_steps (2000) must be >= 0 and smaller than total_steps (1500)"),
+        ("optimizer.warmup_steps", 2000, "optimizer.warmup_steps must be >= 0 and below total_steps (1500); got 2000"),
         ("optimizer.b2", 1.0, "optimizer.b2 must be in [0, 1); got 1.0"),
         ("optimizer.eps", 0.0, "optimizer.eps must be > 0; got 0.0"),
         ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0; got -0.1"),
-        ("nonfinite.policy", "ignore", "unknown nonfinite.policy 'ignore'"),
+        ("nonfinite.policy", "ignore", "nonfinite.policy must be one of ('skip', 'stop'); got 'ignore'"),
         ("nonfinite.max_consecutive_skips", 0, "nonfinite.max_consecutive_skips must be >= 1"),
     ],
 )
@@ -186,5 +216,7 @@ def test_workdir_of_another_model_is_refused_before_compiling(never_compile, sho
     workdir, _ = short_run
     config = _default_config()
     config.model.name = "tiny-resnet"
-    with pytest.raises(ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"):
+    with pytest.raises(
+        ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"
+    ):
         loop.train_and_evaluate(config, workdir)

@@ -4,20 +4,21 @@ for both losses, both loss implementations, data-parallel and FSDP meshes, and w
 accumulation."""
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import create_model, losses
+from clip_jax.evaluation.features import Encoder
 from clip_jax.sharding import batch_sharding, make_mesh
+from clip_jax.training.config import LossSettings, NonFiniteSettings, OptimizerSettings, StepSettings
 from clip_jax.training.optimizer import learning_rate_schedule, make_optimizer, regex_mask
 from clip_jax.training.state import abstract_train_state, create_train_state
-from clip_jax.evaluation.features import Encoder
 from clip_jax.training.step import make_train_step
 
 # The programs here are tiny and run once: XLA's LLVM optimisation is most of their compile time
@@ -30,33 +31,49 @@ NO_DECAY_REGEX = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
 RELATIVE_TOLERANCE = 1e-5
 
 
-def make_config(loss="softmax", impl="all_gather", mesh=(8, 1, 1), accumulation_steps=1, **optimizer):
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.total_steps = 20
-    config.global_batch_size = BATCH_SIZE
-    config.accumulation_steps = accumulation_steps
-    config.train_batch_norm = False
-    config.loss = ml_collections.ConfigDict(dict(name=loss, impl=impl, max_logit_scale=100.0))
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            learning_rate=LEARNING_RATE,
-            warmup_steps=WARMUP_STEPS,
+def make_config(
+    loss="softmax", impl="all_gather", mesh=(8, 1, 1), accumulation_steps=1, policy="skip", train_batch_norm=False,
+    global_batch_size=BATCH_SIZE, **optimizer,
+):  # fmt: skip
+    """The settings a test step runs with: `.step` (StepSettings), `.optimizer`, `.mesh`, `.seed`."""
+    optimizer_settings = OptimizerSettings(
+        **{
+            "learning_rate": LEARNING_RATE,
+            "warmup_steps": WARMUP_STEPS,
+            "total_steps": 20,
             # b1 = 0: Adam's first moment after one step is the gradient itself, which is how the
             # tests read the gradient the step computed.
-            b1=0.0,
-            b2=0.98,
-            eps=1e-6,
-            weight_decay=0.2,
-            no_decay_regex=NO_DECAY_REGEX,
-            grad_clip_norm=0.0,
-            freeze_regex="",
-        )
+            "b1": 0.0,
+            "b2": 0.98,
+            "eps": 1e-6,
+            "weight_decay": 0.2,
+            "no_decay_regex": NO_DECAY_REGEX,
+            "grad_clip_norm": 0.0,
+            "freeze_regex": "",
+            **optimizer,
+        }
     )
-    config.optimizer.update(optimizer)
-    config.nonfinite = ml_collections.ConfigDict(dict(policy="skip", max_consecutive_skips=10))
-    config.mesh = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "model"), mesh)))
-    return config
+    step = StepSettings(
+        global_batch_size=global_batch_size,
+        optimizer=optimizer_settings,
+        loss=LossSettings(name=loss, impl=impl, max_logit_scale=100.0),
+        nonfinite=NonFiniteSettings(policy=policy, max_consecutive_skips=10),
+        accumulation_steps=accumulation_steps,
+        train_batch_norm=train_batch_norm,
+    )
+    # The optimizer is built once and travels with the state; a compiled step takes states
+    # carrying this very optimizer.
+    tx = make_optimizer(optimizer_settings)
+    mesh = dict(zip(("data", "fsdp", "model"), mesh))
+    return types.SimpleNamespace(step=step, optimizer=optimizer_settings, tx=tx, mesh=mesh, seed=0)
+
+
+def create_state(config, model, mesh):
+    return create_train_state(model, config.tx, config.seed, mesh)
+
+
+def abstract_state(config, model, mesh):
+    return abstract_train_state(model, config.tx, config.seed, mesh)
 
 
 def vit_model():
@@ -139,14 +156,20 @@ def vit():
     images, texts = random_batch(model)
     config = make_config(mesh=(2, 4, 1))
     mesh = make_mesh(config.mesh)
-    state, state_shardings = create_train_state(config, model, mesh)
+    state, state_shardings = create_state(config, model, mesh)
     host_state = jax.device_get(state)
     device = jax.devices()[0]
     reference_inputs = jax.device_put((host_state.params, images, texts), device)
     reference = jax.jit(make_vit_reference(model)).lower(*reference_inputs).compile(FAST_COMPILE)
     return dict(
-        model=model, images=images, texts=texts, state=state, state_shardings=state_shardings,
-        host_state=host_state, reference=reference, device=device,
+        model=model,
+        images=images,
+        texts=texts,
+        state=state,
+        state_shardings=state_shardings,
+        host_state=host_state,
+        reference=reference,
+        device=device,
     )
 
 
@@ -154,14 +177,13 @@ def vit():
 
 
 def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
-    config = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=4))
-    schedule = learning_rate_schedule(config, total_steps=12)
+    schedule = learning_rate_schedule(OptimizerSettings(learning_rate=1.0, warmup_steps=4, total_steps=12))
     # As open_clip: (step + 1) / warmup during warmup, then a half cosine over the remaining 8.
     expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: (1 + math.cos(math.pi / 4)) / 2, 8: 0.5, 12: 0.0}
     for step, value in expected.items():
         assert float(schedule(step)) == pytest.approx(value, abs=1e-6), step
-    with pytest.raises(ValueError, match=r"warmup_steps \(12\) .* total_steps \(12\)"):
-        learning_rate_schedule(ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=12)), 12)
+    with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be >= 0 and below total_steps \(12\); got 12"):
+        OptimizerSettings(learning_rate=1.0, warmup_steps=12, total_steps=12)
 
 
 def toy_params():
@@ -180,8 +202,8 @@ def test_regex_mask_matches_slash_joined_paths():
 
 
 def test_weight_decay_mask_and_freeze_regex_select_the_right_leaves():
-    config = make_config(warmup_steps=0, weight_decay=0.5, learning_rate=0.1, freeze_regex="^visual/").optimizer
-    optimizer = make_optimizer(config, total_steps=10)
+    config = make_config(warmup_steps=0, weight_decay=0.5, learning_rate=0.1, freeze_regex="^visual/", total_steps=10)
+    optimizer = config.tx
     params = toy_params()
     state = optimizer.init(params)
     # Zero gradients: Adam's step is 0, so only decoupled weight decay moves a parameter, by
@@ -200,13 +222,13 @@ def test_weight_decay_mask_and_freeze_regex_select_the_right_leaves():
 
 
 def test_a_freeze_regex_matching_nothing_is_an_error():
-    optimizer = make_optimizer(make_config(freeze_regex="^vision/").optimizer, total_steps=10)
+    optimizer = make_config(freeze_regex="^vision/", total_steps=10).tx
     with pytest.raises(ValueError, match=r"freeze_regex '\^vision/' matches no parameter"):
         optimizer.init(toy_params())
 
 
 def test_gradients_are_clipped_by_their_global_norm():
-    optimizer = make_optimizer(make_config(grad_clip_norm=1.0, b1=0.0).optimizer, total_steps=10)
+    optimizer = make_config(grad_clip_norm=1.0, b1=0.0, total_steps=10).tx
     params = {"w": jnp.zeros(4)}
     _, state = optimizer.update({"w": jnp.full(4, 3.0)}, optimizer.init(params), params)
     # The gradient (norm 6) is scaled to norm 1 before Adam sees it.
@@ -232,7 +254,7 @@ def test_state_is_created_sharded_over_fsdp(vit):
 def test_abstract_state_has_shapes_and_shardings_and_float32_master_weights():
     model = create_model("tiny-vit", dtype="bfloat16")
     config = make_config(mesh=(1, 8, 1))
-    abstract, shardings = abstract_train_state(config, model, make_mesh(config.mesh))
+    abstract, shardings = abstract_state(config, model, make_mesh(config.mesh))
     projection = abstract.params["visual"]["projection"]
     assert projection.shape == (64, 32) and projection.dtype == jnp.float32
     assert projection.sharding == shardings.params["visual"]["projection"]
@@ -243,7 +265,8 @@ def test_abstract_state_has_shapes_and_shardings_and_float32_master_weights():
 
 
 def state_on(host_state, config, model, mesh):
-    _, shardings = abstract_train_state(config, model, mesh)
+    _, shardings = abstract_state(config, model, mesh)
+    host_state = host_state.replace(tx=shardings.tx)
     return jax.device_put(host_state, shardings), shardings
 
 
@@ -274,12 +297,12 @@ def test_sharded_step_equals_the_single_device_loss_and_gradients(vit, case):
     config = make_config(loss, impl, mesh_shape, accumulation_steps, freeze_regex="^visual/" if frozen else "")
     mesh = make_mesh(config.mesh)
     if frozen:  # the optimizer state of a frozen tower is empty: start from zeros of its shape
-        abstract, _ = abstract_train_state(config, model, mesh)
+        abstract, _ = abstract_state(config, model, mesh)
         zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract.opt_state)
         host_state = host_state.replace(opt_state=zeros)
     state, shardings = state_on(host_state, config, model, mesh)
     batch = on_mesh(vit["images"], vit["texts"], mesh)
-    train_step = make_train_step(model, config, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
+    train_step = make_train_step(model, config.step, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
     new_state, metrics = train_step(state, batch)
 
     reference = vit["reference"](*jax.device_put((host_state.params, vit["images"], vit["texts"]), vit["device"]))
@@ -337,13 +360,12 @@ def poisoned(images, row=5):
 @pytest.mark.parametrize("accumulation_steps, policy", [(1, "skip"), (4, "stop")])
 def test_a_non_finite_step_leaves_the_state_as_it_was_and_is_counted(vit, accumulation_steps, policy):
     model = vit["model"]
-    config = make_config(mesh=(2, 4, 1), accumulation_steps=accumulation_steps)
-    config.nonfinite.policy = policy
+    config = make_config(mesh=(2, 4, 1), accumulation_steps=accumulation_steps, policy=policy)
     mesh = make_mesh(config.mesh)
     state, shardings = state_on(vit["host_state"], config, model, mesh)
     batch = on_mesh(vit["images"], vit["texts"], mesh)
     nan_batch = on_mesh(poisoned(vit["images"]), vit["texts"], mesh)
-    train_step = make_train_step(model, config, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
+    train_step = make_train_step(model, config.step, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
     before = jax.device_get(state)
 
     for skipped in (1, 2):
@@ -380,7 +402,7 @@ def test_a_non_finite_step_leaves_the_state_as_it_was_and_is_counted(vit, accumu
 def resnet_host_state(model, config, mesh, seed=1):
     """Random parameters and BatchNorm statistics of a tiny ResNet filled on the host: cheaper than
     compiling the model's initialiser, and any values serve the comparison."""
-    abstract, _ = abstract_train_state(config, model, mesh)
+    abstract, _ = abstract_state(config, model, mesh)
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda leaf: rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype), abstract.params)
     batch_stats = {
@@ -394,14 +416,13 @@ def resnet_host_state(model, config, mesh, seed=1):
 
 def test_resnet_batch_norm_statistics_flow_through_the_step():
     model = create_model("tiny-resnet", vision=dict(image_size=32), text=dict(layers=1))
-    config = make_config("softmax", "all_gather", (2, 4, 1))
-    config.train_batch_norm = True
+    config = make_config("softmax", "all_gather", (2, 4, 1), train_batch_norm=True)
     mesh = make_mesh(config.mesh)
     host_state = resnet_host_state(model, config, mesh)
     state, shardings = state_on(host_state, config, model, mesh)
     images, texts = random_batch(model, seed=2)
     batch = on_mesh(images, texts, mesh)
-    train_step = make_train_step(model, config, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
+    train_step = make_train_step(model, config.step, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
     new_state, metrics = train_step(state, batch)
 
     def reference_loss(params, batch_stats, images, texts):
@@ -450,14 +471,11 @@ def test_configuration_errors_are_raised_before_compiling(vit):
     shardings = vit["state_shardings"]
     no_bias = create_model("tiny-vit")
     with pytest.raises(ValueError, match="sigmoid loss needs a model with a learned logit bias"):
-        make_train_step(no_bias, make_config("sigmoid"), mesh, shardings)
-    with pytest.raises(ValueError, match="unknown loss 'cosine'"):
-        make_train_step(vit["model"], make_config("cosine"), mesh, shardings)
-    config = make_config()
-    config.global_batch_size = 20
+        make_train_step(no_bias, make_config("sigmoid").step, mesh, shardings)
+    with pytest.raises(ValueError, match="loss.name must be one of .*; got 'cosine'"):
+        make_config("cosine")
     with pytest.raises(ValueError, match="global batch size 20 is not divisible by the 8 batch-axis devices"):
-        make_train_step(vit["model"], config, mesh, shardings)
-    config = make_config(accumulation_steps=2)
-    config.global_batch_size = 24  # 3 examples per device cannot form 2 equal micro-batches
+        make_train_step(vit["model"], make_config(global_batch_size=20).step, mesh, shardings)
+    # 3 examples per device cannot form 2 equal micro-batches
     with pytest.raises(ValueError, match="2 micro-batches"):
-        make_train_step(vit["model"], config, mesh, shardings)
+        make_train_step(vit["model"], make_config(accumulation_steps=2, global_batch_size=24).step, mesh, shardings)

@@ -13,8 +13,17 @@ from clip_jax import transforms
 # thin strips, already the target size, and crop surpluses of 1 and 3 pixels (where the
 # center crop's round-half-to-even matters).
 SIZES_224 = [
-    (300, 200), (200, 300), (256, 256), (100, 60), (225, 223), (333, 517),
-    (2, 150), (150, 2), (224, 224), (224, 225), (227, 224),
+    (300, 200),
+    (200, 300),
+    (256, 256),
+    (100, 60),
+    (225, 223),
+    (333, 517),
+    (2, 150),
+    (150, 2),
+    (224, 224),
+    (224, 225),
+    (227, 224),
 ]
 # One-pixel strips become 224 x 112000 before the crop (about a second each), so only a
 # few modes run them.
@@ -175,9 +184,11 @@ def test_train_transform_matches_open_clip_for_the_same_crop_box(open_clip, monk
 @pytest.mark.parametrize(
     "width, height, scale",
     [
-        (1, 500, (0.9, 1.0)), (500, 1, (0.9, 1.0)),
+        (1, 500, (0.9, 1.0)),
+        (500, 1, (0.9, 1.0)),
         # 5 / (3/4) and 5 * (4/3) are 6.67: rounding, not truncation, of the clamped side.
-        (5, 700, (0.9, 1.0)), (700, 5, (0.9, 1.0)),
+        (5, 700, (0.9, 1.0)),
+        (700, 5, (0.9, 1.0)),
         # No box can exceed the image: the fallback is the whole image.
         (100, 80, (2.0, 3.0)),
     ],
@@ -215,12 +226,14 @@ def test_sampled_boxes_fit_and_follow_torchvision_distribution(open_clip):
 
     def summary(boxes: np.ndarray) -> np.ndarray:
         box_top, box_left, box_height, box_width = boxes.T.astype(float)
-        return np.array([
-            np.mean(box_height * box_width / (width * height)),
-            np.mean(np.log(box_width / box_height)),
-            np.mean((box_top + box_height / 2) / height),
-            np.mean((box_left + box_width / 2) / width),
-        ])
+        return np.array(
+            [
+                np.mean(box_height * box_width / (width * height)),
+                np.mean(np.log(box_width / box_height)),
+                np.mean((box_top + box_height / 2) / height),
+                np.mean((box_left + box_width / 2) / width),
+            ]
+        )
 
     ours_summary, theirs_summary = summary(ours), summary(theirs)
     print(f"box statistics (area, log aspect, center y, center x): ours {ours_summary}, torchvision {theirs_summary}")

@@ -66,9 +66,7 @@ def open_clip_pair():
 def _random_images(count: int, seed: int) -> list[PIL.Image.Image]:
     rng = np.random.default_rng(seed)
     sizes = [(40, 48), (48, 40), (32, 32), (57, 33)]
-    return [
-        PIL.Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(count)
-    ]
+    return [PIL.Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(count)]
 
 
 def test_classifier_and_predictions_match_open_clip(open_clip_pair):
@@ -78,7 +76,9 @@ def test_classifier_and_predictions_match_open_clip(open_clip_pair):
 
     reference, reference_tokenizer, model, variables = open_clip_pair
     templates = templates_module.IMAGENET_TEMPLATES[:6]
-    expected = build_zero_shot_classifier(reference, reference_tokenizer, CLASS_NAMES, templates, num_classes_per_batch=3)
+    expected = build_zero_shot_classifier(
+        reference, reference_tokenizer, CLASS_NAMES, templates, num_classes_per_batch=3
+    )
     expected = expected.numpy().T  # open_clip: (embed_dim, classes)
 
     classifier = zero_shot_classifier(model, variables, ClipTokenizer(context_length=77), CLASS_NAMES, templates)
@@ -88,8 +88,10 @@ def test_classifier_and_predictions_match_open_clip(open_clip_pair):
     images = _random_images(24, seed=1)
     reference_preprocess = image_transform(32, is_train=False)
     with torch.no_grad():
-        reference_features = reference.encode_image(torch.stack([reference_preprocess(i) for i in images]), normalize=True)
-    reference_logits = (reference_features.numpy() @ expected.T)
+        reference_features = reference.encode_image(
+            torch.stack([reference_preprocess(i) for i in images]), normalize=True
+        )
+    reference_logits = reference_features.numpy() @ expected.T
 
     encoder = Encoder(model, variables, batch_size=8)
     features, _ = extract_image_features(encoder, [{"images": images[:10]}, {"images": images[10:]}], label_key=None)
@@ -216,8 +218,14 @@ def test_zero_shot_evaluate_on_the_synthetic_dataset(open_clip_pair):
     tokenizer = ClipTokenizer(context_length=77)
     batches = [dataset.get_batch("held_out", np.arange(start, start + 10)) for start in (0, 10, 20)]
     results = zero_shot_evaluate(
-        model, variables, tokenizer, batches, dataset.all_class_names, dataset.zero_shot_templates,
-        class_subset=dataset.held_out_labels, batch_size=16,
+        model,
+        variables,
+        tokenizer,
+        batches,
+        dataset.all_class_names,
+        dataset.zero_shot_templates,
+        class_subset=dataset.held_out_labels,
+        batch_size=16,
     )
     # The same numbers by hand: embed, score, rank among the held-out classes.
     encoder = Encoder(model, variables)
@@ -248,7 +256,9 @@ def test_every_dataset_has_distinct_names_and_valid_templates(name):
     prompts = templates_module.get_prompts(name)
     repeated = sorted({n for n in prompts.class_names if prompts.class_names.count(n) > 1})
     # OpenAI's curated ImageNet names repeat two (two WordNet senses each); nothing else may.
-    assert repeated == (["missile", "sunglasses"] if prompts.class_names == templates_module.IMAGENET_CLASS_NAMES else [])
+    assert repeated == (
+        ["missile", "sunglasses"] if prompts.class_names == templates_module.IMAGENET_CLASS_NAMES else []
+    )
     for template in prompts.templates:
         assert template.count("{}") == 1
     assert templates_module.get_prompts(f"{name}:1.0.0") is prompts

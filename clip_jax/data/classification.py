@@ -1,7 +1,7 @@
 """TFDS classification datasets for evaluation (ImageNet and its shifts, CIFAR, Food-101, ...):
 class names and batches of eval-transformed images with labels, split across processes.
 
-Images go through the same decoding as training (clip_jax.data.pipeline) but with OpenAI's eval
+Images go through the same decoding as training (clip_jax.data.decode) but with OpenAI's eval
 transform; every process yields the same number of batches (padded, with a mask) so that an SPMD
 evaluation step runs in lockstep on all of them.
 """
@@ -10,27 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from clip_jax import transforms
 from clip_jax.data import tfds as tfds_source
-from clip_jax.data.pipeline import (
-    ImageLimits,
-    PreparerWithReader,
+from clip_jax.data.decode import ImageLimits, decode_image
+from clip_jax.data.sources import (
     RawExample,
     RecordReader,
     SkippedExample,
-    WorkerPool,
     check_process_layout,
-    decode_image,
-    default_num_workers,
     even_share,
     example_contents,
     new_counters,
-    prepared_in_order,
 )
+from clip_jax.data.workers import PreparerWithReader, WorkerPool, default_num_workers, prepared_in_order
+from clip_jax.evaluation import templates
 
 # The split each benchmark is scored on.
 DEFAULT_SPLITS: dict[str, str] = {
@@ -76,10 +74,8 @@ def readable_class_names(dataset_name: str, label_names: tuple[str, ...]) -> tup
     """Class names for prompts: the curated list of clip_jax.evaluation.templates when it has one of
     the right length (ImageNet's label names are WordNet ids), else the label names with "_" -> " "."""
     try:
-        from clip_jax.evaluation import templates
-
         curated = templates.get_prompts(dataset_name).class_names
-    except (ImportError, ValueError, AttributeError):
+    except (ValueError, AttributeError):  # no prompts for this dataset, or none with class names
         curated = ()
     if len(curated) == len(label_names):
         return tuple(curated)
@@ -166,7 +162,9 @@ class ClassificationDataset:
         workers = num_workers or default_num_workers()
         pool = WorkerPool(PreparerWithReader(EvalPreparer(image_size), reader), workers, worker_kind)
         try:
-            stream = prepared_in_order(((record, None) for record in records), pool, 2 * batch_size + 32 * pool.num_workers)
+            stream = prepared_in_order(
+                ((record, None) for record in records), pool, 2 * batch_size + 32 * pool.num_workers
+            )
             for _ in range(self.num_batches(batch_size, process_count)):
                 images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
                 labels = np.zeros((batch_size,), np.int32)

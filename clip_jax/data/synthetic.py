@@ -8,6 +8,10 @@ are sentences whose opening frame ("a photo of", "a drawing of", ...) names the 
 is out of distribution, and an ensemble of frames covers styles a single prompt does not.
 Randomness comes from a counter-based hash of (seed, split, index), and images are drawn
 for a whole batch at once with numpy.
+
+Training reads it like any other corpus: `SyntheticSource` is an ExampleSource whose examples
+are ready-sized (drawn at the model's image size), which clip_jax.data.iterator turns into
+batches and resumes from its state as it does TFDS and WebDataset shards.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import ml_collections
 import numpy as np
+
+from clip_jax.data.sources import RawExample, mix64
 
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
 COLOR_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -169,9 +176,7 @@ def _star_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _cross_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     absolute_u, absolute_v = np.abs(u), np.abs(v)
-    return ((absolute_u <= 0.3) & (absolute_v <= 0.95)) | (
-        (absolute_u <= 0.95) & (absolute_v <= 0.3)
-    )
+    return ((absolute_u <= 0.3) & (absolute_v <= 0.95)) | ((absolute_u <= 0.95) & (absolute_v <= 0.3))
 
 
 def _ring_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -257,9 +262,7 @@ class SyntheticShapesConfig:
         if not 0 <= self.num_held_out <= len(self.colors) * len(self.shapes):
             raise ValueError(f"num_held_out out of range: {self.num_held_out}")
         if not 0.0 <= self.max_rotation_degrees <= 45.0:
-            raise ValueError(
-                f"max_rotation_degrees must be in [0, 45], got {self.max_rotation_degrees}"
-            )
+            raise ValueError(f"max_rotation_degrees must be in [0, 45], got {self.max_rotation_degrees}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +278,7 @@ class ExampleDescription:
     caption: str
 
 
-def process_batch_indices(
-    step: int, global_batch_size: int, process_index: int, process_count: int
-) -> np.ndarray:
+def process_batch_indices(step: int, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
     """Example indices this process loads at `step`: its contiguous slice of the global batch.
 
     The global batch of step s is examples [s * B, (s + 1) * B); process p takes rows
@@ -290,10 +291,7 @@ def process_batch_indices(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size % process_count != 0:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by "
-            f"process_count {process_count}"
-        )
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
     if step < 0:
         raise ValueError(f"step must be non-negative, got {step}")
     local_batch_size = global_batch_size // process_count
@@ -320,8 +318,7 @@ def _choose_held_out_combinations(
         combinations.append((int(color_order[color_slot]), int(shape_order[shape_slot])))
     if len(set(combinations)) != len(combinations):
         raise ValueError(
-            f"cannot hold out {num_held_out} distinct combinations of {num_colors} colours "
-            f"and {num_shapes} shapes"
+            f"cannot hold out {num_held_out} distinct combinations of {num_colors} colours and {num_shapes} shapes"
         )
     held_out = set(combinations)
     for color_index in range(num_colors):
@@ -349,9 +346,7 @@ def _background_palette(shape_colors: Sequence[tuple[int, int, int]]) -> np.ndar
     distances = np.linalg.norm(candidates_array[:, None, :] - colors[None, :, :], axis=-1)
     kept = candidates_array[distances.min(axis=1) >= _BACKGROUND_MIN_DISTANCE]
     if len(kept) < 4:
-        raise ValueError(
-            f"colours {shape_colors} leave too few distinct background colours ({len(kept)})"
-        )
+        raise ValueError(f"colours {shape_colors} leave too few distinct background colours ({len(kept)})")
     return kept
 
 
@@ -364,26 +359,17 @@ _NUM_UNIFORMS = 19  # per-example random numbers; see SyntheticShapes._parameter
 _PIXELS_PER_CHUNK = 1 << 20  # bounds the temporaries of one vectorised drawing pass
 
 
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a one-to-one scramble of uint64 values (wrapping arithmetic)."""
-    values = values ^ (values >> np.uint64(30))
-    values = values * np.uint64(0xBF58476D1CE4E5B9)
-    values = values ^ (values >> np.uint64(27))
-    values = values * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
-
-
 def _example_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
     """One uint64 key per example, (n,); distinct indices give distinct keys."""
-    seed_key = _mix64(np.array([seed], dtype=np.uint64))
-    split_key = _mix64(seed_key + np.array([split_id + 1], dtype=np.uint64) * _GOLDEN_GAMMA)
-    return _mix64(split_key ^ (indices.astype(np.uint64) * _INDEX_MULTIPLIER))
+    seed_key = mix64(np.array([seed], dtype=np.uint64))
+    split_key = mix64(seed_key + np.array([split_id + 1], dtype=np.uint64) * _GOLDEN_GAMMA)
+    return mix64(split_key ^ (indices.astype(np.uint64) * _INDEX_MULTIPLIER))
 
 
 def _random_words(keys: np.ndarray, first_stream: int, count: int) -> np.ndarray:
     """Streams first_stream .. first_stream+count-1 of each key: uint64 (n, count)."""
     streams = np.arange(first_stream + 1, first_stream + count + 1, dtype=np.uint64)
-    return _mix64(keys[:, None] + streams[None, :] * _GOLDEN_GAMMA)
+    return mix64(keys[:, None] + streams[None, :] * _GOLDEN_GAMMA)
 
 
 def _uniforms(keys: np.ndarray, count: int) -> np.ndarray:
@@ -487,9 +473,7 @@ class SyntheticShapes:
         chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
         for start in range(0, len(indices), chunk):
             rows = slice(start, start + chunk)
-            self._draw(
-                {name: values[rows] for name, values in parameters.items()}, images[rows]
-            )
+            self._draw({name: values[rows] for name, values in parameters.items()}, images[rows])
         return {
             "images": images,
             "captions": [description.caption for description in self._descriptions(parameters)],
@@ -503,18 +487,19 @@ class SyntheticShapes:
         process_index: int = 0,
         process_count: int = 1,
         start_step: int = 0,
-    ) -> "SyntheticBatchIterator":
+    ) -> SyntheticBatchIterator:
         """Endless iterator over this process's share of each global batch, from `start_step`."""
-        return SyntheticBatchIterator(
-            self, split, global_batch_size, process_index, process_count, start_step
-        )
+        return SyntheticBatchIterator(self, split, global_batch_size, process_index, process_count, start_step)
 
     def all_captions_sample(self, count: int) -> list[str]:
         """Captions of train examples 0 .. count-1 (no images drawn), e.g. to fit a tokenizer."""
         if count < 0:
             raise ValueError(f"count must be non-negative, got {count}")
-        indices = np.arange(count, dtype=np.int64)
-        parameters = self._parameters("train", self._checked_indices("train", indices))
+        return self.captions("train", np.arange(count, dtype=np.int64))
+
+    def captions(self, split: str, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Captions of examples `indices` of `split`, without drawing their images."""
+        parameters = self._parameters(split, self._checked_indices(split, indices))
         return [description.caption for description in self._descriptions(parameters)]
 
     # --- generation
@@ -523,9 +508,7 @@ class SyntheticShapes:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
         if len(self._labels_by_split[split]) == 0:
-            raise ValueError(
-                f"split {split!r} is empty with num_held_out={self.config.num_held_out}"
-            )
+            raise ValueError(f"split {split!r} is empty with num_held_out={self.config.num_held_out}")
         array = np.asarray(indices)
         if array.size == 0:
             return np.zeros((0,), dtype=np.int64)
@@ -551,23 +534,8 @@ class SyntheticShapes:
         num_backgrounds = len(self._background_colors)
         first_background = choice(7, num_backgrounds)
         # Offset by 1 .. N-1 places so a two-colour background never repeats its colour.
-        second_background = (
-            first_background + 1 + choice(8, num_backgrounds - 1)
-        ) % num_backgrounds
+        second_background = (first_background + 1 + choice(8, num_backgrounds - 1)) % num_backgrounds
 
-        size = self.config.image_size
-        low, high = self._size_ranges[size_index, 0], self._size_ranges[size_index, 1]
-        radius = size * (low + (high - low) * uniforms[:, 11])  # pixels, (n,)
-        reach = radius * _SHAPE_EXTENT
-        margin = 0.04 * size
-        # Room between the image centre and the farthest centre that keeps the shape inside.
-        free = np.maximum(0.0, size / 2.0 - reach - margin)
-        horizontal = self._position_offsets[position_index, 0]
-        vertical = self._position_offsets[position_index, 1]
-        center_x = size / 2.0 + horizontal * free + (uniforms[:, 12] - 0.5) * 0.4 * free
-        center_y = size / 2.0 + vertical * free + (uniforms[:, 13] - 0.5) * 0.4 * free
-        rotation_degrees = (uniforms[:, 14] * 2.0 - 1.0) * self.config.max_rotation_degrees
-        rotation = rotation_degrees * (math.pi / 180.0)
         background_angle = uniforms[:, 9] * 2.0 * math.pi
         jitter = np.stack(
             [choice(column, 2 * _COLOR_JITTER + 1) - _COLOR_JITTER for column in (15, 16, 17)],
@@ -593,12 +561,31 @@ class SyntheticShapes:
             "background_cosine": np.array([math.cos(a) for a in background_angle]),
             "background_sine": np.array([math.sin(a) for a in background_angle]),
             "period_fraction": 0.08 + 0.08 * uniforms[:, 10],  # of the image side
+            **self._placement(size_index, position_index, uniforms),
+            "shape_color": shape_color.astype(np.uint8),  # (n, 3)
+        }
+
+    def _placement(self, size_index: np.ndarray, position_index: np.ndarray, uniforms: np.ndarray) -> dict:
+        """Each shape's radius, centre (pixels) and rotation, from its size and position names and
+        its uniforms; arrays of shape (n,)."""
+        size = self.config.image_size
+        low, high = self._size_ranges[size_index, 0], self._size_ranges[size_index, 1]
+        radius = size * (low + (high - low) * uniforms[:, 11])  # pixels, (n,)
+        reach = radius * _SHAPE_EXTENT
+        margin = 0.04 * size
+        # Room between the image centre and the farthest centre that keeps the shape inside.
+        free = np.maximum(0.0, size / 2.0 - reach - margin)
+        horizontal = self._position_offsets[position_index, 0]
+        vertical = self._position_offsets[position_index, 1]
+        rotation_degrees = (uniforms[:, 14] * 2.0 - 1.0) * self.config.max_rotation_degrees
+        rotation = rotation_degrees * (math.pi / 180.0)
+        return {
             "radius": radius,
-            "center_x": center_x,
-            "center_y": center_y,
+            "center_x": size / 2.0 + horizontal * free + (uniforms[:, 12] - 0.5) * 0.4 * free,
+            "center_y": size / 2.0 + vertical * free + (uniforms[:, 13] - 0.5) * 0.4 * free,
+            # Python's math, as for the background angle above.
             "rotation_cosine": np.array([math.cos(a) for a in rotation]),
             "rotation_sine": np.array([math.sin(a) for a in rotation]),
-            "shape_color": shape_color.astype(np.uint8),  # (n, 3)
         }
 
     def _descriptions(self, parameters: dict[str, np.ndarray]) -> list[ExampleDescription]:
@@ -642,9 +629,7 @@ class SyntheticShapes:
         """
         weight = self._background_weights(parameters)  # (n, H, W), 0 = first colour
         masks = self._shape_masks(parameters)  # (n, H, W)
-        noisy_rows = np.flatnonzero(
-            parameters["background_index"] == BACKGROUND_KINDS.index("noisy")
-        )
+        noisy_rows = np.flatnonzero(parameters["background_index"] == BACKGROUND_KINDS.index("noisy"))
         noise = self._grey_noise(parameters["key"][noisy_rows])  # (m, H, W)
         # One colour channel at a time: numpy's inner loops then run along image rows,
         # where a trailing axis of 3 would make them three elements long (several times slower).
@@ -668,9 +653,9 @@ class SyntheticShapes:
             if rows.size == 0 or kind in ("plain", "noisy"):
                 continue  # one colour only: weight stays 0
             if kind == "checkered":
-                cell = np.maximum(
-                    2.0, np.floor(size * parameters["period_fraction"][rows])
-                ).astype(np.float32)[:, None, None]  # pixels, (m, 1, 1)
+                cell = np.maximum(2.0, np.floor(size * parameters["period_fraction"][rows])).astype(np.float32)[
+                    :, None, None
+                ]  # pixels, (m, 1, 1)
                 parity = np.floor(self._pixel_x / cell) + np.floor(self._pixel_y / cell)
                 weight[rows] = parity % 2.0
                 continue
@@ -682,9 +667,7 @@ class SyntheticShapes:
                 highest = along.max(axis=(1, 2), keepdims=True)
                 weight[rows] = (along - lowest) / (highest - lowest)
             elif kind == "striped":
-                half_period = (size * parameters["period_fraction"][rows] / 2.0).astype(
-                    np.float32
-                )[:, None, None]
+                half_period = (size * parameters["period_fraction"][rows] / 2.0).astype(np.float32)[:, None, None]
                 weight[rows] = np.floor(along / half_period) % 2.0
             else:
                 raise AssertionError(f"unhandled background kind {kind!r}")
@@ -708,7 +691,7 @@ class SyntheticShapes:
             if rows.size == 0:
                 continue
 
-            def per_example(name: str) -> np.ndarray:
+            def per_example(name: str, rows: np.ndarray = rows) -> np.ndarray:
                 return parameters[name][rows].astype(np.float32)[:, None, None]  # (m, 1, 1)
 
             radius = per_example("radius")
@@ -752,9 +735,105 @@ class SyntheticBatchIterator:
         return self
 
     def __next__(self) -> dict:
-        indices = process_batch_indices(
-            self.step, self.global_batch_size, self.process_index, self.process_count
-        )
+        indices = process_batch_indices(self.step, self.global_batch_size, self.process_index, self.process_count)
         batch = self.dataset.get_batch(self.split, indices)
         self.step += 1
         return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in dataset as a training source (clip_jax.data.sources.ExampleSource).
+# --------------------------------------------------------------------------------------------
+
+# Train examples between the starts of two epochs of SyntheticSource. The stream is endless, so an
+# epoch only begins anew when a resume changes the topology (the iterator then moves to the next
+# epoch); this is more than any run reads, so epochs never overlap.
+EPOCH_STRIDE = 2**40
+# Examples drawn in one vectorised pass: as fast per example as a whole batch (measured at 32 px),
+# with a bounded amount of memory whatever the batch size. Captions alone are cheap and small, so
+# a tokenizer's sample takes them in larger passes.
+_DRAW_CHUNK = 64
+_CAPTION_CHUNK = 1024
+
+
+class SyntheticSource:
+    """The "train" split of the built-in dataset as this process's stream of raw examples.
+
+    The global batch of step s is train examples [s * B, (s + 1) * B) and process p reads its
+    contiguous rows of it (`process_batch_indices`), so the batches a TrainIterator makes from
+    this source are those of every earlier version of the default run, in any topology. Position
+    {"epoch", "offset"}: the next example is this process's `offset`-th of epoch `epoch`.
+    Images are drawn at the model's size, so they are ready-sized (no random resized crop).
+    """
+
+    ready_sized = True
+
+    def __init__(
+        self, dataset: SyntheticShapes, global_batch_size: int, process_index: int, process_count: int
+    ) -> None:
+        process_batch_indices(0, global_batch_size, process_index, process_count)  # raises on a bad layout
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.local_batch_size = global_batch_size // process_count
+
+    def fingerprint(self) -> str:
+        config = self.dataset.config
+        return (
+            f"synthetic: seed {config.seed}, {config.num_held_out} held out, {config.image_size} px, "
+            f"global batch {self.global_batch_size}"
+        )
+
+    def initial_position(self) -> dict[str, int]:
+        return {"epoch": 0, "offset": 0}
+
+    def record_reader(self) -> None:
+        return None  # examples carry their pixels
+
+    def example_indices(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        """Train example indices of this process's `offsets`-th examples of epoch `epoch`."""
+        steps, rows = np.divmod(np.asarray(offsets, dtype=np.int64), self.local_batch_size)
+        first_row = self.process_index * self.local_batch_size
+        return epoch * EPOCH_STRIDE + steps * self.global_batch_size + first_row + rows
+
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        epoch, offset = int(position["epoch"]), int(position["offset"])
+        if epoch < 0 or offset < 0:
+            raise ValueError(f"invalid synthetic position {dict(position)!r}")
+        while True:
+            chunk = _CAPTION_CHUNK if text_only else _DRAW_CHUNK
+            indices = self.example_indices(epoch, np.arange(offset, offset + chunk))
+            if text_only:  # a tokenizer's sample: captions cost a fraction of drawing
+                images: Sequence[np.ndarray | None] = [None] * len(indices)
+                captions = self.dataset.captions("train", indices)
+            else:
+                batch = self.dataset.get_batch("train", indices)
+                images, captions = batch["images"], batch["captions"]
+            for row, index in enumerate(indices.tolist()):
+                description = f"synthetic train example {index}"
+                example = RawExample(images[row], captions[row], (index,), epoch, description=description)
+                yield example, {"epoch": epoch, "offset": offset + row + 1}
+            offset += len(indices)
+
+    def close(self) -> None:
+        pass
+
+
+def source_from_config(
+    data_config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    image_size: int,
+    global_batch_size: int,
+) -> SyntheticSource:
+    """The built-in dataset of `config.data` (seed, num_held_out) drawn at the model's image size,
+    laid out in the run's global batches."""
+    dataset = SyntheticShapes(
+        SyntheticShapesConfig(
+            image_size=int(image_size), seed=int(data_config.seed), num_held_out=int(data_config.num_held_out)
+        )
+    )
+    return SyntheticSource(dataset, int(global_batch_size), process_index, process_count)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from clip_jax.data.pipeline import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
+from clip_jax.data.sources import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
 
 READERS: tuple[str, ...] = ("auto", "data_source", "tf_data")
 IMAGE_DECODERS: tuple[str, ...] = ("pipeline", "tfds")
@@ -96,7 +97,9 @@ class FeatureKeys:
     decoders: dict[str, Any] | None  # TFDS `decoders=` (SkipDecoding of the image), or None
 
 
-def feature_keys(builder: Any, image_key: str, text_key: str, image_decoder: str, needs_text: bool = True) -> FeatureKeys:
+def feature_keys(
+    builder: Any, image_key: str, text_key: str, image_decoder: str, needs_text: bool = True
+) -> FeatureKeys:
     """Checks the builder has the features the config names and returns their key paths."""
     tfds = import_tfds()
     if image_decoder not in IMAGE_DECODERS:
@@ -202,7 +205,9 @@ def load_tf_data(
             decoders=decoders,
         )
     except Exception as error:
-        raise ValueError(f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}") from error
+        raise ValueError(
+            f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}"
+        ) from error
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -248,6 +253,8 @@ class TfdsRandomAccessSource:
     share each epoch. Position {"epoch", "offset"}: the next example is the offset-th of the
     epoch's permutation. An example's augmentation depends on its record index, not the topology."""
 
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
+
     def __init__(
         self,
         name: str,
@@ -280,10 +287,13 @@ class TfdsRandomAccessSource:
         share = self.end - self.start
         return self.start + permuted_indices(offsets, share, (self.seed, epoch, self.start, share))
 
-    def record_reader(self) -> "TfdsRecordReader":
+    def record_reader(self) -> TfdsRecordReader:
         return TfdsRecordReader(self.name, self.split, self.data_dir, self.keys, self._source)
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # images stay undecoded bytes until a worker prepares them: nothing to save
         epoch, offset = int(position["epoch"]), int(position["offset"])
         share = self.end - self.start
         while True:
@@ -312,6 +322,8 @@ class TfdsStreamingSource:
     a seeded shuffle buffer. Position {"epoch", "offset"}: examples of the epoch already used;
     resuming skips them again (read, not decoded)."""
 
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
+
     def __init__(
         self,
         name: str,
@@ -329,7 +341,9 @@ class TfdsStreamingSource:
         self.name, self.split, self.data_dir, self.keys = name, split, data_dir, keys
         self.process_index, self.process_count = process_index, process_count
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.process_split = import_tfds().split_for_jax_process(split, process_index=process_index, process_count=process_count)
+        self.process_split = import_tfds().split_for_jax_process(
+            split, process_index=process_index, process_count=process_count
+        )
         self._epoch_dataset(0)  # fails now, not at the first batch, if the data is missing
 
     def fingerprint(self) -> str:
@@ -360,7 +374,10 @@ class TfdsStreamingSource:
             dataset = dataset.skip(skip)
         return dataset.prefetch(2)
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # images stay undecoded bytes until a worker prepares them: nothing to save
         epoch, offset = int(position["epoch"]), int(position["offset"])
         tfds = import_tfds()
         while True:

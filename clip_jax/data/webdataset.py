@@ -9,7 +9,7 @@ position is just (epoch, window, offset) and resuming re-reads one window.
 Shards are streamed (plain, gzip, bzip2 or xz tars), never held whole, and reading one costs
 bounded memory whatever it holds: a member over its size cap is skipped unread, a shard stops
 after `max_shard_bytes` decompressed bytes, and links, devices and duplicate names are refused;
-each case is counted (pipeline.SKIP_REASONS).
+each case is counted (sources.SKIP_REASONS).
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import os
 import re
 import tarfile
 import zlib
-from typing import BinaryIO, Collection, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import BinaryIO, NamedTuple
 
 import ml_collections
+from etils import epath
 
-from clip_jax.data.pipeline import RawExample, check_process_layout, epoch_permutation
+from clip_jax import paths
+from clip_jax.data.sources import RawExample, check_process_layout, epoch_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +113,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [prefix + choice + rest for choice in choices for rest in expand_braces(suffix)]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def _split_directory(path: str) -> tuple[str, str]:
     directory, _, name = path.rpartition("/")
     return directory or ".", name
@@ -121,22 +120,14 @@ def _split_directory(path: str) -> tuple[str, str]:
 
 def _list_directory(directory: str) -> set[str] | None:
     """Names in `directory`, or None if it does not exist."""
-    if _is_remote(directory):
-        from etils import epath
-
-        path = epath.Path(directory)
-        if not path.exists():
-            return None
-        return {child.name for child in path.iterdir()}
-    if not os.path.isdir(directory):
+    path = epath.Path(directory)
+    if not path.is_dir():
         return None
-    return set(os.listdir(directory))
+    return {child.name for child in path.iterdir()}
 
 
 def _glob(pattern: str) -> list[str]:
-    if _is_remote(pattern):
-        from etils import epath
-
+    if not paths.is_local(pattern):  # an object store's glob matches file names only
         directory, name_pattern = _split_directory(pattern)
         if _GLOB_CHARACTERS.search(directory):
             raise ValueError(f"remote shard pattern {pattern!r}: only the file name may hold * ? [ ]")
@@ -186,30 +177,26 @@ def resolve_shards(patterns: str | Sequence[str]) -> list[str]:
         by_directory: dict[str, list[str]] = {}
         for path in explicit:
             by_directory.setdefault(_split_directory(path)[0], []).append(path)
-        for directory, paths in by_directory.items():
+        for directory, named in by_directory.items():
             names = _list_directory(directory)
             if names is None:
                 raise ValueError(
                     f"data.webdataset.shards: directory {directory!r} does not exist (from {pattern!r}); "
                     f"{SEVERAL_PATTERNS_HINT}"
                 )
-            missing = [path for path in paths if _split_directory(path)[1] not in names]
+            missing = [path for path in named if _split_directory(path)[1] not in names]
             if missing:
                 raise ValueError(
-                    f"data.webdataset.shards: {len(missing)} of the {len(paths)} shards named by {pattern!r} in "
+                    f"data.webdataset.shards: {len(missing)} of the {len(named)} shards named by {pattern!r} in "
                     f"{directory!r} do not exist, e.g. {missing[:3]}"
                 )
-            found.update(paths)
+            found.update(named)
     return sorted(found)
 
 
 def open_shard(path: str) -> BinaryIO:
     """The shard's bytes as a file object, read as they are needed (local or remote)."""
-    if _is_remote(path):
-        from etils import epath
-
-        return epath.Path(path).open("rb")
-    return open(path, "rb")
+    return epath.Path(path).open("rb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +230,7 @@ class ShardLimits:
 
 class TarSample(NamedTuple):
     """One sample of a tar: its key, {extension: bytes} of the members read, and a
-    pipeline.SKIP_REASONS entry when a member made it unusable (its files are then not kept)."""
+    sources.SKIP_REASONS entry when a member made it unusable (its files are then not kept)."""
 
     key: str
     files: dict[str, bytes]
@@ -310,6 +297,58 @@ def _decompressed(file: BinaryIO) -> BinaryIO:
 _BROKEN_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
 
 
+class _SampleGrouper:
+    """Groups consecutive tar members sharing a key into TarSamples, reading only the wanted ones
+    and marking (dropping the files of) a sample whose members break a rule (read_tar_samples)."""
+
+    def __init__(self, limits: ShardLimits, text_extension: str, wanted: Collection[str] | None) -> None:
+        self.limits, self.text_extension, self.wanted = limits, text_extension, wanted
+        self.samples: list[TarSample] = []
+        self.key: str | None = None
+        self.files: dict[str, bytes] = {}
+        self.seen: set[str] = set()
+        self.problem: str | None = None
+
+    def finish(self) -> None:
+        """Ends the sample being read (if any), keeping its files only when it has no problem."""
+        if self.key is not None:
+            self.samples.append(TarSample(self.key, {} if self.problem else self.files, self.problem))
+
+    def _mark(self, problem: str) -> None:
+        self.problem = self.problem or problem  # the first problem names the sample's
+
+    def add(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        """Takes the next member of the archive: starts a new sample on a new key, reads it or
+        marks the sample."""
+        if member.isdir():
+            return
+        member_key, extension = split_member_name(member.name)
+        if os.path.basename(member_key).startswith("."):  # macOS resource forks and the like
+            return
+        if member_key != self.key:
+            self.finish()
+            self.key, self.files, self.seen, self.problem = member_key, {}, set(), None
+        if self.wanted is not None and extension not in self.wanted:
+            return
+        if extension in self.seen:
+            self._mark("duplicate_member")
+            return
+        self.seen.add(extension)
+        if not member.isfile():
+            self._mark("link_member")
+            return
+        cap = self.limits.max_caption_bytes if extension == self.text_extension else self.limits.max_member_bytes
+        if member.size > cap:
+            self._mark("member_too_large")
+        if self.problem is not None:
+            return  # a sample already lost is not read on
+        handle = archive.extractfile(member)
+        content = handle.read() if handle is not None else b""
+        if len(content) != member.size:
+            raise tarfile.ReadError(f"member {member.name!r} is cut short")
+        self.files[extension] = content
+
+
 def read_tar_samples(
     source: bytes | BinaryIO,
     limits: ShardLimits = ShardLimits(),
@@ -328,19 +367,9 @@ def read_tar_samples(
     bytes, "member_too_large" when a header alone is too large; the samples before are kept, the
     one being read is dropped (it may be missing files)."""
     file = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-    text_extension = text_extension.lower().lstrip(".")
     wanted = None if extensions is None else {extension.lower() for extension in extensions}
-    samples: list[TarSample] = []
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    seen: set[str] = set()
-    problem: str | None = None
+    grouper = _SampleGrouper(limits, text_extension.lower().lstrip("."), wanted)
     shard_problem: str | None = None
-
-    def finish() -> None:
-        if key is not None:
-            samples.append(TarSample(key, {} if problem else files, problem))
-
     try:
         with tarfile.open(
             fileobj=_decompressed(file), mode="r|", tarinfo=_BoundedTarInfo, bufsize=_READ_BUFFER_BYTES
@@ -349,43 +378,17 @@ def read_tar_samples(
                 # Everything after the header, whether read or skipped, is decompressed.
                 if member.offset_data + member.size > limits.max_shard_bytes:
                     shard_problem = "shard_too_large"
-                    if split_member_name(member.name)[0] != key:
-                        finish()  # the sample before this member is whole
+                    if split_member_name(member.name)[0] != grouper.key:
+                        grouper.finish()  # the sample before this member is whole
                     break
-                if member.isdir():
-                    continue
-                member_key, extension = split_member_name(member.name)
-                if os.path.basename(member_key).startswith("."):  # macOS resource forks and the like
-                    continue
-                if member_key != key:
-                    finish()
-                    key, files, seen, problem = member_key, {}, set(), None
-                if wanted is not None and extension not in wanted:
-                    continue
-                if extension in seen:
-                    problem = problem or "duplicate_member"
-                    continue
-                seen.add(extension)
-                if not member.isfile():
-                    problem = problem or "link_member"
-                    continue
-                cap = limits.max_caption_bytes if extension == text_extension else limits.max_member_bytes
-                if member.size > cap:
-                    problem = problem or "member_too_large"
-                if problem is not None:
-                    continue  # a sample already lost is not read on
-                handle = archive.extractfile(member)
-                content = handle.read() if handle is not None else b""
-                if len(content) != member.size:
-                    raise tarfile.ReadError(f"member {member.name!r} is cut short")
-                files[extension] = content
+                grouper.add(archive, member)
     except _HeaderTooLarge:
         shard_problem = "member_too_large"
     except _BROKEN_SHARD_ERRORS:
         shard_problem = "truncated_shard"
     if shard_problem is None:
-        finish()
-    return samples, shard_problem
+        grouper.finish()
+    return grouper.samples, shard_problem
 
 
 def _pick_image(files: Mapping[str, bytes], image_extensions: Sequence[str]) -> bytes | None:
@@ -406,6 +409,8 @@ class WebDatasetSource:
     Position: {"epoch", "window", "offset"}: the next example is number `offset` of window `window`
     of epoch `epoch` of this process. The next window is read in the background.
     """
+
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
 
     def __init__(
         self,
@@ -519,7 +524,10 @@ class WebDatasetSource:
         order = epoch_permutation(len(samples), self.seed, epoch, self.process_index, window) if samples else []
         return problems + [samples[index] for index in order]
 
-    def examples(self, position: Mapping[str, int]) -> Iterator[tuple[RawExample, dict[str, int]]]:
+    def examples(
+        self, position: Mapping[str, int], text_only: bool = False
+    ) -> Iterator[tuple[RawExample, dict[str, int]]]:
+        del text_only  # a tar is read whole either way, and images stay undecoded bytes
         epoch, window, offset = int(position["epoch"]), int(position["window"]), int(position["offset"])
         if min(epoch, window, offset) < 0:
             raise ValueError(f"invalid webdataset position {dict(position)!r}")
@@ -551,7 +559,9 @@ class WebDatasetSource:
         self._reader.shutdown(wait=False, cancel_futures=True)
 
 
-def source_from_config(data_config: ml_collections.ConfigDict, process_index: int, process_count: int) -> WebDatasetSource:
+def source_from_config(
+    data_config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> WebDatasetSource:
     """The shards source of `config.data` (`data.webdataset.*`), shards resolved and checked now."""
     settings = data_config.webdataset
     extensions = [extension.strip() for extension in str(settings.image_extensions).split(",") if extension.strip()]

@@ -18,8 +18,19 @@ from clip_jax.evaluation.zero_shot import (
 )
 
 __all__ = [
-    "DatasetPrompts", "Encoder", "class_embeddings", "classification_metrics", "extract_image_features",
-    "few_shot", "fit_logistic_regression", "get_prompts", "preprocess_images",
-    "retrieval_evaluate", "retrieval_evaluate_model", "sample_few_shot", "zero_shot_classifier",
-    "zero_shot_evaluate", "zero_shot_predict",
+    "DatasetPrompts",
+    "Encoder",
+    "class_embeddings",
+    "classification_metrics",
+    "extract_image_features",
+    "few_shot",
+    "fit_logistic_regression",
+    "get_prompts",
+    "preprocess_images",
+    "retrieval_evaluate",
+    "retrieval_evaluate_model",
+    "sample_few_shot",
+    "zero_shot_classifier",
+    "zero_shot_evaluate",
+    "zero_shot_predict",
 ]

@@ -9,16 +9,19 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding
-from clip_jax.data import pipeline
+from clip_jax.data import decode
 from clip_jax.models import CLIP
+from clip_jax.transforms import make_eval_transform
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -138,7 +141,9 @@ class Encoder:
                 outputs.append(gather_from_processes(local))
             else:
                 # Each process supplies the rows of its own devices from the whole chunk it holds.
-                global_chunk = jax.make_array_from_callback(chunk.shape, self.batch_sharding, lambda index: chunk[index])
+                global_chunk = jax.make_array_from_callback(
+                    chunk.shape, self.batch_sharding, lambda index, chunk=chunk: chunk[index]
+                )
                 outputs.append(_to_host(embed(self.model, self.variables, global_chunk))[:rows])
         if not outputs:
             return np.zeros((0, self.embed_dim), np.float32)
@@ -149,8 +154,6 @@ def _to_host(array: jax.Array) -> np.ndarray:
     """A global array, whole, on every process."""
     if array.is_fully_addressable:
         return np.asarray(array)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -166,8 +169,6 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
     """Every process's `local` rows concatenated in process order (the same count on each)."""
     if jax.process_count() == 1:
         return np.asarray(local)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
@@ -185,12 +186,10 @@ def preprocess_images(images: Any, image_size: int, preprocess: Callable | None 
     """
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3):
         if images.dtype == np.uint8:
-            return pipeline.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
+            return decode.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
         if np.issubdtype(images.dtype, np.floating):
             return images.astype(np.float32)
     if preprocess is None:
-        from clip_jax.transforms import make_eval_transform
-
         preprocess = make_eval_transform(image_size)
     processed = [np.asarray(preprocess(image), np.float32) for image in images]
     if not processed:

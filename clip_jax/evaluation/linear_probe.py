@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,9 @@ def _solve(features, one_hot, weights, l2, initial, max_iterations: int, toleran
         _, state, previous, current = carry
         count = optax.tree.get(state, "count")
         gradient_norm = optax.tree.norm(optax.tree.get(state, "grad"))
-        stalled = previous - current <= LOSS_TOLERANCE * jnp.maximum(jnp.maximum(jnp.abs(previous), jnp.abs(current)), 1.0)
+        stalled = previous - current <= LOSS_TOLERANCE * jnp.maximum(
+            jnp.maximum(jnp.abs(previous), jnp.abs(current)), 1.0
+        )
         return (count == 0) | ((count < max_iterations) & (gradient_norm >= tolerance) & ~stalled)
 
     infinity = jnp.asarray(jnp.inf, jnp.float32)
@@ -218,7 +221,12 @@ def linear_probe(
     if len(validation_rows) == 0:
         raise ValueError("no class has two training examples: nothing to validate the regularisation on")
     train_features = np.asarray(train_features, np.float32)
-    fold = (train_features[fit_rows], train_labels[fit_rows], train_features[validation_rows], train_labels[validation_rows])
+    fold = (
+        train_features[fit_rows],
+        train_labels[fit_rows],
+        train_features[validation_rows],
+        train_labels[validation_rows],
+    )
     l2, sweep = select_l2([fold], num_classes, l2_grid, mesh)
     params = fit_logistic_regression(train_features, train_labels, num_classes, l2, mesh=mesh)
     results: dict[str, Any] = classification_metrics(predict_logits(params, test_features), test_labels, class_subset)

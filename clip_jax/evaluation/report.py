@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -35,11 +36,10 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_json(results: dict[str, Any], output_dir: str) -> str:
-    path = os.path.join(output_dir, JSON_FILE)
-    with open(path, "w") as file:
-        json.dump(_json_ready(results), file, indent=2)
-    return path
+def write_json(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    path = epath.Path(output_dir) / JSON_FILE
+    path.write_text(json.dumps(_json_ready(results), indent=2))
+    return os.fspath(path)
 
 
 def _percent(value: float | None) -> str:
@@ -63,13 +63,18 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if zero_shot:
         modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
         lines += ["## Zero-shot classification (top-1 %, top-5 % of the richest prompts)", ""]
-        lines += ["| dataset | " + " | ".join(f"top-1 {m}" for m in modes) + " | top-5 | mean per-class recall | classes | images |"]
+        lines += [
+            "| dataset | "
+            + " | ".join(f"top-1 {m}" for m in modes)
+            + " | top-5 | mean per-class recall | classes | images |"
+        ]
         lines += ["|---" * (len(modes) + 5) + "|"]
         for name, entry in zero_shot.items():
             best = entry[_best_mode(entry)]
             cells = [_percent(entry[m]["top1"]) if m in entry else "–" for m in modes]
             lines.append(
-                f"| {name} | " + " | ".join(cells)
+                f"| {name} | "
+                + " | ".join(cells)
                 + f" | {_percent(best.get('top5'))} | {_percent(best['mean_per_class_recall'])} | {best['num_classes']} | {best['num_examples']} |"
             )
         lines.append("")
@@ -78,11 +83,18 @@ def markdown_summary(results: dict[str, Any]) -> str:
         names = [k for k in next(iter(results["retrieval"].values())) if "R@" in k]
         lines += ["| dataset | " + " | ".join(names) + " | images | captions |", "|---" * (len(names) + 3) + "|"]
         for name, entry in results["retrieval"].items():
-            lines.append(f"| {name} | " + " | ".join(_percent(entry[k]) for k in names) + f" | {entry['num_images']} | {entry['num_texts']} |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_percent(entry[k]) for k in names)
+                + f" | {entry['num_images']} | {entry['num_texts']} |"
+            )
         lines.append("")
     if results.get("linear_probe"):
         lines += ["## Linear probe (L-BFGS logistic regression, L2 chosen on a validation split)", ""]
-        lines += ["| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, entry in results["linear_probe"].items():
             lines.append(
                 f"| {name} | {_percent(entry['top1'])} | {_percent(entry.get('top5'))} | "
@@ -92,7 +104,10 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if results.get("few_shot"):
         shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
         lines += ["## Few-shot linear probes (top-1 %, mean ± std over seeds) against zero-shot", ""]
-        lines += ["| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 2) + "|"]
+        lines += [
+            "| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+            "|---" * (len(shots) + 2) + "|",
+        ]
         for name, entry in results["few_shot"].items():
             zero = zero_shot.get(name, {})
             zero_cell = _percent(zero[_best_mode(zero)]["top1"]) if _best_mode(zero) else "–"
@@ -105,9 +120,13 @@ def markdown_summary(results: dict[str, Any]) -> str:
     if results.get("robustness"):
         summary = results["robustness"]
         lines += ["## Robustness to distribution shift (zero-shot top-1 %)", ""]
-        lines += ["| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |", "|---" * (len(summary["shift_top1"]) + 2) + "|"]
+        lines += [
+            "| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |",
+            "|---" * (len(summary["shift_top1"]) + 2) + "|",
+        ]
         lines.append(
-            f"| {_percent(summary['imagenet_top1'])} | " + " | ".join(_percent(v) for v in summary["shift_top1"].values())
+            f"| {_percent(summary['imagenet_top1'])} | "
+            + " | ".join(_percent(v) for v in summary["shift_top1"].values())
             + f" | {_percent(summary['mean_shift_top1'])} |"
         )
         lines.append("")
@@ -116,11 +135,10 @@ def markdown_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict[str, Any], output_dir: str) -> str:
-    path = os.path.join(output_dir, MARKDOWN_FILE)
-    with open(path, "w") as file:
-        file.write(markdown_summary(results))
-    return path
+def write_markdown(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    path = epath.Path(output_dir) / MARKDOWN_FILE
+    path.write_text(markdown_summary(results))
+    return os.fspath(path)
 
 
 def _pyplot():
@@ -140,7 +158,7 @@ def check_plotting_available() -> None:
         raise ImportError("PNG plots need matplotlib: pip install matplotlib (or pass --noplots)") from error
 
 
-def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
+def write_plots(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
     """The PNGs the results allow; returns their paths."""
     plt = _pyplot()
     written = []
@@ -155,7 +173,9 @@ def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
             runs = [entry["shots"].get(k) or entry["shots"].get(str(k)) for k in shots]
             means = np.array([100 * run["top1_mean"] for run in runs])
             stds = np.array([100 * run["top1_std"] for run in runs])
-            axis.errorbar(shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe")
+            axis.errorbar(
+                shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe"
+            )
             axis.fill_between(shots, means - stds, means + stds, color=color, alpha=0.15)
             mode = _best_mode(zero_shot.get(name, {}))
             if mode:
@@ -224,19 +244,21 @@ def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
     return written
 
 
-def _save(figure: Any, output_dir: str, filename: str) -> str:
-    path = os.path.join(output_dir, filename)
+def _save(figure: Any, output_dir: str | os.PathLike, filename: str) -> str:
+    path = epath.Path(output_dir) / filename
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with path.open("wb") as file:  # a file object: the output directory may be remote
+        figure.savefig(file, format="png", dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-    return path
+    return os.fspath(path)
 
 
-def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -> list[str]:
-    """results.json, results.md and (when `plots`) the PNGs into `output_dir`; returns the paths."""
-    os.makedirs(output_dir, exist_ok=True)
+def write_report(results: dict[str, Any], output_dir: str | os.PathLike, plots: bool = True) -> list[str]:
+    """results.json, results.md and (when `plots`) the PNGs into `output_dir` (local or remote);
+    returns the paths."""
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     paths = [write_json(results, output_dir), write_markdown(results, output_dir)]
     if plots:
         paths += write_plots(results, output_dir)

@@ -4,21 +4,27 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import sharding
+from clip_jax import sharding, transforms
+from clip_jax.data import tfds as tfds_source
+from clip_jax.data.classification import EVAL_IMAGE_LIMITS
+from clip_jax.data.decode import decode_image
+from clip_jax.data.sources import SkippedExample
 from clip_jax.evaluation.features import (
     Encoder,
-    rebatch,
     default_mesh,
     encode_prompts,
     preprocess_images,
+    rebatch,
 )
 
 RECALL_AT: tuple[int, ...] = (1, 5, 10)
@@ -39,7 +45,9 @@ def _text_to_image_ranks(text_chunk: jax.Array, correct_image: jax.Array, images
 
 
 @jax.jit
-def _image_to_text_ranks(image_chunk: jax.Array, chunk_image_ids: jax.Array, texts: jax.Array, text_to_image: jax.Array) -> jax.Array:
+def _image_to_text_ranks(
+    image_chunk: jax.Array, chunk_image_ids: jax.Array, texts: jax.Array, text_to_image: jax.Array
+) -> jax.Array:
     """Per image (chunk rows): how many captions of other images score >= its best caption.
     image_chunk (c, D), chunk_image_ids (c,), texts (M, D), text_to_image (M,) -> (c,) int32."""
     scores = jnp.matmul(image_chunk, texts.T, precision=jax.lax.Precision.HIGHEST)  # (c, M)
@@ -49,8 +57,12 @@ def _image_to_text_ranks(image_chunk: jax.Array, chunk_image_ids: jax.Array, tex
 
 
 def _chunked_ranks(
-    rank_fn: Callable, queries: np.ndarray, query_extras: Sequence[np.ndarray], replicated_args: Sequence[np.ndarray],
-    mesh: Mesh, chunk_size: int,
+    rank_fn: Callable,
+    queries: np.ndarray,
+    query_extras: Sequence[np.ndarray],
+    replicated_args: Sequence[np.ndarray],
+    mesh: Mesh,
+    chunk_size: int,
 ) -> np.ndarray:
     """Runs `rank_fn(query_chunk, *chunk_extras, *replicated_args)` over row chunks of `queries`,
     each chunk split over the mesh's batch axes (padded to a multiple of them)."""
@@ -71,8 +83,6 @@ def _chunked_ranks(
 
 
 def _gather(array: jax.Array) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -92,10 +102,14 @@ def retrieval_ranks(
     if image_features.ndim != 2 or text_features.ndim != 2 or image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"expected features (N, D) and (M, D), got {image_features.shape} and {text_features.shape}")
     if text_to_image.shape != (len(text_features),) or not np.issubdtype(text_to_image.dtype, np.integer):
-        raise ValueError(f"text_to_image must be {len(text_features)} integer image ids, got {text_to_image.shape} {text_to_image.dtype}")
+        raise ValueError(
+            f"text_to_image must be {len(text_features)} integer image ids, got {text_to_image.shape} {text_to_image.dtype}"
+        )
     num_images = len(image_features)
     if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
-        raise ValueError(f"text_to_image ranges over [{text_to_image.min()}, {text_to_image.max()}], not [0, {num_images})")
+        raise ValueError(
+            f"text_to_image ranges over [{text_to_image.min()}, {text_to_image.max()}], not [0, {num_images})"
+        )
     without_caption = np.setdiff1d(np.arange(num_images), text_to_image)
     if len(without_caption):
         raise ValueError(f"images {without_caption[:10].tolist()} have no caption")
@@ -105,7 +119,9 @@ def retrieval_ranks(
     image_ranks = _chunked_ranks(
         _image_to_text_ranks, image_features, [image_ids], [text_features, text_to_image], mesh, chunk_size
     )
-    text_ranks = _chunked_ranks(_text_to_image_ranks, text_features, [text_to_image], [image_features], mesh, chunk_size)
+    text_ranks = _chunked_ranks(
+        _text_to_image_ranks, text_features, [text_to_image], [image_features], mesh, chunk_size
+    )
     return image_ranks, text_ranks
 
 
@@ -203,11 +219,6 @@ def tfds_caption_batches(
     TFDS image-text split (e.g. coco_captions "test", 5 captions per image), in dataset order.
     Every process reads the whole split. Images that cannot be decoded or have no caption are
     skipped."""
-    from clip_jax import transforms
-    from clip_jax.data import tfds as tfds_source
-    from clip_jax.data.classification import EVAL_IMAGE_LIMITS
-    from clip_jax.data.pipeline import SkippedExample, decode_image
-
     builder = tfds_source.make_builder(name, data_dir)
     keys = tfds_source.feature_keys(builder, image_key, text_key, "tfds", needs_text=True)
     import tensorflow_datasets as tfds

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax.data.classification import load_classification
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
 from clip_jax.evaluation.features import Encoder, extract_image_features
 from clip_jax.evaluation.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
+    PHOTO_TEMPLATES,
     PROMPT_MODES,
     DatasetPrompts,
     get_prompts,
@@ -91,7 +96,9 @@ class EvaluationSettings:
             raise ValueError(f"unknown dataset(s) {unknown}; expected some of {sorted(known_datasets())}")
         unknown = sorted(set(self.prompt_modes) - set(PROMPT_MODES))
         if unknown or not self.prompt_modes:
-            raise ValueError(f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}")
+            raise ValueError(
+                f"unknown prompt mode(s) {unknown or list(self.prompt_modes)}; expected some of {PROMPT_MODES}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("max_examples", "max_train_examples"):
@@ -135,7 +142,9 @@ def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSetti
     # "synthetic": the held-out combinations, the task of the built-in default (compositional
     # transfer); "synthetic_seen": combinations seen in training. Probes learn from other
     # examples of the same split (indices after the test examples).
-    split, classes = ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    split, classes = (
+        ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    )
     return _Classification(
         name=name,
         prompts=synthetic_prompts(dataset),
@@ -149,8 +158,6 @@ def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSetti
 
 
 def _tfds_classification(name: str, settings: EvaluationSettings, image_size: int) -> _Classification:
-    from clip_jax.data.classification import load_classification
-
     def open_split(split: str | None) -> Any:
         return load_classification(
             name, split, settings.data_dir, reader=settings.tfds_reader, image_decoder=settings.tfds_image_decoder
@@ -160,11 +167,11 @@ def _tfds_classification(name: str, settings: EvaluationSettings, image_size: in
     try:
         prompts = get_prompts(name)
         if len(prompts.class_names) != test.num_classes:
-            raise ValueError(f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}")
+            raise ValueError(
+                f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}"
+            )
     except ValueError:
         # A dataset without curated prompts: its own (readable) label names and ImageNet-style prompts.
-        from clip_jax.evaluation.templates import PHOTO_TEMPLATES
-
         prompts = DatasetPrompts(tuple(test.class_names), PHOTO_TEMPLATES)
     outside_classes = [0]
     test_batches = _streamer(test, settings, image_size)
@@ -196,8 +203,6 @@ def _tfds_classification(name: str, settings: EvaluationSettings, image_size: in
 
 
 def _streamer(split_dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
-    import jax
-
     options = {} if settings.tfds_worker_kind is None else {"worker_kind": settings.tfds_worker_kind}
     return lambda batch_size: split_dataset.batches(
         image_size, batch_size, jax.process_index(), jax.process_count(), **options
@@ -240,7 +245,9 @@ def _labels_mapped_into(
     return mapped
 
 
-def _features(encoder: Encoder, data: _Classification, stream: Callable, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _features(
+    encoder: Encoder, data: _Classification, stream: Callable, limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     batch_size = encoder.local_batch_size if data.process_local else encoder.batch_size
     return extract_image_features(encoder, stream(batch_size), max_examples=limit, process_local=data.process_local)
 
@@ -313,14 +320,24 @@ def evaluate_classification(
                 skipped.append("linear_probe: no class has two training images to validate the regularisation on")
             else:
                 results["linear_probe"] = probes.linear_probe(
-                    train_features, train_labels, test_features, test_labels, num_classes, class_subset=subset, mesh=encoder.mesh
+                    train_features,
+                    train_labels,
+                    test_features,
+                    test_labels,
+                    num_classes,
+                    class_subset=subset,
+                    mesh=encoder.mesh,
                 )
-                log(f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})")
+                log(
+                    f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})"
+                )
         if "few_shot" in settings.tasks:
             # Every class of the training pool needs k images for a k-shot sample.
             usable = [k for k in settings.shots if k <= fewest]
             if len(usable) < len(settings.shots):
-                skipped.append(f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images")
+                skipped.append(
+                    f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images"
+                )
             if usable:
                 results["few_shot"] = probes.few_shot(
                     train_features, train_labels, test_features, test_labels, num_classes,
@@ -335,7 +352,9 @@ def evaluate_classification(
     return results
 
 
-def _retrieval_batches(name: str, dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
+def _retrieval_batches(
+    name: str, dataset: Any, settings: EvaluationSettings, image_size: int
+) -> Callable[[int], Iterator[dict]]:
     if name == "synthetic":
         count = settings.max_examples or SYNTHETIC_RETRIEVAL_EXAMPLES
 
@@ -400,11 +419,11 @@ def run_evaluation(
     encoder = Encoder(model, variables, mesh=mesh, batch_size=settings.batch_size)
     image_size = encoder.image_size
     if synthetic is None and any(name in SYNTHETIC_DATASETS for name in settings.datasets):
-        from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-
         synthetic = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
     if synthetic is not None and synthetic.config.image_size != image_size:
-        raise ValueError(f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px")
+        raise ValueError(
+            f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px"
+        )
     results: dict[str, Any] = {task: {} for task in settings.tasks}
     skipped: list[str] = []
     classification_tasks = [task for task in settings.tasks if task != "retrieval"]
@@ -414,7 +433,9 @@ def run_evaluation(
             if _is_retrieval(name):
                 stream = _retrieval_batches(name, synthetic, settings, image_size)
                 started = time.time()
-                results["retrieval"][name] = retrieval.retrieval_evaluate_model(encoder, tokenizer, stream(encoder.batch_size))
+                results["retrieval"][name] = retrieval.retrieval_evaluate_model(
+                    encoder, tokenizer, stream(encoder.batch_size)
+                )
                 log(
                     f"{name}: retrieval image->text R@1 {results['retrieval'][name]['image_to_text_R@1']:.4f}, "
                     f"text->image R@1 {results['retrieval'][name]['text_to_image_R@1']:.4f} ({time.time() - started:.1f}s)"
@@ -442,6 +463,27 @@ def run_evaluation(
     return results
 
 
+def summary_line(results: dict[str, Any]) -> str:
+    """One line of the suite's headline numbers: zero-shot top-1 per dataset and prompt mode,
+    retrieval R@1, linear-probe top-1 and the largest few-shot k's top-1."""
+    parts = []
+    for name, entry in results.get("zero_shot", {}).items():
+        modes = [mode for mode in PROMPT_MODES if mode in entry]
+        text = f"zero-shot {name} " + " / ".join(f"{mode} {entry[mode]['top1']:.3f}" for mode in modes)
+        if "chance_top1" in entry:
+            text += f" (chance {entry['chance_top1']:.3f}; among all classes {entry['top1_among_all_classes']:.3f})"
+        parts.append(text)
+    for name, entry in results.get("retrieval", {}).items():
+        recalls = entry["image_to_text_R@1"], entry["text_to_image_R@1"]
+        parts.append(f"retrieval {name} R@1 image->text {recalls[0]:.3f}, text->image {recalls[1]:.3f}")
+    for name, entry in results.get("linear_probe", {}).items():
+        parts.append(f"linear probe {name} {entry['top1']:.3f}")
+    for name, entry in results.get("few_shot", {}).items():
+        shots = max(entry["shots"], key=int)
+        parts.append(f"{shots}-shot {name} {entry['shots'][shots]['top1_mean']:.3f}")
+    return "; ".join(parts)
+
+
 def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Scalar leaves of a results dict as {"zero_shot/synthetic/ensemble/top1": value, ...}, for
     metric writers (lists, such as the L2 sweep and per-seed runs, are left out)."""
@@ -455,20 +497,15 @@ def flatten_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
-def synthetic_dataset_for(checkpoint: str, image_size: int) -> Any:
-    """The built-in dataset a checkpoint was trained on: a training workdir's own data settings
-    (seed, held-out combinations) when it trained on "synthetic", else the default configuration."""
-    import os
+def synthetic_dataset_for(data_settings: Mapping[str, Any] | None, image_size: int) -> SyntheticShapes:
+    """The built-in dataset a model was trained on, at `image_size`.
 
-    from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-
+    `data_settings` is a training run's data config (the "data" section of the record a training
+    workdir keeps, `clip_jax.training.checkpointing.read_run_record`): when that run trained on
+    "synthetic", its seed and held-out combinations; for any other run, or None (a model that was
+    not trained by train.py), the default configuration.
+    """
     settings = {}
-    if os.path.isdir(checkpoint):
-        from clip_jax.training import checkpointing
-
-        if checkpointing.is_training_workdir(checkpoint):
-            _, record = checkpointing.read_run_record(checkpoint)
-            data = record.get("training", {}).get("data", {})
-            if data.get("name") == "synthetic":
-                settings = {"seed": int(data["seed"]), "num_held_out": int(data["num_held_out"])}
+    if data_settings and data_settings.get("name") == "synthetic":
+        settings = {"seed": int(data_settings["seed"]), "num_held_out": int(data_settings["num_held_out"])}
     return SyntheticShapes(SyntheticShapesConfig(image_size=image_size, **settings))

@@ -3,7 +3,8 @@ paper) and top-1 / top-5 / mean per-class recall of images scored against them."
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

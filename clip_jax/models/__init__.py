@@ -5,6 +5,12 @@ from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 from clip_jax.models.registry import available_models, create_model, get_model_config
 
 __all__ = [
-    "CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "available_models", "create_model",
-    "get_model_config", "l2_normalize",
+    "CLIP",
+    "CLIPConfig",
+    "TextConfig",
+    "VisionConfig",
+    "available_models",
+    "create_model",
+    "get_model_config",
+    "l2_normalize",
 ]

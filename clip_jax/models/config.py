@@ -46,9 +46,7 @@ class VisionConfig:
             if not isinstance(self.layers, int):
                 raise ValueError(f"ViT layers must be an int, got {self.layers!r}")
             if self.image_size % self.patch_size:
-                raise ValueError(
-                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-                )
+                raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
             if self.width % self.num_heads:
                 raise ValueError(f"vision width {self.width} not divisible by heads {self.num_heads}")
         else:
@@ -100,7 +98,7 @@ class CLIPConfig:
     remat_policy: str = "none"
     attention_implementation: str = "auto"
 
-    def validate(self) -> "CLIPConfig":
+    def validate(self) -> CLIPConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.remat_policy not in REMAT_POLICIES:
@@ -121,7 +119,7 @@ class CLIPConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CLIPConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
         data = dict(data)
         vision = dict(data.pop("vision", {}))
         if isinstance(vision.get("layers"), list):
@@ -133,7 +131,7 @@ class CLIPConfig:
             raise ValueError(f"unknown CLIPConfig fields {sorted(unknown)}")
         return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **data).validate()
 
-    def replace(self, **overrides: Any) -> "CLIPConfig":
+    def replace(self, **overrides: Any) -> CLIPConfig:
         """A copy with top-level fields replaced; `vision`/`text` may be dicts of partial overrides."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - known

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,14 @@ from clip_jax.models.config import CLIPConfig
 
 # Logical axis names. Sharding rules (clip_jax.sharding) map these to mesh axes.
 BATCH, LENGTH, EMBED, MLP, HEADS, KV, VOCAB, LAYERS = (
-    "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers",
+    "batch",
+    "length",
+    "embed",
+    "mlp",
+    "heads",
+    "kv",
+    "vocab",
+    "layers",
 )
 CONV_HEIGHT, CONV_WIDTH, CONV_IN, CONV_OUT = "conv_height", "conv_width", "conv_in", "conv_out"
 NORM = "norm"  # the feature axis of a LayerNorm / BatchNorm scale or bias
@@ -74,8 +81,10 @@ class HeadProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param(
-            "kernel", partitioned(normal(self.stddev), (EMBED, HEADS, KV)),
-            (x.shape[-1], self.heads, self.head_dim), self.param_dtype,
+            "kernel",
+            partitioned(normal(self.stddev), (EMBED, HEADS, KV)),
+            (x.shape[-1], self.heads, self.head_dim),
+            self.param_dtype,
         )
         bias = self.param(
             "bias", partitioned(nn.initializers.zeros, (HEADS, KV)), (self.heads, self.head_dim), self.param_dtype
@@ -95,8 +104,10 @@ class OutputProjection(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         heads, head_dim = x.shape[-2:]
         kernel = self.param(
-            "kernel", partitioned(normal(self.stddev), (HEADS, KV, EMBED)),
-            (heads, head_dim, self.features), self.param_dtype,
+            "kernel",
+            partitioned(normal(self.stddev), (HEADS, KV, EMBED)),
+            (heads, head_dim, self.features),
+            self.param_dtype,
         )
         bias = self.param("bias", partitioned(nn.initializers.zeros, (EMBED,)), (self.features,), self.param_dtype)
         return jnp.einsum("...hk,hke->...e", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
@@ -138,9 +149,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
 
         def projection(name: str) -> HeadProjection:
-            return HeadProjection(
-                self.num_heads, head_dim, self.in_stddev, self.dtype, self.param_dtype, name=name
-            )
+            return HeadProjection(self.num_heads, head_dim, self.in_stddev, self.dtype, self.param_dtype, name=name)
 
         query = projection("query")(inputs_q)  # (batch, q_length, heads, head_dim)
         key = projection("key")(inputs_kv)
@@ -150,9 +159,9 @@ class Attention(nn.Module):
         value = constrain(value, (BATCH, LENGTH, HEADS, KV))
         out = attention(query, key, value, self.causal, self.implementation)
         out = constrain(out, (BATCH, LENGTH, HEADS, KV))
-        return OutputProjection(
-            self.out_features or width, self.out_stddev, self.dtype, self.param_dtype, name="out"
-        )(out)
+        return OutputProjection(self.out_features or width, self.out_stddev, self.dtype, self.param_dtype, name="out")(
+            out
+        )
 
 
 class MlpBlock(nn.Module):
@@ -257,9 +266,7 @@ class Transformer(nn.Module):
         cfg = self.config
         block_cls = ResidualBlock
         if cfg.remat_policy != "none":
-            block_cls = nn.remat(
-                ResidualBlock, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
-            )
+            block_cls = nn.remat(ResidualBlock, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
         block_args = dict(
             config=cfg,
             width=self.width,

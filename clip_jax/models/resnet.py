@@ -8,7 +8,17 @@ import jax.numpy as jnp
 
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import (
-    BATCH, CONV_HEIGHT, CONV_IN, CONV_OUT, CONV_WIDTH, EMBED, LENGTH, NORM, Attention, constrain, normal,
+    BATCH,
+    CONV_HEIGHT,
+    CONV_IN,
+    CONV_OUT,
+    CONV_WIDTH,
+    EMBED,
+    LENGTH,
+    NORM,
+    Attention,
+    constrain,
+    normal,
     partitioned,
 )
 
@@ -76,9 +86,7 @@ class Bottleneck(nn.Module):
         out = ConvNorm(self.planes * 4, 1, cfg, zero_init_scale=True, name="conv3")(out, train)
         identity = x
         if self.has_downsample:
-            identity = ConvNorm(self.planes * 4, 1, cfg, name="downsample")(
-                average_pool(x, self.stride), train
-            )
+            identity = ConvNorm(self.planes * 4, 1, cfg, name="downsample")(average_pool(x, self.stride), train)
         return nn.relu(out + identity)
 
 
@@ -125,9 +133,7 @@ class ModifiedResNet(nn.Module):
         cfg, vision = self.config, self.config.vision
         height, width = images.shape[1:3]
         if (height, width) != (vision.image_size, vision.image_size):
-            raise ValueError(
-                f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}"
-            )
+            raise ValueError(f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}")
         x = images.astype(jnp.dtype(cfg.dtype))
         stem_width = vision.width // 2
         x = nn.relu(ConvNorm(stem_width, 3, cfg, strides=2, name="stem1")(x, train))
@@ -148,6 +154,4 @@ class ModifiedResNet(nn.Module):
                     name=f"layer{stage + 1}_{index}",
                 )(x, train)
                 in_planes = planes * 4
-        return AttentionPool2d(
-            num_heads=vision.num_heads, output_dim=cfg.embed_dim, config=cfg, name="attnpool"
-        )(x)
+        return AttentionPool2d(num_heads=vision.num_heads, output_dim=cfg.embed_dim, config=cfg, name="attnpool")(x)

@@ -8,7 +8,15 @@ import jax.numpy as jnp
 
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import (
-    BATCH, EMBED, LENGTH, VOCAB, LayerNorm, Transformer, constrain, normal, partitioned,
+    BATCH,
+    EMBED,
+    LENGTH,
+    VOCAB,
+    LayerNorm,
+    Transformer,
+    constrain,
+    normal,
+    partitioned,
 )
 
 

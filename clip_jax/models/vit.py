@@ -8,7 +8,16 @@ import jax.numpy as jnp
 
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import (
-    BATCH, CONV_HEIGHT, CONV_IN, CONV_WIDTH, EMBED, LENGTH, LayerNorm, Transformer, constrain, normal,
+    BATCH,
+    CONV_HEIGHT,
+    CONV_IN,
+    CONV_WIDTH,
+    EMBED,
+    LENGTH,
+    LayerNorm,
+    Transformer,
+    constrain,
+    normal,
     partitioned,
 )
 
@@ -23,9 +32,7 @@ class VisionTransformer(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, height, width, channels = images.shape
         if (height, width) != (vision.image_size, vision.image_size):
-            raise ValueError(
-                f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}"
-            )
+            raise ValueError(f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}")
         patch, grid = vision.patch_size, vision.image_size // vision.patch_size
         scale = vision.width**-0.5
 
@@ -64,7 +71,9 @@ class VisionTransformer(nn.Module):
         )(x)
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_post")(x[:, 0])
         projection = self.param(
-            "projection", partitioned(normal(scale), (EMBED, "projection")), (vision.width, cfg.embed_dim),
+            "projection",
+            partitioned(normal(scale), (EMBED, "projection")),
+            (vision.width, cfg.embed_dim),
             param_dtype,
         )
         return x @ projection.astype(dtype)

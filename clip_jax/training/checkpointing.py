@@ -4,7 +4,8 @@ loading the newest parameters of a training workdir onto one device.
 A workdir looks like
 
     checkpoints/<step>/state/      the TrainState (params, optimizer state, step, RNG), sharded
-    checkpoints/<step>/progress/   {"step": ..., "data_position": ...}: where the data resumes
+    checkpoints/<step>/progress/   {"step": ..., "data_states": [...]}: where the data resumes (one
+                                    clip_jax.data.iterator state per process)
     checkpoints/<step>/config/     {"model": <CLIPConfig>, "tokenizer": <tokenizer config>,
                                     "training": <the run's ConfigDict>}
     <tokenizer files>              e.g. tokenizer.model (SentencePiece trained at the start)
@@ -23,13 +24,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from clip_jax import paths
+from clip_jax.models import CLIP, CLIPConfig
+from clip_jax.training import multihost
+from clip_jax.training.run_tokenizer import tokenizer_from_workdir
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # where checkpoints that cannot be restored are moved
@@ -41,10 +50,6 @@ CONFIG_ITEM = "config"
 # the function they compute. Others (compute dtype, remat policy, attention kernel, initial values)
 # may change between runs of one workdir.
 _IDENTITY_MODEL_FIELDS = ("embed_dim", "vision", "text", "activation", "param_dtype", "scan_layers")
-
-
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name if "://" in directory else os.path.join(directory, name)
 
 
 class CheckpointError(RuntimeError):
@@ -72,33 +77,12 @@ def error_summary(error: BaseException, limit: int = 300) -> str:
 
 
 def _exists(path: str) -> bool:
-    if "://" in path:
-        from etils import epath
-
-        return epath.Path(path).exists()
-    return os.path.exists(path)
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True on every process if `ok` is True on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    flags = multihost_utils.process_allgather(np.asarray([1 if ok else 0], np.int32))
-    return bool(np.asarray(flags).min())
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    return epath.Path(path).exists()
 
 
 def is_training_workdir(path: str) -> bool:
     """Whether `path` is a directory that `train.py` wrote checkpoints into."""
-    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
+    return (epath.Path(path) / CHECKPOINT_DIR).is_dir()
 
 
 class TrainingCheckpointer:
@@ -115,16 +99,14 @@ class TrainingCheckpointer:
         async_save: bool = True,
         read_only: bool = False,
     ) -> None:
-        import orbax.checkpoint as ocp
-
         if every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1; got {every_steps}")
         if max_to_keep < 1:
             raise ValueError(f"checkpoint.max_to_keep must be >= 1; got {max_to_keep}")
         if keep_period < 0:
             raise ValueError(f"checkpoint.keep_period must be >= 0 (0 = off); got {keep_period}")
-        self._ocp = ocp
-        self.directory = _join(os.path.abspath(workdir) if "://" not in workdir else workdir, CHECKPOINT_DIR)
+        self.workdir = paths.absolute(workdir)
+        self.directory = str(self.workdir / CHECKPOINT_DIR)
         absl_logger = logging.getLogger("absl")
         previous_level = absl_logger.level
         if read_only:
@@ -164,7 +146,7 @@ class TrainingCheckpointer:
         return self.manager.latest_step()
 
     def step_directory(self, step: int) -> str:
-        return _join(self.directory, str(step))
+        return str(epath.Path(self.directory) / str(step))
 
     def restore_newest(
         self, abstract_state_for: Callable[[dict[str, Any]], Any], announce: Callable[[str], None] = print
@@ -216,7 +198,7 @@ class TrainingCheckpointer:
             reason: str | None = error_summary(error)
         else:
             reason = None
-        if not _all_processes_agree(reason is None):
+        if not multihost.all_processes_agree(reason is None):
             return reason or "unreadable on another process"
         abstract_state = abstract_state_for(record)  # errors here are not damage: passed on
         try:
@@ -225,16 +207,13 @@ class TrainingCheckpointer:
                 raise ValueError(f"its progress record says step {progress.get('step')!r}")
         except Exception as error:
             reason = error_summary(error)
-        if not _all_processes_agree(reason is None):
+        if not multihost.all_processes_agree(reason is None):
             return reason or "unreadable on another process"
         return record, state, progress
 
     def set_aside(self, step: int) -> str:
         """Move checkpoint `step` to `unreadable_checkpoints/` (process 0 moves, all wait); its new path."""
-        from etils import epath
-
-        workdir = self.directory[: -len(CHECKPOINT_DIR)].rstrip("/") or "/"
-        destination_root = epath.Path(_join(workdir, UNREADABLE_DIR))
+        destination_root = self.workdir / UNREADABLE_DIR
         destination = destination_root / str(step)
         suffix = 1
         while destination.exists():
@@ -243,19 +222,16 @@ class TrainingCheckpointer:
         if jax.process_index() == 0:
             destination_root.mkdir(parents=True, exist_ok=True)
             epath.Path(self.step_directory(step)).rename(destination)
-        _sync(f"clip_jax_set_aside_{step}")
+        multihost.sync(f"clip_jax_set_aside_{step}")
         self.manager.reload()
         return str(destination)
 
     def _refuse_if_only_unreadable(self) -> None:
         if self.all_steps():
             return
-        workdir = self.directory[: -len(CHECKPOINT_DIR)].rstrip("/") or "/"
-        set_aside = _join(workdir, UNREADABLE_DIR)
-        if _exists(set_aside):
-            from etils import epath
-
-            if any(epath.Path(set_aside).iterdir()):
+        set_aside = self.workdir / UNREADABLE_DIR
+        if set_aside.exists():
+            if any(set_aside.iterdir()):
                 raise CheckpointError(
                     f"{self.directory} holds no checkpoint but {set_aside} holds unreadable ones: move a "
                     f"repaired one back into {CHECKPOINT_DIR}/, or delete {set_aside} to start from scratch"
@@ -279,11 +255,11 @@ class TrainingCheckpointer:
         """
         if step == self._last_saved_step:
             return False
-        args = self._ocp.args.Composite(
+        args = ocp.args.Composite(
             **{
-                STATE_ITEM: self._ocp.args.PyTreeSave(state),
-                PROGRESS_ITEM: self._ocp.args.JsonSave(progress),
-                CONFIG_ITEM: self._ocp.args.JsonSave(run_config),
+                STATE_ITEM: ocp.args.PyTreeSave(state),
+                PROGRESS_ITEM: ocp.args.JsonSave(progress),
+                CONFIG_ITEM: ocp.args.JsonSave(run_config),
             }
         )
         try:
@@ -333,7 +309,6 @@ class TrainingCheckpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, progress) of checkpoint `step`, each array laid out as its `abstract_state` leaf's
         sharding says: any mesh and device count, whatever the checkpoint was written on."""
-        ocp = self._ocp
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         restored = self.manager.restore(
             step,
@@ -349,7 +324,6 @@ class TrainingCheckpointer:
     def restore_variables(self, step: int, abstract_variables: dict[str, Any]) -> dict[str, Any]:
         """Only the model variables ({"params": ..., ["batch_stats": ...]}) of checkpoint `step`,
         laid out as `abstract_variables` says; the optimizer state is never read."""
-        ocp = self._ocp
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
         restored = self.manager.restore(
             step,
@@ -365,9 +339,7 @@ class TrainingCheckpointer:
 
     def run_config(self, step: int) -> dict[str, Any]:
         """The {"model", "tokenizer", "training"} record saved with checkpoint `step`."""
-        restored = self.manager.restore(
-            step, args=self._ocp.args.Composite(**{CONFIG_ITEM: self._ocp.args.JsonRestore()})
-        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
         return dict(restored[CONFIG_ITEM])
 
     def wait_until_finished(self) -> None:
@@ -434,9 +406,7 @@ class PreemptionWatcher:
     """
 
     def __init__(self) -> None:
-        from jax._src import distributed
-
-        self._synchronised = distributed.global_state.client is not None
+        self._synchronised = jax.distributed.is_initialized()
         self._received = threading.Event()
         self._previous_handler = None
         if not self._synchronised and threading.current_thread() is threading.main_thread():
@@ -447,8 +417,6 @@ class PreemptionWatcher:
 
     def should_stop(self, step: int) -> bool:
         if self._synchronised:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service disabled by the user
@@ -473,7 +441,7 @@ def read_run_record(workdir: str) -> tuple[int, dict[str, Any]]:
 
 
 def _read_live(
-    workdir: str, step: int | None, read: Callable[["TrainingCheckpointer", int, dict[str, Any]], Any]
+    workdir: str, step: int | None, read: Callable[[TrainingCheckpointer, int, dict[str, Any]], Any]
 ) -> tuple[int, dict[str, Any], Any]:
     """(step, record, read(checkpointer, step, record)) of the newest checkpoint (or `step`) that
     reads. A running `train.py` may delete the chosen checkpoint (rotation) while it is read: the
@@ -493,7 +461,9 @@ def _read_live(
             steps = checkpointer.all_steps()
             if step is not None:
                 if step not in steps:
-                    raise CheckpointError(f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}")
+                    raise CheckpointError(
+                        f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}"
+                    )
                 candidates = [step]
             else:
                 candidates = [candidate for candidate in reversed(steps) if candidate not in unreadable]
@@ -536,11 +506,6 @@ def load_training_workdir(
     Safe to call on the workdir of a running `train.py`: see `_read_live`.
     `overrides` replace spec fields that leave the parameters as they are (dtype, remat_policy, ...).
     """
-    from flax import linen as nn
-
-    from clip_jax import tokenizer as tokenizers
-    from clip_jax.models import CLIP, CLIPConfig
-
     changed = sorted(set(overrides) & set(_IDENTITY_MODEL_FIELDS))
     if changed:
         raise ValueError(f"cannot override {changed} when loading a training workdir: they change the parameters")
@@ -553,20 +518,5 @@ def load_training_workdir(
         return config, checkpointer.restore_variables(step, abstract)
 
     _, record, (config, variables) = _read_live(workdir, step, read_variables)
-    tokenizer = tokenizers.tokenizer_from_config(record["tokenizer"], workdir)
+    tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
     return config.replace(**overrides), variables, tokenizer
-
-
-def broadcast_bytes(data: bytes | None) -> bytes:
-    """`data` of process 0 on every process (others pass None); no shared filesystem needed."""
-    if jax.process_count() == 1:
-        assert data is not None
-        return data
-    from jax.experimental import multihost_utils
-
-    length = np.array([len(data) if jax.process_index() == 0 else 0], dtype=np.int64)
-    length = int(multihost_utils.broadcast_one_to_all(length)[0])
-    payload = np.zeros((length,), dtype=np.uint8)
-    if jax.process_index() == 0:
-        payload[:] = np.frombuffer(data, dtype=np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(payload)).tobytes()

@@ -1,5 +1,6 @@
-"""The non-finite guard of training: its config (`config.nonfinite`), the on-device test the train
-step applies, and the checks the loop makes when it syncs with the devices anyway.
+"""The non-finite guard of training: the on-device test the train step applies, and the checks the
+loop makes when it syncs with the devices anyway (`config.nonfinite` is read by
+clip_jax.training.config: `NonFiniteSettings`).
 
 The train step (clip_jax.training.step) applies an update only when the loss, the gradient's global
 norm and the new BatchNorm statistics are all finite; otherwise the parameters,
@@ -13,46 +14,21 @@ rotated out by a bad one.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-POLICIES = ("skip", "stop")
+from clip_jax.training.config import NonFiniteSettings
+from clip_jax.training.optimizer import parameter_path
+
 # train.py's exit status for a run stopped by the guard: not 1 (a crash) nor 0 (done or
 # preempted), so a job scheduler can tell "diverged: rerunning resumes into the same NaN" apart.
 EXIT_CODE = 3
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """`config.nonfinite`: "skip" skips a non-finite step and stops the run after more than
-    `max_consecutive_skips` in a row; "stop" stops the run at the first."""
-    return ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
-
-
-def check_config(nonfinite_config: Any) -> None:
-    """Raise ValueError naming the field for a policy or limit that cannot work."""
-    policy = nonfinite_config.policy
-    if policy not in POLICIES:
-        raise ValueError(f"unknown nonfinite.policy {policy!r}; expected one of {POLICIES}")
-    limit = nonfinite_config.max_consecutive_skips
-    # No "unlimited": a run whose every step is non-finite is not training, only spending its
-    # budget; a large limit says the same thing explicitly.
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-        raise ValueError(
-            f"nonfinite.max_consecutive_skips must be >= 1 (nonfinite.policy='stop' stops at the first "
-            f"non-finite step); got {limit!r}"
-        )
-
-
-def tolerated_skips(nonfinite_config: Any) -> int:
-    """How many non-finite steps in a row the run survives: 0 for "stop"."""
-    check_config(nonfinite_config)
-    return 0 if nonfinite_config.policy == "stop" else int(nonfinite_config.max_consecutive_skips)
 
 
 def finite_leaf_flags(tree: Any) -> jax.Array:
@@ -65,8 +41,6 @@ def finite_leaf_flags(tree: Any) -> jax.Array:
 
 def nonfinite_paths(tree: Any, flags: np.ndarray) -> list[str]:
     """The "/"-joined paths of the leaves of `tree` whose flag (from `finite_leaf_flags`) is False."""
-    from clip_jax.training.optimizer import parameter_path
-
     paths = [parameter_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
     return [path for path, finite in zip(paths, np.asarray(flags)) if not finite]
 
@@ -88,11 +62,11 @@ class Guard:
     """
 
     def __init__(
-        self, nonfinite_config: Any, checkpointer: Any, mesh: Mesh, announce: Callable[[str], None] = print
+        self, settings: NonFiniteSettings, checkpointer: Any, mesh: Mesh, announce: Callable[[str], None] = print
     ) -> None:
-        self.policy = str(nonfinite_config.policy)
-        self.max_consecutive_skips = int(nonfinite_config.max_consecutive_skips)
-        self.tolerated = tolerated_skips(nonfinite_config)
+        self.policy = settings.policy
+        self.max_consecutive_skips = settings.max_consecutive_skips
+        self.tolerated = settings.tolerated_skips
         self._checkpointer = checkpointer
         self._announce = announce
         self._reported_skips = 0

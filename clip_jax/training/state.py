@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from clip_jax.models import CLIP
 from clip_jax.sharding import LOGICAL_AXIS_RULES, param_shardings, replicated
-from clip_jax.training.optimizer import make_optimizer, parameter_path
+from clip_jax.training.optimizer import parameter_path
 
 
 @flax.struct.dataclass
@@ -34,6 +34,9 @@ class TrainState:
     # counting exactly where it stopped.
     skipped_steps: jax.Array
     consecutive_skipped_steps: jax.Array
+    # The optimizer, built once per run (training.optimizer.make_optimizer) and carried with the
+    # state it updates, as in Flax's TrainState; static: part of the tree's structure, not a leaf.
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, jax.random.key_data(state_key)
 
 
-def _init_state(model: CLIP, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def _init_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """The initial state, unboxed; traced under jit (or eval_shape), never run eagerly."""
     init_key, state_rng = _seed_keys(seed)
     variables = nn.unbox(model.init_variables(init_key))
@@ -57,17 +60,16 @@ def _init_state(model: CLIP, optimizer: optax.GradientTransformation, seed: int)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=tx.init(params),
         batch_stats=variables.get("batch_stats", {}),
         rng=state_rng,
         skipped_steps=jnp.zeros((), jnp.int32),
         consecutive_skipped_steps=jnp.zeros((), jnp.int32),
+        tx=tx,
     )
 
 
-def _optimizer_state_shardings(
-    abstract_opt_state: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh
-) -> Any:
+def _optimizer_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:
     """Each optimizer-state leaf that mirrors a parameter (Adam's moments, wherever optax nests
     them: the key path ends with the parameter's own dict keys) is sharded like that parameter;
     the rest (step counts) is replicated. Matched by path rather than by `optax.tree_map_params`,
@@ -90,18 +92,19 @@ def _optimizer_state_shardings(
     return jax.tree_util.tree_map_with_path(choose, abstract_opt_state)
 
 
-def abstract_train_state(config: Any, model: CLIP, mesh: Mesh) -> tuple[TrainState, TrainState]:
+def abstract_train_state(
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
     """(state of `jax.ShapeDtypeStruct`s carrying their shardings, the tree of those shardings).
 
     The first is what Orbax restores into, onto any mesh; the second is the `out_shardings` of the
     state's creation and the in/out shardings of the train step. Nothing is allocated.
     """
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    init_key, _ = _seed_keys(int(config.seed))
+    init_key, _ = _seed_keys(seed)
     # Parameters: the logical axis names of the boxed variables, mapped through the rules.
     abstract_boxed = jax.eval_shape(model.init_variables, init_key)
     variable_shardings = param_shardings(abstract_boxed, mesh, LOGICAL_AXIS_RULES)
-    abstract_state = jax.eval_shape(lambda: _init_state(model, optimizer, int(config.seed)))
+    abstract_state = jax.eval_shape(lambda: _init_state(model, tx, seed))
     opt_state_shardings = _optimizer_state_shardings(
         abstract_state.opt_state, abstract_state.params, variable_shardings["params"], mesh
     )
@@ -113,6 +116,7 @@ def abstract_train_state(config: Any, model: CLIP, mesh: Mesh) -> tuple[TrainSta
         rng=replicated(mesh),
         skipped_steps=replicated(mesh),
         consecutive_skipped_steps=replicated(mesh),
+        tx=tx,
     )
     abstract_with_shardings = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -122,12 +126,12 @@ def abstract_train_state(config: Any, model: CLIP, mesh: Mesh) -> tuple[TrainSta
     return abstract_with_shardings, state_shardings
 
 
-def create_train_state(config: Any, model: CLIP, mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """(initial state, its shardings): parameters from `config.seed`, created by one jitted function
-    whose outputs are already laid out over `mesh`, so no host or device ever holds a full copy of
-    a sharded parameter."""
-    _, state_shardings = abstract_train_state(config, model, mesh)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    seed = int(config.seed)
-    state = jax.jit(lambda: _init_state(model, optimizer, seed), out_shardings=state_shardings)()
+def create_train_state(
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+    """(initial state, its shardings): parameters from `seed`, created by one jitted function whose
+    outputs are already laid out over `mesh`, so no host or device ever holds a full copy of a
+    sharded parameter."""
+    _, state_shardings = abstract_train_state(model, tx, seed, mesh)
+    state = jax.jit(lambda: _init_state(model, tx, seed), out_shardings=state_shardings)()
     return state, state_shardings

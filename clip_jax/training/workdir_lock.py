@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from typing import Any
 
 from etils import epath
 
+from clip_jax import paths
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 600.0
@@ -38,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 class WorkdirLockedError(RuntimeError):
     """Another run holds the workdir."""
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def _record() -> dict[str, Any]:
@@ -76,6 +75,17 @@ def _process_is_alive(pid: Any) -> bool:
     return True
 
 
+def _write_record(path: epath.Path, record: dict[str, Any]) -> None:
+    """Write the record whole: a reader must never see an empty or half-written record (it would
+    read as "no lock"). An object store's write is whole already; a local file is renamed in."""
+    if not paths.is_local(path):
+        path.write_text(json.dumps(record))
+        return
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)  # atomic, and replaces (epath's rename refuses an existing file)
+
+
 def _parse(text: str) -> dict[str, Any] | None:
     try:
         record = json.loads(text) if text.strip() else None
@@ -94,7 +104,7 @@ class WorkdirLock:
     def __init__(self, workdir: str, use_flock: bool | None = None) -> None:
         self.workdir = workdir
         self.path = epath.Path(workdir) / LOCK_FILE
-        self._use_flock = (not _is_remote(workdir)) if use_flock is None else use_flock
+        self._use_flock = paths.is_local(workdir) if use_flock is None else use_flock
         self._file = None
         self._record: dict[str, Any] | None = None
         self._stop_heartbeat = threading.Event()
@@ -115,8 +125,6 @@ class WorkdirLock:
     # Local: flock. -------------------------------------------------------------------------
 
     def _acquire_flock(self) -> None:
-        import fcntl
-
         descriptor = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         file = os.fdopen(descriptor, "r+")
         try:
@@ -166,7 +174,7 @@ class WorkdirLock:
                 _describe(previous),
             )
         self._record = _record()
-        self.path.write_text(json.dumps(self._record))
+        _write_record(self.path, self._record)
         # Last writer wins on an object store: a run that started at the same moment and wrote
         # after us owns the lock, and we refuse.
         time.sleep(0.5)
@@ -182,7 +190,7 @@ class WorkdirLock:
             assert self._record is not None
             self._record["heartbeat"] = time.time()
             try:
-                self.path.write_text(json.dumps(self._record))
+                _write_record(self.path, self._record)
             except Exception as error:  # a transient store error must not kill the run
                 logger.warning("Could not refresh the workdir lock %s: %s", self.path, error)
 
@@ -191,8 +199,6 @@ class WorkdirLock:
     def release(self) -> None:
         """Give the workdir up (the next run starts without a warning)."""
         if self._file is not None:
-            import fcntl
-
             # Emptied rather than deleted: deleting a locked file lets a waiting opener lock the
             # old, unlinked file while a third run creates and locks a new one.
             self._file.seek(0)
@@ -209,7 +215,7 @@ class WorkdirLock:
                 self.path.unlink(missing_ok=True)
         self._record = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         self.acquire()
         return self
 

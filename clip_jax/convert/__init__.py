@@ -4,7 +4,11 @@ Every source is first brought to open_clip's state-dict layout (numpy arrays key
 `visual.transformer.resblocks.0.attn.in_proj_weight`); one pair of functions then maps that layout
 to and from the Flax variable tree, so the three formats share one well-tested path.
 
-    python -m clip_jax.convert ViT-B-32.pt converted/vit_b32
+    python -m clip_jax.convert ViT-B-32.pt converted/vit_b32    (clip_jax/convert/__main__.py runs `main`)
+
+PyTorch files are read and written where they lie on a local (or mounted) filesystem: safetensors
+maps them into memory, and torch and the TorchScript reader open them as zip archives. Everything
+else (the HF config.json and tokenizer files beside them, model directories) goes through epath.
 
 Nothing a checkpoint contains is executed: OpenAI's TorchScript archives are read by
 `clip_jax.torchscript` (tensors only, never `torch.jit.load`) unless the caller passes
@@ -21,17 +25,23 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+from flax import linen as nn
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
-from clip_jax import torchscript
+from clip_jax import checkpoint, torchscript
+from clip_jax import tokenizer as tokenizers
+from clip_jax.cli import one_line_errors
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
+from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers
 
 StateDict = dict[str, np.ndarray]
-FlatVariables = dict[tuple[str, ...], np.ndarray]
 
 # Keys that carry no learned value: buffers rebuilt by the model, or OpenAI's hyper-parameter scalars.
 _IGNORED_KEYS = re.compile(
@@ -116,12 +126,10 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
     extension) is read by `clip_jax.torchscript`; one that reader refuses raises
     `UntrustedTorchScriptError` unless `trust_torchscript`, which falls back to `torch.jit.load`.
     """
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         try:
             raw = load_file(path)
         except Exception as error:  # safetensors raises its own SafetensorError type
@@ -135,14 +143,16 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ConversionError(f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}") from error
+            raise ConversionError(
+                f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}"
+            ) from error
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]  # an open_clip training checkpoint
         if not isinstance(loaded, dict):
             raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict")
         raw = {k: _to_numpy(v) for k, v in loaded.items() if hasattr(v, "shape")}
         kind = None
-    raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+    raw = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in raw.items()}
     if kind is None:
         kind = "hf" if any(k.startswith(("text_model.", "vision_model.")) for k in raw) else "open_clip"
     if kind == "hf":
@@ -150,20 +160,22 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         raw = hf_to_openclip(raw)
     if "token_embedding.weight" not in raw or not any(k.startswith("visual.") for k in raw):
         sample = ", ".join(sorted(raw)[:5]) or "no tensors"
-        raise ConversionError(f"{path!r} is not a CLIP checkpoint: no text and image towers among its keys ({sample}, …)")
+        raise ConversionError(
+            f"{path!r} is not a CLIP checkpoint: no text and image towers among its keys ({sample}, …)"
+        )
     return raw, kind, hints
 
 
 def _hf_hints(path: str) -> dict[str, Any]:
-    config_path = os.path.join(os.path.dirname(path), "config.json")
-    if not os.path.isfile(config_path):
+    config_file = epath.Path(path).parent / "config.json"
+    config_path = os.fspath(config_file)
+    if not config_file.is_file():
         return {}
     try:
-        with open(config_path) as file:
-            hf_config = json.load(file)
+        hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ConversionError(
-            f"{config_path!r} (the Hugging Face config beside {os.path.basename(path)!r}) is not valid JSON "
+            f"{config_path!r} (the Hugging Face config beside {epath.Path(path).name!r}) is not valid JSON "
             f"({error.msg} at line {error.lineno} column {error.colno}); restore it, or move it away"
         ) from None
     if not isinstance(hf_config, dict):
@@ -299,9 +311,7 @@ def _transposed(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
 
 def _conv(torch_key: str, flax_path: tuple[str, ...]) -> _Rule:
     # torch (out, in, kh, kw) <-> flax (kh, kw, in, out)
-    return _Rule(
-        [torch_key], [flax_path], lambda t: [t.transpose(2, 3, 1, 0)], lambda f: [f.transpose(3, 2, 0, 1)]
-    )
+    return _Rule([torch_key], [flax_path], lambda t: [t.transpose(2, 3, 1, 0)], lambda f: [f.transpose(3, 2, 0, 1)])
 
 
 def _layer_norm(torch_prefix: str, flax_prefix: tuple[str, ...]) -> list[_Rule]:
@@ -438,9 +448,7 @@ def _rules(config: CLIPConfig, state_dict_keys: set[str] | None = None) -> list[
     t = (*params, "text")
     # open_clip's own text towers may hold the projection as a Linear ("text_projection.weight").
     if state_dict_keys is not None and "text_projection.weight" in state_dict_keys:
-        text_projection = _Rule(
-            ["text_projection.weight"], [(*t, "projection")], lambda w: [w.T], lambda p: [p.T]
-        )
+        text_projection = _Rule(["text_projection.weight"], [(*t, "projection")], lambda w: [w.T], lambda p: [p.T])
     else:
         text_projection = _copy("text_projection", (*t, "projection"))
     rules += [
@@ -459,37 +467,7 @@ def _rules(config: CLIPConfig, state_dict_keys: set[str] | None = None) -> list[
 def _expected_shapes(config: CLIPConfig) -> FlatVariables:
     unscanned = CLIP(config.replace(scan_layers=False, remat_policy="none"))
     shapes = jax.eval_shape(lambda: unscanned.init_variables(jax.random.key(0)))
-    from flax import linen as nn
-
     return traverse_util.flatten_dict(nn.unbox(shapes))
-
-
-def _stack_layers(flat: FlatVariables, config: CLIPConfig) -> FlatVariables:
-    """Unrolled `block_{i}` leaves -> one `blocks` leaf per parameter, layers on axis 0 (nn.scan layout)."""
-    out: FlatVariables = {}
-    groups: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
-    for path, value in flat.items():
-        block = next((i for i, p in enumerate(path) if p.startswith("block_")), None)
-        if block is None:
-            out[path] = value
-            continue
-        key = (*path[:block], "blocks", *path[block + 1:])
-        groups.setdefault(key, {})[int(path[block][len("block_"):])] = value
-    for key, by_layer in groups.items():
-        out[key] = np.stack([by_layer[i] for i in range(len(by_layer))])
-    return out
-
-
-def _unstack_layers(flat: FlatVariables) -> FlatVariables:
-    out: FlatVariables = {}
-    for path, value in flat.items():
-        if "blocks" not in path:
-            out[path] = value
-            continue
-        at = path.index("blocks")
-        for i in range(value.shape[0]):
-            out[(*path[:at], f"block_{i}", *path[at + 1:])] = value[i]
-    return out
 
 
 def openclip_to_variables(state_dict: StateDict, config: CLIPConfig) -> dict[str, Any]:
@@ -530,7 +508,7 @@ def openclip_to_variables(state_dict: StateDict, config: CLIPConfig) -> dict[str
     if not_filled:
         raise ConversionError(f"internal: model parameters not filled: {not_filled[:5]}")
     if config.scan_layers:
-        flat = _stack_layers(flat, config)
+        flat = stack_layers(flat)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -540,12 +518,10 @@ def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> Stat
     BatchNorm's `num_batches_tracked` counters are written as 0: they count training steps, are unused
     when the momentum is set (as in CLIP), and Flax keeps no such counter.
     """
-    from flax import linen as nn
-
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
     flat = {path: np.asarray(jax.device_get(value), dtype=np.float32) for path, value in flat.items()}
     if config.scan_layers:
-        flat = _unstack_layers(flat)
+        flat = unstack_layers(flat)
     state_dict: StateDict = {}
     for rule in _rules(config):
         outputs = rule.to_torch(*[flat[p] for p in rule.flax_paths])
@@ -644,18 +620,20 @@ def load_checkpoint(
 def save_state_dict(state_dict: StateDict, path: str) -> None:
     """Write an open_clip-layout state dict: safetensors by extension, a torch pickle otherwise."""
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
         save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
         return
     torch = _import_torch(path)
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
 
 
-def _hf_tokenizer_files(path: str) -> tuple[str, str] | None:
-    directory = os.path.dirname(os.path.abspath(path))
-    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
-    return (vocab, merges) if os.path.isfile(vocab) and os.path.isfile(merges) else None
+def checkpoint_tokenizer(path: str, context_length: int, bpe_path: str | None = None) -> tokenizers.ClipTokenizer:
+    """The tokenizer of the PyTorch checkpoint at `path`: OpenAI's BPE from `bpe_path` if given, else
+    the Hugging Face vocab.json + merges.txt beside the file when both are there, else OpenAI's BPE
+    (what every CLIP checkpoint was trained with)."""
+    hf_files = tokenizers.hf_tokenizer_files(epath.Path(path).parent)
+    if bpe_path is None and hf_files is not None:
+        return tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
+    return tokenizers.ClipTokenizer(bpe_path, context_length=context_length)
 
 
 def convert_checkpoint(
@@ -672,17 +650,11 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
     `trust_torchscript` and `announce`: see `load_checkpoint`."""
-    from clip_jax import checkpoint, tokenizer as tokenizers
-
     checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
     )
-    hf_files = _hf_tokenizer_files(source)
-    if bpe_path is None and hf_files is not None:
-        text_tokenizer = tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=config.text.context_length)
-    else:
-        text_tokenizer = tokenizers.ClipTokenizer(bpe_path, context_length=config.text.context_length)
+    text_tokenizer = checkpoint_tokenizer(source, config.text.context_length, bpe_path)
     checkpoint.save_model_directory(output_dir, config, variables, text_tokenizer, overwrite=overwrite)
     return config
 
@@ -694,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
         "or (--to-open-clip) a clip_jax directory back into an open_clip state dict.",
     )
-    parser.add_argument("source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip")
+    parser.add_argument(
+        "source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip"
+    )
     parser.add_argument("output", help="the directory to create (or the state-dict file with --to-open-clip)")
     parser.add_argument("--model", help="a registered spec name (default: read off the tensor shapes)")
     parser.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the MLP activation")
@@ -709,17 +683,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    from clip_jax.cli import one_line_errors
-
     with one_line_errors(args.verbose):
         _run(parser, args)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.to_open_clip:
-        from clip_jax import checkpoint
-
-        if os.path.exists(args.output) and not args.overwrite:
+        if epath.Path(args.output).exists() and not args.overwrite:
             parser.error(f"{args.output} exists; pass --overwrite to replace it")
         config, variables = checkpoint.load_model_directory(args.source)
         save_state_dict(variables_to_openclip(variables, config), args.output)
@@ -731,7 +701,3 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     )  # fmt: skip
     kind = f"ViT-{config.vision.patch_size}" if config.vision.is_vit else f"ResNet {config.vision.layers}"
     print(f"wrote {args.output}: {kind}, image {config.vision.image_size}px, embed {config.embed_dim}")
-
-
-if __name__ == "__main__":
-    main()
