@@ -243,7 +243,13 @@ def test_export_loads_in_transformers_with_the_same_embeddings_and_tokens(small_
             "out": str(tmp_path / "hf.npz"),
         }
     ]
-    (theirs,) = _run_hf(tmp_path, job)
+    # The same weights with a SigLIP-loss bias: exported as CLIPModel, the extra config key ignored.
+    sigmoid_config = config.replace(logit_bias_init=-10.0)
+    sigmoid_variables = {"params": {**variables["params"], "logit_bias": np.asarray(-9.5, np.float32)}}
+    convert.export_to_hf(str(tmp_path / "sigmoid"), sigmoid_config, sigmoid_variables, tokenizer)
+    job.append({"dir": str(tmp_path / "sigmoid"), "captions": CAPTIONS, "pixels": job[0]["pixels"]})
+    job[1]["out"] = str(tmp_path / "sigmoid.npz")
+    theirs, sigmoid = _run_hf(tmp_path, job)
 
     # Embeddings: raw projected features, as get_image_features / get_text_features return them.
     ours_image, ours_text = _embeddings(config, variables, pixels, tokenizer(CAPTIONS))
@@ -252,6 +258,8 @@ def test_export_loads_in_transformers_with_the_same_embeddings_and_tokens(small_
     print(f"image embeddings: max abs difference {image_difference:.2e} (magnitude {np.abs(ours_image).max():.2f})")
     print(f"text embeddings: max abs difference {text_difference:.2e} (magnitude {np.abs(ours_text).max():.2f})")
     assert image_difference <= TOLERANCE and text_difference <= TOLERANCE
+    assert np.abs(sigmoid["image"] - ours_image).max() <= TOLERANCE
+    assert np.abs(sigmoid["text"] - ours_text).max() <= TOLERANCE
     np.testing.assert_array_equal(theirs["caption_ids"], _hf_rows(tokenizer(CAPTIONS)))
     assert theirs["logit_scale"] == np.asarray(variables["params"]["logit_scale"])
 
@@ -361,6 +369,17 @@ def test_resnet_and_other_unrepresentable_models_are_refused_in_one_line(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error: cannot export to transformers: the image tower is a "
                                                    "ModifiedResNet"), result.stderr  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_mlp_width_is_the_stated_one():
+    """intermediate_size / hidden_size can land a hair below the ratio whose product, truncated as
+    models/layers.py truncates it, gives the width back (976 / 448 does): the import corrects it."""
+    config = _small_config()
+    for width, intermediate in ((448, 976), (448, 920), (1664, 8192), (64, 256)):
+        record = hf.hf_config(config, ClipTokenizer(), None)
+        record["vision_config"].update(hidden_size=width, intermediate_size=intermediate, num_attention_heads=1)
+        vision = hf.clip_config_from_hf(record).vision
+        assert int(vision.width * vision.mlp_ratio) == intermediate, (width, intermediate)
 
 
 def _random_variables(config, seed: int = 0) -> dict:

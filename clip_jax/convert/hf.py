@@ -212,7 +212,7 @@ def clip_config_from_hf(record: dict[str, Any]) -> CLIPConfig | None:
                 layers=int(vision.get("num_hidden_layers", 12)),
                 heads=int(vision.get("num_attention_heads", 12)),
                 patch_size=int(vision.get("patch_size", 32)),
-                mlp_ratio=int(vision.get("intermediate_size", 3072)) / int(vision.get("hidden_size", 768)),
+                mlp_ratio=_mlp_ratio(vision.get("intermediate_size", 3072), vision.get("hidden_size", 768)),
             ),
             text=TextConfig(
                 context_length=int(text.get("max_position_embeddings", 77)),
@@ -220,7 +220,7 @@ def clip_config_from_hf(record: dict[str, Any]) -> CLIPConfig | None:
                 width=int(text.get("hidden_size", 512)),
                 heads=int(text.get("num_attention_heads", 8)),
                 layers=int(text.get("num_hidden_layers", 12)),
-                mlp_ratio=int(text.get("intermediate_size", 2048)) / int(text.get("hidden_size", 512)),
+                mlp_ratio=_mlp_ratio(text.get("intermediate_size", 2048), text.get("hidden_size", 512)),
             ),
             activation="quick_gelu" if act == "quick_gelu" else "gelu",
             logit_scale_init=float(record.get("logit_scale_init_value", CLIPConfig.logit_scale_init)),
@@ -228,6 +228,16 @@ def clip_config_from_hf(record: dict[str, Any]) -> CLIPConfig | None:
         ).validate()
     except (TypeError, ValueError) as error:
         raise ValueError(f"the Hugging Face config.json does not describe a CLIP clip_jax can build: {error}") from None
+
+
+def _mlp_ratio(intermediate: int, width: int) -> float:
+    """The ratio whose int(width * ratio), as models/layers.py computes the MLP width, is `intermediate`
+    (intermediate / width can land a hair below it in floating point, e.g. ViT-bigG's 8192 / 1664)."""
+    intermediate, width = int(intermediate), int(width)
+    ratio = intermediate / width
+    while int(width * ratio) < intermediate:
+        ratio = float(np.nextafter(ratio, np.inf))
+    return ratio
 
 
 def logit_bias_from_hf(record: dict[str, Any]) -> np.ndarray | None:
