@@ -35,7 +35,8 @@ def load(
     """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
 
     `path` is a directory written by `python -m clip_jax.convert` / `save_model_directory`, a training
-    workdir of `train.py` (its newest complete checkpoint), or an OpenAI `.pt`, open_clip
+    workdir of `train.py` (its newest complete checkpoint), a transformers `CLIPModel` directory
+    (config.json + model.safetensors, e.g. from `--to-hf`), or an OpenAI `.pt`, open_clip
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
     spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
 
@@ -44,10 +45,10 @@ def load(
     """
     if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
         config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
-    elif epath.Path(path).is_dir():
+    elif epath.Path(path).is_dir() and convert.hf.model_file(path) is None:
         config, variables = checkpoint.load_model_directory(path, **overrides)
         text_tokenizer = checkpoint.load_tokenizer(path)
-    elif epath.Path(path).is_file():
+    elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a file, or a transformers CLIPModel dir
         config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
         text_tokenizer = convert.checkpoint_tokenizer(path, config.text.context_length)
         variables = jax.device_put(variables, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))

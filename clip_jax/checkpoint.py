@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -81,6 +82,25 @@ def save_model_directory(
             asset.copy(staging / asset.name)
         record = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        _publish(staging, output, overwrite)
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    return os.fspath(output)
+
+
+def write_directory_atomically(
+    output_dir: str | os.PathLike, write: Callable[[epath.Path], None], overwrite: bool = False
+) -> str:
+    """Call `write(staging)` on a new hidden directory beside `output_dir`, then publish it there as
+    `save_model_directory` does (one rename; `overwrite` replaces an existing output). If `write`
+    fails, nothing is left behind. Returns the directory's absolute path."""
+    check_output_directory(output_dir, overwrite)
+    output = paths.absolute(output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _make_hidden_directory(output, "partial")
+    try:
+        write(staging)
         _publish(staging, output, overwrite)
     except BaseException:
         _remove_tree(staging)

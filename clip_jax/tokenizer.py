@@ -119,6 +119,14 @@ def _clean_clip_text(text: str) -> str:
     return _collapse_whitespace(text).lower()
 
 
+def clean_clip_text(text: str) -> str:
+    """The text as ClipTokenizer sees it before splitting it into words (ftfy, HTML unescaping,
+    whitespace, lowercase). transformers' CLIPTokenizer does only the last two, and lowercases
+    character by character, so texts passed through this first tokenize there as here
+    (docs/conversion.md)."""
+    return _clean_clip_text(text)
+
+
 def max_text_characters(context_length: int) -> int:
     """The most characters of one text that a row of `context_length` ids is encoded from; texts up
     to this length are encoded exactly, longer ones are cut (truncate=True) or refused."""
@@ -506,6 +514,11 @@ class ClipTokenizer:
     def asset_files(self) -> list[str]:
         """Files an exported model directory needs to rebuild this tokenizer."""
         return list(self._assets.values())
+
+    def bpe_tables(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """(token -> id, merges in rank order): what a Hugging Face vocab.json and merges.txt hold."""
+        merges = sorted(self._merge_ranks, key=self._merge_ranks.__getitem__)
+        return dict(self._token_to_id), merges
 
     def to_config(self) -> dict:
         """JSON-able description; file names are relative to the exported model directory."""

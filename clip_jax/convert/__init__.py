@@ -38,6 +38,7 @@ from safetensors.numpy import load_file, save_file
 from clip_jax import checkpoint, torchscript
 from clip_jax import tokenizer as tokenizers
 from clip_jax.cli import one_line_errors
+from clip_jax.convert import hf
 from clip_jax.models import CLIP, CLIPConfig, TextConfig, VisionConfig, get_model_config
 from clip_jax.models.layout import FlatVariables, stack_layers, unstack_layers
 
@@ -126,6 +127,8 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
     extension) is read by `clip_jax.torchscript`; one that reader refuses raises
     `UntrustedTorchScriptError` unless `trust_torchscript`, which falls back to `torch.jit.load`.
     """
+    if epath.Path(path).is_dir() and hf.model_file(path) is not None:
+        path = hf.model_file(path)  # a transformers CLIPModel directory: its weights file
     if not epath.Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
@@ -158,6 +161,8 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
     if kind == "hf":
         hints.update(_hf_hints(path))
         raw = hf_to_openclip(raw)
+        if "logit_bias" in hints:  # kept in config.json by `export_to_hf`: CLIPModel has no such tensor
+            raw["logit_bias"] = hints.pop("logit_bias")
     if "token_embedding.weight" not in raw or not any(k.startswith("visual.") for k in raw):
         sample = ", ".join(sorted(raw)[:5]) or "no tensors"
         raise ConversionError(
@@ -180,13 +185,21 @@ def _hf_hints(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(hf_config, dict):
         return {}
+    hints: dict[str, Any] = {}
+    try:
+        spec = hf.clip_config_from_hf(hf_config)
+    except ValueError as error:
+        raise ConversionError(f"{config_path!r}: {error}") from None
+    if spec is not None:  # a whole CLIPModel config: heads and MLP widths stated, not guessed
+        hints["config"] = spec
+    bias = hf.logit_bias_from_hf(hf_config)
+    if bias is not None:
+        hints["logit_bias"] = bias
     act = (hf_config.get("text_config") or {}).get("hidden_act") or hf_config.get("hidden_act")
-    if not act:
-        return {}
-    return {
-        "activation": "quick_gelu" if act == "quick_gelu" else "gelu",
-        "activation_source": f"from config.json hidden_act {act!r}",
-    }
+    if act:
+        hints["activation"] = "quick_gelu" if act == "quick_gelu" else "gelu"
+        hints["activation_source"] = f"from config.json hidden_act {act!r}"
+    return hints
 
 
 _HF_RENAMES = [
@@ -597,6 +610,8 @@ def load_checkpoint(
     (`ActivationGuessWarning`) and the others are logged. `trust_torchscript`: see `read_checkpoint`.
     """
     state_dict, kind, hints = read_checkpoint(path, trust_torchscript=trust_torchscript)
+    if model is None and "config" in hints:
+        model = hints["config"]
     if activation is not None:
         chosen, source, detail = activation, "argument", ""
     elif "activation" in hints:
@@ -630,7 +645,8 @@ def checkpoint_tokenizer(path: str, context_length: int, bpe_path: str | None = 
     """The tokenizer of the PyTorch checkpoint at `path`: OpenAI's BPE from `bpe_path` if given, else
     the Hugging Face vocab.json + merges.txt beside the file when both are there, else OpenAI's BPE
     (what every CLIP checkpoint was trained with)."""
-    hf_files = tokenizers.hf_tokenizer_files(epath.Path(path).parent)
+    directory = epath.Path(path) if epath.Path(path).is_dir() else epath.Path(path).parent  # an HF directory
+    hf_files = tokenizers.hf_tokenizer_files(directory)
     if bpe_path is None and hf_files is not None:
         return tokenizers.ClipTokenizer.from_hf_files(*hf_files, context_length=context_length)
     return tokenizers.ClipTokenizer(bpe_path, context_length=context_length)
@@ -659,8 +675,42 @@ def convert_checkpoint(
     return config
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose."""
+def export_to_hf(
+    output_dir: str, config: CLIPConfig, variables: dict[str, Any], tokenizer: Any, overwrite: bool = False
+) -> str:
+    """Write a transformers `CLIPModel` directory (see `clip_jax.convert.hf`); atomic, like
+    `convert_checkpoint`. Raises `hf.ExportError` in one line, before writing anything, for what
+    transformers cannot represent. `python -m clip_jax.convert SRC OUT --to-hf` calls it.
+
+        model, variables, _, tokenizer = clip_jax.load(SRC)
+        convert.export_to_hf(OUT, model.config, variables, tokenizer)
+    """
+    hf.check_exportable(config, tokenizer)  # before the (slow) gathering of the weights
+    state_dict = variables_to_openclip(variables, config)
+    return hf.write_hf_directory(output_dir, config, state_dict, tokenizer, overwrite)
+
+
+# (path, model, activation, trust_torchscript) -> (spec, variables, tokenizer) of anything clip_jax loads.
+SourceLoader = Callable[[str, "str | None", "str | None", bool], tuple[CLIPConfig, dict[str, Any], Any]]
+
+
+def load_source(
+    path: str, model: str | None = None, activation: str | None = None, trust_torchscript: bool = False
+) -> tuple[CLIPConfig, dict[str, Any], Any]:
+    """(spec, variables, tokenizer) of a clip_jax model directory or a PyTorch / HF checkpoint.
+    Training workdirs need clip_jax.training, which this layer does not import: `python -m
+    clip_jax.convert` passes `clip_jax.api`'s loader, which reads them too."""
+    if epath.Path(path).is_dir() and hf.model_file(path) is None:
+        config, variables = checkpoint.load_model_directory(path)
+        return config, variables, checkpoint.load_tokenizer(path)
+    config, variables = load_checkpoint(path, model, activation, trust_torchscript=trust_torchscript)
+    return config, variables, checkpoint_tokenizer(path, config.text.context_length)
+
+
+def main(argv: list[str] | None = None, load: SourceLoader | None = None) -> None:
+    """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose.
+
+    `load` reads the source of --to-hf (default `load_source`)."""
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
@@ -676,6 +726,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--to-open-clip", action="store_true", help="export a clip_jax directory to open_clip")
     parser.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="export SOURCE (a clip_jax directory or workdir, or a checkpoint file) as a transformers CLIPModel directory",
+    )
+    parser.add_argument(
         "--trust-torchscript",
         action="store_true",
         help="if a TorchScript archive cannot be read safely, load it with torch.jit.load, which RUNS ITS CODE: "
@@ -683,11 +738,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if args.to_hf and args.to_open_clip:
+        parser.error("--to-hf and --to-open-clip exclude each other")
     with one_line_errors(args.verbose):
-        _run(parser, args)
+        _run(parser, args, load or load_source)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, load: SourceLoader) -> None:
+    if args.to_hf:
+        checkpoint.check_output_directory(args.output, args.overwrite)  # before the (slow) loading
+        config, variables, text_tokenizer = load(args.source, args.model, args.activation, args.trust_torchscript)
+        export_to_hf(args.output, config, variables, text_tokenizer, args.overwrite)
+        print(
+            f"wrote {args.output}: transformers CLIPModel, ViT-{config.vision.patch_size}, activation {config.activation}"
+        )
+        if config.logit_bias_init is not None:
+            print("note: CLIPModel has no logit_bias; its logits omit it (embeddings are exact); kept in config.json")
+        return
     if args.to_open_clip:
         if epath.Path(args.output).exists() and not args.overwrite:
             parser.error(f"{args.output} exists; pass --overwrite to replace it")

@@ -2,8 +2,18 @@
 
 A package's __main__ rather than a `__name__ == "__main__"` block: `import clip_jax` has already
 imported clip_jax.convert (through clip_jax.api), and runpy would run that module a second time.
+--to-hf reads its source with `clip_jax.api`'s loader, which also reads training workdirs (a layer
+clip_jax.convert itself does not import).
 """
 
+from clip_jax import api
 from clip_jax.convert import main
 
-main()
+
+def _load(path: str, model: str | None, activation: str | None, trust_torchscript: bool):
+    overrides = {"activation": activation} if activation else {}
+    clip, variables, _, tokenizer = api.load(path, model, trust_torchscript=trust_torchscript, **overrides)
+    return clip.config, variables, tokenizer
+
+
+main(load=_load)
