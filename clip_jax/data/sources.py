@@ -143,6 +143,29 @@ def even_share(total: int, process_index: int, process_count: int) -> tuple[int,
     return start, end
 
 
+def global_batches_started(offsets: Sequence[int], global_batch_size: int) -> tuple[int, bool]:
+    """For a random-access source read in global batches (process p of P reads rows
+    [p·B/P, (p+1)·B/P) of each global batch of B), given every saved process's offset (its examples
+    read): (the first global batch that no process had started, whether every process stood exactly
+    at its start). Not exact only after skipped examples, which move a process further on alone.
+    """
+    if not offsets or global_batch_size % len(offsets):
+        raise ValueError(f"{len(offsets)} saved positions do not divide the global batch {global_batch_size}")
+    local = global_batch_size // len(offsets)
+    batches = max(-(-int(offset) // local) for offset in offsets)
+    return batches, all(int(offset) == batches * local for offset in offsets)
+
+
+def process_stream_index(
+    offsets: np.ndarray, global_batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
+    """Global stream positions of a process's `offsets`-th examples: its contiguous rows of each
+    global batch of `global_batch_size` consecutive positions."""
+    local = global_batch_size // process_count
+    steps, rows = np.divmod(np.asarray(offsets, dtype=np.int64), local)
+    return steps * global_batch_size + process_index * local + rows
+
+
 # --------------------------------------------------------------------------------------------
 # Seeds and permutations: pure functions of integers.
 # --------------------------------------------------------------------------------------------
