@@ -131,6 +131,28 @@ def test_random_access_sources_resume_on_any_process_count_in_the_same_global_or
     assert again.images[0].tobytes() == reference.images[-1].tobytes()
 
 
+def test_after_skips_a_resume_on_another_topology_repeats_nothing():
+    from clip_jax.data import sources
+
+    # Process 1 of 2 skipped two examples, so it read 2 rows into global batch 2 (batches of 8).
+    offsets = [8, 10]
+    read = {
+        int(t)
+        for index, offset in enumerate(offsets)
+        for t in sources.process_stream_index(np.arange(offset), 8, index, 2)
+    }
+    assert read == set(range(16)) | {20, 21}  # independent: rows [4, 8) of each batch are process 1's
+    batches, exact = sources.global_batches_started(offsets, 8)
+    assert (batches, exact) == (3, False)
+    assert sources.global_batches_started([8, 8], 8) == (2, True)
+    for count in (1, 4):
+        starts = [
+            int(sources.process_stream_index(np.array([batches * 8 // count]), 8, index, count)[0])
+            for index in range(count)
+        ]
+        assert min(starts) == 24 > max(read)  # the next global batch no process had started
+
+
 # --------------------------------------------------------------------------------------------
 # Tar shards: every example of the epoch exactly once across the interruption.
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ module (decode, workers, the sources, the iterator) may import it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -37,6 +38,8 @@ CONVERTED_IMAGE_MODE = "converted_image_mode"  # grayscale, CMYK, palette, alpha
 COUNTER_NAMES: tuple[str, ...] = (*SKIP_REASONS, CONVERTED_IMAGE_MODE)
 
 ImageData = bytes | np.ndarray
+
+logger = logging.getLogger(__name__)
 
 
 def new_counters() -> dict[str, int]:
@@ -153,7 +156,17 @@ def global_batches_started(offsets: Sequence[int], global_batch_size: int) -> tu
         raise ValueError(f"{len(offsets)} saved positions do not divide the global batch {global_batch_size}")
     local = global_batch_size // len(offsets)
     batches = max(-(-int(offset) // local) for offset in offsets)
-    return batches, all(int(offset) == batches * local for offset in offsets)
+    exact = all(int(offset) == batches * local for offset in offsets)
+    if not exact:
+        # Rows of the started batches that some process had not read yet are left out (never
+        # repeated): after skips, the saved processes stood at different places.
+        logger.warning(
+            "The saved processes stood at different places (skipped examples); continuing at global batch "
+            "%d, leaving out %d unread examples of the batches before it.",
+            batches,
+            sum(batches * local - int(offset) for offset in offsets),
+        )
+    return batches, exact
 
 
 def process_stream_index(

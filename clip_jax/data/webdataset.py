@@ -626,13 +626,20 @@ class WebDatasetSource:
         """The examples of a resume plan: ranges [epoch, process count, process index, shards per
         window, first window, end window, offset in the first window] of windows of the saved
         topology, each read as the saved process would have; positions carry the rest of the plan."""
-        for number, (epoch, count, index, size, first, end, offset) in enumerate(plan):
-            layout = (count, index, size)
-            for window in range(first, end):
-                examples = self._window_examples(epoch, window, self._start_window(epoch, window, layout), layout)
-                for place in range(offset if window == first else 0, len(examples)):
-                    rest = [[epoch, count, index, size, window, end, place + 1], *plan[number + 1 :]]
-                    yield examples[place], {"epoch": next_epoch, "window": 0, "offset": 0, "plan": rest}
+        windows = [(number, window) for number, entry in enumerate(plan) for window in range(entry[4], entry[5])]
+        futures = self._start_plan_window(plan, windows[0]) if windows else []
+        for step, (number, window) in enumerate(windows):
+            epoch, count, index, size, first, end, offset = plan[number]
+            examples = self._window_examples(epoch, window, futures, (count, index, size))
+            # Read the next window while this one is consumed.
+            futures = self._start_plan_window(plan, windows[step + 1]) if step + 1 < len(windows) else []
+            for place in range(offset if window == first else 0, len(examples)):
+                rest = [[epoch, count, index, size, window, end, place + 1], *plan[number + 1 :]]
+                yield examples[place], {"epoch": next_epoch, "window": 0, "offset": 0, "plan": rest}
+
+    def _start_plan_window(self, plan: list[list[int]], where: tuple[int, int]) -> list:
+        epoch, count, index, size, *_ = plan[where[0]]
+        return self._start_window(epoch, where[1], (count, index, size))
 
     def resume_position(self, saved_positions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """This process's position continuing a run saved by `len(saved_positions)` processes: the
