@@ -98,7 +98,12 @@ def example_contents(example: RawExample, reader: RecordReader | None) -> tuple[
 
 
 class ExampleSource(Protocol):
-    """A deterministic, endless stream of raw examples for one process, resumable at any point."""
+    """A deterministic, endless stream of raw examples for one process, resumable at any point.
+
+    A source may also have `resume_position(saved_positions) -> position | None`: this process's
+    position continuing a run whose processes (another number of them) saved `saved_positions`
+    (elastic resume); without it, or when it returns None, such a run starts the next epoch.
+    """
 
     # True when every image is a uint8 (size, size, 3) array already at the model's image size and
     # meant to be used as it is: no random resized crop (the built-in dataset draws at that size).
