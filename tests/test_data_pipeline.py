@@ -286,8 +286,14 @@ def test_state_helpers_for_checkpoints():
     states = [{"counters": {"empty_caption": 2, "undecodable_image": 1}}, {"counters": {"empty_caption": 3}}]
     summed = data_iterator.summed_counters(states)
     assert summed["empty_caption"] == 5 and summed["undecodable_image"] == 1 and summed["missing_image"] == 0
-    assert data_iterator.local_state(states, 1, 2) == states[1]
-    assert data_iterator.local_state(states, 0, 4) == states[0]  # another topology: the iterator restarts the epoch
+    states = [{**state, "source": {"epoch": 0, "offset": 4 + index}} for index, state in enumerate(states)]
+    positions = [state["source"] for state in states]
+    assert data_iterator.local_state(states, 1, 2) == {**states[1], "saved_positions": positions}
+    # Another topology: every saved position goes along (the source continues from them), and the
+    # skip counters all go to process 0, so their sum over the new processes stays the same.
+    moved = [data_iterator.local_state(states, index, 4) for index in range(4)]
+    assert all(state["saved_positions"] == positions for state in moved)
+    assert data_iterator.summed_counters(moved) == summed and moved[1]["counters"]["empty_caption"] == 0
     assert data_iterator.local_state([], 0, 1) is None
     assert data_iterator.gather_states({"batches": 3}) == [{"batches": 3}]  # one process: itself
 
@@ -377,7 +383,8 @@ def test_train_and_evaluate_on_mock_tfds_resumes_the_data_where_it_stopped(tmp_p
     assert saved_data_states(workdir, 1)[0]["batches"] == 1
     resumed = saved_data_states(workdir, 2)
     assert resumed == uninterrupted == [expected]
-    assert resumed[0]["source"] == {"epoch": 1, "offset": 6}
+    # 16 examples of the stream that began at epoch 0 read: 6 into epoch 1 of the 10 mocked.
+    assert resumed[0]["source"] == {"epoch": 1, "offset": 16, "first_epoch": 0}
 
 
 # --- prefetching

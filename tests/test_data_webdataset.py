@@ -360,11 +360,13 @@ def test_batches_with_state_pairs_each_batch_with_the_state_after_it(clean_shard
         assert_same_batches(take(resumed, 3), [batch for batch, _ in pairs[3:6]])
 
 
-def test_a_state_from_another_topology_restarts_at_the_next_epoch(clean_shards):
+def test_a_state_of_another_seed_restarts_at_the_next_epoch(clean_shards):
+    # (Another topology continues exactly: tests/test_elastic_resume.py.)
     config = make_data_config(clean_shards)
     with make_iterator(config, global_batch_size=4, process_count=1) as single:
         take(single, 2)
         saved = single.state
+    config.seed += 1
     with make_iterator(config, global_batch_size=4, process_index=1, process_count=2, start_state=saved) as moved:
         assert moved.state["source"] == {"epoch": 1, "window": 0, "offset": 0}
         take(moved, 1)

@@ -116,21 +116,45 @@ class TrainIterator:
             if start_state.get(field) != fresh[field]
         ]
         counters = {**new_counters(), **start_state.get("counters", {})}
-        if changed:
-            # Positions are per process and per source layout: they mean nothing in another one.
-            # Go on from the start of the next epoch rather than repeat or guess.
-            next_epoch = int(start_state.get("source", {}).get("epoch", -1)) + 1
-            logger.warning(
-                "The saved data position belongs to another source or topology (%s); continuing "
-                "from the start of epoch %d instead of the exact next batch.",
-                "; ".join(changed),
-                next_epoch,
-            )
-            fresh["source"] = {**fresh["source"], "epoch": next_epoch}
-            fresh.update(batches=int(start_state.get("batches", 0)), counters=counters)
+        # Every saved process's position (local_state adds them); a state saved alone has its own.
+        saved_positions = start_state.pop("saved_positions", None) or [start_state.get("source", {})]
+        if not changed:
+            start_state["counters"] = counters
+            return start_state
+        fresh.update(
+            batches=int(start_state.get("batches", 0)),
+            counters=counters,
+            examples_read=int(start_state.get("examples_read", 0)),
+        )
+        position = self._resumed_elsewhere(changed, saved_positions)
+        if position is not None:
+            fresh["source"] = position
             return fresh
-        start_state["counters"] = counters
-        return start_state
+        # Positions are per source layout: they mean nothing in another one. Go on from the start
+        # of the next epoch (after every saved process's) rather than repeat or guess.
+        next_epoch = max(int(saved.get("epoch", -1)) for saved in saved_positions) + 1
+        logger.warning(
+            "The saved data position belongs to another source (%s); continuing from the start of "
+            "epoch %d instead of the exact next batch.",
+            "; ".join(changed),
+            next_epoch,
+        )
+        fresh["source"] = {**fresh["source"], "epoch": next_epoch}
+        return fresh
+
+    def _resumed_elsewhere(self, changed: list[str], saved_positions: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """This process's position continuing a run saved on another topology (same source, seed
+        and settings), from the source's `resume_position`; None where the source has none."""
+        if any(not reason.startswith(("process_index", "process_count")) for reason in changed):
+            return None
+        resume_position = getattr(self.source, "resume_position", None)
+        position = resume_position(saved_positions) if resume_position is not None else None
+        if position is not None:
+            logger.info(
+                "Data resumed on %d process(es) from a state saved by %d: %s for process %d",
+                self.process_count, len(saved_positions), position, self.process_index,
+            )  # fmt: skip
+        return position
 
     def _generate(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
         state = json.loads(json.dumps(self.state))
@@ -276,7 +300,7 @@ def make_train_source(
     """
     check_process_layout(process_index, process_count)
     if data_config.name == "tfds":
-        return tfds_source.source_from_config(data_config, process_index, process_count)
+        return tfds_source.source_from_config(data_config, process_index, process_count, global_batch_size)
     if data_config.name == "webdataset":
         return webdataset.source_from_config(data_config, process_index, process_count)
     if data_config.name == "synthetic":
@@ -364,14 +388,19 @@ def gather_states(local_state: Mapping[str, Any]) -> list[dict[str, Any]]:
 def local_state(
     saved_states: Sequence[Mapping[str, Any]] | None, process_index: int, process_count: int
 ) -> dict | None:
-    """This process's entry of `gather_states`' list (None when nothing was saved). With another
-    process count than the saved run, process 0's state is returned: TrainIterator sees the
-    changed topology and goes on from the next epoch."""
+    """This process's start state from `gather_states`' list (None when nothing was saved), with
+    every saved process's position under "saved_positions". With another process count than the
+    saved run, process 0's state is the base and TrainIterator sees the changed topology: the
+    source continues the saved run's positions (`resume_position`) or the next epoch begins.
+    The skip counters then all go to process 0, so their sum over processes stays the same."""
     if not saved_states:
         return None
+    positions = [dict(state.get("source", {})) for state in saved_states]
     if len(saved_states) == process_count:
-        return dict(saved_states[process_index])
-    return dict(saved_states[0])
+        return {**saved_states[process_index], "saved_positions": positions}
+    counters = summed_counters(saved_states) if process_index == 0 else new_counters()
+    examples_read = sum(int(state.get("examples_read", 0)) for state in saved_states) if process_index == 0 else 0
+    return {**saved_states[0], "saved_positions": positions, "counters": counters, "examples_read": examples_read}
 
 
 def summed_counters(states: Sequence[Mapping[str, Any]]) -> dict[str, int]:

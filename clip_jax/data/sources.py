@@ -9,6 +9,7 @@ module (decode, workers, the sources, the iterator) may import it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -37,6 +38,8 @@ CONVERTED_IMAGE_MODE = "converted_image_mode"  # grayscale, CMYK, palette, alpha
 COUNTER_NAMES: tuple[str, ...] = (*SKIP_REASONS, CONVERTED_IMAGE_MODE)
 
 ImageData = bytes | np.ndarray
+
+logger = logging.getLogger(__name__)
 
 
 def new_counters() -> dict[str, int]:
@@ -95,7 +98,12 @@ def example_contents(example: RawExample, reader: RecordReader | None) -> tuple[
 
 
 class ExampleSource(Protocol):
-    """A deterministic, endless stream of raw examples for one process, resumable at any point."""
+    """A deterministic, endless stream of raw examples for one process, resumable at any point.
+
+    A source may also have `resume_position(saved_positions) -> position | None`: this process's
+    position continuing a run whose processes (another number of them) saved `saved_positions`
+    (elastic resume); without it, or when it returns None, such a run starts the next epoch.
+    """
 
     # True when every image is a uint8 (size, size, 3) array already at the model's image size and
     # meant to be used as it is: no random resized crop (the built-in dataset draws at that size).
@@ -141,6 +149,39 @@ def even_share(total: int, process_index: int, process_count: int) -> tuple[int,
     start = (process_index * total) // process_count
     end = ((process_index + 1) * total) // process_count
     return start, end
+
+
+def global_batches_started(offsets: Sequence[int], global_batch_size: int) -> tuple[int, bool]:
+    """For a random-access source read in global batches (process p of P reads rows
+    [p·B/P, (p+1)·B/P) of each global batch of B), given every saved process's offset (its examples
+    read): (the first global batch that no process had started, whether every process stood exactly
+    at its start). Not exact only after skipped examples, which move a process further on alone.
+    """
+    if not offsets or global_batch_size % len(offsets):
+        raise ValueError(f"{len(offsets)} saved positions do not divide the global batch {global_batch_size}")
+    local = global_batch_size // len(offsets)
+    batches = max(-(-int(offset) // local) for offset in offsets)
+    exact = all(int(offset) == batches * local for offset in offsets)
+    if not exact:
+        # Rows of the started batches that some process had not read yet are left out (never
+        # repeated): after skips, the saved processes stood at different places.
+        logger.warning(
+            "The saved processes stood at different places (skipped examples); continuing at global batch "
+            "%d, leaving out %d unread examples of the batches before it.",
+            batches,
+            sum(batches * local - int(offset) for offset in offsets),
+        )
+    return batches, exact
+
+
+def process_stream_index(
+    offsets: np.ndarray, global_batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
+    """Global stream positions of a process's `offsets`-th examples: its contiguous rows of each
+    global batch of `global_batch_size` consecutive positions."""
+    local = global_batch_size // process_count
+    steps, rows = np.divmod(np.asarray(offsets, dtype=np.int64), local)
+    return steps * global_batch_size + process_index * local + rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from clip_jax.data.sources import RawExample, mix64
+from clip_jax.data.sources import RawExample, global_batches_started, mix64
 
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
 COLOR_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -790,6 +790,17 @@ class SyntheticSource:
 
     def record_reader(self) -> None:
         return None  # examples carry their pixels
+
+    def resume_position(self, saved_positions: Sequence[Mapping[str, int]]) -> dict[str, int] | None:
+        """This process's position continuing a run saved by `len(saved_positions)` processes (any
+        number): the next global batch is the one no saved process had started, so the global order
+        of examples goes on unchanged. None when the saved processes were in different epochs."""
+        epochs = {int(position["epoch"]) for position in saved_positions}
+        if len(epochs) != 1:
+            return None
+        offsets = [int(position["offset"]) for position in saved_positions]
+        batches, _ = global_batches_started(offsets, self.global_batch_size)
+        return {"epoch": epochs.pop(), "offset": batches * self.local_batch_size}
 
     def example_indices(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
         """Train example indices of this process's `offsets`-th examples of epoch `epoch`."""

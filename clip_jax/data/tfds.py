@@ -18,7 +18,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from clip_jax.data.sources import RawExample, SkippedExample, check_process_layout, even_share, permuted_indices
+from clip_jax.data.sources import (
+    RawExample,
+    SkippedExample,
+    check_process_layout,
+    global_batches_started,
+    permuted_indices,
+    process_stream_index,
+)
 
 READERS: tuple[str, ...] = ("auto", "data_source", "tf_data")
 IMAGE_DECODERS: tuple[str, ...] = ("pipeline", "tfds")
@@ -249,9 +256,17 @@ class TfdsRecordReader:
 
 
 class TfdsRandomAccessSource:
-    """Random access over this process's even share of the split; a new seeded permutation of the
-    share each epoch. Position {"epoch", "offset"}: the next example is the offset-th of the
-    epoch's permutation. An example's augmentation depends on its record index, not the topology."""
+    """Random access in one global order: stream position t of the run is record
+    `permuted_indices(t mod N)` of epoch t // N (a fresh seeded permutation of the whole split each
+    epoch), global batch b is positions [b·B, (b+1)·B), and process p reads its contiguous rows
+    [p·B/P, (p+1)·B/P) of each. The order of examples is a function of (seed, epoch, position)
+    only, so a run resumed on any number of processes goes on with the examples an uninterrupted
+    run would read (`resume_position`); one process reads the split epoch after epoch.
+
+    Position {"epoch", "offset", "first_epoch"}: the process has read `offset` examples of the
+    stream that began at epoch `first_epoch` (absent: `epoch`); `epoch` is the one of the last read.
+    An example's augmentation depends on its record index and epoch, not the topology.
+    """
 
     ready_sized = False  # stored images of any size: decoded, cropped and resized
 
@@ -264,54 +279,75 @@ class TfdsRandomAccessSource:
         process_index: int,
         process_count: int,
         seed: int,
+        global_batch_size: int | None = None,
     ) -> None:
         check_process_layout(process_index, process_count)
         self.name, self.split, self.data_dir, self.keys, self.seed = name, split, data_dir, keys, seed
         self.process_index, self.process_count = process_index, process_count
+        # Without a batch (a caption sample, a test) each global "batch" is one row per process.
+        self.global_batch_size = int(global_batch_size or process_count)
+        if self.global_batch_size % process_count:
+            raise ValueError(f"global batch {self.global_batch_size} is not a multiple of {process_count} processes")
         self._source = open_data_source(name, split, data_dir, keys.decoders)
         self.num_records = len(self._source)
-        self.start, self.end = even_share(self.num_records, process_index, process_count)
-        if self.end <= self.start:
-            raise ValueError(
-                f"TFDS {name!r} split {split!r} has {self.num_records} examples: too few for {process_count} processes"
-            )
+        if self.num_records < 1:
+            raise ValueError(f"TFDS {name!r} split {split!r} has no examples")
 
     def fingerprint(self) -> str:
-        return f"tfds data_source: {self.name} {self.split} ({self.num_records} examples)"
+        return (
+            f"tfds data_source: {self.name} {self.split} ({self.num_records} examples), global order, "
+            f"global batch {self.global_batch_size}"
+        )
 
     def initial_position(self) -> dict[str, int]:
         return {"epoch": 0, "offset": 0}
 
-    def record_indices(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
-        """Record indices of this process's `offsets`-th examples of epoch `epoch`."""
-        share = self.end - self.start
-        return self.start + permuted_indices(offsets, share, (self.seed, epoch, self.start, share))
+    def stream_positions(self, first_epoch: int, offsets: np.ndarray) -> np.ndarray:
+        """Global stream positions of this process's `offsets`-th examples."""
+        local = process_stream_index(offsets, self.global_batch_size, self.process_index, self.process_count)
+        return first_epoch * self.num_records + local
+
+    def record_indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Records at `positions` (in [0, N)) of epoch `epoch`'s permutation of the split."""
+        return permuted_indices(positions, self.num_records, (self.seed, epoch, 0, self.num_records))
 
     def record_reader(self) -> TfdsRecordReader:
         return TfdsRecordReader(self.name, self.split, self.data_dir, self.keys, self._source)
+
+    def resume_position(self, saved_positions: Sequence[Mapping[str, int]]) -> dict[str, int] | None:
+        """This process's position continuing a run saved by `len(saved_positions)` processes: from
+        the first global batch no saved process had started (see `global_batches_started`)."""
+        firsts = {int(position.get("first_epoch", position["epoch"])) for position in saved_positions}
+        if len(firsts) != 1:
+            return None
+        first = firsts.pop()
+        batches, _ = global_batches_started([int(p["offset"]) for p in saved_positions], self.global_batch_size)
+        epoch = (first * self.num_records + batches * self.global_batch_size) // self.num_records
+        local = self.global_batch_size // self.process_count
+        return {"epoch": epoch, "offset": batches * local, "first_epoch": first}
 
     def examples(
         self, position: Mapping[str, int], text_only: bool = False
     ) -> Iterator[tuple[RawExample, dict[str, int]]]:
         del text_only  # images stay undecoded bytes until a worker prepares them: nothing to save
-        epoch, offset = int(position["epoch"]), int(position["offset"])
-        share = self.end - self.start
+        first, offset = int(position.get("first_epoch", position["epoch"])), int(position["offset"])
         while True:
-            if offset >= share:
-                epoch, offset = epoch + 1, 0
-            stop = min(share, offset + _PERMUTATION_CHUNK)
-            indices = self.record_indices(epoch, np.arange(offset, stop))
-            for record_offset, index in enumerate(indices, start=offset):
-                example = RawExample(
-                    image=None,
-                    text=None,
-                    identity=(int(index),),
-                    epoch=epoch,
-                    description=f"{self.name} {self.split} record {index}",
-                    record=int(index),
-                )
-                yield example, {"epoch": epoch, "offset": record_offset + 1}
-            offset = stop
+            offsets = np.arange(offset, offset + _PERMUTATION_CHUNK)
+            epochs, places = np.divmod(self.stream_positions(first, offsets), self.num_records)
+            for epoch in np.unique(epochs).tolist():
+                selected = epochs == epoch
+                records = self.record_indices(epoch, places[selected])
+                for record_offset, index in zip(offsets[selected].tolist(), records.tolist()):
+                    example = RawExample(
+                        image=None,
+                        text=None,
+                        identity=(int(index),),
+                        epoch=epoch,
+                        description=f"{self.name} {self.split} record {index}",
+                        record=int(index),
+                    )
+                    yield example, {"epoch": epoch, "offset": record_offset + 1, "first_epoch": first}
+            offset += _PERMUTATION_CHUNK
 
     def close(self) -> None:
         pass
@@ -405,7 +441,10 @@ class TfdsStreamingSource:
 
 
 def source_from_config(
-    data_config: ml_collections.ConfigDict, process_index: int, process_count: int
+    data_config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    global_batch_size: int | None = None,
 ) -> TfdsRandomAccessSource | TfdsStreamingSource:
     """The TFDS source of `config.data` (`data.tfds.*`); opens the dataset now, so a missing or
     misnamed dataset fails before training starts."""
@@ -417,8 +456,9 @@ def source_from_config(
     reader = choose_reader(builder, reader)
     if reader == "data_source":
         return TfdsRandomAccessSource(
-            settings.name, settings.split, data_dir, keys, process_index, process_count, int(data_config.seed)
-        )
+            settings.name, settings.split, data_dir, keys, process_index, process_count, int(data_config.seed),
+            global_batch_size,
+        )  # fmt: skip
     return TfdsStreamingSource(
         settings.name,
         settings.split,
