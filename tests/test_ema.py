@@ -259,3 +259,17 @@ def test_a_checkpoint_without_ema_resumes_with_ema_started_at_its_parameters(tmp
     _, variables, _ = checkpointing.load_training_workdir(workdir, ema=True)
     for actual, wanted in zip(_host(variables["params"]), expected):
         np.testing.assert_allclose(actual, wanted, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "flag, loaded", [([], "the EMA parameters (ema.decay=0.5)"), (["--noema"], "the raw parameters")]
+)
+def test_evaluate_reads_the_ema_unless_told_not_to(uninterrupted, tmp_path, capsys, flag, loaded):
+    from test_evaluate_cli import _run_main  # evaluate.py's flags may be defined once per process
+
+    workdir = uninterrupted[0]
+    _run_main([
+        f"--checkpoint={workdir}", "--tasks=zero_shot", "--datasets=synthetic", "--max_examples=16",
+        "--batch_size=16", "--prompt_modes=class_name", f"--output={tmp_path}", "--noplots", *flag,
+    ])  # fmt: skip
+    assert f"Loaded {loaded}" in capsys.readouterr().out

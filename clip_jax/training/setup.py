@@ -303,9 +303,9 @@ def step_flops_per_device(
 
 
 class Evaluator:
-    """Runs the evaluation suite (`settings.eval.suite`) on the current variables (the EMA ones
-    when the run keeps a moving average), on every
-    process (the embeddings are gathered across processes), and logs its metrics."""
+    """Runs the evaluation suite (`settings.eval.suite`) on the current variables (the moving
+    average when the run keeps one), on every process (the embeddings are gathered across
+    processes), and logs its metrics."""
 
     def __init__(self, settings: Settings, model: CLIP, tokenizer: Any, mesh: Any, dataset: Any, writer: Any) -> None:
         self.suite_settings = settings.eval.suite
