@@ -27,7 +27,7 @@ from clip_jax.training.config import (
     validate,
 )
 from clip_jax.training.optimizer import make_optimizer
-from clip_jax.training.state import abstract_train_state, create_train_state
+from clip_jax.training.state import abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,11 @@ def test_ema_is_sharded_like_the_params_and_absent_when_off():
     # Some parameters are split over fsdp, so the comparison is not of replicated layouts only.
     assert any(not sharding.is_fully_replicated for sharding in jax.tree.leaves(shardings.params))
     state, _ = create_train_state(model, tx, 0, mesh, ema=True)
-    for ema, param in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    # Created with the state, or started later over a restored state without one (start_ema).
+    started = start_ema(state, shardings.params)
+    pairs = [*zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params))]
+    pairs += [*zip(jax.tree.leaves(started.ema_params), jax.tree.leaves(started.params))]
+    for ema, param in pairs:
         assert ema.sharding == param.sharding and ema.shape == param.shape and ema.dtype == param.dtype
         # Buffers of their own: the step donates both trees.
         for ema_shard, param_shard in zip(ema.addressable_shards, param.addressable_shards):

@@ -1,6 +1,7 @@
 """The training state (step, parameters, optimizer state, BatchNorm statistics, RNG, the
-non-finite guard's counters, the parameters' moving average when the run keeps one) and its creation directly in its sharded layout on the mesh, plus its
-abstract form for restoring."""
+non-finite guard's counters, the parameters' moving average when the run keeps one) and its
+creation directly in its sharded layout on the mesh, plus its abstract form for restoring and the
+form checkpoints hold it in."""
 
 from __future__ import annotations
 
