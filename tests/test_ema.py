@@ -264,6 +264,19 @@ def test_a_checkpoint_without_ema_resumes_with_ema_started_at_its_parameters(tmp
     for actual, wanted in zip(_host(variables["params"]), expected):
         np.testing.assert_allclose(actual, wanted, rtol=2e-6, atol=1e-7)
 
+    # And off again: the checkpoint's average is dropped, the next checkpoint holds none.
+    config = _run_config(decay=0.0)
+    config.total_steps = TOTAL_STEPS + 1
+    assert loop.train_and_evaluate(config, workdir).ema_params is None
+    assert f"ema.decay=0: the moving average in the checkpoint of step {TOTAL_STEPS} is not carried on" in announced
+    with open(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS + 1), "state", "_METADATA")) as file:
+        assert "ema_params" not in {eval(key)[0] for key in json.load(file)["tree_metadata"]}
+    lines = []
+    load(workdir, announce=lines.append)
+    assert lines == [
+        f"Loaded the raw parameters (it has no EMA) of step {TOTAL_STEPS + 1} of training workdir {workdir}"
+    ]
+
 
 @pytest.mark.parametrize(
     "flag, loaded", [([], "the EMA parameters (ema.decay=0.5)"), (["--noema"], "the raw parameters")]
