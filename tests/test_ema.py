@@ -157,6 +157,21 @@ TOTAL_STEPS = 6
 INTERRUPT_AT = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(compilation_cache_env):
+    """The training runs below compile the same step again and again, in this process: JAX's
+    persistent cache (conftest's directory) compiles it once. Results are unchanged."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
 def _run_config(decay: float = 0.5):
     config = _default_config()
     config.global_batch_size = BATCH_SIZE
