@@ -52,6 +52,11 @@ flags.DEFINE_bool(
     "RUNS ITS CODE: only for files you trust (OpenAI's usual .pt files need no such consent).",
 )  # fmt: skip
 flags.DEFINE_alias("trust-torchscript", "trust_torchscript")  # the spelling of python -m clip_jax.convert
+flags.DEFINE_bool(
+    "ema", True,
+    "For a training workdir whose run kept a moving average of the parameters (config.ema): evaluate the "
+    "average; --noema evaluates the trained parameters. Other checkpoints hold one set and ignore it.",
+)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -91,7 +96,10 @@ def _evaluate() -> None:
 
     from clip_jax.api import load
 
-    model, variables, _, tokenizer = load(FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript)
+    model, variables, _, tokenizer = load(
+        FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript, ema=FLAGS.ema,
+        announce=lambda line: print(line, flush=True),
+    )  # fmt: skip
     print(
         f"Loaded {FLAGS.checkpoint}: {model.config.vision.image_size}px images, {jax.device_count()} devices",
         flush=True,

@@ -30,7 +30,13 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 
 def load(
-    path: str, model: str | None = None, *, trust_torchscript: bool = False, **overrides: Any
+    path: str,
+    model: str | None = None,
+    *,
+    trust_torchscript: bool = False,
+    ema: bool = True,
+    announce: Callable[[str], None] | None = None,
+    **overrides: Any,
 ) -> tuple[CLIP, dict[str, Any], Callable, Any]:
     """`(model, variables, preprocess, tokenizer)` from a clip_jax model directory or a PyTorch checkpoint.
 
@@ -40,11 +46,18 @@ def load(
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
     spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
 
+    A training workdir whose run kept a moving average of the parameters (config.ema) gives the
+    average; `ema=False` gives the trained parameters instead. Which was loaded is said in one
+    line to `announce` (default: the `clip_jax.training.checkpointing` logger, at INFO). Other
+    paths hold one set of parameters and ignore `ema`.
+
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
     if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
-        config, variables, text_tokenizer = checkpointing.load_training_workdir(path, **overrides)
+        config, variables, text_tokenizer = checkpointing.load_training_workdir(
+            path, ema=ema, announce=announce, **overrides
+        )
     elif epath.Path(path).is_dir() and convert.hf.model_file(path) is None:
         config, variables = checkpoint.load_model_directory(path, **overrides)
         text_tokenizer = checkpoint.load_tokenizer(path)

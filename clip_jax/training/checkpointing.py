@@ -3,7 +3,8 @@ loading the newest parameters of a training workdir onto one device.
 
 A workdir looks like
 
-    checkpoints/<step>/state/      the TrainState (params, optimizer state, step, RNG), sharded
+    checkpoints/<step>/state/      the TrainState (params, optimizer state, step, RNG, the EMA of the
+                                    params when the run keeps one), sharded
     checkpoints/<step>/progress/   {"step": ..., "data_states": [...]}: where the data resumes (one
                                     clip_jax.data.iterator state per process)
     checkpoints/<step>/config/     {"model": <CLIPConfig>, "tokenizer": <tokenizer config>,
@@ -39,6 +40,7 @@ from clip_jax import paths
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import multihost
 from clip_jax.training.run_tokenizer import tokenizer_from_workdir
+from clip_jax.training.state import TrainState, saved_fields
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # where checkpoints that cannot be restored are moved
@@ -255,6 +257,8 @@ class TrainingCheckpointer:
         """
         if step == self._last_saved_step:
             return False
+        if isinstance(state, TrainState):
+            state = saved_fields(state)
         args = ocp.args.Composite(
             **{
                 STATE_ITEM: ocp.args.PyTreeSave(state),
@@ -308,18 +312,24 @@ class TrainingCheckpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, progress) of checkpoint `step`, each array laid out as its `abstract_state` leaf's
-        sharding says: any mesh and device count, whatever the checkpoint was written on."""
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        sharding says: any mesh and device count, whatever the checkpoint was written on. A
+        TrainState is restored as `saved_fields` wrote it: a checkpoint must hold exactly the fields
+        `abstract_state` has (with `ema_params` or without)."""
+        item = saved_fields(abstract_state) if isinstance(abstract_state, TrainState) else abstract_state
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 **{
-                    STATE_ITEM: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+                    STATE_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
                     PROGRESS_ITEM: ocp.args.JsonRestore(),
                 }
             ),
         )
-        return restored[STATE_ITEM], dict(restored[PROGRESS_ITEM])
+        state = restored[STATE_ITEM]
+        if isinstance(abstract_state, TrainState):
+            state = abstract_state.replace(**state)
+        return state, dict(restored[PROGRESS_ITEM])
 
     def restore_variables(self, step: int, abstract_variables: dict[str, Any]) -> dict[str, Any]:
         """Only the model variables ({"params": ..., ["batch_stats": ...]}) of checkpoint `step`,
@@ -497,13 +507,29 @@ def _read_live(
     )
 
 
+def record_has_ema(record: dict[str, Any]) -> bool:
+    """Whether the checkpoint of this run record holds a moving average of the parameters
+    (`TrainState.ema_params`): its run had config.ema.decay > 0. Records written before EMA
+    existed have no "ema" entry: no average."""
+    decay = record.get("training", {}).get("ema", {}).get("decay", 0.0)
+    return isinstance(decay, (int, float)) and decay > 0
+
+
 def load_training_workdir(
-    workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, **overrides: Any
+    workdir: str,
+    step: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    ema: bool = True,
+    announce: Callable[[str], None] | None = None,
+    **overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any]:
     """(CLIPConfig, variables, tokenizer) of a training workdir's newest complete checkpoint (or of
     `step`), restored onto `sharding` (default: the first local device) for evaluation.
 
-    Safe to call on the workdir of a running `train.py`: see `_read_live`.
+    The variables' "params" are the checkpoint's moving average when it has one (config.ema) and
+    `ema` is True, else the trained parameters; `announce` (default: logging.info) gets one line
+    saying which. Safe to call on the workdir of a running `train.py`: see `_read_live`.
     `overrides` replace spec fields that leave the parameters as they are (dtype, remat_policy, ...).
     """
     changed = sorted(set(overrides) & set(_IDENTITY_MODEL_FIELDS))
@@ -515,8 +541,16 @@ def load_training_workdir(
         config = CLIPConfig.from_dict(record["model"])
         abstract = jax.eval_shape(lambda: nn.unbox(CLIP(config).init_variables(jax.random.key(0))))
         abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
-        return config, checkpointer.restore_variables(step, abstract)
+        # The state's field to read as the model's "params".
+        field = "ema_params" if ema and record_has_ema(record) else "params"
+        restored = checkpointer.restore_variables(step, {field if k == "params" else k: v for k, v in abstract.items()})
+        return config, {"params" if k == field else k: v for k, v in restored.items()}, field
 
-    _, record, (config, variables) = _read_live(workdir, step, read_variables)
+    step, record, (config, variables, field) = _read_live(workdir, step, read_variables)
     tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
+    if field == "ema_params":
+        line = f"the EMA parameters (ema.decay={record['training']['ema']['decay']})"
+    else:
+        line = "the raw parameters" + (" (it also holds EMA ones)" if record_has_ema(record) else " (it has no EMA)")
+    (announce or logging.getLogger(__name__).info)(f"Loaded {line} of step {step} of training workdir {workdir}")
     return config.replace(**overrides), variables, tokenizer

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.nonfinite = ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
     # -1 = the devices the other axes leave.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # An exponential moving average of the parameters (docs/training.md, "EMA"): decay 0 = off,
+    # else in (0, 1); warmup: the decay of the n-th applied update is min(decay, (1 + n) / (10 + n)).
+    config.ema = ml_collections.ConfigDict({"decay": 0.0, "warmup": True})
     # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
     config.data = default_data_config()
     config.tokenizer = _tokenizer_fields()
@@ -249,6 +252,29 @@ class NonFiniteSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class EMASettings:
+    """The exponential moving average of the parameters the step keeps (`TrainState.ema_params`).
+
+    After each applied update the average moves toward the new parameters:
+    ema <- ema + (1 - d) * (params - ema). With `warmup`, d = min(decay, (1 + n) / (10 + n)) for
+    the update that follows n applied ones (TensorFlow's ExponentialMovingAverage `num_updates`
+    rule, as in Flax's and big_vision's examples), so early averages are not dominated by the
+    random initialisation; without it, d = decay from the first update."""
+
+    decay: float = 0.0  # 0 = no EMA
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        # decay 1 would never move; a decay in (0, 1) is an average, 0 turns it off.
+        _require(_finite(self.decay) and 0 <= self.decay < 1, "ema.decay", self.decay, "in [0, 1) (0 = off)")
+        _require(isinstance(self.warmup, bool), "ema.warmup", self.warmup, "True or False")
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class StepSettings:
     """What the jitted train step needs (clip_jax.training.step)."""
 
@@ -258,6 +284,7 @@ class StepSettings:
     nonfinite: NonFiniteSettings = NonFiniteSettings()
     accumulation_steps: int = 1  # GradCache micro-batches
     train_batch_norm: bool = False  # ResNet BatchNorm: stored statistics unless True
+    ema: EMASettings = EMASettings()
 
     def __post_init__(self) -> None:
         _require(_is_integer(self.global_batch_size) and self.global_batch_size >= 1, "global_batch_size",
@@ -371,10 +398,20 @@ class Settings:
     def optimizer(self) -> OptimizerSettings:
         return self.step.optimizer
 
+    @property
+    def ema(self) -> EMASettings:
+        return self.step.ema
+
 
 # --------------------------------------------------------------------------------------------
 # Reading the ConfigDict: every field once.
 # --------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> Any:
+    """An int as a float (`--config.ema.decay=0` parses as 0); anything else as it is, for the
+    settings to refuse naming it."""
+    return float(value) if _is_integer(value) else value
 
 
 def _comma_separated(value: str) -> tuple[str, ...]:
@@ -429,6 +466,7 @@ def _step(config: ml_collections.ConfigDict) -> StepSettings:
         ),
         accumulation_steps=config.accumulation_steps,
         train_batch_norm=bool(config.train_batch_norm),
+        ema=EMASettings(decay=_number(config.ema.decay), warmup=config.ema.warmup),
     )
 
 

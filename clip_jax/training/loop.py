@@ -114,7 +114,7 @@ def _train(run: Run, preemption: checkpointing.PreemptionWatcher) -> TrainState:
             # Saving first lets the checkpoint's write (asynchronous) overlap the evaluation.
             _save(run, step, data_state, force=step == total_steps)
             if run.evaluator.due(step, total_steps):
-                run.evaluator(step, run.state.variables)
+                run.evaluator(step, run.state)  # its EMA parameters when it keeps them
                 throughput.restart(step)  # the evaluation is not training time
     finally:
         progress_bar.close()

@@ -100,6 +100,8 @@ class Guard:
         """`check_counters`, then stop the run rather than save a state holding NaN or inf."""
         self.check_counters(state, step)
         tree = {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats}
+        if state.ema_params is not None:
+            tree["ema_params"] = state.ema_params
         flags = np.asarray(self._finite_leaf_flags(tree))
         if not flags.all():
             paths = nonfinite_paths(tree, flags)

@@ -34,7 +34,7 @@ from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
 from clip_jax.training.optimizer import make_optimizer, parameter_path
 from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_from_workdir
-from clip_jax.training.state import TrainState, abstract_train_state, create_train_state
+from clip_jax.training.state import TrainState, abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -150,19 +150,24 @@ def _model_and_state(
     tokenizes and computes exactly as before; another model's checkpoint is refused before anything
     is compiled), else fresh. The optimizer is built here, once, and travels with the state."""
     tx = make_optimizer(settings.optimizer)
+    ema = settings.ema.enabled
     restored: dict[str, Any] = {}
 
     def abstract_state_for(record: dict[str, Any]) -> TrainState:
         tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
         spec = settings.model.spec(tokenizer)
         checkpointing.check_same_model(record["model"], spec.to_dict(), workdir)
-        abstract, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh)
-        restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings)
+        # Restored as written (with or without a moving average), then made as this run wants it.
+        had_ema = checkpointing.record_has_ema(record)
+        abstract, _ = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
+        _, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, ema)
+        restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema)
         return abstract
 
     resumed = checkpointer.restore_newest(abstract_state_for, announce=metrics.announce)
     if resumed is not None:
         step, _, state, progress = resumed
+        state = _ema_as_configured(state, restored["had_ema"], ema, restored["state_shardings"], step)
         built = _Model(restored["tokenizer"], restored["spec"], state, restored["state_shardings"], progress)
         _announce_model(settings, built.spec, mesh, workdir)
         metrics.announce(f"Resumed from the checkpoint of step {step} in {checkpointer.directory}")
@@ -170,17 +175,31 @@ def _model_and_state(
     tokenizer = build_tokenizer(settings.tokenizer, caption_sample, workdir)
     spec = settings.model.spec(tokenizer)
     _announce_model(settings, spec, mesh, workdir)
-    state, state_shardings = create_train_state(CLIP(spec), tx, settings.seed, mesh)
+    state, state_shardings = create_train_state(CLIP(spec), tx, settings.seed, mesh, ema)
     if settings.init.checkpoint:
         state = load_pretrained_params(
             state, state_shardings, settings.init.checkpoint, settings.init.regex, settings.init.trust_torchscript
         )
+        if ema:  # the average starts at the parameters the run starts from
+            state = start_ema(state, state_shardings.params)
     elif settings.optimizer.freeze_regex:
         metrics.announce(
             f"Warning: optimizer.freeze_regex {settings.optimizer.freeze_regex!r} freezes parameters that keep "
             "their random initialisation; set config.init.checkpoint to load pre-trained ones"
         )
     return _Model(tokenizer, spec, state, state_shardings, {"step": 0})
+
+
+def _ema_as_configured(state: TrainState, had_ema: bool, ema: bool, shardings: TrainState, step: int) -> TrainState:
+    """The restored state with a moving average if and only if this run keeps one (config.ema):
+    one started at the restored parameters, or the checkpoint's dropped, each said in one line."""
+    if ema and not had_ema:
+        metrics.announce(f"The checkpoint of step {step} has no EMA: the moving average starts at its parameters")
+        return start_ema(state, shardings.params)
+    if had_ema and not ema:
+        metrics.announce(f"ema.decay=0: the moving average in the checkpoint of step {step} is not carried on")
+        return state.replace(ema_params=None)
+    return state
 
 
 def _announce_model(settings: Settings, spec: CLIPConfig, mesh: jax.sharding.Mesh, workdir: str) -> None:
@@ -271,7 +290,7 @@ def step_flops_per_device(
         return metrics.compiled_flops(compiled)
     unrolled = CLIP(spec.replace(scan_layers=False, remat_policy="none"))
     step_settings = dataclasses.replace(settings.step, accumulation_steps=1)
-    abstract_state, state_shardings = abstract_train_state(unrolled, tx, settings.seed, mesh)
+    abstract_state, state_shardings = abstract_train_state(unrolled, tx, settings.seed, mesh, settings.ema.enabled)
     lowered = make_train_step(unrolled, step_settings, mesh, state_shardings).lower(
         abstract_state, abstract_batch(settings, spec, mesh)
     )
@@ -284,8 +303,9 @@ def step_flops_per_device(
 
 
 class Evaluator:
-    """Runs the evaluation suite (`settings.eval.suite`) on the current variables, on every
-    process (the embeddings are gathered across processes), and logs its metrics."""
+    """Runs the evaluation suite (`settings.eval.suite`) on the current variables (the moving
+    average when the run keeps one), on every process (the embeddings are gathered across
+    processes), and logs its metrics."""
 
     def __init__(self, settings: Settings, model: CLIP, tokenizer: Any, mesh: Any, dataset: Any, writer: Any) -> None:
         self.suite_settings = settings.eval.suite
@@ -305,13 +325,16 @@ class Evaluator:
     def due(self, step: int, total_steps: int) -> bool:
         return self.suite_settings is not None and (step % self.every_steps == 0 or step == total_steps)
 
-    def __call__(self, step: int, variables: dict[str, Any]) -> None:
+    def __call__(self, step: int, state: TrainState) -> None:
+        """Evaluate `state.eval_variables`: the moving average of the parameters when the run keeps
+        one (config.ema), else the parameters; the announced line says which."""
         results = suite.run_evaluation(
-            self._model, variables, self._tokenizer, self.suite_settings, synthetic=self._dataset, mesh=self._mesh,
-            log=logging.info,
+            self._model, state.eval_variables, self._tokenizer, self.suite_settings, synthetic=self._dataset,
+            mesh=self._mesh, log=logging.info,
         )  # fmt: skip
         self._writer.write(step, suite.flatten_metrics(results))
-        metrics.announce(f"step {step}: {suite.summary_line(results)}")
+        which = "" if state.ema_params is None else " [EMA parameters]"
+        metrics.announce(f"step {step}: {suite.summary_line(results)}{which}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The training state (step, parameters, optimizer state, BatchNorm statistics, RNG, the
-non-finite guard's counters) and its creation directly in its sharded layout on the mesh, plus its
-abstract form for restoring."""
+non-finite guard's counters, the parameters' moving average when the run keeps one) and its
+creation directly in its sharded layout on the mesh, plus its abstract form for restoring and the
+form checkpoints hold it in."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -37,13 +39,40 @@ class TrainState:
     # The optimizer, built once per run (training.optimizer.make_optimizer) and carried with the
     # state it updates, as in Flax's TrainState; static: part of the tree's structure, not a leaf.
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    # The exponential moving average of `params` (config.ema; clip_jax.training.step updates it
+    # with each applied update), sharded like them; None, which is no leaf at all, when the run
+    # keeps none: the tree, its checkpoints and its compiled step are then those of a run
+    # without EMA, and checkpoints written before EMA existed restore unchanged.
+    ema_params: Any = None
 
     @property
     def variables(self) -> dict[str, Any]:
-        """The variables `model.apply` takes."""
+        """The variables `model.apply` takes: the trained parameters."""
+        return self._with_batch_stats(self.params)
+
+    @property
+    def eval_variables(self) -> dict[str, Any]:
+        """The variables to evaluate: the moving average when the run keeps one, else `variables`.
+        BatchNorm statistics are the current ones either way (they are running averages already)."""
+        return self.variables if self.ema_params is None else self._with_batch_stats(self.ema_params)
+
+    def _with_batch_stats(self, params: Any) -> dict[str, Any]:
         if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
+            return {"params": params, "batch_stats": self.batch_stats}
+        return {"params": params}
+
+
+def saved_fields(state: TrainState) -> dict[str, Any]:
+    """The state as checkpoints hold it: its array fields by name, leaving out those that are None
+    (`ema_params` of a run without EMA). A dict, not the dataclass, because Orbax records a None
+    field as a node of the tree and refuses to restore into a tree with a node the checkpoint
+    lacks: so a run without EMA writes and restores exactly the tree it wrote before the field
+    existed, and restores those older checkpoints too (a dict restores a saved dataclass's fields)."""
+    return {
+        field.name: getattr(state, field.name)
+        for field in dataclasses.fields(state)
+        if field.metadata.get("pytree_node", True) and getattr(state, field.name) is not None
+    }
 
 
 def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -52,8 +81,9 @@ def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, jax.random.key_data(state_key)
 
 
-def _init_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """The initial state, unboxed; traced under jit (or eval_shape), never run eagerly."""
+def _init_state(model: CLIP, tx: optax.GradientTransformation, seed: int, ema: bool = False) -> TrainState:
+    """The initial state, unboxed; traced under jit (or eval_shape), never run eagerly. With `ema`
+    the average starts at the initial parameters (its own buffers: the step donates both)."""
     init_key, state_rng = _seed_keys(seed)
     variables = nn.unbox(model.init_variables(init_key))
     params = variables["params"]
@@ -66,6 +96,7 @@ def _init_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -> Tra
         skipped_steps=jnp.zeros((), jnp.int32),
         consecutive_skipped_steps=jnp.zeros((), jnp.int32),
         tx=tx,
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
     )
 
 
@@ -93,9 +124,10 @@ def _optimizer_state_shardings(abstract_opt_state: Any, abstract_params: Any, pa
 
 
 def abstract_train_state(
-    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh, ema: bool = False
 ) -> tuple[TrainState, TrainState]:
-    """(state of `jax.ShapeDtypeStruct`s carrying their shardings, the tree of those shardings).
+    """(state of `jax.ShapeDtypeStruct`s carrying their shardings, the tree of those shardings);
+    with `ema`, `ema_params` too, sharded exactly like `params`.
 
     The first is what Orbax restores into, onto any mesh; the second is the `out_shardings` of the
     state's creation and the in/out shardings of the train step. Nothing is allocated.
@@ -104,7 +136,7 @@ def abstract_train_state(
     # Parameters: the logical axis names of the boxed variables, mapped through the rules.
     abstract_boxed = jax.eval_shape(model.init_variables, init_key)
     variable_shardings = param_shardings(abstract_boxed, mesh, LOGICAL_AXIS_RULES)
-    abstract_state = jax.eval_shape(lambda: _init_state(model, tx, seed))
+    abstract_state = jax.eval_shape(lambda: _init_state(model, tx, seed, ema))
     opt_state_shardings = _optimizer_state_shardings(
         abstract_state.opt_state, abstract_state.params, variable_shardings["params"], mesh
     )
@@ -117,6 +149,7 @@ def abstract_train_state(
         skipped_steps=replicated(mesh),
         consecutive_skipped_steps=replicated(mesh),
         tx=tx,
+        ema_params=variable_shardings["params"] if ema else None,
     )
     abstract_with_shardings = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -127,11 +160,19 @@ def abstract_train_state(
 
 
 def create_train_state(
-    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+    model: CLIP, tx: optax.GradientTransformation, seed: int, mesh: Mesh, ema: bool = False
 ) -> tuple[TrainState, TrainState]:
     """(initial state, its shardings): parameters from `seed`, created by one jitted function whose
     outputs are already laid out over `mesh`, so no host or device ever holds a full copy of a
-    sharded parameter."""
-    _, state_shardings = abstract_train_state(model, tx, seed, mesh)
-    state = jax.jit(lambda: _init_state(model, tx, seed), out_shardings=state_shardings)()
+    sharded parameter. `ema`: the state keeps a moving average of the parameters (`ema_params`)."""
+    _, state_shardings = abstract_train_state(model, tx, seed, mesh, ema)
+    state = jax.jit(lambda: _init_state(model, tx, seed, ema), out_shardings=state_shardings)()
     return state, state_shardings
+
+
+def start_ema(state: TrainState, params_shardings: Any) -> TrainState:
+    """`state` with a moving average that starts at its parameters: for a run that turns EMA on
+    over a checkpoint without one, and after LiT replaces parameters before the first step. A
+    copy, laid out like the parameters: the step donates both trees, which must not share buffers."""
+    copy = jax.jit(lambda params: jax.tree.map(jnp.copy, params), out_shardings=params_shardings)
+    return state.replace(ema_params=copy(state.params))

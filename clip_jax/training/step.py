@@ -1,6 +1,7 @@
 """The jitted training step: the towers on the local batch, the contrastive loss over the global
-batch inside shard_map, exact GradCache gradient accumulation, the non-finite guard and the
-optimizer's update (the optimizer travels with the state: `TrainState.tx`).
+batch inside shard_map, exact GradCache gradient accumulation, the non-finite guard, the
+optimizer's update (the optimizer travels with the state: `TrainState.tx`) and the parameters'
+moving average (config.ema).
 
 `make_train_step` builds a `_StepContext` (everything fixed for a run: model, mesh, settings, loss
 function) and jits `_train_step` over it; the pieces below each do one part of the step.
@@ -30,7 +31,7 @@ from clip_jax.sharding import (
     check_batch_divisible,
     replicated,
 )
-from clip_jax.training.config import StepSettings
+from clip_jax.training.config import EMASettings, StepSettings
 from clip_jax.training.nonfinite import finite_leaf_flags
 from clip_jax.training.optimizer import frozen_mask, learning_rate_schedule
 from clip_jax.training.state import TrainState
@@ -181,9 +182,30 @@ def _compute_gradients(context, params, batch_stats, images, texts, stop_frozen)
     return loss, gradients, embeddings, new_batch_stats
 
 
+def ema_decay(settings: EMASettings, applied_updates: jax.Array) -> jax.Array:
+    """The decay of the update that follows `applied_updates` applied ones (float32 scalar):
+    `settings.decay`, or with warm-up min(decay, (1 + n) / (10 + n))."""
+    decay = jnp.float32(settings.decay)
+    if not settings.warmup:
+        return decay
+    n = applied_updates.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def _updated_ema(context: _StepContext, state: TrainState, params: Any) -> Any:
+    """The moving average moved toward the updated `params`: ema + (1 - d) * (params - ema). In
+    this form a parameter that did not change (frozen by LiT) leaves its average bit for bit."""
+    if state.ema_params is None:
+        return None
+    # Applied updates before this one: the steps so far less those skipped (what the optimizer counts).
+    step_size = 1.0 - ema_decay(context.settings.ema, state.step - state.skipped_steps)
+    return jax.tree.map(lambda ema, new: ema + (step_size * (new - ema)).astype(ema.dtype), state.ema_params, params)
+
+
 def _guarded_update(context: _StepContext, state: TrainState, gradients: Any, new_batch_stats: Any, finite: jax.Array):
-    """(params, opt_state, batch_stats, applied): the optimizer's update if `finite` and the skips
-    in a row so far are no more than the policy tolerates; else the state's own, bit for bit.
+    """(params, opt_state, batch_stats, ema_params, applied): the optimizer's update (and the
+    moving average's) if `finite` and the skips in a row so far are no more than the policy
+    tolerates; else the state's own, bit for bit.
 
     A cond, as optax.apply_if_finite (which itself would wrap the optimizer state, accept updates
     again after its limit and leave the BatchNorm statistics out): a skipped step returns its
@@ -194,18 +216,18 @@ def _guarded_update(context: _StepContext, state: TrainState, gradients: Any, ne
     applied = finite & (state.consecutive_skipped_steps <= context.settings.nonfinite.tolerated_skips)
 
     def update(operands):
-        params, opt_state, _, gradients, new_batch_stats = operands
+        params, opt_state, _, _, gradients, new_batch_stats = operands
         updates, opt_state = state.tx.update(gradients, opt_state, params)
         params = optax.apply_updates(params, updates)
         # As open_clip: the temperature parameter itself is clamped after every update.
         params = {**params, "logit_scale": context.clamp_log_scale(params["logit_scale"])}
-        return params, opt_state, new_batch_stats
+        return params, opt_state, new_batch_stats, _updated_ema(context, state, params)
 
     def keep(operands):
-        params, opt_state, batch_stats, _, _ = operands
-        return params, opt_state, batch_stats
+        params, opt_state, batch_stats, ema_params, _, _ = operands
+        return params, opt_state, batch_stats, ema_params
 
-    operands = (state.params, state.opt_state, state.batch_stats, gradients, new_batch_stats)
+    operands = (state.params, state.opt_state, state.batch_stats, state.ema_params, gradients, new_batch_stats)
     return (*jax.lax.cond(applied, update, keep, operands), applied)
 
 
@@ -233,7 +255,9 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
     # gradient that overflows a parameter (an absurd learning rate) is caught by the loop's check
     # before each save (clip_jax.training.nonfinite) or at the next step's loss.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(finite_leaf_flags(new_batch_stats))
-    params, opt_state, new_batch_stats, applied = _guarded_update(context, state, gradients, new_batch_stats, finite)
+    params, opt_state, new_batch_stats, ema_params, applied = _guarded_update(
+        context, state, gradients, new_batch_stats, finite
+    )
     skipped_steps = state.skipped_steps + jnp.logical_not(applied).astype(jnp.int32)
     accuracy_image_to_text, accuracy_text_to_image = context.accuracy_fn(
         jax.lax.stop_gradient(image_embeds), jax.lax.stop_gradient(text_embeds)
@@ -256,10 +280,25 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
         params=params,
         opt_state=opt_state,
         batch_stats=new_batch_stats,
+        ema_params=ema_params,
         skipped_steps=skipped_steps,
         consecutive_skipped_steps=jnp.where(applied, 0, state.consecutive_skipped_steps + 1),
     )
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+
+def _check_step_settings(model: CLIP, settings: StepSettings, mesh: Mesh, state_shardings: TrainState) -> None:
+    """Refuse, before tracing, what the step cannot run."""
+    if settings.loss.name == "sigmoid" and model.config.logit_bias_init is None:
+        raise ValueError(
+            "the sigmoid loss needs a model with a learned logit bias; set model.overrides.logit_bias_init (SigLIP uses -10)"
+        )
+    check_batch_divisible(settings.global_batch_size, mesh, settings.accumulation_steps)
+    if settings.ema.enabled != (state_shardings.ema_params is not None):
+        raise ValueError(
+            f"ema.decay={settings.ema.decay} but the state {'lacks' if settings.ema.enabled else 'has'} ema_params; "
+            "build it with abstract_train_state/create_train_state(ema=settings.ema.enabled)"
+        )
 
 
 def make_train_step(
@@ -289,12 +328,12 @@ def make_train_step(
     of the whole batch (GradCache, `_accumulated_gradients`). With `settings.train_batch_norm` the
     ResNet normalises with the statistics of each micro-batch (the only departure from the
     full-batch step) and its running statistics become the mean of the micro-batches' updates.
+
+    With `settings.ema` enabled the state carries `ema_params` (abstract_train_state(ema=True)),
+    moved toward the new parameters with each applied update only (`_updated_ema`; the warm-up
+    counts applied updates, as the optimizer does); a skipped step leaves it bit for bit.
     """
-    if settings.loss.name == "sigmoid" and model.config.logit_bias_init is None:
-        raise ValueError(
-            "the sigmoid loss needs a model with a learned logit bias; set model.overrides.logit_bias_init (SigLIP uses -10)"
-        )
-    check_batch_divisible(settings.global_batch_size, mesh, settings.accumulation_steps)
+    _check_step_settings(model, settings, mesh, state_shardings)
     context = _StepContext(
         model=model,
         mesh=mesh,
