@@ -1,12 +1,14 @@
 """OpenAI's VisionTransformer: patch embedding, class token, pre-LN transformer, class-token projection.
 
 With `vision.patch_dropout` = p > 0 and `patch_noise` given (training only, clip_jax.training.step),
-each image keeps the round((1 - p) * N) of its N patch tokens with the smallest noise, after the
+each image keeps the floor((1 - p) * N) of its N patch tokens with the smallest noise, after the
 positional embeddings are added, and the transformer runs on those and the class token: FLIP
 (Li et al. 2023). Without `patch_noise` (evaluation, `clip_jax.load`) every patch is kept.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -29,8 +31,10 @@ from clip_jax.models.layers import (
 
 
 def kept_patches(num_patches: int, patch_dropout: float) -> int:
-    """How many of `num_patches` patch tokens an image keeps under `patch_dropout` (at least one)."""
-    return max(1, round((1.0 - patch_dropout) * num_patches))
+    """How many of `num_patches` patch tokens an image keeps under `patch_dropout`: (1 - p) * N
+    rounded down, as FLIP's and open_clip's code do, and at least one. (The 1e-9 keeps a product
+    such as (1 - 0.9) * 100 = 9.999999999999998 at 10.)"""
+    return max(1, math.floor((1.0 - patch_dropout) * num_patches + 1e-9))
 
 
 def make_patch_noise(rng: jax.Array, batch_size: int, config: CLIPConfig) -> jax.Array | None:
