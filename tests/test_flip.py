@@ -27,7 +27,6 @@ from clip_jax.models.vit import kept_patches, make_patch_noise
 from clip_jax.sharding import make_mesh
 from clip_jax.training import setup, step
 from clip_jax.training.config import base_config, validate
-from clip_jax.training.optimizer import make_optimizer
 from clip_jax.training.state import create_train_state
 from clip_jax.training.step import make_train_step
 
@@ -129,21 +128,35 @@ def documented_noise(state, batch_size):
     return jax.random.uniform(key, (batch_size, PATCHES), jnp.float32)
 
 
+def tuning_config(tuning_steps=3, patch_dropout=0.5):
+    """A training config of `flip_model()`: 10 steps, the last `tuning_steps` unmasked."""
+    config = small_config()
+    config.model.overrides.vision = {"layers": 1, "patch_dropout": patch_dropout}
+    config.model.overrides.text = {"layers": 1}
+    config.global_batch_size, config.unmasked_tuning_steps = BATCH_SIZE, tuning_steps
+    return config
+
+
 @pytest.fixture(scope="module")
 def masked_steps():
-    """One masked step from the same state and batch, with 1 and with 2 micro-batches."""
+    """One step from the same state and batch: masked with 1 and with 2 micro-batches, and the
+    unmasked tuning phase's step (the model setup.unmasked_tuning_model gives it)."""
     model = flip_model()
     images, texts = random_batch(model)
+    tuning_model = setup.unmasked_tuning_model(validate(tuning_config()), model)
+    assert tuning_model is not None
     results = {}
-    for accumulation_steps in (1, 2):
-        config = make_config(mesh=(2, 4, 1), accumulation_steps=accumulation_steps)
+    for accumulation_steps, step_model in ((1, model), (2, model), ("tuning", tuning_model)):
+        config = make_config(
+            mesh=(2, 4, 1), accumulation_steps=1 if accumulation_steps == "tuning" else accumulation_steps
+        )
         mesh = make_mesh(config.mesh)
         state, shardings = create_train_state(model, config.tx, config.seed, mesh)
         # A step other than 0 picks its own masks.
         state = state.replace(step=jax.device_put(jnp.int32(5), shardings.step))
         host_state = jax.device_get(state)
         batch = on_mesh(images, texts, mesh)
-        compiled = make_train_step(model, config.step, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
+        compiled = make_train_step(step_model, config.step, mesh, shardings).lower(state, batch).compile(FAST_COMPILE)
         new_state, metrics = compiled(state, batch)
         results[accumulation_steps] = (float(metrics["loss"]), gradients_from_first_step(new_state))
     return model, images, texts, host_state, results
@@ -163,38 +176,25 @@ def test_masked_step_equals_the_reference_with_and_without_grad_cache(masked_ste
     assert abs(loss - float(unmasked_loss)) > 1e-4  # the step did mask
 
 
-def test_the_unmasked_tuning_phase_runs_the_step_of_a_model_without_patch_dropout():
-    config = small_config()
-    config.model.overrides.vision = {"layers": 1, "patch_dropout": 0.5}
-    config.model.overrides.text = {"layers": 1}
-    config.global_batch_size, config.unmasked_tuning_steps = BATCH_SIZE, 3
-    settings = validate(config)
-    model = CLIP(settings.model.spec())
-    mesh = make_mesh({"data": 8, "fsdp": 1, "model": 1})
-    images, texts = random_batch(model)
-    batch = on_mesh(images, texts, mesh)
-
-    tx = make_optimizer(settings.optimizer)
-
-    def loss_of(train_step, model):
-        state, shardings = create_train_state(model, tx, 0, mesh)
-        compiled = train_step or make_train_step(model, settings.step, mesh, shardings).lower(state, batch).compile(
-            FAST_COMPILE
-        )
-        return float(compiled(state, batch)[1]["loss"])
-
-    state, shardings = create_train_state(model, tx, 0, mesh)
-    unmasked_step = setup._compile_unmasked_step(settings, model, mesh, state, shardings)
-    run = types.SimpleNamespace(compiled_step="masked", unmasked_step=unmasked_step, unmasked_from_step=7)
-    assert setup.Run.step_function(run, 6) == "masked"  # steps 0..6 masked, the last 3 (7, 8, 9) not
-    assert setup.Run.step_function(run, 7) is unmasked_step and setup.Run.step_function(run, 9) is unmasked_step
-    plain = CLIP(model.config.replace(vision={"patch_dropout": 0.0}))
-    tuning_loss = loss_of(unmasked_step, model)
-    assert tuning_loss == pytest.approx(loss_of(None, plain), rel=1e-6)
-    assert abs(tuning_loss - loss_of(None, model)) > 1e-4
-    # No patch dropout, or no tuning steps: no second step to compile.
-    config.unmasked_tuning_steps = 0
-    assert setup._compile_unmasked_step(validate(config), model, mesh, state, shardings) is None
+def test_the_unmasked_tuning_phase_runs_the_step_of_a_model_without_patch_dropout(masked_steps):
+    model, images, texts, host_state, results = masked_steps
+    run = types.SimpleNamespace(compiled_step="masked", unmasked_step="unmasked", unmasked_from_step=7)
+    assert setup.Run.step_function(run, 6) == "masked"  # of 10 steps with 3 to tune: 0..6 masked
+    assert setup.Run.step_function(run, 7) == setup.Run.step_function(run, 9) == "unmasked"
+    # The tuning step (compiled in the fixture from setup.unmasked_tuning_model) gives the loss and
+    # gradients of the model without masking, from the same state and batch as the masked step.
+    expected_loss, expected_gradients = masked_reference_loss_and_gradients(
+        model, host_state.params, images, texts, None
+    )
+    loss, gradients = results["tuning"]
+    assert loss == pytest.approx(float(expected_loss), rel=RELATIVE_TOLERANCE)
+    assert_trees_close(gradients, jax.device_get(expected_gradients))
+    assert abs(loss - results[1][0]) > 1e-4
+    # No tuning steps, or no patch dropout: no second step.
+    settings = validate(tuning_config(tuning_steps=0))
+    assert setup.unmasked_tuning_model(settings, model) is None
+    settings = validate(tuning_config(patch_dropout=0.0))
+    assert setup.unmasked_tuning_model(settings, CLIP(settings.model.spec())) is None
 
 
 def small_config():

@@ -268,14 +268,21 @@ def _compile_step(
     return compiled, flops, seconds
 
 
+def unmasked_tuning_model(settings: Settings, model: CLIP) -> CLIP | None:
+    """The model of FLIP's unmasked tuning phase: `model` without patch dropout (the same
+    parameters: patch dropout has none); None when the run has no such phase."""
+    if not (settings.unmasked_tuning_steps and model.config.vision.patch_dropout):
+        return None
+    return CLIP(model.config.replace(vision={"patch_dropout": 0.0}))
+
+
 def _compile_unmasked_step(
     settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, state: TrainState, state_shardings: TrainState
 ) -> Callable | None:
-    """FLIP's unmasked tuning phase: the step of the same model without patch dropout (the same
-    parameters: patch dropout has none), compiled once beside the masked one; None if not needed."""
-    if not (settings.unmasked_tuning_steps and model.config.vision.patch_dropout):
+    """The step of the unmasked tuning phase, compiled once beside the masked one; None if not needed."""
+    unmasked = unmasked_tuning_model(settings, model)
+    if unmasked is None:
         return None
-    unmasked = CLIP(model.config.replace(vision={"patch_dropout": 0.0}))
     batch = abstract_batch(settings, model.config, mesh)
     started = time.perf_counter()
     compiled = make_train_step(unmasked, settings.step, mesh, state_shardings).lower(state, batch).compile()
