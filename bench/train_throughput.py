@@ -79,7 +79,7 @@ def compare_patch_dropout(settings, spec, mesh, state, shardings, batch, values:
         median, flops = statistics.median(times[value]), steps[value][2]
         flops_text = "unknown" if flops is None else f"{flops * jax.device_count():.3g}"
         print(f"| {value} | {kept_patches(patches, value) if value else patches}/{patches} | {median:.2f} s | "
-              f"{median / first:.2f}x | {batch_size / median:.1f} | {flops_text} |")  # fmt: skip
+              f"{median / first:.2f}x | {batch_size / median:.2f} | {flops_text} |")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
