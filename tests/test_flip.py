@@ -25,7 +25,7 @@ from clip_jax import create_model, losses
 from clip_jax.models import CLIP
 from clip_jax.models.vit import kept_patches, make_patch_noise
 from clip_jax.sharding import make_mesh
-from clip_jax.training import setup, step
+from clip_jax.training import checkpointing, setup, step
 from clip_jax.training.config import base_config, validate
 from clip_jax.training.state import create_train_state
 from clip_jax.training.step import make_train_step
@@ -222,3 +222,13 @@ def test_patch_dropout_on_a_resnet_and_too_many_tuning_steps_are_errors():
     config.unmasked_tuning_steps = config.total_steps + 1
     with pytest.raises(ValueError, match=r"unmasked_tuning_steps must be >= 0 and at most total_steps \(10\); got 11"):
         validate(config)
+
+
+def test_patch_dropout_does_not_change_which_model_a_workdir_holds():
+    """A workdir resumes with another patch dropout, or from before the field existed; another width does not."""
+    before = flip_model(0.0).config.to_dict()
+    del before["vision"]["patch_dropout"]  # a spec saved before FLIP
+    checkpointing.check_same_model(before, flip_model(0.5).config.to_dict(), "workdir")
+    wider = flip_model(0.5).config.replace(vision={"width": 128}).to_dict()
+    with pytest.raises(ValueError, match="width"):
+        checkpointing.check_same_model(before, wider, "workdir")
