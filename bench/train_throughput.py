@@ -2,11 +2,19 @@
 
     python bench/train_throughput.py --config configs/default.py
     python bench/train_throughput.py --config configs/vit_b32.py --config.global_batch_size=16 --steps=3
+    python bench/train_throughput.py --config configs/vit_b32.py --config.model.overrides.dtype=float32 \
+        --config.global_batch_size=8 --steps=3 --patch_dropout=0,0.5,0.75      # FLIP, side by side
 
 Builds the config's model, sharded state and compiled step exactly as train.py does, feeds random
 images and token ids (no data pipeline), and times `--steps` steps after `--warmup_steps`. MFU is
 XLA's FLOP count of the compiled step over the step time and the device's peak: the bf16 table of
 clip_jax.metrics on TPU/GPU, a float32 matmul measured in the same run on CPU.
+
+`--patch_dropout=P1,P2,...` (FLIP, docs/training.md) compiles one step per value of
+`model.vision.patch_dropout` and times them side by side in one process: after the warm-up, each
+round runs one step of each variant in turn (one state passes through all of them: patch dropout
+has no parameters), so slow phases of a shared machine fall on all alike; step times are medians,
+and the table gives each variant's time relative to the first.
 """
 
 from __future__ import annotations
@@ -28,6 +36,50 @@ config_flags.DEFINE_config_file(
 )  # fmt: skip
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.")
+flags.DEFINE_list("patch_dropout", None, "Compare these model.vision.patch_dropout values (FLIP) side by side.")
+
+
+def compare_patch_dropout(settings, spec, mesh, state, shardings, batch, values: list[float]) -> None:
+    """Time the step at each patch dropout value in turns, one step each per round; print a table."""
+    import statistics
+
+    import jax
+
+    from clip_jax.models import CLIP
+    from clip_jax.models.vit import kept_patches
+    from clip_jax.training.setup import step_flops_per_device
+    from clip_jax.training.step import make_train_step
+
+    steps = {}
+    for value in values:
+        model = CLIP(spec.replace(vision={"patch_dropout": value}))
+        start = time.perf_counter()
+        compiled = make_train_step(model, settings.step, mesh, shardings).lower(state, batch).compile()
+        flops = step_flops_per_device(compiled, model, settings, mesh, state.tx)
+        steps[value] = (compiled, time.perf_counter() - start, flops)
+        print(f"patch_dropout {value}: compiled in {steps[value][1]:.1f} s", flush=True)
+    times = {value: [] for value in values}
+    for round_index in range(FLAGS.warmup_steps + FLAGS.steps):
+        for value in values:
+            start = time.perf_counter()
+            state, step_metrics = steps[value][0](state, batch)
+            jax.block_until_ready((state, step_metrics))
+            if round_index >= FLAGS.warmup_steps:
+                times[value].append(time.perf_counter() - start)
+        if round_index >= FLAGS.warmup_steps:
+            print("round " + ", ".join(f"p={value}: {times[value][-1]:.2f} s" for value in values), flush=True)
+    patches = (spec.vision.image_size // spec.vision.patch_size) ** 2
+    batch_size = settings.step.global_batch_size
+    print(f"\nconfig: {settings.model.name}, dtype {spec.dtype}, global batch {batch_size}, {jax.device_count()} x "
+          f"{jax.devices()[0].device_kind}; median of {FLAGS.steps} steps each")  # fmt: skip
+    print("| patch_dropout | patches kept | step time | vs first | pairs/s | FLOPs per step |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    first = statistics.median(times[values[0]])
+    for value in values:
+        median, flops = statistics.median(times[value]), steps[value][2]
+        flops_text = "unknown" if flops is None else f"{flops * jax.device_count():.3g}"
+        print(f"| {value} | {kept_patches(patches, value) if value else patches}/{patches} | {median:.2f} s | "
+              f"{median / first:.2f}x | {batch_size / median:.2f} | {flops_text} |")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -73,6 +125,11 @@ def main(argv: list[str]) -> None:
             rng.integers(1, vocab_size, (global_batch_size, length), dtype=np.int32), batch_sharding
         ),
     }
+    if FLAGS.patch_dropout:
+        compare_patch_dropout(
+            settings, spec, mesh, state, state_shardings, batch, [float(value) for value in FLAGS.patch_dropout]
+        )
+        return
     start = time.perf_counter()
     compiled = make_train_step(model, settings.step, mesh, state_shardings).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start

@@ -111,3 +111,20 @@ def test_hostile_inputs_bench_times_the_tokenizer_and_reads_both_shards(tmp_path
     assert len(shard_lines) == 2, stdout
     for line in shard_lines:  # the oversized member of each shard is skipped and named
         assert "'member_too_large'" in line, line
+
+
+def test_train_throughput_times_patch_dropout_variants_side_by_side(tmp_path):
+    stdout = _run(
+        "train_throughput.py",
+        "--config.global_batch_size=8",
+        "--steps=2",
+        "--warmup_steps=1",
+        "--patch_dropout=0,0.5",
+        tmp_path=tmp_path,
+    )
+    rounds = re.findall(r"^round p=0\.0: (\S+) s, p=0\.5: (\S+) s$", stdout, re.MULTILINE)
+    assert len(rounds) == 2, stdout
+    rows = dict(re.findall(r"^\| (0\.0|0\.5) \| (\d+/16) \|", stdout, re.MULTILINE))
+    assert rows == {"0.0": "16/16", "0.5": "8/16"}, stdout
+    flops = [float(value) for value in re.findall(r"\| (\d\.\d\de\+\d\d) \|$", stdout, re.MULTILINE)]
+    assert len(flops) == 2 and flops[1] < flops[0], stdout  # the masked step does less work

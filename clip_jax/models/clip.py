@@ -33,9 +33,16 @@ class CLIP(nn.Module):
                 "logit_bias", partitioned(nn.initializers.constant(cfg.logit_bias_init), ()), (), jnp.float32
             )
 
-    def encode_image(self, images: jax.Array, train: bool = False, normalize: bool = False) -> jax.Array:
-        """(batch, H, W, 3) normalised images -> (batch, embed_dim) float32."""
-        x = self.visual(images, train=train).astype(jnp.float32)
+    def encode_image(
+        self, images: jax.Array, train: bool = False, normalize: bool = False, patch_noise: jax.Array | None = None
+    ) -> jax.Array:
+        """(batch, H, W, 3) normalised images -> (batch, embed_dim) float32. `patch_noise`: the ViT's
+        patch dropout while training (clip_jax.models.vit); None runs every patch."""
+        if patch_noise is None:
+            x = self.visual(images, train=train)
+        else:  # only a ViT takes it: a config with patch_dropout and a ResNet is refused when built
+            x = self.visual(images, train=train, patch_noise=patch_noise)
+        x = x.astype(jnp.float32)
         return l2_normalize(x) if normalize else x
 
     def encode_text(self, texts: jax.Array, normalize: bool = False) -> jax.Array:
@@ -43,10 +50,12 @@ class CLIP(nn.Module):
         x = self.text(texts).astype(jnp.float32)
         return l2_normalize(x) if normalize else x
 
-    def __call__(self, images: jax.Array, texts: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self, images: jax.Array, texts: jax.Array, train: bool = False, patch_noise: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """Both embeddings, L2-normalised, with the exponentiated temperature and the optional bias."""
         outputs = {
-            "image_embeds": self.encode_image(images, train=train, normalize=True),
+            "image_embeds": self.encode_image(images, train=train, normalize=True, patch_noise=patch_noise),
             "text_embeds": self.encode_text(texts, normalize=True),
             "logit_scale": jnp.exp(self.logit_scale),
         }

@@ -30,6 +30,9 @@ class VisionConfig:
     heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet)
     patch_size: int | None = 32
     mlp_ratio: float = 4.0
+    # FLIP (Li et al. 2023): the fraction of patch tokens a ViT drops per image while training
+    # (clip_jax.models.vit); evaluation and saved models always see every patch.
+    patch_dropout: float = 0.0
 
     @property
     def is_vit(self) -> bool:
@@ -42,6 +45,11 @@ class VisionConfig:
         return self.width // 64 if self.is_vit else self.width * 32 // 64
 
     def validate(self) -> None:
+        p = self.patch_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"vision patch_dropout must be a number in [0, 1); got {p!r}")
+        if p and not self.is_vit:
+            raise ValueError(f"vision patch_dropout {p!r} needs a ViT; a ResNet image tower has no patch tokens")
         if self.is_vit:
             if not isinstance(self.layers, int):
                 raise ValueError(f"ViT layers must be an int, got {self.layers!r}")

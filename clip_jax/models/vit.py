@@ -1,6 +1,14 @@
-"""OpenAI's VisionTransformer: patch embedding, class token, pre-LN transformer, class-token projection."""
+"""OpenAI's VisionTransformer: patch embedding, class token, pre-LN transformer, class-token projection.
+
+With `vision.patch_dropout` = p > 0 and `patch_noise` given (training only, clip_jax.training.step),
+each image keeps the floor((1 - p) * N) of its N patch tokens with the smallest noise, after the
+positional embeddings are added, and the transformer runs on those and the class token: FLIP
+(Li et al. 2023). Without `patch_noise` (evaluation, `clip_jax.load`) every patch is kept.
+"""
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -22,12 +30,41 @@ from clip_jax.models.layers import (
 )
 
 
+def kept_patches(num_patches: int, patch_dropout: float) -> int:
+    """How many of `num_patches` patch tokens an image keeps under `patch_dropout`: (1 - p) * N
+    rounded down, as FLIP's and open_clip's code do, and at least one. (The 1e-9 keeps a product
+    such as (1 - 0.9) * 100 = 9.999999999999998 at 10.)"""
+    return max(1, math.floor((1.0 - patch_dropout) * num_patches + 1e-9))
+
+
+def make_patch_noise(rng: jax.Array, batch_size: int, config: CLIPConfig) -> jax.Array | None:
+    """float32 (batch, N) uniform noise choosing each image's kept patches; None without patch dropout.
+    Drawn for the whole batch at once so that splitting the batch (GradCache) keeps every row's mask."""
+    vision = config.vision
+    if not vision.is_vit or not vision.patch_dropout:
+        return None
+    return jax.random.uniform(rng, (batch_size, (vision.image_size // vision.patch_size) ** 2), jnp.float32)
+
+
+def _drop_patches(x: jax.Array, noise: jax.Array, keep: int) -> jax.Array:
+    """(B, 1 + N, D) -> (B, 1 + keep, D): the class token and, per row, the `keep` patches of least
+    noise (argsort of the noise: a static count, so shapes stay static and the FLOPs really drop)."""
+    if noise.shape != (x.shape[0], x.shape[1] - 1):
+        raise ValueError(f"patch_noise has shape {noise.shape}; expected {(x.shape[0], x.shape[1] - 1)}")
+    kept = jnp.argsort(noise, axis=1)[:, :keep]  # (B, keep) patch indices
+    patches = jnp.take_along_axis(x[:, 1:], kept[:, :, None], axis=1)
+    return jnp.concatenate([x[:, :1], patches], axis=1)
+
+
 class VisionTransformer(nn.Module):
     config: CLIPConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """(batch, H, W, 3) normalised images -> (batch, embed_dim) unnormalised embeddings."""
+    def __call__(self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None) -> jax.Array:
+        """(batch, H, W, 3) normalised images -> (batch, embed_dim) unnormalised embeddings.
+
+        `patch_noise` (float (batch, N), `make_patch_noise`): with `vision.patch_dropout` > 0, drop
+        patches as it says (training); ignored without patch dropout."""
         cfg, vision = self.config, self.config.vision
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, height, width, channels = images.shape
@@ -59,6 +96,9 @@ class VisionTransformer(nn.Module):
         )
         class_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, vision.width))
         x = jnp.concatenate([class_tokens, x], axis=1) + positional_embedding.astype(dtype)
+        keep = kept_patches(grid * grid, vision.patch_dropout)
+        if patch_noise is not None and keep < grid * grid:
+            x = _drop_patches(x, patch_noise, keep)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_pre")(x)
         x = Transformer(

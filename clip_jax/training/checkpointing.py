@@ -382,6 +382,10 @@ def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     # JSON turns tuples into lists; compare through JSON on both sides.
     spec = json.loads(json.dumps(spec))
     identity = {field: spec.get(field) for field in _IDENTITY_MODEL_FIELDS}
+    if isinstance(identity["vision"], dict):
+        # Patch dropout (FLIP) is how the model trains, not which parameters it has: a run may
+        # change it, and workdirs written before the field existed resume.
+        identity["vision"].pop("patch_dropout", None)
     identity["logit_bias"] = "learned" if spec.get("logit_bias_init") is not None else "none"
     return identity
 

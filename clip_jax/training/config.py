@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.global_batch_size = 256
     config.accumulation_steps = 1  # GradCache micro-batches per step
     config.total_steps = 1000
+    # FLIP's unmasked tuning (docs/training.md, "Masked-patch training"): the last this many steps
+    # of the schedule run without patch dropout (model.overrides.vision.patch_dropout). 0 = none.
+    config.unmasked_tuning_steps = 0
     config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
     config.log_every_steps = 50
     config.eval_every_steps = 1000
@@ -84,6 +87,9 @@ def _model_fields() -> ml_collections.ConfigDict:
     model.overrides = ml_collections.ConfigDict(
         {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
     )
+    # FLIP's masked-patch training: the fraction of each image's patches a ViT drops while training
+    # (0 = off), e.g. --config.model.overrides.vision.patch_dropout=0.5; see unmasked_tuning_steps.
+    model.overrides.vision = ml_collections.ConfigDict({"patch_dropout": 0.0})
     return model
 
 
@@ -384,6 +390,7 @@ class Settings:
     seed: int
     total_steps: int
     log_every_steps: int
+    unmasked_tuning_steps: int
     model: ModelSettings
     tokenizer: TokenizerSettings
     step: StepSettings
@@ -495,12 +502,16 @@ def validate(config: ml_collections.ConfigDict, process_count: int | None = None
     )
     log_every_steps = config.log_every_steps
     _require(_is_integer(log_every_steps) and log_every_steps >= 1, "log_every_steps", log_every_steps, ">= 1")
+    tuning = config.unmasked_tuning_steps
+    _require(_is_integer(tuning) and 0 <= tuning <= step.optimizer.total_steps, "unmasked_tuning_steps", tuning,
+             f">= 0 and at most total_steps ({step.optimizer.total_steps})")  # fmt: skip
     tokenizer = config.tokenizer
     checkpoint = config.checkpoint
     return Settings(
         seed=int(config.seed),
         total_steps=step.optimizer.total_steps,
         log_every_steps=log_every_steps,
+        unmasked_tuning_steps=tuning,
         model=_model(config, step.loss),
         tokenizer=TokenizerSettings(
             kind=tokenizer.kind,

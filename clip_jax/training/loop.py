@@ -98,7 +98,7 @@ def _train(run: Run, preemption: checkpointing.PreemptionWatcher) -> TrainState:
             waited = time.perf_counter()
             batch, data_state = next(run.batches)
             throughput.data_wait += time.perf_counter() - waited
-            run.state, step_metrics = run.compiled_step(run.state, batch)
+            run.state, step_metrics = run.step_function(step)(run.state, batch)
             step += 1
             progress_bar.update()
             run.checkpointer.check_for_errors()  # a failed background save stops the run now

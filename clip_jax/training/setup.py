@@ -57,6 +57,16 @@ class Run:
     evaluator: Evaluator
     batches: Iterator[tuple[dict[str, jax.Array], Any]]  # (global batch, data state after it)
     record: dict[str, Any]  # {"model", "tokenizer", "training"}: saved with every checkpoint
+    # FLIP's unmasked tuning: the same step compiled without patch dropout, run from step
+    # `unmasked_from_step` on (None: no tuning phase, or no patch dropout to leave out).
+    unmasked_step: Callable | None = None
+    unmasked_from_step: int = 0
+
+    def step_function(self, step: int) -> Callable:
+        """The compiled step that takes the state from `step` to `step + 1`."""
+        if self.unmasked_step is not None and step >= self.unmasked_from_step:
+            return self.unmasked_step
+        return self.compiled_step
 
 
 @dataclasses.dataclass
@@ -89,6 +99,7 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
         compiled_step, flops_per_device, compile_seconds = _compile_step(
             settings, model, mesh, built.state, built.state_shardings
         )
+        unmasked_step = _compile_unmasked_step(settings, model, mesh, built.state, built.state_shardings)
         writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir)))
         start_step = int(built.progress["step"])
         writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
@@ -115,6 +126,8 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
                 "tokenizer": built.tokenizer.to_config(),
                 "training": settings.record,
             },
+            unmasked_step=unmasked_step,
+            unmasked_from_step=settings.total_steps - settings.unmasked_tuning_steps,
         )
 
 
@@ -272,6 +285,31 @@ def _compile_step(
         + ("MFU unavailable (no peak known for this device)" if peak is None else f"device peak {peak:.3g} FLOP/s")
     )
     return compiled, flops, seconds
+
+
+def unmasked_tuning_model(settings: Settings, model: CLIP) -> CLIP | None:
+    """The model of FLIP's unmasked tuning phase: `model` without patch dropout (the same
+    parameters: patch dropout has none); None when the run has no such phase."""
+    if not (settings.unmasked_tuning_steps and model.config.vision.patch_dropout):
+        return None
+    return CLIP(model.config.replace(vision={"patch_dropout": 0.0}))
+
+
+def _compile_unmasked_step(
+    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, state: TrainState, state_shardings: TrainState
+) -> Callable | None:
+    """The step of the unmasked tuning phase, compiled once beside the masked one; None if not needed."""
+    unmasked = unmasked_tuning_model(settings, model)
+    if unmasked is None:
+        return None
+    batch = abstract_batch(settings, model.config, mesh)
+    started = time.perf_counter()
+    compiled = make_train_step(unmasked, settings.step, mesh, state_shardings).lower(state, batch).compile()
+    metrics.announce(
+        f"Compiled the unmasked step of the last {settings.unmasked_tuning_steps} steps "
+        f"(FLIP's unmasked tuning) in {time.perf_counter() - started:.1f} s"
+    )
+    return compiled
 
 
 def step_flops_per_device(

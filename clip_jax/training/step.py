@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import losses
 from clip_jax.models import CLIP
+from clip_jax.models.vit import make_patch_noise
 from clip_jax.sharding import (
     BATCH_AXES,
     activation_sharding,
@@ -95,15 +96,32 @@ class _StepContext:
         return jnp.clip(log_scale, 0.0, self.max_log_scale)
 
 
-def _embed(context: _StepContext, params: Any, batch_stats: Any, images: jax.Array, texts: jax.Array):
-    """((image_embeds, text_embeds) L2-normalised float32 (b, D), updated batch_stats)."""
+# Folded into the state's key (after the step) for the patch-dropout noise, so that other
+# stochastic parts added later draw from streams of their own.
+PATCH_DROPOUT_STREAM = 1
+
+
+def _patch_noise(context: _StepContext, state: TrainState, batch_size: int) -> jax.Array | None:
+    """float32 (B, N) noise choosing each image's kept patches (FLIP), or None without patch dropout.
+
+    A function of (state.rng, state.step) only, so a resumed run masks exactly as an uninterrupted
+    one; drawn for the whole global batch and then split like the images, so GradCache's
+    micro-batches give every example the mask the whole-batch step gives it."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), PATCH_DROPOUT_STREAM)
+    noise = make_patch_noise(key, batch_size, context.model.config)
+    return None if noise is None else jax.lax.with_sharding_constraint(noise, batch_sharding(context.mesh))
+
+
+def _embed(context: _StepContext, params: Any, batch_stats: Any, images: jax.Array, texts: jax.Array, noise=None):
+    """((image_embeds, text_embeds) L2-normalised float32 (b, D), updated batch_stats). `noise`:
+    the patch-dropout noise of these rows (`_patch_noise`), None to run every patch."""
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     with activation_sharding(context.mesh):
         if context.update_batch_stats:
             outputs, updates = context.model.apply(variables, images, texts, train=True, mutable=["batch_stats"])
             batch_stats = updates["batch_stats"]
         else:
-            outputs = context.model.apply(variables, images, texts, train=False)
+            outputs = context.model.apply(variables, images, texts, train=False, patch_noise=noise)
     embeddings = (outputs["image_embeds"], outputs["text_embeds"])
     return jax.lax.with_sharding_constraint(embeddings, batch_sharding(context.mesh)), batch_stats
 
@@ -114,10 +132,10 @@ def _head_loss(context: _StepContext, head_params: Any, image_embeds: jax.Array,
     return context.loss_fn(image_embeds, text_embeds, logit_scale, head_params.get("logit_bias"))
 
 
-def _whole_batch_gradients(context, params, batch_stats, images, texts, stop_frozen, head_params):
+def _whole_batch_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params):
     """(loss, head gradients, tower gradients, embeddings, new batch_stats) of the whole batch at once."""
     embeddings, embed_vjp, new_batch_stats = jax.vjp(
-        lambda params: _embed(context, stop_frozen(params), batch_stats, images, texts), params, has_aux=True
+        lambda params: _embed(context, stop_frozen(params), batch_stats, images, texts, noise), params, has_aux=True
     )
     head_loss_and_gradients = jax.value_and_grad(functools.partial(_head_loss, context), argnums=(0, 1, 2))
     loss, (head_gradients, *embedding_gradients) = head_loss_and_gradients(stop_frozen(head_params), *embeddings)
@@ -125,21 +143,22 @@ def _whole_batch_gradients(context, params, batch_stats, images, texts, stop_fro
     return loss, head_gradients, gradients, embeddings, new_batch_stats
 
 
-def _accumulated_gradients(context, params, batch_stats, images, texts, stop_frozen, head_params):
+def _accumulated_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params):
     """The same as `_whole_batch_gradients`, exactly, at the activation memory of one micro-batch
     (GradCache): embed every micro-batch without keeping activations, take the loss and its
     gradient with respect to the embeddings on the whole batch, then redo each micro-batch's
     forward under `jax.vjp` and sum its parameter gradients."""
     k, shards = context.settings.accumulation_steps, context.shards
     micro_sharding = NamedSharding(context.mesh, P(None, BATCH_AXES))
-    micro_images, micro_texts = jax.lax.with_sharding_constraint(
-        (_to_micro_batches(images, k, shards), _to_micro_batches(texts, k, shards)), micro_sharding
+    # The noise (or None) is split like the images: each example keeps the mask of the whole-batch step.
+    micro_images, micro_texts, micro_noise = jax.lax.with_sharding_constraint(
+        tuple(None if x is None else _to_micro_batches(x, k, shards) for x in (images, texts, noise)), micro_sharding
     )
     # Pass 1: embeddings only; nothing is differentiated, so no activation is kept.
     _, (micro_embeddings, micro_batch_stats) = jax.lax.scan(
         lambda _, micro_batch: (None, _embed(context, params, batch_stats, *micro_batch)),
         None,
-        (micro_images, micro_texts),
+        (micro_images, micro_texts, micro_noise),
     )
     embeddings = jax.lax.with_sharding_constraint(
         tuple(_from_micro_batches(e, shards) for e in micro_embeddings), batch_sharding(context.mesh)
@@ -153,9 +172,9 @@ def _accumulated_gradients(context, params, batch_stats, images, texts, stop_fro
     # Pass 2: redo each micro-batch's forward under vjp and pull its share of the embedding
     # gradient back to the parameters; sum over micro-batches.
     def backward(gradient_sum, micro_batch):
-        micro_images, micro_texts, micro_gradients = micro_batch
+        micro_images, micro_texts, micro_noise, micro_gradients = micro_batch
         _, embed_vjp, _ = jax.vjp(
-            lambda params: _embed(context, stop_frozen(params), batch_stats, micro_images, micro_texts),
+            lambda params: _embed(context, stop_frozen(params), batch_stats, micro_images, micro_texts, micro_noise),
             params,
             has_aux=True,
         )
@@ -163,19 +182,19 @@ def _accumulated_gradients(context, params, batch_stats, images, texts, stop_fro
         return jax.tree.map(jnp.add, gradient_sum, gradients), None
 
     zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), context.params_shardings)
-    gradients, _ = jax.lax.scan(backward, zeros, (micro_images, micro_texts, micro_embedding_gradients))
+    gradients, _ = jax.lax.scan(backward, zeros, (micro_images, micro_texts, micro_noise, micro_embedding_gradients))
     new_batch_stats = batch_stats
     if context.update_batch_stats:
         new_batch_stats = jax.tree.map(lambda stats: jnp.mean(stats, axis=0), micro_batch_stats)
     return loss, head_gradients, gradients, embeddings, new_batch_stats
 
 
-def _compute_gradients(context, params, batch_stats, images, texts, stop_frozen):
+def _compute_gradients(context, params, batch_stats, images, texts, noise, stop_frozen):
     """(loss, gradients like params, (image_embeds, text_embeds), new batch_stats)."""
     head_params = {name: params[name] for name in ("logit_scale", "logit_bias") if name in params}
     compute = _whole_batch_gradients if context.settings.accumulation_steps == 1 else _accumulated_gradients
     loss, head_gradients, gradients, embeddings, new_batch_stats = compute(
-        context, params, batch_stats, images, texts, stop_frozen, head_params
+        context, params, batch_stats, images, texts, noise, stop_frozen, head_params
     )
     # The temperature and bias enter only through the loss head.
     gradients = {**gradients, **{name: gradients[name] + gradient for name, gradient in head_gradients.items()}}
@@ -247,7 +266,13 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
         )
 
     loss, gradients, (image_embeds, text_embeds), new_batch_stats = _compute_gradients(
-        context, state.params, state.batch_stats, images, texts, stop_frozen
+        context,
+        state.params,
+        state.batch_stats,
+        images,
+        texts,
+        _patch_noise(context, state, images.shape[0]),
+        stop_frozen,
     )
     grad_norm = optax.tree.norm(gradients)
     # A NaN or inf anywhere in the gradients makes their global norm NaN or inf. The updated
@@ -332,6 +357,11 @@ def make_train_step(
     With `settings.ema` enabled the state carries `ema_params` (abstract_train_state(ema=True)),
     moved toward the new parameters with each applied update only (`_updated_ema`; the warm-up
     counts applied updates, as the optimizer does); a skipped step leaves it bit for bit.
+
+    With the model's `vision.patch_dropout` > 0 (FLIP) the image tower runs on a random subset of
+    each image's patches, drawn from (state.rng, state.step) for the whole batch (`_patch_noise`);
+    FLIP's unmasked tuning phase runs the step of the same model without patch dropout
+    (clip_jax.training.setup compiles both).
     """
     _check_step_settings(model, settings, mesh, state_shardings)
     context = _StepContext(
