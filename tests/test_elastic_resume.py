@@ -4,9 +4,10 @@ Random-access sources (the built-in data, TFDS data_source) read one global orde
 depend on the process count, so a run resumed on any topology sees exactly the examples, in the
 same global order, that an uninterrupted run sees; compared here by example ids (recorded from the
 source as the iterator pulls them) and by the pixels of every global batch. Tar shards (sequential
-reads) see each remaining example of the epoch exactly once across the interruption. One
-end-to-end run of train.py (2 processes with 2 devices each, resumed in 1 process with 8 and with
-2 devices) checks the losses equal an uninterrupted run's.
+reads) see each remaining example of the epoch exactly once across the interruption. End-to-end
+runs of train.py (2 processes with 2 devices each, resumed in 1 process with 8 and with 2
+devices), on the built-in data and on a mocked TFDS dataset, check the losses equal an
+uninterrupted run's.
 """
 
 from __future__ import annotations
