@@ -202,37 +202,18 @@ def _hf_hints(path: str) -> dict[str, Any]:
     return hints
 
 
-_HF_RENAMES = [
-    (r"^text_model\.embeddings\.token_embedding\.weight$", "token_embedding.weight"),
-    (r"^text_model\.embeddings\.position_embedding\.weight$", "positional_embedding"),
-    (r"^text_model\.final_layer_norm\.", "ln_final."),
-    (r"^text_model\.encoder\.layers\.", "transformer.resblocks."),
-    (r"^vision_model\.embeddings\.class_embedding$", "visual.class_embedding"),
-    (r"^vision_model\.embeddings\.patch_embedding\.weight$", "visual.conv1.weight"),
-    (r"^vision_model\.embeddings\.position_embedding\.weight$", "visual.positional_embedding"),
-    (r"^vision_model\.pre_layrnorm\.", "visual.ln_pre."),
-    (r"^vision_model\.post_layernorm\.", "visual.ln_post."),
-    (r"^vision_model\.encoder\.layers\.", "visual.transformer.resblocks."),
-    (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
-    (r"\.layer_norm1\.", ".ln_1."),
-    (r"\.layer_norm2\.", ".ln_2."),
-    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
-    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
-]
-
-
-def hf_to_openclip(hf: StateDict) -> StateDict:
+def hf_to_openclip(hf_state_dict: StateDict) -> StateDict:
     """A Hugging Face `CLIPModel` state dict in open_clip's layout (q/k/v fused into in_proj)."""
     out: StateDict = {}
     separate_qkv: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in hf.items():
+    for key, value in hf_state_dict.items():
         if key == "visual_projection.weight":
             out["visual.proj"] = value.T
             continue
         if key == "text_projection.weight":
             out["text_projection"] = value.T
             continue
-        for pattern, replacement in _HF_RENAMES:
+        for pattern, replacement in hf.FROM_HF:
             key = re.sub(pattern, replacement, key)
         match = re.match(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
         if match:

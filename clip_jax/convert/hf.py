@@ -95,24 +95,41 @@ def check_exportable(config: CLIPConfig, tokenizer: Any) -> None:
 # Weights: open_clip layout -> CLIPModel's state dict
 # ----------------------------------------------------------------------------------------------
 
-# (open_clip pattern, HF replacement), applied in order; the inverse of convert._HF_RENAMES.
-_TO_HF = [
-    (r"^token_embedding\.weight$", "text_model.embeddings.token_embedding.weight"),
-    (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
-    (r"^ln_final\.", "text_model.final_layer_norm."),
-    (r"^transformer\.resblocks\.", "text_model.encoder.layers."),
-    (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
-    (r"^visual\.conv1\.weight$", "vision_model.embeddings.patch_embedding.weight"),
-    (r"^visual\.positional_embedding$", "vision_model.embeddings.position_embedding.weight"),
-    (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."),
-    (r"^visual\.ln_post\.", "vision_model.post_layernorm."),
-    (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
-    (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
-    (r"\.ln_1\.", ".layer_norm1."),
-    (r"\.ln_2\.", ".layer_norm2."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+# The one table of names between open_clip's layout and CLIPModel's: (open_clip, CLIPModel, where
+# the part stands in a name: the "whole" name, its "start", or "inside" it). Both directions are
+# made from it: TO_HF here, FROM_HF for the import (clip_jax.convert.hf_to_openclip). The q/k/v
+# split of in_proj and the transposed projections are done by the code, not by renaming.
+NAMES = [
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight", "whole"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight", "whole"),
+    ("ln_final.", "text_model.final_layer_norm.", "start"),
+    ("transformer.resblocks.", "text_model.encoder.layers.", "start"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding", "whole"),
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", "whole"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", "whole"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm.", "start"),
+    ("visual.ln_post.", "vision_model.post_layernorm.", "start"),
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers.", "start"),
+    (".attn.out_proj.", ".self_attn.out_proj.", "inside"),
+    (".ln_1.", ".layer_norm1.", "inside"),
+    (".ln_2.", ".layer_norm2.", "inside"),
+    (".mlp.c_fc.", ".mlp.fc1.", "inside"),
+    (".mlp.c_proj.", ".mlp.fc2.", "inside"),
 ]
+
+
+def _renames(to_hf: bool) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs of NAMES in one direction, applied in order."""
+    anchors = {"whole": ("^", "$"), "start": ("^", ""), "inside": ("", "")}
+    renames = []
+    for open_clip_name, hf_name, where in NAMES:
+        source, target = (open_clip_name, hf_name) if to_hf else (hf_name, open_clip_name)
+        before, after = anchors[where]
+        renames.append((before + re.escape(source) + after, target))
+    return renames
+
+
+TO_HF, FROM_HF = _renames(to_hf=True), _renames(to_hf=False)
 _HF_KEY = re.compile(r"^(text_model|vision_model)\.|^(logit_scale|visual_projection\.weight|text_projection\.weight)$")
 
 
@@ -128,7 +145,7 @@ def openclip_to_hf(state_dict: StateDict) -> StateDict:
         if key == "text_projection":
             out["text_projection.weight"] = value.T
             continue
-        for pattern, replacement in _TO_HF:
+        for pattern, replacement in TO_HF:
             key = re.sub(pattern, replacement, key)
         fused = re.match(r"(.*)\.attn\.in_proj_(weight|bias)$", key)
         if fused:
