@@ -5,7 +5,6 @@ onto 1 device and onto another (data, fsdp) mesh."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import default_config
 
 from clip_jax import sharding
 from clip_jax.metrics import read_jsonl
@@ -86,15 +86,6 @@ def _train(workdir: str, *extra: str, device_count: int = 2, launcher: list[str]
     env.update(env_extra or {})
     command = [sys.executable, *(launcher or []), TRAIN, f"--workdir={workdir}", *FLAGS, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
-def _default_config():
-    specification = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
-    return module.get_config()
 
 
 def _final_params(workdir: str) -> dict[str, np.ndarray]:
@@ -187,7 +178,7 @@ def checkpoint_of_8_devices(tmp_path_factory):
     """A training state created on 8 devices over a (data=2, fsdp=4) mesh, every leaf given
     distinct values, saved through the run's checkpointer. Returns (workdir, config, model spec,
     the values as numpy)."""
-    config = _default_config()
+    config = default_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 4, 1
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.devices.size == 8

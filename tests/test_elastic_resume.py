@@ -16,12 +16,12 @@ import collections
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from run_helpers import finish, free_port
 
 from clip_jax.data import iterator as data_iterator
 from clip_jax.data.config import default_data_config
@@ -238,12 +238,6 @@ FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # The mocked coco_captions (tests/mock_tfds_train.py), read by random access: 24 examples, so the
 # 64 examples of 4 steps of 16 cross two epoch boundaries, one of them at the interruption.
 TFDS_EXAMPLES = 24
@@ -273,16 +267,6 @@ def _start(workdir, device_count, cache, total_steps, *extra, source="synthetic"
     )
 
 
-def _finish(process):
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 def _losses(workdir):
     return {record["step"]: record["loss"] for record in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
             if "loss" in record}  # fmt: skip
@@ -299,21 +283,21 @@ def test_train_py_on_two_processes_resumed_on_eight_and_on_two_devices_matches_t
 ):
     cache = compilation_cache_env
     reference_dir, interrupted_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     running = [_start(reference_dir, 4, cache, 4, source=source)] + [
         _start(interrupted_dir, 2, cache, 2, f"--coordinator_address={address}", "--num_processes=2",
                f"--process_id={index}", source=source)
         for index in range(2)
     ]  # fmt: skip
     for process in running:
-        _finish(process)
+        finish(process)
     saved = _data_states(interrupted_dir, 2)
     assert [state["process_count"] for state in saved] == [2, 2]
     resumed_dirs = {count: str(tmp_path / f"resumed_on_{count}") for count in (8, 2)}
     for directory in resumed_dirs.values():
         shutil.copytree(interrupted_dir, directory)
     running = [_start(directory, count, cache, 4, source=source) for count, directory in resumed_dirs.items()]
-    outputs = [_finish(process) for process in running]
+    outputs = [finish(process) for process in running]
     assert all("Resumed from the checkpoint of step 2" in output for output in outputs)
     reference = _losses(reference_dir)
     final = _data_states(reference_dir, 4)[0]["source"]

@@ -6,13 +6,13 @@ survives a checkpoint and resume bit for bit, evaluation during training uses it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
+from run_helpers import default_config
 
 from clip_jax import create_model
 from clip_jax.api import load
@@ -137,20 +137,11 @@ def test_ema_is_sharded_like_the_params_and_absent_when_off():
 
 @pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
 def test_bad_decay_is_refused_in_one_line(decay):
-    config = _default_config()
+    config = default_config()
     config.ema.decay = decay
     with pytest.raises(ValueError, match=r"^ema.decay must be in \[0, 1\) \(0 = off\); got ") as error:
         validate(config, process_count=1)
     assert "\n" not in str(error.value)
-
-
-def _default_config():
-    specification = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
-    return module.get_config()
 
 
 TOTAL_STEPS = 6
@@ -173,7 +164,7 @@ def _compilation_cache(compilation_cache_env):
 
 
 def _run_config(decay: float = 0.5):
-    config = _default_config()
+    config = default_config()
     config.global_batch_size = BATCH_SIZE
     config.total_steps = TOTAL_STEPS
     config.log_every_steps = 1

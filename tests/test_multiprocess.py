@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+from run_helpers import finish, free_port
 
 from clip_jax.metrics import read_jsonl
 from clip_jax.training import checkpointing
@@ -27,12 +27,6 @@ FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start(workdir: str, device_count: int, cache: dict[str, str], *extra: str) -> subprocess.Popen:
     env = {**os.environ, **cache}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
@@ -41,20 +35,10 @@ def _start(workdir: str, device_count: int, cache: dict[str, str], *extra: str) 
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(process: subprocess.Popen) -> str:
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation_cache_env):
     cache = compilation_cache_env
     multi_workdir, single_workdir = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     processes = [
         _start(
             multi_workdir, 2, cache, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"
@@ -62,8 +46,8 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation
         for index in range(2)
     ]
     single = _start(single_workdir, 4, cache)
-    outputs = [_finish(process) for process in processes]
-    _finish(single)
+    outputs = [finish(process) for process in processes]
+    finish(single)
     # Only process 0 reports.
     assert "Done: step 4" in outputs[0] and "Done: step 4" not in outputs[1]
     assert "in 2 process(es)" in outputs[0]
@@ -97,7 +81,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, compilati
     """A preemption notice reaching one host: all processes agree on a step, save it and exit 0."""
     cache = compilation_cache_env  # the program of the test above: no compile here
     workdir = str(tmp_path / "preempted")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     processes = [
         _start(workdir, 2, cache, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}")
         for index in range(2)
@@ -109,7 +93,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, compilati
         assert all(process.poll() is None for process in processes), "a process ended early"
         time.sleep(0.1)
     processes[1].send_signal(signal.SIGTERM)
-    outputs = [_finish(process) for process in processes]
+    outputs = [finish(process) for process in processes]
     assert "Preemption notice" in outputs[0]
     checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
     steps = checkpointer.all_steps()

@@ -5,7 +5,6 @@ and `suite.run_evaluation` reproduce; bad settings fail with clear errors before
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from run_helpers import default_config
 
 from clip_jax.api import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
@@ -98,7 +98,7 @@ def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(s
     def no_tokenizer(texts, truncate):
         return np.zeros((len(texts), 4), np.int32)
 
-    config = _default_config()
+    config = default_config()
     image_size = validate(config).model.spec().vision.image_size
     with data_iterator.make_train_iterator(
         config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1
@@ -164,15 +164,6 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
         assert logged[name] == pytest.approx(value, abs=1.5 / 512), name
 
 
-def _default_config():
-    specification = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.fixture
 def never_compile(monkeypatch):
     """Makes creating, restoring or compiling the training state fail loudly."""
@@ -204,7 +195,7 @@ def never_compile(monkeypatch):
     ],
 )
 def test_clear_errors_before_compiling(never_compile, tmp_path, field, value, message):
-    config = _default_config()
+    config = default_config()
     config.update_from_flattened_dict({field: value})
     workdir = str(tmp_path / "workdir")
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -214,7 +205,7 @@ def test_clear_errors_before_compiling(never_compile, tmp_path, field, value, me
 
 def test_workdir_of_another_model_is_refused_before_compiling(never_compile, short_run):
     workdir, _ = short_run
-    config = _default_config()
+    config = default_config()
     config.model.name = "tiny-resnet"
     with pytest.raises(
         ValueError, match="holds checkpoints of another model .*vision.patch_size: 8 in the checkpoint, None now"
