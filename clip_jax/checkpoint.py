@@ -66,35 +66,28 @@ def save_model_directory(
     tokenizer: Any,
     overwrite: bool = False,
 ) -> str:
-    """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic. Returns
-    the directory's absolute path."""
-    check_output_directory(output_dir, overwrite)
-    output = paths.absolute(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = _make_hidden_directory(output, "partial")
-    try:
-        variables = jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables)))
+    """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic
+    (`write_directory_atomically`). Returns the directory's absolute path."""
+
+    def write(staging: epath.Path) -> None:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / VARIABLES_DIR, variables)
+        checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
         checkpointer.wait_until_finished()
         for asset in tokenizer.asset_files():
             asset = epath.Path(asset)
             asset.copy(staging / asset.name)
         record = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer.to_config()}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2))
-        _publish(staging, output, overwrite)
-    except BaseException:
-        _remove_tree(staging)
-        raise
-    return os.fspath(output)
+
+    return write_directory_atomically(output_dir, write, overwrite)
 
 
 def write_directory_atomically(
     output_dir: str | os.PathLike, write: Callable[[epath.Path], None], overwrite: bool = False
 ) -> str:
-    """Call `write(staging)` on a new hidden directory beside `output_dir`, then publish it there as
-    `save_model_directory` does (one rename; `overwrite` replaces an existing output). If `write`
-    fails, nothing is left behind. Returns the directory's absolute path."""
+    """Call `write(staging)` on a new hidden directory beside `output_dir`, then publish it there
+    with one rename (`overwrite` replaces an existing output). If `write` fails, nothing is left
+    behind. Returns the directory's absolute path. Model directories and `--to-hf` exports."""
     check_output_directory(output_dir, overwrite)
     output = paths.absolute(output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
