@@ -346,7 +346,6 @@ def write_hf_directory(
     `checkpoint.save_model_directory`. Raises ExportError (before writing) for what CLIPModel cannot
     represent. Returns the directory's absolute path."""
     check_exportable(config, tokenizer)
-    checkpoint.check_output_directory(output_dir, overwrite)
     state_dict = dict(state_dict)
     bias = state_dict.pop("logit_bias", None)
     logit_bias = None if bias is None else float(np.asarray(bias, dtype=np.float32))  # exact in JSON
