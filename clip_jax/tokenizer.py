@@ -111,20 +111,13 @@ def _unescape_html(text: str) -> str:
     return html.unescape(text)
 
 
-def _clean_clip_text(text: str) -> str:
+def clean_clip_text(text: str) -> str:
     """OpenAI's normalisation: repair mojibake, unescape HTML twice (captions are often
-    double-escaped), collapse whitespace, lowercase."""
+    double-escaped), collapse whitespace, lowercase. transformers' CLIPTokenizer does only the last
+    two, so texts passed through this first tokenize there as here (docs/conversion.md)."""
     text = ftfy.fix_text(text)
     text = _unescape_html(_unescape_html(text))
     return _collapse_whitespace(text).lower()
-
-
-def clean_clip_text(text: str) -> str:
-    """The text as ClipTokenizer sees it before splitting it into words (ftfy, HTML unescaping,
-    whitespace, lowercase). transformers' CLIPTokenizer does only the last two, and lowercases
-    character by character, so texts passed through this first tokenize there as here
-    (docs/conversion.md)."""
-    return _clean_clip_text(text)
 
 
 def max_text_characters(context_length: int) -> int:
@@ -450,7 +443,7 @@ class ClipTokenizer:
         cache, special_ids = self._word_cache, self._special_ids
         # findall, not finditer: the texts of rows are bounded (max_text_characters), and pulling
         # matches one by one costs more than splitting words that are not used.
-        for word in _CLIP_WORD_PATTERN.findall(_clean_clip_text(text)):
+        for word in _CLIP_WORD_PATTERN.findall(clean_clip_text(text)):
             word_ids = cache.get(word)  # most words of a caption stream: looked up first
             if word_ids is not None:
                 ids.extend(word_ids)
