@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from clip_jax.data.sources import RawExample, global_batches_started, mix64
+from clip_jax.data.sources import RawExample, global_batches_started, mix64, process_stream_index
 
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
 COLOR_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -804,9 +804,8 @@ class SyntheticSource:
 
     def example_indices(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
         """Train example indices of this process's `offsets`-th examples of epoch `epoch`."""
-        steps, rows = np.divmod(np.asarray(offsets, dtype=np.int64), self.local_batch_size)
-        first_row = self.process_index * self.local_batch_size
-        return epoch * EPOCH_STRIDE + steps * self.global_batch_size + first_row + rows
+        positions = process_stream_index(offsets, self.global_batch_size, self.process_index, self.process_count)
+        return epoch * EPOCH_STRIDE + positions
 
     def examples(
         self, position: Mapping[str, int], text_only: bool = False
