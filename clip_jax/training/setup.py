@@ -172,8 +172,8 @@ def _model_and_state(
         checkpointing.check_same_model(record["model"], spec.to_dict(), workdir)
         # Restored as written (with or without a moving average), then made as this run wants it.
         had_ema = checkpointing.record_has_ema(record)
-        abstract, _ = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
-        _, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, ema)
+        abstract, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
+        shardings = shardings.replace(ema_params=shardings.params if ema else None)  # laid out like params
         restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema)
         return abstract
 
