@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 from etils import epath
 
-from clip_jax import checkpoint, convert, transforms
+from clip_jax import convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts, preprocess_images
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
@@ -58,12 +58,11 @@ def load(
         config, variables, text_tokenizer = checkpointing.load_training_workdir(
             path, ema=ema, announce=announce, **overrides
         )
-    elif epath.Path(path).is_dir() and convert.hf.model_file(path) is None:
-        config, variables = checkpoint.load_model_directory(path, **overrides)
-        text_tokenizer = checkpoint.load_tokenizer(path)
-    elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a file, or a transformers CLIPModel dir
-        config, variables = convert.load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
-        text_tokenizer = convert.checkpoint_tokenizer(path, config.text.context_length)
+    elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a model directory, an HF directory, a file
+        config, variables, text_tokenizer = convert.load_source(
+            path, model, trust_torchscript=trust_torchscript, **overrides
+        )
+        # Converted files come as numpy; a model directory is already on this device (a no-op).
         variables = jax.device_put(variables, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     else:
         raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")

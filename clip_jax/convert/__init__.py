@@ -676,15 +676,23 @@ SourceLoader = Callable[[str, "str | None", "str | None", bool], tuple[CLIPConfi
 
 
 def load_source(
-    path: str, model: str | None = None, activation: str | None = None, trust_torchscript: bool = False
+    path: str,
+    model: str | None = None,
+    activation: str | None = None,
+    trust_torchscript: bool = False,
+    **overrides: Any,
 ) -> tuple[CLIPConfig, dict[str, Any], Any]:
-    """(spec, variables, tokenizer) of a clip_jax model directory or a PyTorch / HF checkpoint.
-    Training workdirs need clip_jax.training, which this layer does not import: `python -m
-    clip_jax.convert` passes `clip_jax.api`'s loader, which reads them too."""
+    """(spec, variables, tokenizer) of a clip_jax model directory, a transformers CLIPModel
+    directory or a PyTorch / HF checkpoint file; `activation` and `overrides` replace spec fields.
+    `clip_jax.load` reads these through it. Training workdirs need clip_jax.training, which this
+    layer does not import: `python -m clip_jax.convert` passes `clip_jax.api`'s loader, which reads
+    them too."""
+    if activation is not None:
+        overrides["activation"] = activation
     if epath.Path(path).is_dir() and hf.model_file(path) is None:
-        config, variables = checkpoint.load_model_directory(path)
+        config, variables = checkpoint.load_model_directory(path, **overrides)
         return config, variables, checkpoint.load_tokenizer(path)
-    config, variables = load_checkpoint(path, model, activation, trust_torchscript=trust_torchscript)
+    config, variables = load_checkpoint(path, model, trust_torchscript=trust_torchscript, **overrides)
     return config, variables, checkpoint_tokenizer(path, config.text.context_length)
 
 
