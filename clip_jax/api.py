@@ -8,18 +8,16 @@ workdirs, and the library's lower layers (checkpoint, convert, evaluation) know 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import PIL.Image
 from etils import epath
 
 from clip_jax import convert, transforms
-from clip_jax.evaluation.features import Encoder, encode_prompts, preprocess_images
+from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
 from clip_jax.models import CLIP
@@ -87,15 +85,6 @@ def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
     )
 
 
-def _as_image_batch(images: Any) -> Any:
-    """One image (PIL, path, (H, W[, C]) uint8 array) becomes a batch of one; batches pass through."""
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
-        return [images]
-    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
-        return [images]
-    return images
-
-
 def encode_images(
     model: CLIP,
     variables: dict[str, Any],
@@ -110,7 +99,7 @@ def encode_images(
     `preprocess` defaults to the model's evaluation transform (what `clip_jax.load` returns).
     """
     encoder = Encoder(model, variables, batch_size=batch_size)
-    batch = preprocess_images(_as_image_batch(images), encoder.image_size, preprocess)
+    batch = transforms.preprocess_images(transforms.as_image_batch(images), encoder.image_size, preprocess)
     return encoder.encode_images(batch)
 
 
@@ -147,7 +136,9 @@ def zero_shot_classify(
     """
     encoder = Encoder(model, variables, batch_size=batch_size)
     classifier = class_embeddings(encoder, tokenizer, class_names, templates)  # (classes, D)
-    features = encoder.encode_images(preprocess_images(_as_image_batch(images), encoder.image_size, preprocess))
+    features = encoder.encode_images(
+        transforms.preprocess_images(transforms.as_image_batch(images), encoder.image_size, preprocess)
+    )
     logits = _logit_scale(variables) * (features @ classifier.T)
     logits -= logits.max(axis=1, keepdims=True)
     probabilities = np.exp(logits)

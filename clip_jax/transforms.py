@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -322,3 +323,33 @@ def preprocess_batch(
     for index, image in enumerate(images):
         batch[index] = eval_transform(image, image_size, mean, std)
     return batch
+
+
+def as_image_batch(images: Any) -> Any:
+    """One image (PIL, path, (H, W[, C]) array) becomes a batch of one; batches pass through."""
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        return [images]
+    return images
+
+
+def preprocess_images(images: Any, image_size: int, preprocess: Callable | None = None) -> np.ndarray:
+    """float32 (n, image_size, image_size, 3) model inputs from a batch of images.
+
+    A uint8 array already `image_size` square is only normalised (what `preprocess` would do to
+    it); a float array of that shape is taken as already preprocessed; anything else (a list of
+    PIL images, paths or arrays of other sizes) goes through `preprocess` (default: the
+    evaluation transform) one image at a time.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3):
+        if images.dtype == np.uint8:
+            return normalize_pixels(images)  # the evaluation transform's arithmetic, bit for bit
+        if np.issubdtype(images.dtype, np.floating):
+            return images.astype(np.float32)
+    if preprocess is None:
+        preprocess = make_eval_transform(image_size)
+    processed = [np.asarray(preprocess(image), np.float32) for image in images]
+    if not processed:
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    return np.stack(processed)

@@ -19,9 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import sharding
-from clip_jax.data import decode
 from clip_jax.models import CLIP
-from clip_jax.transforms import make_eval_transform
+
+# preprocess_images lives with the transforms (clip_jax.captioning needs it without this package);
+# it stays importable from here, where evaluation code has always found it.
+from clip_jax.transforms import preprocess_images
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -170,31 +172,6 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(local)
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
-
-
-# ------------------------------------------------------------------------------------------------
-# Images of any kind -> the model's input.
-# ------------------------------------------------------------------------------------------------
-
-
-def preprocess_images(images: Any, image_size: int, preprocess: Callable | None = None) -> np.ndarray:
-    """float32 (n, image_size, image_size, 3) model inputs from a batch of images.
-
-    A uint8 array already `image_size` square is only normalised (what `preprocess` would do to
-    it); a float array of that shape is taken as already preprocessed; anything else (a list of
-    PIL images, paths or arrays of other sizes) goes through `preprocess` one image at a time.
-    """
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3):
-        if images.dtype == np.uint8:
-            return decode.normalize_images(images)  # the evaluation transform's arithmetic, bit for bit
-        if np.issubdtype(images.dtype, np.floating):
-            return images.astype(np.float32)
-    if preprocess is None:
-        preprocess = make_eval_transform(image_size)
-    processed = [np.asarray(preprocess(image), np.float32) for image in images]
-    if not processed:
-        return np.zeros((0, image_size, image_size, 3), np.float32)
-    return np.stack(processed)
 
 
 # ------------------------------------------------------------------------------------------------
