@@ -1,12 +1,14 @@
 """Writing evaluation results: results.json, a Markdown summary (results.md) and PNG plots
 (zero-shot vs k-shot linear probes as in the CLIP paper, per-dataset bars, prompt modes,
-ImageNet accuracy against accuracy under distribution shift)."""
+ImageNet accuracy against accuracy under distribution shift), and pictures of a few test images
+with their top-5 zero-shot classes and, for caption models, their generated captions."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ PLOT_FILES = {
     "prompt_modes": "prompt_modes.png",
     "robustness": "effective_robustness.png",
 }
+# Pictures of example images (results["examples"], the images given to write_report).
+EXAMPLE_FILES = {"zero_shot": "zero_shot_examples.png", "captions": "captions.png"}
 
 
 def _json_ready(value: Any) -> Any:
@@ -62,7 +66,11 @@ def markdown_summary(results: dict[str, Any]) -> str:
     zero_shot = results.get("zero_shot") or {}
     if zero_shot:
         modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
-        lines += ["## Zero-shot classification (top-1 %, top-5 % of the richest prompts)", ""]
+        objectives = sorted({entry.get("objective", "contrastive") for entry in zero_shot.values()})
+        lines += [
+            f"## Zero-shot classification (top-1 %, top-5 % of the richest prompts; scored by {', '.join(objectives)})",
+            "",
+        ]
         lines += [
             "| dataset | "
             + " | ".join(f"top-1 {m}" for m in modes)
@@ -129,6 +137,13 @@ def markdown_summary(results: dict[str, Any]) -> str:
             + " | ".join(_percent(v) for v in summary["shift_top1"].values())
             + f" | {_percent(summary['mean_shift_top1'])} |"
         )
+        lines.append("")
+    examples = results.get("examples") or {}
+    if examples.get("captions"):
+        lines += [f"## Generated captions ({examples['dataset']}, {examples.get('caption_method', 'greedy')})", ""]
+        lines += ["| image | label | caption |", "|---|---|---|"]
+        for index, (label, caption) in enumerate(zip(examples["labels"], examples["captions"])):
+            lines.append(f"| {index} | {label} | {caption.replace('|', '/')} |")
         lines.append("")
     if results.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {entry}" for entry in results["skipped"]] + [""]
@@ -255,11 +270,75 @@ def _save(figure: Any, output_dir: str | os.PathLike, filename: str) -> str:
     return os.fspath(path)
 
 
-def write_report(results: dict[str, Any], output_dir: str | os.PathLike, plots: bool = True) -> list[str]:
+def _wrapped(text: str, width: int = 28, lines: int = 3) -> str:
+    return "\n".join(textwrap.wrap(text, width)[:lines]) or "(empty)"
+
+
+def write_example_pictures(examples: dict[str, Any], images: np.ndarray, output_dir: str | os.PathLike) -> list[str]:
+    """zero_shot_examples.png (each image beside horizontal bars of its top-5 classes and their
+    probabilities, as in OpenAI's CLIP notebook) and, when `examples` holds captions, captions.png
+    (each image under its generated caption). `examples` as results["examples"]
+    (`clip_jax.evaluation.suite.collect_examples`); `images` uint8 (n, H, W, 3) in the same order."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(examples["top5"]):
+        raise ValueError(
+            f"expected uint8 images (n, H, W, 3), one per example ({len(examples['top5'])}), got {images.dtype} {images.shape}"
+        )
+    plt = _pyplot()
+    written = []
+    count = len(images)
+    pairs_per_row = 2
+    rows = math.ceil(count / pairs_per_row)
+    figure, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(12, 2.4 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index in range(count):
+        image_axis, bar_axis = axes[
+            index // pairs_per_row, 2 * (index % pairs_per_row) : 2 * (index % pairs_per_row) + 2
+        ]
+        image_axis.imshow(images[index])
+        image_axis.set_title(_wrapped(str(examples["labels"][index])), fontsize=8)
+        names = [str(name) for name, _ in examples["top5"][index]]
+        probabilities = [100 * float(probability) for _, probability in examples["top5"][index]]
+        positions = np.arange(len(names))
+        bar_axis.axis("on")
+        colors = ["C2" if name == examples["labels"][index] else "C0" for name in names]
+        bar_axis.barh(positions, probabilities, color=colors)
+        bar_axis.set_yticks(positions, [_wrapped(name, 24, 1) for name in names], fontsize=7)
+        bar_axis.invert_yaxis()  # the likeliest class on top
+        bar_axis.set_xlim(0, 100)
+        bar_axis.set_xlabel("probability (%)", fontsize=7)
+        bar_axis.tick_params(axis="x", labelsize=7)
+    figure.suptitle(f"Zero-shot top-5 on {examples['dataset']} ({examples['objective']}); green: the true class")
+    written.append(_save(figure, output_dir, EXAMPLE_FILES["zero_shot"]))
+    if examples.get("captions"):
+        columns = min(count, 4)
+        rows = math.ceil(count / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+        for axis in axes.flat:
+            axis.axis("off")
+        for index, caption in enumerate(examples["captions"]):
+            axis = axes[index // columns, index % columns]
+            axis.imshow(images[index])
+            axis.set_title(_wrapped(caption), fontsize=8)
+        figure.suptitle(f"Generated captions ({examples['dataset']}, {examples.get('caption_method', 'greedy')})")
+        written.append(_save(figure, output_dir, EXAMPLE_FILES["captions"]))
+    return written
+
+
+def write_report(
+    results: dict[str, Any],
+    output_dir: str | os.PathLike,
+    plots: bool = True,
+    example_images: np.ndarray | None = None,
+) -> list[str]:
     """results.json, results.md and (when `plots`) the PNGs into `output_dir` (local or remote);
-    returns the paths."""
+    returns the paths. `example_images` (uint8, those of results["examples"]) adds the pictures of
+    `write_example_pictures`."""
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     paths = [write_json(results, output_dir), write_markdown(results, output_dir)]
     if plots:
         paths += write_plots(results, output_dir)
+        if example_images is not None and results.get("examples"):
+            paths += write_example_pictures(results["examples"], example_images, output_dir)
     return paths

@@ -18,24 +18,36 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax import captioning, transforms
 from clip_jax.data.classification import load_classification
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
-from clip_jax.evaluation.features import Encoder, extract_image_features
+from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
 from clip_jax.evaluation.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
     PHOTO_TEMPLATES,
     PROMPT_MODES,
     DatasetPrompts,
+    Template,
     get_prompts,
     synthetic_prompts,
 )
-from clip_jax.evaluation.zero_shot import class_embeddings, classification_metrics, zero_shot_predict
+from clip_jax.evaluation.zero_shot import (
+    OBJECTIVES,
+    check_objective,
+    class_embeddings,
+    class_probabilities,
+    classification_metrics,
+    zero_shot_predict,
+    zero_shot_scores,
+)
 from clip_jax.models import CLIP
 
 TASKS: tuple[str, ...] = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+# "auto": the objective the model was trained with (see resolve_zero_shot_objective).
+ZERO_SHOT_OBJECTIVES: tuple[str, ...] = ("auto", *OBJECTIVES)
 PROBE_TASKS: tuple[str, ...] = ("linear_probe", "few_shot")
 SYNTHETIC_DATASETS: tuple[str, ...] = ("synthetic", "synthetic_seen")
 # Image-caption datasets and the split retrieval is scored on (COCO: the 5k Karpathy test split).
@@ -84,6 +96,8 @@ class EvaluationSettings:
     # Who decodes TFDS images: "process" (a pool of processes) or "thread" (needed where the data
     # exists only in this process, e.g. under tfds.testing.mock_data). None: the pipeline's default.
     tfds_worker_kind: str | None = None
+    # How zero-shot scores classes: "contrastive", "caption" (CapPa), "bag_of_words", or "auto".
+    zero_shot_objective: str = "auto"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -109,6 +123,32 @@ class EvaluationSettings:
             raise ValueError(f"shots must be positive, got {self.shots}")
         if not self.seeds:
             raise ValueError("few-shot needs at least one seed")
+        if self.zero_shot_objective not in ZERO_SHOT_OBJECTIVES:
+            raise ValueError(
+                f"unknown zero_shot_objective {self.zero_shot_objective!r}; expected one of {ZERO_SHOT_OBJECTIVES}"
+            )
+
+
+def resolve_zero_shot_objective(model: CLIP, requested: str = "auto", trained: Sequence[str] | None = None) -> str:
+    """The objective zero-shot scores with. An explicit one is checked against the model's heads.
+    "auto": with `trained` (the objectives the model was trained with, from its training record),
+    contrastive if it was trained contrastively, else caption, else bag of words; without a
+    record, the heads decide: caption for a model with a decoder, bag of words for one with
+    that head only, contrastive otherwise."""
+    if requested != "auto":
+        return check_objective(model, requested)
+    decoder = getattr(model.config, "decoder", None) is not None
+    bag_of_words = bool(getattr(model.config, "bag_of_words", False))
+    if trained is not None:
+        unknown = sorted(set(trained) - set(OBJECTIVES))
+        if unknown or not trained:
+            raise ValueError(f"unknown trained objective(s) {unknown or list(trained)}; expected some of {OBJECTIVES}")
+        for objective in OBJECTIVES:
+            if objective in trained:
+                return check_objective(model, objective)
+    if decoder:
+        return "caption"
+    return "bag_of_words" if bag_of_words else "contrastive"
 
 
 @dataclasses.dataclass
@@ -253,10 +293,15 @@ def _features(
 
 
 class _ClassifierCache:
-    """Class embeddings by (class names, templates): ImageNet and its four shift sets share them."""
+    """Class embeddings by (class names, templates): ImageNet and its four shift sets share them.
+    Also what zero-shot needs under the other objectives: the objective, the tokenizer and the
+    variables as given (the decoder runs where they lie, not replicated over the encoder's mesh)."""
 
-    def __init__(self, encoder: Encoder, tokenizer: Callable) -> None:
-        self.encoder, self.tokenizer = encoder, tokenizer
+    def __init__(
+        self, encoder: Encoder, tokenizer: Callable, objective: str = "contrastive", variables: Any = None
+    ) -> None:
+        self.encoder, self.tokenizer, self.objective = encoder, tokenizer, objective
+        self.variables = encoder.variables if variables is None else variables
         self._cache: dict[tuple, np.ndarray] = {}
 
     def __call__(self, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -264,6 +309,85 @@ class _ClassifierCache:
         if key not in self._cache:
             self._cache[key] = class_embeddings(self.encoder, self.tokenizer, class_names, templates)
         return self._cache[key]
+
+
+def _zero_shot(
+    encoder: Encoder,
+    classifiers: _ClassifierCache,
+    data: _Classification,
+    settings: EvaluationSettings,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Zero-shot metrics of one dataset for every prompt mode, under `classifiers.objective`."""
+    subset = None if data.class_subset is None else list(data.class_subset)
+    modes = {mode: data.prompts.templates_for(mode) for mode in settings.prompt_modes}
+    objective = classifiers.objective
+    if objective == "contrastive":
+        scores = {
+            mode: zero_shot_predict(test_features, classifiers(data.prompts.class_names, templates))
+            for mode, templates in modes.items()
+        }
+    else:
+        started = time.time()
+        scores, labels = _scores_over_stream(encoder, classifiers, data, modes)
+        if not np.array_equal(labels, test_labels):
+            raise RuntimeError(f"{data.name}: the test stream gave other images the second time it was read")
+        log(f"{data.name}: {objective} zero-shot scores of {len(labels)} images in {time.time() - started:.1f}s")
+    zero_shot: dict[str, Any] = {"objective": objective}
+    for mode in settings.prompt_modes:
+        metrics = classification_metrics(scores[mode], test_labels, subset)
+        zero_shot[mode] = {**metrics, "num_templates": len(modes[mode])}
+        log(f"{data.name}: zero-shot ({mode}, {len(modes[mode])} templates) top-1 {metrics['top1']:.4f}")
+    if subset is not None:
+        # Among every class too (for the synthetic held-out split: can the model tell the novel
+        # combinations apart from the seen ones?).
+        best = "ensemble" if "ensemble" in settings.prompt_modes else settings.prompt_modes[-1]
+        zero_shot["top1_among_all_classes"] = classification_metrics(scores[best], test_labels, top_k=(1,))["top1"]
+        zero_shot["scored_classes"] = len(subset)
+        zero_shot["chance_top1"] = 1.0 / len(subset)
+    return zero_shot
+
+
+def _scores_over_stream(
+    encoder: Encoder, classifiers: _ClassifierCache, data: _Classification, modes: dict[str, Sequence[Template]]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({mode: (n, classes) scores}, labels (n,)) of the test images under a generative objective,
+    which scores images rather than their embeddings: one more pass over the test stream, keeping
+    the rows (mask, limit) the embedding pass kept, in its order. Every process scores the whole
+    batch (the rows of every process, gathered), so the decoder sees the same inputs everywhere."""
+    batch_size = encoder.local_batch_size if data.process_local else encoder.batch_size
+    scores: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    labels: list[np.ndarray] = []
+    kept = 0
+    for batch in data.test_batches(batch_size):
+        images = preprocess_images(batch["images"], encoder.image_size)
+        mask = np.ones(len(images), bool) if batch.get("mask") is None else np.asarray(batch["mask"], bool)
+        batch_labels = np.asarray(batch["labels"])
+        if data.process_local:
+            images, mask, batch_labels = (gather_from_processes(part) for part in (images, mask, batch_labels))
+        rows = np.flatnonzero(mask)
+        if data.test_limit is not None:
+            rows = rows[: data.test_limit - kept]
+        for mode, templates in modes.items():
+            scores[mode].append(
+                zero_shot_scores(
+                    encoder.model,
+                    classifiers.variables,
+                    classifiers.tokenizer,
+                    images[rows],
+                    data.prompts.class_names,
+                    templates,
+                    classifiers.objective,
+                    batch_size=encoder.batch_size,
+                )  # fmt: skip
+            )
+        labels.append(batch_labels[rows])
+        kept += len(rows)
+        if data.test_limit is not None and kept >= data.test_limit:
+            break
+    return {mode: np.concatenate(parts) for mode, parts in scores.items()}, np.concatenate(labels).astype(np.int64)
 
 
 def evaluate_classification(
@@ -285,24 +409,7 @@ def evaluate_classification(
         count = len(data.prompts.class_names)
         log(f"{data.name}: {data.outside_classes[0]} images left out, labelled outside its {count} classes")
     if "zero_shot" in settings.tasks:
-        zero_shot: dict[str, Any] = {}
-        for mode in settings.prompt_modes:
-            templates = data.prompts.templates_for(mode)
-            classifier = classifiers(data.prompts.class_names, templates)
-            metrics = classification_metrics(zero_shot_predict(test_features, classifier), test_labels, subset)
-            zero_shot[mode] = {**metrics, "num_templates": len(templates)}
-            log(f"{data.name}: zero-shot ({mode}, {len(templates)} templates) top-1 {metrics['top1']:.4f}")
-        if subset is not None:
-            # Among every class too (for the synthetic held-out split: can the model tell the novel
-            # combinations apart from the seen ones?).
-            best = "ensemble" if "ensemble" in zero_shot else settings.prompt_modes[-1]
-            classifier = classifiers(data.prompts.class_names, data.prompts.templates_for(best))
-            zero_shot["top1_among_all_classes"] = classification_metrics(
-                zero_shot_predict(test_features, classifier), test_labels, top_k=(1,)
-            )["top1"]
-            zero_shot["scored_classes"] = len(subset)
-            zero_shot["chance_top1"] = 1.0 / len(subset)
-        results["zero_shot"] = zero_shot
+        results["zero_shot"] = _zero_shot(encoder, classifiers, data, settings, test_features, test_labels, log)
     wanted_probes = [task for task in PROBE_TASKS if task in settings.tasks]
     if wanted_probes and data.train_batches is None:
         log(f"{data.name}: no training split, linear probe and few-shot skipped")
@@ -410,11 +517,15 @@ def run_evaluation(
     synthetic: Any | None = None,
     mesh: Mesh | None = None,
     log: Callable[[str], None] = print,
+    trained_objectives: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every requested task on every dataset it applies to; results keyed task -> dataset.
 
     `synthetic` is the built-in dataset (`SyntheticShapes`) the model was trained on (default: the
     default configuration at the model's image size). `mesh`/`variables` as for `Encoder`.
+    Zero-shot scores with `settings.zero_shot_objective`; "auto" picks it from `trained_objectives`
+    (those of the model's training run, when known) or the model's heads
+    (`resolve_zero_shot_objective`); each zero-shot entry records it under "objective".
     """
     encoder = Encoder(model, variables, mesh=mesh, batch_size=settings.batch_size)
     image_size = encoder.image_size
@@ -427,7 +538,8 @@ def run_evaluation(
     results: dict[str, Any] = {task: {} for task in settings.tasks}
     skipped: list[str] = []
     classification_tasks = [task for task in settings.tasks if task != "retrieval"]
-    classifiers = _ClassifierCache(encoder, tokenizer)
+    objective = resolve_zero_shot_objective(model, settings.zero_shot_objective, trained_objectives)
+    classifiers = _ClassifierCache(encoder, tokenizer, objective, variables)
     for name in settings.datasets:
         if "retrieval" in settings.tasks:
             if _is_retrieval(name):
@@ -461,6 +573,73 @@ def run_evaluation(
     if skipped:
         results["skipped"] = skipped
     return results
+
+
+def _displayable(images: np.ndarray) -> np.ndarray:
+    """uint8 pictures of a batch: uint8 images as they are, preprocessed float images with the
+    evaluation normalisation undone."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    mean, std = np.asarray(transforms.OPENAI_MEAN), np.asarray(transforms.OPENAI_STD)
+    return np.clip(np.round((images * std + mean) * 255), 0, 255).astype(np.uint8)
+
+
+def collect_examples(
+    model: CLIP,
+    variables: dict[str, Any],
+    tokenizer: Callable,
+    settings: EvaluationSettings,
+    *,
+    synthetic: Any | None = None,
+    count: int = 8,
+    trained_objectives: Sequence[str] | None = None,
+    caption_method: str = "greedy",
+) -> tuple[dict[str, Any], np.ndarray] | None:
+    """(examples, uint8 images (count, H, W, 3)) for the report's pictures: the first `count`
+    test images of the first classification dataset of `settings`, their top-5 zero-shot classes
+    with probabilities (among the classes the dataset is scored on, with its richest prompts,
+    under the objective `run_evaluation` uses) and, for a model with a decoder, their generated
+    captions. None when no dataset is a classification dataset. Every process must call it."""
+    names = [name for name in settings.datasets if _is_classification(name)]
+    if not names or count < 1:
+        return None
+    image_size = model.config.vision.image_size
+    if names[0] in SYNTHETIC_DATASETS:
+        synthetic = synthetic or SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
+        data = _synthetic_classification(names[0], synthetic, settings)
+    else:
+        data = _tfds_classification(names[0], settings, image_size)
+    batch = next(iter(data.test_batches(count)))
+    images, labels = np.asarray(batch["images"]), np.asarray(batch["labels"])
+    mask = np.ones(len(images), bool) if batch.get("mask") is None else np.asarray(batch["mask"], bool)
+    if data.process_local:
+        images, labels, mask = (gather_from_processes(part) for part in (images, labels, mask))
+    images, labels = images[mask][:count], labels[mask][:count]
+    objective = resolve_zero_shot_objective(model, settings.zero_shot_objective, trained_objectives)
+    mode = next(mode for mode in ("ensemble", "single", "class_name") if mode in settings.prompt_modes)
+    classes = list(range(len(data.prompts.class_names))) if data.class_subset is None else list(data.class_subset)
+    class_names = [data.prompts.class_names[label] for label in classes]
+    preprocessed = preprocess_images(images, image_size)
+    scores = zero_shot_scores(
+        model, variables, tokenizer, preprocessed, class_names, data.prompts.templates_for(mode), objective,
+        batch_size=settings.batch_size,
+    )  # fmt: skip
+    probabilities = class_probabilities(variables, scores, objective)
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :5]
+    examples: dict[str, Any] = {
+        "dataset": names[0],
+        "objective": objective,
+        "prompt_mode": mode,
+        "labels": [data.prompts.class_names[int(label)] for label in labels],
+        "top5": [[[class_names[c], float(row[c])] for c in order] for row, order in zip(probabilities, top)],
+    }
+    if getattr(model.config, "decoder", None) is not None:
+        examples["captions"] = captioning.generate_captions(
+            model, variables, preprocessed, tokenizer, caption_method, batch_size=len(preprocessed)
+        )
+        examples["caption_method"] = caption_method
+    return examples, _displayable(images)
 
 
 def summary_line(results: dict[str, Any]) -> str:
