@@ -1,5 +1,10 @@
 """Contrastive losses of CLIP (softmax) and SigLIP (sigmoid): single-device references, and
-sharded versions that run inside `jax.shard_map` and see the global batch across devices."""
+sharded versions that run inside `jax.shard_map` and see the global batch across devices.
+
+Also the per-example captioning objectives the CLIP paper compares against (§2.3, Fig. 2) and that
+CoCa / CapPa train with: the caption's tokens predicted by a decoder (`caption_loss`) and its bag of
+words predicted from the pooled image embedding (`bag_of_words_loss`). These need no other example,
+so the trainer sums them over its rows and divides by the global batch's count (training/step.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-LOSSES = ("softmax", "sigmoid")
+LOSSES = ("softmax", "sigmoid")  # the contrastive losses
+# What loss.name may be: a contrastive loss alone, the caption decoder's loss alone (CapPa's and the
+# paper's transformer language model), the bag-of-words head's alone, or CoCa (softmax + caption).
+OBJECTIVES = (*LOSSES, "caption", "bag_of_words", "coca")
 IMPLEMENTATIONS = ("all_gather", "ring")
 
 AxisNames = str | tuple[str, ...]
@@ -404,6 +412,65 @@ def _ring_sigmoid_backward(axes, residuals, loss_gradient):
 
 
 _ring_sigmoid_loss.defvjp(_ring_sigmoid_forward, _ring_sigmoid_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# Captioning objectives: per example, so the same code serves one device and many.
+# --------------------------------------------------------------------------------------------
+
+
+def _end_of_text_index(texts: jax.Array, text_config: Any) -> jax.Array:
+    """(B,) the position of each row's end-of-text token: where the text tower pools."""
+    if text_config.pooling == "argmax":  # CLIP BPE: [SOT, ..., EOT, 0, ...], EOT the largest id
+        return jnp.argmax(texts, axis=-1)
+    positions = jnp.arange(texts.shape[1])[None, :]  # SentencePiece: [ids..., eos, pad, ...]
+    return jnp.max(jnp.where(texts != text_config.pad_id, positions, 0), axis=-1)
+
+
+def caption_targets(texts: jax.Array, text_config: Any) -> jax.Array:
+    """float32 (B, L): 1 where the caption decoder is trained to predict the token of `texts` (every
+    token up to and including the end of text, but not the BPE's constant start token), else 0."""
+    positions = jnp.arange(texts.shape[1])[None, :]
+    weights = positions <= _end_of_text_index(texts, text_config)[:, None]
+    if text_config.pooling == "argmax":
+        weights &= positions >= 1
+    else:
+        weights &= texts != text_config.pad_id
+    return weights.astype(jnp.float32)
+
+
+def caption_token_losses(logits: jax.Array, texts: jax.Array) -> jax.Array:
+    """float32 (B, L): -log p(texts[b, i] | image, texts[b, :i]) from logits (B, L, vocab)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, texts[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def caption_loss(logits: jax.Array, texts: jax.Array, weights: jax.Array) -> jax.Array:
+    """The mean of the predicted tokens' negative log-likelihoods (single-device reference)."""
+    return jnp.sum(weights * caption_token_losses(logits, texts)) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def bag_of_words_targets(texts: jax.Array, text_config: Any, vocab_size: int) -> jax.Array:
+    """float32 (B, vocab): the caption's words (the predicted tokens less the end of text) as a
+    multi-hot row normalised to sum 1 (0 for a caption without words). A scatter, not a one-hot of
+    (B, L, vocab), which for CLIP's 49,408-token vocabulary would be larger than the model's inputs."""
+    positions = jnp.arange(texts.shape[1])[None, :]
+    words = (caption_targets(texts, text_config) > 0) & (positions != _end_of_text_index(texts, text_config)[:, None])
+    rows = jnp.broadcast_to(jnp.arange(texts.shape[0])[:, None], texts.shape)
+    present = jnp.zeros((texts.shape[0], vocab_size), jnp.float32).at[rows, texts].max(words.astype(jnp.float32))
+    return present / jnp.maximum(jnp.sum(present, axis=-1, keepdims=True), 1.0)
+
+
+def bag_of_words_example_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """float32 (B,): the cross-entropy of the head's softmax over the vocabulary against the
+    normalised bag of words — multi-label prediction as Joulin et al. (2016) found it trains best,
+    the lineage of the CLIP paper's bag-of-words predictor."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def bag_of_words_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of `bag_of_words_example_losses` (single-device reference)."""
+    return jnp.mean(bag_of_words_example_losses(logits, targets))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.config import CLIPConfig
-from clip_jax.models.layers import partitioned
+from clip_jax.models.decoder import CaptionDecoder
+from clip_jax.models.layers import VOCAB, partitioned
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
@@ -32,6 +33,16 @@ class CLIP(nn.Module):
             self.logit_bias = self.param(
                 "logit_bias", partitioned(nn.initializers.constant(cfg.logit_bias_init), ()), (), jnp.float32
             )
+        if cfg.decoder is not None:
+            self.decoder = CaptionDecoder(cfg)
+        if cfg.bag_of_words:
+            self.bag_of_words_head = nn.Dense(
+                cfg.text.vocab_size,
+                dtype=jnp.float32,
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_init=partitioned(nn.initializers.normal(cfg.embed_dim**-0.5), ("projection", VOCAB)),
+                bias_init=partitioned(nn.initializers.zeros, (VOCAB,)),
+            )
 
     def encode_image(
         self, images: jax.Array, train: bool = False, normalize: bool = False, patch_noise: jax.Array | None = None
@@ -45,6 +56,29 @@ class CLIP(nn.Module):
         x = x.astype(jnp.float32)
         return l2_normalize(x) if normalize else x
 
+    def encode_image_tokens(
+        self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(unnormalised embeddings float32 (batch, embed_dim), every token of the ViT after ln_post
+        (batch, 1 + kept patches, vision width)): what a caption decoder attends to."""
+        if not self.config.vision.is_vit:
+            raise ValueError("image tokens come from a ViT; this model's image tower is a ResNet")
+        x, tokens = self.visual(images, train=train, patch_noise=patch_noise, return_tokens=True)
+        return x.astype(jnp.float32), tokens
+
+    def decode(self, image_tokens: jax.Array, prefix: jax.Array) -> jax.Array:
+        """Caption logits float32 (batch, P + 1, vocab) given the image tokens and a caption prefix
+        (batch, P) of ids: row i is the distribution of caption token i given tokens < i."""
+        if self.config.decoder is None:
+            raise ValueError("this model has no caption decoder (model config decoder=None)")
+        return self.decoder(image_tokens, prefix)
+
+    def bag_of_words_logits(self, image_embeds: jax.Array) -> jax.Array:
+        """(batch, embed_dim) unnormalised image embeddings -> float32 (batch, vocab) word logits."""
+        if not self.config.bag_of_words:
+            raise ValueError("this model has no bag-of-words head (model config bag_of_words=False)")
+        return self.bag_of_words_head(image_embeds.astype(jnp.float32))
+
     def encode_text(self, texts: jax.Array, normalize: bool = False) -> jax.Array:
         """(batch, length) int token ids -> (batch, embed_dim) float32."""
         x = self.text(texts).astype(jnp.float32)
@@ -53,14 +87,25 @@ class CLIP(nn.Module):
     def __call__(
         self, images: jax.Array, texts: jax.Array, train: bool = False, patch_noise: jax.Array | None = None
     ) -> dict[str, jax.Array]:
-        """Both embeddings, L2-normalised, with the exponentiated temperature and the optional bias."""
+        """Both embeddings, L2-normalised, with the exponentiated temperature and the optional bias;
+        with a decoder, "caption_logits" (batch, L, vocab) predicting every token of `texts`; with a
+        bag-of-words head, "bag_of_words_logits" (batch, vocab)."""
+        cfg = self.config
+        if cfg.decoder is not None:
+            embeds, tokens = self.encode_image_tokens(images, train=train, patch_noise=patch_noise)
+        else:
+            embeds, tokens = self.encode_image(images, train=train, patch_noise=patch_noise), None
         outputs = {
-            "image_embeds": self.encode_image(images, train=train, normalize=True, patch_noise=patch_noise),
+            "image_embeds": l2_normalize(embeds),
             "text_embeds": self.encode_text(texts, normalize=True),
             "logit_scale": jnp.exp(self.logit_scale),
         }
-        if self.config.logit_bias_init is not None:
+        if cfg.logit_bias_init is not None:
             outputs["logit_bias"] = self.logit_bias
+        if cfg.decoder is not None:
+            outputs["caption_logits"] = self.decode(tokens, texts[:, :-1])
+        if cfg.bag_of_words:
+            outputs["bag_of_words_logits"] = self.bag_of_words_logits(embeds)
         return outputs
 
     def dummy_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -91,6 +91,26 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """A caption decoder (clip_jax.models.decoder): causal self-attention over the caption and
+    cross-attention to the image tower's tokens, predicting the text tower's vocabulary (CoCa's
+    multimodal decoder, CapPa's decoder). Its vocabulary and length are the text config's."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 6
+    mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        for field in ("width", "heads", "layers"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"decoder {field} must be a positive int; got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"decoder width {self.width} not divisible by heads {self.heads}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP: both towers, the shared embedding size and the numerics."""
 
@@ -105,6 +125,11 @@ class CLIPConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_implementation: str = "auto"
+    # Captioning objectives (clip_jax.losses): a decoder predicting the caption from the image's
+    # tokens (None: none), and a linear head predicting the caption's bag of words from the pooled
+    # image embedding over the text vocabulary.
+    decoder: DecoderConfig | None = None
+    bag_of_words: bool = False
 
     def validate(self) -> CLIPConfig:
         if self.activation not in ACTIVATIONS:
@@ -121,6 +146,14 @@ class CLIPConfig:
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}; expected one of {DTYPES}")
         self.vision.validate()
         self.text.validate()
+        if not isinstance(self.bag_of_words, bool):
+            raise ValueError(f"bag_of_words must be True or False; got {self.bag_of_words!r}")
+        if self.decoder is not None:
+            if not isinstance(self.decoder, DecoderConfig):
+                raise ValueError(f"decoder must be a DecoderConfig or None; got {self.decoder!r}")
+            self.decoder.validate()
+            if not self.vision.is_vit:
+                raise ValueError("a caption decoder needs a ViT image tower (it attends to the patch tokens)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +166,8 @@ class CLIPConfig:
         if isinstance(vision.get("layers"), list):
             vision["layers"] = tuple(vision["layers"])
         text = dict(data.pop("text", {}))
+        if data.get("decoder") is not None:
+            data["decoder"] = DecoderConfig(**data["decoder"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -148,4 +183,6 @@ class CLIPConfig:
         for tower in ("vision", "text"):
             if isinstance(overrides.get(tower), dict):
                 overrides[tower] = dataclasses.replace(getattr(self, tower), **overrides[tower])
+        if isinstance(overrides.get("decoder"), dict):  # partial over the current decoder, or the defaults
+            overrides["decoder"] = dataclasses.replace(self.decoder or DecoderConfig(), **overrides["decoder"])
         return dataclasses.replace(self, **overrides).validate()

@@ -60,8 +60,12 @@ class VisionTransformer(nn.Module):
     config: CLIPConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None) -> jax.Array:
-        """(batch, H, W, 3) normalised images -> (batch, embed_dim) unnormalised embeddings.
+    def __call__(
+        self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None, return_tokens: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """(batch, H, W, 3) normalised images -> (batch, embed_dim) unnormalised embeddings; with
+        `return_tokens`, also every token after ln_post (batch, 1 + kept patches, width), which a
+        caption decoder attends to.
 
         `patch_noise` (float (batch, N), `make_patch_noise`): with `vision.patch_dropout` > 0, drop
         patches as it says (training); ignored without patch dropout."""
@@ -109,11 +113,15 @@ class VisionTransformer(nn.Module):
             mlp_ratio=vision.mlp_ratio,
             name="transformer",
         )(x)
-        x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_post")(x[:, 0])
+        ln_post = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_post")
+        # The class token alone unless the tokens are wanted: the contrastive path stays as it was.
+        tokens = ln_post(x) if return_tokens else None
+        x = tokens[:, 0] if return_tokens else ln_post(x[:, 0])
         projection = self.param(
             "projection",
             partitioned(normal(scale), (EMBED, "projection")),
             (vision.width, cfg.embed_dim),
             param_dtype,
         )
-        return x @ projection.astype(dtype)
+        x = x @ projection.astype(dtype)
+        return (x, tokens) if return_tokens else x

@@ -54,9 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 1000
     config.model = _model_fields()
     config.loss = ml_collections.ConfigDict(
-        # "softmax" (CLIP) or "sigmoid" (SigLIP); "all_gather" or "ring"; the temperature's clamp [1, max].
-        {"name": "softmax", "impl": "all_gather", "max_logit_scale": 100.0}
-    )
+        # "softmax" (CLIP), "sigmoid" (SigLIP), "caption" (a decoder predicts the caption: needs
+        # model.overrides.decoder), "bag_of_words" (needs model.overrides.bag_of_words=True) or "coca"
+        # (softmax + caption, weighted); "all_gather" or "ring"; the temperature's clamp [1, max].
+        {"name": "softmax", "impl": "all_gather", "max_logit_scale": 100.0, "caption_weight": 2.0,
+         "contrastive_weight": 1.0}
+    )  # fmt: skip
     config.optimizer = _optimizer_fields()
     # A step whose loss, gradient norm or BatchNorm statistics are NaN or inf is not applied
     # (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
@@ -227,15 +230,38 @@ class OptimizerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    name: str = "softmax"  # losses.LOSSES
+    name: str = "softmax"  # losses.OBJECTIVES
     impl: str = "all_gather"  # losses.IMPLEMENTATIONS
     max_logit_scale: float = 100.0  # the temperature is clamped to [1, this]
+    # CoCa's weights of its two terms (open_clip's defaults: caption 2, contrastive 1); "caption"
+    # alone trains with weight 1 whatever caption_weight says.
+    caption_weight: float = 2.0
+    contrastive_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.name in losses.LOSSES, "loss.name", self.name, f"one of {losses.LOSSES}")
+        _require(self.name in losses.OBJECTIVES, "loss.name", self.name, f"one of {losses.OBJECTIVES}")
         _require(self.impl in losses.IMPLEMENTATIONS, "loss.impl", self.impl, f"one of {losses.IMPLEMENTATIONS}")
         _require(_finite(self.max_logit_scale) and self.max_logit_scale >= 1, "loss.max_logit_scale",
                  self.max_logit_scale, ">= 1")  # fmt: skip
+        for field in ("caption_weight", "contrastive_weight"):
+            value = getattr(self, field)
+            _require(_finite(value) and value > 0, f"loss.{field}", value, "a finite number > 0")
+
+    @property
+    def contrastive(self) -> str | None:
+        """The contrastive loss of this objective (losses.LOSSES), or None when it has none."""
+        return {"softmax": "softmax", "sigmoid": "sigmoid", "coca": "softmax"}.get(self.name)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each term the objective sums: "contrastive", "caption", "bag_of_words"."""
+        return {
+            "softmax": {"contrastive": 1.0},
+            "sigmoid": {"contrastive": 1.0},
+            "caption": {"caption": 1.0},
+            "bag_of_words": {"bag_of_words": 1.0},
+            "coca": {"contrastive": self.contrastive_weight, "caption": self.caption_weight},
+        }[self.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,7 +492,11 @@ def _step(config: ml_collections.ConfigDict) -> StepSettings:
         global_batch_size=config.global_batch_size,
         optimizer=_optimizer(config),
         loss=LossSettings(
-            name=config.loss.name, impl=config.loss.impl, max_logit_scale=float(config.loss.max_logit_scale)
+            name=config.loss.name,
+            impl=config.loss.impl,
+            max_logit_scale=_number(config.loss.max_logit_scale),
+            caption_weight=_number(config.loss.caption_weight),
+            contrastive_weight=_number(config.loss.contrastive_weight),
         ),
         nonfinite=NonFiniteSettings(
             policy=config.nonfinite.policy, max_consecutive_skips=config.nonfinite.max_consecutive_skips
@@ -482,6 +512,14 @@ def _model(config: ml_collections.ConfigDict, loss: LossSettings) -> ModelSettin
     model.spec()  # an unknown name or override raises here, naming it
     if loss.name == "sigmoid" and model.overrides.get("logit_bias_init") is None:
         raise ValueError("loss.name='sigmoid' needs model.overrides.logit_bias_init (e.g. -10.0, SigLIP's)")
+    spec = model.spec()
+    if "caption" in loss.weights and spec.decoder is None:
+        raise ValueError(
+            f"loss.name={loss.name!r} needs a caption decoder: set model.overrides.decoder, e.g. "
+            "{'width': 512, 'heads': 8, 'layers': 6}"
+        )
+    if "bag_of_words" in loss.weights and not spec.bag_of_words:
+        raise ValueError("loss.name='bag_of_words' needs model.overrides.bag_of_words=True")
     return model
 
 

@@ -1,6 +1,6 @@
 """The jitted training step: the towers on the local batch, the contrastive loss over the global
-batch inside shard_map, exact GradCache gradient accumulation, the non-finite guard, the
-optimizer's update (the optimizer travels with the state: `TrainState.tx`) and the parameters'
+batch inside shard_map, the captioning objectives' per-example terms (caption decoder, bag of
+words), exact GradCache gradient accumulation, the non-finite guard, the optimizer's update (the optimizer travels with the state: `TrainState.tx`) and the parameters'
 moving average (config.ema).
 
 `make_train_step` builds a `_StepContext` (everything fixed for a run: model, mesh, settings, loss
@@ -112,9 +112,37 @@ def _patch_noise(context: _StepContext, state: TrainState, batch_size: int) -> j
     return None if noise is None else jax.lax.with_sharding_constraint(noise, batch_sharding(context.mesh))
 
 
-def _embed(context: _StepContext, params: Any, batch_stats: Any, images: jax.Array, texts: jax.Array, noise=None):
-    """((image_embeds, text_embeds) L2-normalised float32 (b, D), updated batch_stats). `noise`:
-    the patch-dropout noise of these rows (`_patch_noise`), None to run every patch."""
+def _normalizers(context: _StepContext, texts: jax.Array) -> dict[str, jax.Array]:
+    """The whole batch's count for each per-example term of the objective (predicted tokens for the
+    caption loss, examples for the bag of words): each micro-batch divides its sum by it, so the
+    terms add up to the whole batch's means however the batch is split."""
+    weights = context.settings.loss.weights
+    normalizers = {}
+    if "caption" in weights:
+        normalizers["caption"] = jnp.maximum(jnp.sum(losses.caption_targets(texts, context.model.config.text)), 1.0)
+    if "bag_of_words" in weights:
+        normalizers["bag_of_words"] = jnp.float32(texts.shape[0])
+    return normalizers
+
+
+def _per_example_terms(context: _StepContext, outputs: dict, texts: jax.Array, normalizers: dict) -> dict:
+    """{term: its rows' summed loss / the whole batch's count} for the captioning terms."""
+    text_config, terms = context.model.config.text, {}
+    if "caption" in normalizers:
+        weights = losses.caption_targets(texts, text_config)
+        token_losses = losses.caption_token_losses(outputs["caption_logits"], texts)
+        terms["caption"] = jnp.sum(weights * token_losses) / normalizers["caption"]
+    if "bag_of_words" in normalizers:
+        targets = losses.bag_of_words_targets(texts, text_config, text_config.vocab_size)
+        example_losses = losses.bag_of_words_example_losses(outputs["bag_of_words_logits"], targets)
+        terms["bag_of_words"] = jnp.sum(example_losses) / normalizers["bag_of_words"]
+    return terms
+
+
+def _embed(context: _StepContext, params, batch_stats, images, texts, noise=None, normalizers=None):
+    """(((image_embeds, text_embeds) L2-normalised float32 (b, D), per-example terms), updated
+    batch_stats). `noise`: the patch-dropout noise of these rows (`_patch_noise`), None to run every
+    patch; `normalizers`: `_normalizers` of the whole batch (the terms are {} without)."""
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     with activation_sharding(context.mesh):
         if context.update_batch_stats:
@@ -122,8 +150,10 @@ def _embed(context: _StepContext, params: Any, batch_stats: Any, images: jax.Arr
             batch_stats = updates["batch_stats"]
         else:
             outputs = context.model.apply(variables, images, texts, train=False, patch_noise=noise)
-    embeddings = (outputs["image_embeds"], outputs["text_embeds"])
-    return jax.lax.with_sharding_constraint(embeddings, batch_sharding(context.mesh)), batch_stats
+    embeddings = jax.lax.with_sharding_constraint(
+        (outputs["image_embeds"], outputs["text_embeds"]), batch_sharding(context.mesh)
+    )
+    return (embeddings, _per_example_terms(context, outputs, texts, normalizers or {})), batch_stats
 
 
 def _head_loss(context: _StepContext, head_params: Any, image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
@@ -132,73 +162,116 @@ def _head_loss(context: _StepContext, head_params: Any, image_embeds: jax.Array,
     return context.loss_fn(image_embeds, text_embeds, logit_scale, head_params.get("logit_bias"))
 
 
-def _whole_batch_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params):
-    """(loss, head gradients, tower gradients, embeddings, new batch_stats) of the whole batch at once."""
-    embeddings, embed_vjp, new_batch_stats = jax.vjp(
-        lambda params: _embed(context, stop_frozen(params), batch_stats, images, texts, noise), params, has_aux=True
+def _contrastive(context: _StepContext, head_params: Any, embeddings: tuple) -> tuple:
+    """(contrastive loss or None, gradients of weight x loss w.r.t. the head parameters and the two
+    embeddings). Without a contrastive term both gradients are zero."""
+    weight = context.settings.loss.weights.get("contrastive")
+    if weight is None:
+        return None, jax.tree.map(jnp.zeros_like, head_params), jax.tree.map(jnp.zeros_like, embeddings)
+
+    def weighted(head_params, image_embeds, text_embeds):
+        loss = _head_loss(context, head_params, image_embeds, text_embeds)
+        return (loss if weight == 1.0 else weight * loss), loss  # x 1.0 left out: the step stays as it was
+
+    (_, loss), (head_gradients, *embedding_gradients) = jax.value_and_grad(weighted, argnums=(0, 1, 2), has_aux=True)(
+        head_params, *embeddings
     )
-    head_loss_and_gradients = jax.value_and_grad(functools.partial(_head_loss, context), argnums=(0, 1, 2))
-    loss, (head_gradients, *embedding_gradients) = head_loss_and_gradients(stop_frozen(head_params), *embeddings)
-    (gradients,) = embed_vjp(tuple(embedding_gradients))
-    return loss, head_gradients, gradients, embeddings, new_batch_stats
+    return loss, head_gradients, tuple(embedding_gradients)
 
 
-def _accumulated_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params):
+def _term_cotangents(context: _StepContext, terms: dict) -> dict:
+    """d(total loss) / d(term): each per-example term's weight."""
+    return {name: jnp.float32(context.settings.loss.weights[name]) for name in terms}
+
+
+def _whole_batch_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params, normalizers):
+    """(contrastive loss or None, per-example terms, head gradients, tower gradients, embeddings,
+    new batch_stats) of the whole batch at once."""
+    (embeddings, terms), embed_vjp, new_batch_stats = jax.vjp(
+        lambda params: _embed(context, stop_frozen(params), batch_stats, images, texts, noise, normalizers),
+        params,
+        has_aux=True,
+    )
+    contrastive, head_gradients, embedding_gradients = _contrastive(context, stop_frozen(head_params), embeddings)
+    (gradients,) = embed_vjp((embedding_gradients, _term_cotangents(context, terms)))
+    return contrastive, terms, head_gradients, gradients, embeddings, new_batch_stats
+
+
+def _accumulated_gradients(context, params, batch_stats, images, texts, noise, stop_frozen, head_params, normalizers):
     """The same as `_whole_batch_gradients`, exactly, at the activation memory of one micro-batch
-    (GradCache): embed every micro-batch without keeping activations, take the loss and its
-    gradient with respect to the embeddings on the whole batch, then redo each micro-batch's
-    forward under `jax.vjp` and sum its parameter gradients."""
+    (GradCache): embed every micro-batch without keeping activations, take the contrastive loss and
+    its gradient with respect to the embeddings on the whole batch, then redo each micro-batch's
+    forward under `jax.vjp` and sum its parameter gradients (and its per-example terms, which need
+    no other row). Without a contrastive term the first pass is skipped: nothing needs the batch."""
     k, shards = context.settings.accumulation_steps, context.shards
     micro_sharding = NamedSharding(context.mesh, P(None, BATCH_AXES))
     # The noise (or None) is split like the images: each example keeps the mask of the whole-batch step.
     micro_images, micro_texts, micro_noise = jax.lax.with_sharding_constraint(
         tuple(None if x is None else _to_micro_batches(x, k, shards) for x in (images, texts, noise)), micro_sharding
     )
-    # Pass 1: embeddings only; nothing is differentiated, so no activation is kept.
-    _, (micro_embeddings, micro_batch_stats) = jax.lax.scan(
-        lambda _, micro_batch: (None, _embed(context, params, batch_stats, *micro_batch)),
-        None,
-        (micro_images, micro_texts, micro_noise),
-    )
-    embeddings = jax.lax.with_sharding_constraint(
-        tuple(_from_micro_batches(e, shards) for e in micro_embeddings), batch_sharding(context.mesh)
-    )
-    head_loss_and_gradients = jax.value_and_grad(functools.partial(_head_loss, context), argnums=(0, 1, 2))
-    loss, (head_gradients, *embedding_gradients) = head_loss_and_gradients(stop_frozen(head_params), *embeddings)
-    micro_embedding_gradients = jax.lax.with_sharding_constraint(
-        tuple(_to_micro_batches(g, k, shards) for g in embedding_gradients), micro_sharding
-    )
+    embeddings, contrastive = None, None
+    head_gradients = jax.tree.map(jnp.zeros_like, head_params)
+    micro_embedding_gradients = None
+    if "contrastive" in context.settings.loss.weights:
+        # Pass 1: embeddings only; nothing is differentiated, so no activation is kept.
+        _, ((micro_embeddings, _), _) = jax.lax.scan(
+            lambda _, micro_batch: (None, _embed(context, params, batch_stats, *micro_batch)),
+            None,
+            (micro_images, micro_texts, micro_noise),
+        )
+        embeddings = jax.lax.with_sharding_constraint(
+            tuple(_from_micro_batches(e, shards) for e in micro_embeddings), batch_sharding(context.mesh)
+        )
+        contrastive, head_gradients, embedding_gradients = _contrastive(context, stop_frozen(head_params), embeddings)
+        micro_embedding_gradients = jax.lax.with_sharding_constraint(
+            tuple(_to_micro_batches(g, k, shards) for g in embedding_gradients), micro_sharding
+        )
 
     # Pass 2: redo each micro-batch's forward under vjp and pull its share of the embedding
-    # gradient back to the parameters; sum over micro-batches.
+    # gradient (and its terms' weights) back to the parameters; sum over micro-batches.
     def backward(gradient_sum, micro_batch):
         micro_images, micro_texts, micro_noise, micro_gradients = micro_batch
-        _, embed_vjp, _ = jax.vjp(
-            lambda params: _embed(context, stop_frozen(params), batch_stats, micro_images, micro_texts, micro_noise),
+        (micro_embeddings, terms), embed_vjp, micro_batch_stats = jax.vjp(
+            lambda params: _embed(
+                context, stop_frozen(params), batch_stats, micro_images, micro_texts, micro_noise, normalizers
+            ),
             params,
             has_aux=True,
         )
-        (gradients,) = embed_vjp(micro_gradients)
-        return jax.tree.map(jnp.add, gradient_sum, gradients), None
+        if micro_gradients is None:
+            micro_gradients = jax.tree.map(jnp.zeros_like, micro_embeddings)
+        (gradients,) = embed_vjp((micro_gradients, _term_cotangents(context, terms)))
+        return jax.tree.map(jnp.add, gradient_sum, gradients), (terms, micro_batch_stats)
 
     zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), context.params_shardings)
-    gradients, _ = jax.lax.scan(backward, zeros, (micro_images, micro_texts, micro_noise, micro_embedding_gradients))
+    gradients, (micro_terms, micro_batch_stats) = jax.lax.scan(
+        backward, zeros, (micro_images, micro_texts, micro_noise, micro_embedding_gradients)
+    )
+    terms = jax.tree.map(lambda term: jnp.sum(term, axis=0), micro_terms)
     new_batch_stats = batch_stats
     if context.update_batch_stats:
         new_batch_stats = jax.tree.map(lambda stats: jnp.mean(stats, axis=0), micro_batch_stats)
-    return loss, head_gradients, gradients, embeddings, new_batch_stats
+    return contrastive, terms, head_gradients, gradients, embeddings, new_batch_stats
 
 
 def _compute_gradients(context, params, batch_stats, images, texts, noise, stop_frozen):
-    """(loss, gradients like params, (image_embeds, text_embeds), new batch_stats)."""
+    """(total loss, {term: value}, gradients like params, (image_embeds, text_embeds) or None,
+    new batch_stats). The total is the weighted sum of the objective's terms (losses.OBJECTIVES)."""
     head_params = {name: params[name] for name in ("logit_scale", "logit_bias") if name in params}
     compute = _whole_batch_gradients if context.settings.accumulation_steps == 1 else _accumulated_gradients
-    loss, head_gradients, gradients, embeddings, new_batch_stats = compute(
-        context, params, batch_stats, images, texts, noise, stop_frozen, head_params
+    contrastive, terms, head_gradients, gradients, embeddings, new_batch_stats = compute(
+        context, params, batch_stats, images, texts, noise, stop_frozen, head_params, _normalizers(context, texts)
     )
     # The temperature and bias enter only through the loss head.
     gradients = {**gradients, **{name: gradients[name] + gradient for name, gradient in head_gradients.items()}}
-    return loss, gradients, embeddings, new_batch_stats
+    weights = context.settings.loss.weights
+    if contrastive is not None:
+        terms = {"contrastive": contrastive, **terms}
+    loss = None
+    for name, value in terms.items():  # not sum(): its 0 + would change the contrastive step's graph
+        weighted = value if weights[name] == 1.0 else weights[name] * value
+        loss = weighted if loss is None else loss + weighted
+    return loss, terms, gradients, (embeddings if contrastive is not None else None), new_batch_stats
 
 
 def ema_decay(settings: EMASettings, applied_updates: jax.Array) -> jax.Array:
@@ -265,7 +338,7 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
             {name: frozen[name] for name in params},
         )
 
-    loss, gradients, (image_embeds, text_embeds), new_batch_stats = _compute_gradients(
+    loss, terms, gradients, embeddings, new_batch_stats = _compute_gradients(
         context,
         state.params,
         state.batch_stats,
@@ -284,13 +357,8 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
         context, state, gradients, new_batch_stats, finite
     )
     skipped_steps = state.skipped_steps + jnp.logical_not(applied).astype(jnp.int32)
-    accuracy_image_to_text, accuracy_text_to_image = context.accuracy_fn(
-        jax.lax.stop_gradient(image_embeds), jax.lax.stop_gradient(text_embeds)
-    )
     metrics = {
         "loss": loss,
-        "accuracy_image_to_text": accuracy_image_to_text,
-        "accuracy_text_to_image": accuracy_text_to_image,
         "logit_scale": jnp.exp(context.clamp_log_scale(state.params["logit_scale"])),
         # The optimizer's schedule counts applied updates: steps so far less those skipped.
         "learning_rate": context.schedule(state.step - state.skipped_steps),
@@ -298,6 +366,11 @@ def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple
         "nonfinite": jnp.logical_not(finite),
         "skipped_steps": skipped_steps,
     }
+    if embeddings is not None:  # a contrastive objective: its in-batch retrieval accuracies
+        accuracies = context.accuracy_fn(*jax.lax.stop_gradient(embeddings))
+        metrics["accuracy_image_to_text"], metrics["accuracy_text_to_image"] = accuracies
+    if len(terms) > 1 or "contrastive" not in terms:  # each term of a captioning objective, unweighted
+        metrics.update({f"{name}_loss": value for name, value in terms.items()})
     if context.settings.loss.name == "sigmoid":
         metrics["logit_bias"] = state.params["logit_bias"]
     new_state = state.replace(
@@ -318,6 +391,10 @@ def _check_step_settings(model: CLIP, settings: StepSettings, mesh: Mesh, state_
         raise ValueError(
             "the sigmoid loss needs a model with a learned logit bias; set model.overrides.logit_bias_init (SigLIP uses -10)"
         )
+    if "caption" in settings.loss.weights and model.config.decoder is None:
+        raise ValueError(f"loss {settings.loss.name!r} needs a model with a caption decoder (model config decoder)")
+    if "bag_of_words" in settings.loss.weights and not model.config.bag_of_words:
+        raise ValueError("loss 'bag_of_words' needs a model with a bag-of-words head (model config bag_of_words)")
     check_batch_divisible(settings.global_batch_size, mesh, settings.accumulation_steps)
     if settings.ema.enabled != (state_shardings.ema_params is not None):
         raise ValueError(
@@ -333,7 +410,8 @@ def make_train_step(
 
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
     sharded over `BATCH_AXES`. `metrics` holds float32 scalars: loss, accuracy_image_to_text,
-    accuracy_text_to_image (in-batch, global), logit_scale (the exponentiated, clamped scale of the
+    accuracy_text_to_image (in-batch, global; contrastive objectives only), for the captioning
+    objectives each term unweighted (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (the exponentiated, clamped scale of the
     forward), learning_rate (of this update), grad_norm (global norm before clipping), nonfinite
     (1 if this step's update was not finite), skipped_steps (the state's total after this step)
     and, for the sigmoid loss, logit_bias.
@@ -369,7 +447,9 @@ def make_train_step(
         mesh=mesh,
         settings=settings,
         params_shardings=state_shardings.params,
-        loss_fn=losses.make_sharded_loss_fn(mesh, BATCH_AXES, settings.loss.name, settings.loss.impl),
+        loss_fn=losses.make_sharded_loss_fn(
+            mesh, BATCH_AXES, settings.loss.contrastive or "softmax", settings.loss.impl
+        ),
         accuracy_fn=jax.shard_map(
             lambda image, text: losses.sharded_in_batch_accuracy(image, text, axis_names=BATCH_AXES),
             mesh=mesh,
