@@ -195,7 +195,7 @@ def _word_log_probs(model: CLIP, variables: dict[str, Any], images: jax.Array) -
 def _bag_of_words_scores(model: CLIP, word_log_probs: jax.Array, prompts: jax.Array) -> jax.Array:
     # The prompt's words as the loss weighs them (each distinct word once, weights summing to 1):
     # a score is minus the bag-of-words loss the prompt would have as the image's caption.
-    targets = losses.bag_of_words_targets(prompts, model.config.text)  # (P, V)
+    targets = losses.bag_of_words_targets(prompts, model.config.text, model.config.text.vocab_size)  # (P, V)
     return word_log_probs @ targets.T
 
 
