@@ -36,6 +36,18 @@ flags.DEFINE_integer("max_train_examples", 10_000, "Training images embedded for
 flags.DEFINE_list("shots", ["1", "2", "4", "8", "16"], "Examples per class of the few-shot probes.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Few-shot sampling seeds.")
 flags.DEFINE_list("prompt_modes", ["class_name", "single", "ensemble"], "Zero-shot prompt modes to score.")
+flags.DEFINE_enum(
+    "zero_shot_objective", "auto", ["auto", "contrastive", "caption", "bag_of_words"],
+    "How zero-shot scores classes: embedding similarity, the caption decoder's likelihood of the prompts (CapPa) "
+    "or the bag-of-words head's. auto: the objective the model was trained with (a training workdir's record), "
+    "else the model's heads (a decoder: caption; a bag-of-words head only: bag_of_words).",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "examples", 8,
+    "Test images of the first classification dataset pictured in the report with their top-5 zero-shot classes "
+    "(and generated captions, for models with a caption decoder); 0: none.",
+)  # fmt: skip
+flags.DEFINE_enum("caption_method", "greedy", ["greedy", "beam"], "How the example captions are generated.")
 flags.DEFINE_enum("tfds_reader", "auto", ["auto", "data_source", "tf_data"], "How TFDS datasets are read.")
 flags.DEFINE_enum("tfds_image_decoder", "pipeline", ["pipeline", "tfds"], "Who decodes TFDS images.")
 flags.DEFINE_enum(
@@ -86,6 +98,7 @@ def _evaluate() -> None:
             tfds_reader=FLAGS.tfds_reader,
             tfds_image_decoder=FLAGS.tfds_image_decoder,
             tfds_worker_kind=FLAGS.tfds_worker_kind,
+            zero_shot_objective=FLAGS.zero_shot_objective,
         )
     except ValueError as error:
         raise app.UsageError(str(error)) from None
@@ -110,10 +123,21 @@ def _evaluate() -> None:
             _training_data_settings(FLAGS.checkpoint), model.config.vision.image_size
         )
     log = (lambda message: print(message, flush=True)) if jax.process_index() == 0 else (lambda message: None)
-    results = suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=log)
+    trained = _trained_objectives(FLAGS.checkpoint)
+    results = suite.run_evaluation(
+        model, variables, tokenizer, settings, synthetic=synthetic, log=log, trained_objectives=trained
+    )
     results = {"checkpoint": FLAGS.checkpoint, "settings": _settings_record(settings), **results}
+    pictures = None
+    if FLAGS.examples > 0:  # every process: the scores and captions run over all devices
+        collected = suite.collect_examples(
+            model, variables, tokenizer, settings, synthetic=synthetic, count=FLAGS.examples,
+            trained_objectives=trained, caption_method=FLAGS.caption_method,
+        )  # fmt: skip
+        if collected is not None:
+            results["examples"], pictures = collected
     if jax.process_index() == 0:
-        for path in report.write_report(results, FLAGS.output, plots=FLAGS.plots):
+        for path in report.write_report(results, FLAGS.output, plots=FLAGS.plots, example_images=pictures):
             print(f"wrote {path}")
 
 
@@ -126,6 +150,19 @@ def _training_data_settings(path: str) -> dict | None:
         return None
     _, record = checkpointing.read_run_record(path)
     return record.get("training", {}).get("data")
+
+
+def _trained_objectives(path: str) -> list[str] | None:
+    """The objectives ("contrastive", "caption", "bag_of_words") the train.py run of a training
+    workdir optimised, from its recorded loss.name (None for any other model)."""
+    from clip_jax.training import checkpointing
+    from clip_jax.training.config import LossSettings
+
+    if not checkpointing.is_training_workdir(path):
+        return None
+    _, record = checkpointing.read_run_record(path)
+    name = record.get("training", {}).get("loss", {}).get("name", "softmax")
+    return list(LossSettings(name=name).weights)
 
 
 def _settings_record(settings) -> dict:

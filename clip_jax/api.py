@@ -1,6 +1,8 @@
 """The public API: `load` (any model clip_jax reads, as `(model, variables, preprocess, tokenizer)`),
 and notebook helpers over its outputs: embeddings of images (PIL, numpy or paths) and texts, and
-zero-shot classification in one call; batches are split over every available device.
+zero-shot classification in one call; batches are split over every available device. Captions:
+`clip_jax.generate_captions` (clip_jax.captioning) with what `load` returns, or
+`captions_from_checkpoint` from a path in one call.
 
 This is the one module outside `clip_jax.training` that imports it: `load` reads training
 workdirs, and the library's lower layers (checkpoint, convert, evaluation) know nothing of training.
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from clip_jax import convert, transforms
+from clip_jax import captioning, convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
@@ -143,3 +145,26 @@ def zero_shot_classify(
     logits -= logits.max(axis=1, keepdims=True)
     probabilities = np.exp(logits)
     return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def captions_from_checkpoint(
+    path: str,
+    images: Any,
+    method: str = "greedy",
+    *,
+    model: str | None = None,
+    ema: bool = True,
+    batch_size: int = captioning.DEFAULT_BATCH_SIZE,
+    **generation: Any,
+) -> list[str]:
+    """One caption per image from the model at `path` (anything `load` reads, with `model` and
+    `ema` as there), images as `generate_captions` takes them; `generation` passes max_length,
+    beam_width and length_penalty on. The same path and images give the same captions in any
+    process: what a test that a saved model captions as it did when trained can compare.
+
+        captions = clip_jax.api.captions_from_checkpoint("./workdir", ["cat.jpg"], method="beam")
+    """
+    loaded, variables, preprocess, tokenizer = load(path, model, ema=ema, announce=lambda line: None)
+    return captioning.generate_captions(
+        loaded, variables, images, tokenizer, method, preprocess=preprocess, batch_size=batch_size, **generation
+    )
