@@ -176,3 +176,26 @@ def test_an_objective_without_its_head_is_refused_before_tracing():
     state, shardings = create_state(config, model, mesh)
     with pytest.raises(ValueError, match="caption decoder"):
         make_train_step(model, config.step, mesh, shardings)
+
+
+def test_exports_refuse_a_model_whose_decoder_they_would_drop():
+    from clip_jax.convert import ConversionError, variables_to_openclip
+    from clip_jax.convert.hf import ExportError, check_exportable
+    from clip_jax.tokenizer import ClipTokenizer
+
+    config = caption_model().config
+    with pytest.raises(ConversionError, match="caption decoder"):
+        variables_to_openclip({}, config)
+    with pytest.raises(ExportError, match="caption decoder"):
+        check_exportable(config, ClipTokenizer())
+
+
+def test_a_decoder_spec_survives_its_json_record_and_needs_a_vit():
+    from clip_jax.models import CLIPConfig
+
+    config = caption_model().config
+    assert CLIPConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="needs a ViT"):
+        create_model("tiny-resnet", decoder=dict(width=32, heads=2, layers=1))
+    with pytest.raises(ValueError, match="decoder heads must be a positive int; got 0"):
+        create_model("tiny-vit", decoder=dict(heads=0))
