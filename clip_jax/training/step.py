@@ -403,6 +403,11 @@ def _check_step_settings(model: CLIP, settings: StepSettings, mesh: Mesh, state_
         )
 
 
+def _contrastive_loss_fn(mesh: Mesh, settings: StepSettings) -> Callable:
+    """The sharded contrastive loss of the objective (built but never traced when it has none)."""
+    return losses.make_sharded_loss_fn(mesh, BATCH_AXES, settings.loss.contrastive or "softmax", settings.loss.impl)
+
+
 def make_train_step(
     model: CLIP, settings: StepSettings, mesh: Mesh, state_shardings: TrainState
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -446,9 +451,7 @@ def make_train_step(
         mesh=mesh,
         settings=settings,
         params_shardings=state_shardings.params,
-        loss_fn=losses.make_sharded_loss_fn(
-            mesh, BATCH_AXES, settings.loss.contrastive or "softmax", settings.loss.impl
-        ),
+        loss_fn=_contrastive_loss_fn(mesh, settings),
         accuracy_fn=jax.shard_map(
             lambda image, text: losses.sharded_in_batch_accuracy(image, text, axis_names=BATCH_AXES),
             mesh=mesh,
