@@ -3,6 +3,7 @@ rows, and on 8 virtual CPU devices the sharded step's loss and gradients against
 single-device computation of the same objective, with both contrastive implementations and with
 GradCache accumulation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +200,27 @@ def test_a_decoder_spec_survives_its_json_record_and_needs_a_vit():
         create_model("tiny-resnet", decoder=dict(width=32, heads=2, layers=1))
     with pytest.raises(ValueError, match="decoder heads must be a positive int; got 0"):
         create_model("tiny-vit", decoder=dict(heads=0))
+
+
+def test_a_scanned_rematerialised_decoder_equals_the_unrolled_one():
+    from flax import traverse_util
+
+    from clip_jax.models import CLIP
+    from clip_jax.models.layout import stack_layers
+
+    decoder = dict(width=32, heads=2, layers=2)
+    unrolled = create_model("tiny-vit", decoder=decoder)
+    scanned = create_model("tiny-vit", decoder=decoder, scan_layers=True, remat_policy="full")
+    variables = jax.tree.map(np.asarray, nn.unbox(unrolled.init_variables(jax.random.key(0))))
+    stacked = traverse_util.unflatten_dict(stack_layers(traverse_util.flatten_dict(variables)))
+    images, texts = caption_batch(unrolled)
+    images, texts = images[:4], texts[:4]
+
+    def caption_logits(model):
+        def logits(variables):
+            _, tokens = model.apply(variables, images, method=CLIP.encode_image_tokens)
+            return model.apply(variables, tokens, texts[:, :-1], method=CLIP.decode)
+
+        return jax.jit(logits)
+
+    np.testing.assert_allclose(caption_logits(unrolled)(variables), caption_logits(scanned)(stacked), atol=1e-5)
