@@ -512,6 +512,12 @@ def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> Stat
     BatchNorm's `num_batches_tracked` counters are written as 0: they count training steps, are unused
     when the momentum is set (as in CLIP), and Flax keeps no such counter.
     """
+    if config.decoder is not None or config.bag_of_words:
+        # open_clip's CLIP has no place for them, and its CoCa's decoder is laid out differently: a
+        # state dict without them would silently lose part of the model.
+        raise ConversionError(
+            "cannot export a model with a caption decoder or bag-of-words head to open_clip's CLIP layout"
+        )
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
     flat = {path: np.asarray(jax.device_get(value), dtype=np.float32) for path, value in flat.items()}
     if config.scan_layers:

@@ -56,6 +56,12 @@ def check_exportable(config: CLIPConfig, tokenizer: Any) -> None:
             f"cannot export to transformers: the image tower is a ModifiedResNet (layers {config.vision.layers}); "
             "transformers' CLIPModel has only a ViT image tower and no class for OpenAI's ResNet CLIP"
         )
+    if config.decoder is not None or config.bag_of_words:
+        head = "caption decoder" if config.decoder is not None else "bag-of-words head"
+        raise ExportError(
+            f"cannot export to transformers: the model has a {head}, which transformers' CLIPModel has no "
+            "place for (export would drop it silently)"
+        )
     if config.activation not in HF_ACTIVATIONS:
         raise ExportError(
             f"cannot export to transformers: activation {config.activation!r} has no transformers equivalent "

@@ -403,18 +403,22 @@ def _check_step_settings(model: CLIP, settings: StepSettings, mesh: Mesh, state_
         )
 
 
+def _contrastive_loss_fn(mesh: Mesh, settings: StepSettings) -> Callable:
+    """The sharded contrastive loss of the objective (built but never traced when it has none)."""
+    return losses.make_sharded_loss_fn(mesh, BATCH_AXES, settings.loss.contrastive or "softmax", settings.loss.impl)
+
+
 def make_train_step(
     model: CLIP, settings: StepSettings, mesh: Mesh, state_shardings: TrainState
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (new_state, metrics)`, one jitted function that donates `state`.
 
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
-    sharded over `BATCH_AXES`. `metrics` holds float32 scalars: loss, accuracy_image_to_text,
-    accuracy_text_to_image (in-batch, global; contrastive objectives only), for the captioning
-    objectives each term unweighted (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (the exponentiated, clamped scale of the
-    forward), learning_rate (of this update), grad_norm (global norm before clipping), nonfinite
-    (1 if this step's update was not finite), skipped_steps (the state's total after this step)
-    and, for the sigmoid loss, logit_bias.
+    sharded over `BATCH_AXES`. `metrics`: float32 scalars loss, accuracy_image_to_text and
+    accuracy_text_to_image (in-batch, global; contrastive objectives), each term of a captioning
+    objective (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (exponentiated,
+    clamped), learning_rate (of this update), grad_norm (before clipping), nonfinite (1 if this
+    update was not finite), skipped_steps (total after this step), logit_bias (sigmoid loss).
 
     The non-finite guard: the update is applied only if the loss, the gradient norm and the new
     BatchNorm statistics are all finite, and the steps skipped in a row just before are no more
@@ -447,9 +451,7 @@ def make_train_step(
         mesh=mesh,
         settings=settings,
         params_shardings=state_shardings.params,
-        loss_fn=losses.make_sharded_loss_fn(
-            mesh, BATCH_AXES, settings.loss.contrastive or "softmax", settings.loss.impl
-        ),
+        loss_fn=_contrastive_loss_fn(mesh, settings),
         accuracy_fn=jax.shard_map(
             lambda image, text: losses.sharded_in_batch_accuracy(image, text, axis_names=BATCH_AXES),
             mesh=mesh,
