@@ -276,6 +276,10 @@ def generate(
     outside = sorted(i for i in banned if not 0 <= i < vocab)
     if outside:
         raise ValueError(f"banned ids {outside[:5]} are outside the vocabulary of {vocab} tokens")
+    size = model.config.vision.image_size
+    if getattr(images, "ndim", 0) != 4 or tuple(images.shape[1:]) != (size, size, 3):
+        shape = getattr(images, "shape", type(images).__name__)
+        raise ValueError(f"expected preprocessed images (n, {size}, {size}, 3), got {shape}; see generate_captions")
     images = jnp.asarray(images, jnp.float32)
     rows = _generate(
         model, variables, images, int(length), layout, method, int(beam_width) if method == "beam" else 1,

@@ -11,16 +11,19 @@ from clip_jax.evaluation.retrieval import retrieval_evaluate, retrieval_evaluate
 from clip_jax.evaluation.templates import DatasetPrompts, get_prompts
 from clip_jax.evaluation.zero_shot import (
     class_embeddings,
+    class_probabilities,
     classification_metrics,
     zero_shot_classifier,
     zero_shot_evaluate,
     zero_shot_predict,
+    zero_shot_scores,
 )
 
 __all__ = [
     "DatasetPrompts",
     "Encoder",
     "class_embeddings",
+    "class_probabilities",
     "classification_metrics",
     "extract_image_features",
     "few_shot",
@@ -33,4 +36,5 @@ __all__ = [
     "zero_shot_classifier",
     "zero_shot_evaluate",
     "zero_shot_predict",
+    "zero_shot_scores",
 ]

@@ -314,7 +314,7 @@ def write_example_pictures(examples: dict[str, Any], images: np.ndarray, output_
     if examples.get("captions"):
         columns = min(count, 4)
         rows = math.ceil(count / columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+        figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.7 * rows), squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
         for index, caption in enumerate(examples["captions"]):
