@@ -160,7 +160,7 @@ def test_generation_stops_at_the_end_token_and_pads(bpe_model, images):
         captioning.generate(clip_jax.create_model("tiny-vit"), variables, images)
 
 
-def test_generate_captions_from_raw_images(sp_model, tokenizer, synthetic):
+def test_generate_captions_from_raw_images(sp_model, tokenizer, synthetic, tmp_path):
     model, variables = sp_model
     batch = synthetic.get_batch("validation", np.arange(3))["images"]  # uint8 (3, 32, 32, 3)
     # Two batches of two, the second padded: one compiled search.
@@ -170,6 +170,11 @@ def test_generate_captions_from_raw_images(sp_model, tokenizer, synthetic):
     assert captions[:2] == [tokenizer.decode(row) for row in rows]
     with pytest.raises(ValueError, match="batch_size"):
         clip_jax.generate_captions(model, variables, batch, tokenizer, batch_size=0)
+    # Saved and loaded back (decoder spec, weights, tokenizer): the same captions.
+    from clip_jax.checkpoint import save_model_directory
+
+    directory = save_model_directory(str(tmp_path / "model"), model.config, variables, tokenizer)
+    assert clip_jax.api.captions_from_checkpoint(directory, batch, batch_size=2) == captions
 
 
 def test_zero_shot_scores_under_each_objective(sp_model, tokenizer, images):
