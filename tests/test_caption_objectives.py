@@ -224,3 +224,59 @@ def test_a_scanned_rematerialised_decoder_equals_the_unrolled_one():
         return jax.jit(logits)
 
     np.testing.assert_allclose(caption_logits(unrolled)(variables), caption_logits(scanned)(stacked), atol=1e-5)
+
+
+# ---- a trained caption model, end to end ---------------------------------------------------------
+
+CAPTION_CONFIG = """
+from configs.default import get_config as default_config
+
+def get_config():
+    config = default_config()
+    config.loss.name = "caption"
+    config.model.overrides.decoder = {"width": 32, "heads": 2, "layers": 1}
+    return config
+"""
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np
+from clip_jax.api import captions_from_checkpoint
+print(json.dumps(captions_from_checkpoint(sys.argv[1], np.load(sys.argv[2]), method=sys.argv[3])))
+"""
+
+
+def test_a_caption_model_trained_by_train_py_captions_the_same_in_a_fresh_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from clip_jax.api import captions_from_checkpoint
+    from clip_jax.metrics import read_jsonl
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config, workdir = tmp_path / "caption.py", tmp_path / "workdir"
+    config.write_text(CAPTION_CONFIG)
+    steps = 6
+    subprocess.run(
+        [sys.executable, os.path.join(repo, "train.py"), f"--config={config}", f"--workdir={workdir}",
+         f"--config.total_steps={steps}", "--config.global_batch_size=16", "--config.log_every_steps=1",
+         "--config.eval.num_examples=0", "--config.tokenizer.training_captions=2000",
+         f"--config.checkpoint.every_steps={steps}"],
+        check=True, cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+    )  # fmt: skip
+    records = [r for r in read_jsonl(str(workdir / "metrics.jsonl")) if "caption_loss" in r]
+    assert len(records) == steps and records[-1]["caption_loss"] < records[0]["caption_loss"]
+    assert all(r["loss"] == r["caption_loss"] and "accuracy_image_to_text" not in r for r in records)
+
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    for method in ("greedy", "beam"):
+        here = captions_from_checkpoint(str(workdir), images, method=method)
+        fresh = subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS, str(workdir), str(tmp_path / "images.npy"), method],
+            check=True, cwd=repo, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo},
+        )  # fmt: skip
+        assert json.loads(fresh.stdout.strip().splitlines()[-1]) == here
+        assert len(here) == 4 and all(isinstance(caption, str) and caption for caption in here)
