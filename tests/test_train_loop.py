@@ -181,7 +181,11 @@ def never_compile(monkeypatch):
         ("global_batch_size", 12, "global batch size 12 is not divisible by the 8 batch-axis devices"),
         ("mesh.data", 3, "has 3 devices but there are 8 devices"),
         ("model.name", "ViT-X-99", "unknown model 'ViT-X-99'"),
-        ("loss.name", "hinge", "loss.name must be one of ('softmax', 'sigmoid'); got 'hinge'"),
+        (
+            "loss.name",
+            "hinge",
+            "loss.name must be one of ('softmax', 'sigmoid', 'caption', 'bag_of_words', 'coca'); got 'hinge'",
+        ),
         ("eval.prompt_modes", "ensemble,best", "unknown prompt mode"),
         # A negative learning rate trains uphill; the rest make AdamW or the guard meaningless.
         ("optimizer.learning_rate", -0.001, "optimizer.learning_rate must be a finite number > 0; got -0.001"),
