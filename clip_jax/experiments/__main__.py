@@ -3,7 +3,7 @@
 
 Each command writes DIR/NAME.md, DIR/NAME.json and PNG figures and prints the minutes it took;
 models are trained into DIR/models/ and reused from there. `--quick` is a smoke-test size (a
-30-step CLIP, tiny supervised runs, 128 test images): its numbers mean nothing. A failure is one
+16-step CLIP, tiny supervised runs, 128 test images): its numbers mean nothing. A failure is one
 line (`error: ...`, exit status 1).
 """
 

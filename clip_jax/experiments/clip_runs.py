@@ -37,16 +37,16 @@ def default_recipe() -> ml_collections.ConfigDict:
 
 def experiment_config(quick: bool, seed: int = 0, **fields: Any) -> ml_collections.ConfigDict:
     """The default recipe without evaluation during training (the experiments evaluate), one
-    checkpoint at the end, and `fields` ("loss.name" = "caption", ...) set; `quick`: a 30-step run
+    checkpoint at the end, and `fields` ("loss.name" = "caption", ...) set; `quick`: a 16-step run
     of batch 32, a smoke test only."""
     config = default_recipe()
     config.seed = seed
     config.eval.num_examples = 0
     if quick:
-        config.total_steps = 30
+        config.total_steps = 16
         config.global_batch_size = 32
-        config.tokenizer.training_captions = 2000
-        config.log_every_steps = 10
+        config.tokenizer.training_captions = 1000
+        config.log_every_steps = 8
     config.checkpoint.every_steps = config.total_steps
     for dotted, value in fields.items():
         *parents, leaf = dotted.split(".")

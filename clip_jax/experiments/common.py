@@ -46,10 +46,12 @@ class Sizes:
     @staticmethod
     def make(quick: bool) -> Sizes:
         if quick:
-            tiny = SupervisedSettings(steps=30, batch_size=32, train_examples=512)
+            tiny = SupervisedSettings(
+                width=32, layers=1, steps=40, batch_size=32, train_examples=256, learning_rate=3e-3
+            )
             return Sizes(
                 quick=True, test_examples=128, probe_examples=128, bootstrap_samples=200, supervised=tiny,
-                shift_models=(tiny, dataclasses.replace(tiny, width=32, layers=1, steps=20)),
+                shift_models=(tiny, dataclasses.replace(tiny, steps=20)),
                 shots=(1, 2), few_shot_seeds=(0, 1, 2), efficiency_steps=20, efficiency_points=2,
             )  # fmt: skip
         base = SupervisedSettings(steps=1500)  # as many steps of 128 as the CLIP of configs/default.py
