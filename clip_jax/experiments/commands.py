@@ -30,6 +30,12 @@ from clip_jax.experiments.common import (
 )
 
 SHIFT_TASKS: tuple[str, ...] = ("shape",)
+
+
+class MissingObjectiveScores(RuntimeError):
+    """`efficiency` needs zero-shot scores of the caption and bag-of-words objectives."""
+
+
 FEW_SHOT_TASKS: tuple[str, ...] = ("shape", "color", "combination", "style")
 # loss.name -> (zero_shot_scores objective, config fields the objective needs)
 OBJECTIVES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -286,7 +292,10 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
             context.labels(task, "test"), num_classes, shots=shots, seeds=context.sizes.few_shot_seeds,
         )["shots"]  # fmt: skip
         cells, matched = [task, fmt_ci(zero.mean(), zero_low, zero_high)], None
-        for k in shots:
+        for k in context.sizes.shots:
+            if k not in shots:
+                cells.append(f"- (a class has {counts.min()} probe images)")
+                continue
             mean, std = result[k]["top1_mean"], result[k]["top1_std"]
             # Half-width: the zero-shot interval's and the seeds' (t with n - 1 dof, 95%) in quadrature.
             seeds = len(context.sizes.few_shot_seeds)
@@ -300,7 +309,7 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
                 matched = k
             cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
         cells.append("-" if matched is None else f"{matched}")
-        rows.append(cells + [""] * (len(context.sizes.shots) + 3 - len(cells)))
+        rows.append(cells)
         panels[task] = {
             "k-shot linear probe": (
                 shots,
@@ -333,7 +342,7 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     predictor and the contrastive objective, each a run of the default recipe (its loss changed)."""
     scores_of = getattr(zero_shot, "zero_shot_scores", None)
     if scores_of is None:
-        raise RuntimeError(
+        raise MissingObjectiveScores(
             "efficiency needs clip_jax.evaluation.zero_shot.zero_shot_scores (the caption and bag-of-words "
             "objectives), which this checkout does not have yet"
         )

@@ -108,7 +108,7 @@ class Context:
         if settings not in self._supervised:
             name = f"supervised_w{settings.width}_l{settings.layers}_{settings.steps}_s{settings.seed}"
             path = os.path.join(self.output, "models", name + ".msgpack")
-            if os.path.isfile(path) and os.path.isfile(path + ".json"):
+            if _saved_settings(path) == dataclasses.asdict(settings):
                 template = train_supervised(self.dataset, dataclasses.replace(settings, steps=1), log=lambda _: None)
                 with open(path, "rb") as file:
                     template.params = flax.serialization.from_bytes(template.params, file.read())
@@ -158,6 +158,14 @@ class Context:
         with open(os.path.join(self.output, name + ".json"), "w", encoding="utf-8") as file:
             json.dump(data, file, indent=1, default=float)
         return path
+
+
+def _saved_settings(path: str) -> dict[str, Any] | None:
+    """The settings a saved supervised model was trained with; None when there is none."""
+    if not (os.path.isfile(path) and os.path.isfile(path + ".json")):
+        return None
+    with open(path + ".json", encoding="utf-8") as file:
+        return json.load(file)["settings"]
 
 
 def prompts_of(task: DownstreamTask) -> DatasetPrompts:
@@ -229,7 +237,7 @@ def timed(log: Callable[[str], None], name: str) -> Callable[[], float]:
 
     def stop() -> float:
         seconds = time.time() - started
-        log(f"{name}: {seconds / 60:.1f} min")
+        log(f"{name} {seconds:.0f} s ({seconds / 60:.1f} min)")
         return seconds
 
     return stop
