@@ -42,6 +42,7 @@ class Sizes:
     few_shot_seeds: tuple[int, ...]
     efficiency_steps: int
     efficiency_points: int  # checkpoints evaluated along each efficiency run
+    efficiency_test_examples: int  # test images each checkpoint is scored on
 
     @staticmethod
     def make(quick: bool) -> Sizes:
@@ -53,6 +54,7 @@ class Sizes:
                 quick=True, test_examples=128, probe_examples=128, bootstrap_samples=200, supervised=tiny,
                 shift_models=(tiny, dataclasses.replace(tiny, steps=20)),
                 shots=(1, 2), few_shot_seeds=(0, 1, 2), efficiency_steps=20, efficiency_points=2,
+                efficiency_test_examples=64,
             )  # fmt: skip
         base = SupervisedSettings(steps=1500)  # as many steps of 128 as the CLIP of configs/default.py
         family = (
@@ -66,7 +68,7 @@ class Sizes:
         return Sizes(
             quick=False, test_examples=2048, probe_examples=2048, bootstrap_samples=1000, supervised=base,
             shift_models=family, shots=(1, 2, 4, 8, 16), few_shot_seeds=(0, 1, 2), efficiency_steps=1500,
-            efficiency_points=6,
+            efficiency_points=6, efficiency_test_examples=1024,
         )  # fmt: skip
 
 
