@@ -306,10 +306,13 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
             )
             difference = zero.mean() - mean
             order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
-            if matched is None and order in ("=", "<"):
+            # The fewest shots from which on no probe is worse than zero-shot.
+            if order == ">":
+                matched = None
+            elif matched is None:
                 matched = k
             cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
-        cells.append("-" if matched is None else f"{matched}")
+        cells.append(f"> {shots[-1] if shots else 0}" if matched is None else f"{matched}")
         rows.append(cells)
         panels[task] = {
             "k-shot linear probe": (
@@ -332,7 +335,7 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
         "zero-shot is better beyond the combined interval, '=' within it.",
     )  # fmt: skip
     markdown += markdown_table(
-        ["task", "zero-shot", *(f"{k}-shot" for k in context.sizes.shots), "k matching zero-shot"], rows
+        ["task", "zero-shot", *(f"{k}-shot" for k in context.sizes.shots), "k from which probes match zero-shot"], rows
     )
     markdown += f"\n![few-shot]({os.path.basename(figure)})\n"
     return context.write("few_shot", markdown, data)
