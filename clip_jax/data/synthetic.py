@@ -12,6 +12,14 @@ for a whole batch at once with numpy.
 Training reads it like any other corpus: `SyntheticSource` is an ExampleSource whose examples
 are ready-sized (drawn at the model's image size), which clip_jax.data.iterator turns into
 batches and resumes from its state as it does TFDS and WebDataset shards.
+
+Downstream tasks and shifted test sets (the CLIP paper's §4 at laptop scale): `DOWNSTREAM_TASKS`
+names classification tasks over one attribute of the drawn examples (shape, colour, held-out
+colour x shape combination, style, size, position), each with class names and zero-shot
+templates, and `SHIFTS` names renderings the training data never shows (outline-only shapes, a
+grey "sketch", heavy noise, inverted colours, a new background kind), as ImageNet-R and -Sketch
+shift ImageNet. `SyntheticShapes.task_batch(task, indices, shift)` draws them: the same examples
+as the task's split (same labels), only rendered differently; no existing split changes.
 """
 
 from __future__ import annotations
@@ -124,6 +132,74 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = tuple(
 )
 
 SPLITS: dict[str, int] = {"train": 0, "validation": 1, "held_out": 2}
+
+# --- Downstream tasks. Each classifies one attribute of an example; its zero-shot templates put
+# the class name where captions put that attribute, and ensemble over the other attributes (every
+# colour and shape), so that a prompt is always a sentence of the captions' kind.
+_STYLE_NAMES: dict[str, str] = {  # a style's class name: its first frame's noun ("a photo of")
+    kind: frames[0][len("a ") : -len(" of")] for kind, frames in STYLE_FRAMES.items()
+}
+_FIRST_FRAMES: tuple[str, ...] = tuple(frames[0] for frames in STYLE_FRAMES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class DownstreamTask:
+    """A classification task over the built-in examples: which attribute is the label, on which
+    split, its class names (in label order) and zero-shot templates (one "{}" each)."""
+
+    name: str
+    attribute: str  # "shape", "color", "combination", "background", "size" or "position"
+    split: str  # test and probe-training images are examples of this split
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    single_template: str
+
+
+def _task_templates(attribute: str, colors: Sequence[str], shapes: Sequence[str]) -> tuple[str, ...]:
+    """Templates of a task: the class name in its attribute's place, every other choice spread."""
+    if attribute == "combination":
+        return ZERO_SHOT_TEMPLATES
+    frames = ZERO_SHOT_TEMPLATES_FRAMES
+    if attribute == "shape":
+        return tuple(f"{frame} the {color} {{}}." for color in colors for frame in frames)
+    if attribute == "color":
+        return tuple(f"{frame} the {{}} {shape}." for shape in shapes for frame in frames)
+    objects = [f"{color} {shape}" for color in colors for shape in shapes]
+    if attribute == "background":
+        return tuple(f"a {{}} of the {thing}." for thing in objects)
+    if attribute == "size":
+        return tuple(f"{frame} a {{}} {thing}." for thing in objects for frame in _FIRST_FRAMES)
+    if attribute == "position":
+        return tuple(f"{frame} a {thing} {{}}." for thing in objects for frame in _FIRST_FRAMES)
+    raise ValueError(f"unknown task attribute {attribute!r}")
+
+
+# Frames in the order ZERO_SHOT_TEMPLATES uses them (each style's first, then each one's second, ...).
+ZERO_SHOT_TEMPLATES_FRAMES: tuple[str, ...] = tuple(frame for frames in zip(*STYLE_FRAMES.values()) for frame in frames)
+# Task name -> (attribute, split). "combination" is the default run's compositional task.
+DOWNSTREAM_TASKS: dict[str, tuple[str, str]] = {
+    "shape": ("shape", "validation"),
+    "color": ("color", "validation"),
+    "combination": ("combination", "held_out"),
+    "style": ("background", "validation"),
+    "size": ("size", "validation"),
+    "position": ("position", "validation"),
+}
+
+# --- Shifted renderings: name -> the attributes the shift leaves recognisable. A shifted set of a
+# task exists only where the task's attribute survives (grey images have no colour to classify).
+_ALL_ATTRIBUTES = frozenset({"shape", "color", "combination", "background", "size", "position"})
+SHIFTS: dict[str, frozenset[str]] = {
+    "outline": _ALL_ATTRIBUTES,  # only a 2-pixel contour of the shape, in its colour
+    "grayscale": _ALL_ATTRIBUTES - {"color", "combination"},
+    "sketch": frozenset({"shape", "size", "position"}),  # a dark contour on white paper
+    "heavy_noise": _ALL_ATTRIBUTES - {"background"},  # per-channel noise, +- _HEAVY_NOISE levels
+    "inverted": _ALL_ATTRIBUTES - {"color", "combination"},  # 255 - every channel
+    "dotted": _ALL_ATTRIBUTES - {"background"},  # a background kind training never draws
+}
+_HEAVY_NOISE = 70
+_OUTLINE_WIDTH = 2  # pixels of contour kept by "outline" and "sketch" (at any image size >= 16)
+_SHIFT_NOISE_STREAM = 1 << 40  # first random stream of the shift noise: far above any other
 
 _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
 
@@ -463,9 +539,11 @@ class SyntheticShapes:
 
     # --- batches
 
-    def get_batch(self, split: str, indices: Sequence[int] | np.ndarray) -> dict:
+    def get_batch(self, split: str, indices: Sequence[int] | np.ndarray, shift: str | None = None) -> dict:
         """Examples `indices` of `split`: dict(images uint8 (n, H, W, 3), captions list[str],
-        labels int32 (n,))."""
+        labels int32 (n,)). `shift` (a `SHIFTS` name) draws the same examples rendered that way."""
+        if shift is not None and shift not in SHIFTS:
+            raise ValueError(f"unknown shift {shift!r}; expected one of {sorted(SHIFTS)}")
         indices = self._checked_indices(split, indices)
         parameters = self._parameters(split, indices)
         size = self.config.image_size
@@ -473,12 +551,53 @@ class SyntheticShapes:
         chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
         for start in range(0, len(indices), chunk):
             rows = slice(start, start + chunk)
-            self._draw({name: values[rows] for name, values in parameters.items()}, images[rows])
+            self._draw({name: values[rows] for name, values in parameters.items()}, images[rows], shift)
         return {
             "images": images,
             "captions": [description.caption for description in self._descriptions(parameters)],
             "labels": parameters["label"].astype(np.int32),
         }
+
+    # --- downstream tasks and shifted sets
+
+    def downstream_task(self, name: str) -> DownstreamTask:
+        """The task called `name` (a `DOWNSTREAM_TASKS` key) of this dataset's colours and shapes."""
+        if name not in DOWNSTREAM_TASKS:
+            raise ValueError(f"unknown task {name!r}; expected one of {sorted(DOWNSTREAM_TASKS)}")
+        attribute, split = DOWNSTREAM_TASKS[name]
+        class_names = {
+            "shape": self.shape_names,
+            "color": self.color_names,
+            "combination": self.held_out_class_names,
+            "background": tuple(_STYLE_NAMES[kind] for kind in BACKGROUND_KINDS),
+            "size": tuple(words[0] for words in SIZE_WORDS.values()),
+            "position": tuple(phrases[0] for phrases in POSITION_PHRASES.values()),
+        }[attribute]
+        templates = _task_templates(attribute, self.color_names, self.shape_names)
+        return DownstreamTask(name, attribute, split, tuple(class_names), templates, templates[0])
+
+    def task_shifts(self, name: str) -> tuple[str, ...]:
+        """The shifted sets task `name` has: the `SHIFTS` that keep its attribute recognisable."""
+        attribute = self.downstream_task(name).attribute
+        return tuple(shift for shift, kept in SHIFTS.items() if attribute in kept)
+
+    def task_batch(self, name: str, indices: Sequence[int] | np.ndarray, shift: str | None = None) -> dict:
+        """Examples `indices` of task `name`'s split as dict(images uint8 (n, H, W, 3), labels int32
+        (n,) indexing the task's class names); `shift` renders the same examples shifted."""
+        task = self.downstream_task(name)
+        if shift is not None and shift not in self.task_shifts(name):
+            raise ValueError(
+                f"shift {shift!r} removes what task {name!r} classifies; its shifts: {self.task_shifts(name)}"
+            )
+        batch = self.get_batch(task.split, indices, shift)
+        parameters = self._parameters(task.split, self._checked_indices(task.split, indices))
+        if task.attribute == "combination":
+            positions = {int(label): row for row, label in enumerate(self.held_out_labels)}
+            labels = np.array([positions[int(label)] for label in parameters["label"]], dtype=np.int64)
+        else:
+            column = {"shape": "shape_index", "color": "color_index", "background": "background_index"}
+            labels = parameters[column.get(task.attribute, f"{task.attribute}_index")]
+        return {"images": batch["images"], "labels": np.asarray(labels, np.int32)}
 
     def batch_iterator(
         self,
@@ -621,14 +740,21 @@ class SyntheticShapes:
             )
         return descriptions
 
-    def _draw(self, parameters: dict[str, np.ndarray], images: np.ndarray) -> None:
-        """Draws the examples of `parameters` into `images` (n, H, W, 3) uint8, in place.
+    def _draw(self, parameters: dict[str, np.ndarray], images: np.ndarray, shift: str | None = None) -> None:
+        """Draws the examples of `parameters` into `images` (n, H, W, 3) uint8, in place, rendered
+        as `shift` says (None: as training shows them).
 
         Works on whole-batch arrays: each background kind only fills a per-pixel mixing
         weight and each shape only a mask, so the colour arithmetic runs once, contiguously.
         """
-        weight = self._background_weights(parameters)  # (n, H, W), 0 = first colour
+        if shift == "dotted":  # every example on the background kind training never draws
+            weight = self._dotted_weights(parameters)
+            parameters = {**parameters, "background_index": np.full_like(parameters["background_index"], -1)}
+        else:
+            weight = self._background_weights(parameters)  # (n, H, W), 0 = first colour
         masks = self._shape_masks(parameters)  # (n, H, W)
+        if shift in ("outline", "sketch"):
+            masks = _contour(masks, _OUTLINE_WIDTH)
         noisy_rows = np.flatnonzero(parameters["background_index"] == BACKGROUND_KINDS.index("noisy"))
         noise = self._grey_noise(parameters["key"][noisy_rows])  # (m, H, W)
         # One colour channel at a time: numpy's inner loops then run along image rows,
@@ -642,6 +768,38 @@ class SyntheticShapes:
             images[..., channel] = canvas  # truncates to uint8
             shape_color = parameters["shape_color"][:, channel, None, None]  # (n, 1, 1)
             np.copyto(images[..., channel], shape_color, where=masks)
+        if shift is not None:
+            self._shift_pixels(parameters, images, masks, shift)
+
+    def _shift_pixels(
+        self, parameters: dict[str, np.ndarray], images: np.ndarray, masks: np.ndarray, shift: str
+    ) -> None:
+        """The shifts that act on the drawn pixels, in place (outline and dotted act while drawing)."""
+        if shift in ("grayscale", "sketch"):
+            # ITU-R 601 luma, the grey a photo editor makes.
+            luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            images[...] = np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+        if shift == "sketch":  # a dark pencil contour on white paper
+            images[...] = 245
+            images[masks] = 25
+        elif shift == "inverted":
+            np.subtract(255, images, out=images)
+        elif shift == "heavy_noise":
+            size = self.config.image_size
+            words = _random_words(parameters["key"], _SHIFT_NOISE_STREAM, size * size * 3)
+            levels = (words >> np.uint64(32)) % np.uint64(2 * _HEAVY_NOISE + 1)
+            noise = (levels.astype(np.float32) - _HEAVY_NOISE).reshape(images.shape)
+            images[...] = np.clip(images.astype(np.float32) + noise, 0.0, 255.0).astype(np.uint8)
+
+    def _dotted_weights(self, parameters: dict[str, np.ndarray]) -> np.ndarray:
+        """Polka dots on a hexagonal-ish grid (a background kind no split draws): float32 (n, H, W),
+        1 inside a dot. The dot spacing comes from the example's period fraction."""
+        size = self.config.image_size
+        spacing = np.maximum(4.0, np.floor(size * parameters["period_fraction"])).astype(np.float32)[:, None, None]
+        row = np.floor(self._pixel_y / spacing)
+        across = (self._pixel_x / spacing + 0.5 * (row % 2.0)) % 1.0 - 0.5
+        down = (self._pixel_y / spacing) % 1.0 - 0.5
+        return (across * across + down * down <= 0.3**2).astype(np.float32)
 
     def _background_weights(self, parameters: dict[str, np.ndarray]) -> np.ndarray:
         """How far each pixel is from the first towards the second background colour:
@@ -702,6 +860,15 @@ class SyntheticShapes:
             v = cosine * offset_y - sine * offset_x
             masks[rows] = SHAPE_MASKS[shape](u, v)
         return masks
+
+
+def _contour(masks: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of `masks` (n, H, W) within `width` pixels (4-neighbour steps) of their outside."""
+    interior = masks.copy()
+    for _ in range(width):
+        padded = np.pad(interior, ((0, 0), (1, 1), (1, 1)), constant_values=False)
+        interior = interior & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
+    return masks & ~interior
 
 
 class SyntheticBatchIterator:
