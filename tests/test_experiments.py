@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from clip_jax.data.synthetic import DOWNSTREAM_TASKS, SHIFTS, SyntheticShapes, SyntheticShapesConfig
-from clip_jax.evaluation import zero_shot
 from clip_jax.evaluation.templates import check_template
 from clip_jax.experiments import __main__ as experiments_main
 from clip_jax.experiments.commands import _line_fit
@@ -77,10 +76,20 @@ def test_line_fit_and_orderings():
     assert compare(0.1, -0.01, 0.2, "a", "b").startswith("no clear difference")
 
 
-@pytest.mark.skipif(hasattr(zero_shot, "zero_shot_scores"), reason="the other objectives' scores exist")
-def test_efficiency_says_in_one_line_what_it_waits_for(tmp_path):
-    with pytest.raises(RuntimeError, match="zero_shot_scores"):
-        experiments_main.run("efficiency", str(tmp_path), quick=True)
+def test_efficiency_quick_trains_the_three_objectives_and_writes_their_curves(tmp_path):
+    output = str(tmp_path / "paper")
+    assert experiments_main.main(["efficiency", "--quick", "--output", output, "--tasks", "shape"]) == 0
+    with open(os.path.join(output, "efficiency.md"), encoding="utf-8") as file:
+        table = file.read()
+    for loss in ("caption", "bag_of_words", "softmax"):
+        assert f"| shape | {loss} |" in table
+    assert os.path.getsize(os.path.join(output, "efficiency.png")) > 1000
+    with open(os.path.join(output, "efficiency.json"), encoding="utf-8") as file:
+        curves = json.load(file)
+    # Two checkpoints per objective, at images seen = step x batch, each an accuracy in [0, 1].
+    for loss in ("caption", "bag_of_words", "softmax"):
+        points = curves[loss]["shape"]
+        assert len(points) == 2 and points[0][0] < points[1][0] and all(0 <= a <= 1 for _, a in points)
 
 
 def test_supervised_quick_writes_its_table_and_figure_and_the_baseline_learns(tmp_path):

@@ -14,7 +14,7 @@ import sys
 
 from clip_jax.cli import one_line_errors
 from clip_jax.data.synthetic import DOWNSTREAM_TASKS
-from clip_jax.experiments.commands import COMMANDS, DEFAULT_TASKS, MissingObjectiveScores
+from clip_jax.experiments.commands import COMMANDS, DEFAULT_TASKS
 from clip_jax.experiments.common import Context, Sizes, timed
 
 ORDER: tuple[str, ...] = ("supervised", "shift", "prompts", "few_shot", "efficiency")
@@ -43,13 +43,7 @@ def run(command: str, output: str, quick: bool = False, tasks: tuple[str, ...] =
     written = []
     for name in ORDER if command == "all" else (command,):
         stop = timed(print, f"{name} took")
-        try:
-            path = COMMANDS[name](context, tasks or DEFAULT_TASKS[name])
-        except MissingObjectiveScores as error:
-            if command != "all":
-                raise
-            print(f"{name} skipped: {error}")
-            continue
+        path = COMMANDS[name](context, tasks or DEFAULT_TASKS[name])
         stop()
         print(f"wrote {path}")
         written.append(path)

@@ -33,10 +33,6 @@ from clip_jax.experiments.common import (
 SHIFT_TASKS: tuple[str, ...] = ("shape",)
 
 
-class MissingObjectiveScores(RuntimeError):
-    """`efficiency` needs zero-shot scores of the caption and bag-of-words objectives."""
-
-
 FEW_SHOT_TASKS: tuple[str, ...] = ("shape", "color", "combination", "style")
 # loss.name -> (zero_shot_scores objective, config fields the objective needs)
 OBJECTIVES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -344,12 +340,7 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
 def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     """§2.3, Fig. 2: zero-shot top-1 against images seen for a transformer caption model, a bag-of-words
     predictor and the contrastive objective, each a run of the default recipe (its loss changed)."""
-    scores_of = getattr(zero_shot, "zero_shot_scores", None)
-    if scores_of is None:
-        raise MissingObjectiveScores(
-            "efficiency needs clip_jax.evaluation.zero_shot.zero_shot_scores (the caption and bag-of-words "
-            "objectives), which this checkout does not have yet"
-        )
+    scores_of = zero_shot.zero_shot_scores
     sizes = context.sizes
     period = max(1, sizes.efficiency_steps // sizes.efficiency_points)
     steps = list(range(period, sizes.efficiency_steps + 1, period))
