@@ -83,6 +83,7 @@ def test_efficiency_quick_trains_the_three_objectives_and_writes_their_curves(tm
         table = file.read()
     for loss in ("caption", "bag_of_words", "softmax"):
         assert f"| shape | {loss} |" in table
+    assert "64 test images per set" in table  # the quick size scores 64 images per checkpoint
     assert os.path.getsize(os.path.join(output, "efficiency.png")) > 1000
     with open(os.path.join(output, "efficiency.json"), encoding="utf-8") as file:
         curves = json.load(file)

@@ -43,11 +43,11 @@ OBJECTIVES: dict[str, tuple[str, dict[str, Any]]] = {
 EFFICIENCY_TASKS: tuple[str, ...] = ("combination", "shape")
 
 
-def _header(context: Context, title: str, command: str, claim: str) -> str:
+def _header(context: Context, title: str, command: str, claim: str, test_examples: int | None = None) -> str:
     sizes = context.sizes
     return (
         f"# {title}\n\n{claim}\n\nCommand: `python -m clip_jax.experiments {command} --output {context.output}"
-        f"{' --quick' if sizes.quick else ''}`. {sizes.test_examples} test images per set, "
+        f"{' --quick' if sizes.quick else ''}`. {test_examples or sizes.test_examples} test images per set, "
         f"{sizes.probe_examples} probe-training images; top-1 in %, [95% paired bootstrap interval over "
         f"test images, {sizes.bootstrap_samples} resamples].\n\n"
     )
@@ -405,6 +405,7 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
         "transformer language model, and the contrastive objective a further 4x (zero-shot ImageNet vs images "
         "processed). Here: the default recipe trained with each loss.name; zero-shot top-1 (the single prompt, on "
         f"the first {context.sizes.efficiency_test_examples} test images) at evenly spaced checkpoints.",
+        context.sizes.efficiency_test_examples,
     )  # fmt: skip
     markdown += markdown_table(
         ["task", "loss", *(f"{s} steps" for s in steps), "final [CI]", "contrastive - this", "ordering"], rows,
