@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.models.text import end_of_text_index
+
 LOSSES = ("softmax", "sigmoid")  # the contrastive losses
 # What loss.name may be: a contrastive loss alone, the caption decoder's loss alone (CapPa's and the
 # paper's transformer language model), the bag-of-words head's alone, or CoCa (softmax + caption).
@@ -419,19 +421,11 @@ _ring_sigmoid_loss.defvjp(_ring_sigmoid_forward, _ring_sigmoid_backward)
 # --------------------------------------------------------------------------------------------
 
 
-def _end_of_text_index(texts: jax.Array, text_config: Any) -> jax.Array:
-    """(B,) the position of each row's end-of-text token: where the text tower pools."""
-    if text_config.pooling == "argmax":  # CLIP BPE: [SOT, ..., EOT, 0, ...], EOT the largest id
-        return jnp.argmax(texts, axis=-1)
-    positions = jnp.arange(texts.shape[1])[None, :]  # SentencePiece: [ids..., eos, pad, ...]
-    return jnp.max(jnp.where(texts != text_config.pad_id, positions, 0), axis=-1)
-
-
 def caption_targets(texts: jax.Array, text_config: Any) -> jax.Array:
     """float32 (B, L): 1 where the caption decoder is trained to predict the token of `texts` (every
     token up to and including the end of text, but not the BPE's constant start token), else 0."""
     positions = jnp.arange(texts.shape[1])[None, :]
-    weights = positions <= _end_of_text_index(texts, text_config)[:, None]
+    weights = positions <= end_of_text_index(texts, text_config)[:, None]
     if text_config.pooling == "argmax":
         weights &= positions >= 1
     else:
@@ -455,7 +449,7 @@ def bag_of_words_targets(texts: jax.Array, text_config: Any, vocab_size: int) ->
     multi-hot row normalised to sum 1 (0 for a caption without words). A scatter, not a one-hot of
     (B, L, vocab), which for CLIP's 49,408-token vocabulary would be larger than the model's inputs."""
     positions = jnp.arange(texts.shape[1])[None, :]
-    words = (caption_targets(texts, text_config) > 0) & (positions != _end_of_text_index(texts, text_config)[:, None])
+    words = (caption_targets(texts, text_config) > 0) & (positions != end_of_text_index(texts, text_config)[:, None])
     rows = jnp.broadcast_to(jnp.arange(texts.shape[0])[:, None], texts.shape)
     present = jnp.zeros((texts.shape[0], vocab_size), jnp.float32).at[rows, texts].max(words.astype(jnp.float32))
     return present / jnp.maximum(jnp.sum(present, axis=-1, keepdims=True), 1.0)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, TextConfig
 from clip_jax.models.layers import (
     BATCH,
     EMBED,
@@ -18,6 +18,15 @@ from clip_jax.models.layers import (
     normal,
     partitioned,
 )
+
+
+def end_of_text_index(texts: jax.Array, text: TextConfig) -> jax.Array:
+    """(batch,) the position of each row's end-of-text token, where the tower pools (and where a
+    caption ends, clip_jax.losses)."""
+    if text.pooling == "argmax":  # CLIP BPE: [SOT, ..., EOT, 0, ...], the EOT id the largest id
+        return jnp.argmax(texts, axis=-1)
+    positions = jnp.arange(texts.shape[1])[None, :]  # "last": the last position that is not padding
+    return jnp.max(jnp.where(texts != text.pad_id, positions, 0), axis=-1)
 
 
 class TextTransformer(nn.Module):
@@ -58,12 +67,7 @@ class TextTransformer(nn.Module):
             name="transformer",
         )(x)
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_final")(x)
-        if text.pooling == "argmax":  # CLIP BPE: the EOT id is the largest id in the vocabulary
-            pool_index = jnp.argmax(texts, axis=-1)
-        else:  # "last": the last position that is not padding
-            positions = jnp.arange(length)[None, :]
-            pool_index = jnp.max(jnp.where(texts != text.pad_id, positions, 0), axis=-1)
-        x = x[jnp.arange(batch), pool_index]  # (batch, width)
+        x = x[jnp.arange(batch), end_of_text_index(texts, text)]  # (batch, width)
         projection = self.param(
             "projection",
             partitioned(normal(text.width**-0.5), (EMBED, "projection")),
