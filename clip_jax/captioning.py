@@ -78,10 +78,9 @@ def encode_image_tokens(model: CLIP, variables: dict[str, Any], images: jax.Arra
 
 def _caption_log_likelihood(model: CLIP, variables: dict[str, Any], tokens: jax.Array, texts: jax.Array) -> jax.Array:
     logits = model.apply(variables, tokens, texts[:, :-1], method=CLIP.decode)  # (B, L, V)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_log_probs = jnp.take_along_axis(log_probs, texts[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # Minus the loss the decoder is trained with, token by token, over the same positions.
     weights = losses.caption_targets(texts, model.config.text)
-    return jnp.sum(weights * token_log_probs, axis=-1)
+    return -jnp.sum(weights * losses.caption_token_losses(logits, texts), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
