@@ -18,7 +18,6 @@ from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import (
     BATCH,
     EMBED,
-    LAYERS,
     LENGTH,
     VOCAB,
     Attention,
@@ -27,13 +26,13 @@ from clip_jax.models.layers import (
     constrain,
     normal,
     partitioned,
-    remat_policy,
+    stacked_blocks,
 )
 
 
 class DecoderBlock(nn.Module):
     """x + self_attn(ln_1(x)); x + cross_attn(ln_cross(x), image); x + mlp(ln_2(x)).
-    Signature (carry, image) -> (carry, None) so that nn.scan can drive it with the image broadcast."""
+    Signature (carry, image) -> (carry, None) for `stacked_blocks`, which scans it with the image broadcast."""
 
     config: CLIPConfig
 
@@ -105,22 +104,7 @@ class CaptionDecoder(nn.Module):
         )
         x = x + positional_embedding[: length + 1].astype(dtype)
         image_tokens = constrain(image_tokens.astype(dtype), (BATCH, LENGTH, EMBED))
-        block = DecoderBlock
-        if cfg.remat_policy != "none":
-            block = nn.remat(DecoderBlock, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            scanned = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=nn.broadcast,
-                length=decoder.layers,
-                metadata_params={nn.PARTITION_NAME: LAYERS},
-            )
-            x, _ = scanned(cfg, name="blocks")(x, image_tokens)
-        else:
-            for i in range(decoder.layers):
-                x, _ = block(cfg, name=f"block_{i}")(x, image_tokens)
+        x = stacked_blocks(DecoderBlock, decoder.layers, x, image_tokens, config=cfg)
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_final")(x)
         head = self.param(
             "head",

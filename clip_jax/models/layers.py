@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -251,6 +252,33 @@ def remat_policy(name: str) -> Callable | None:
     return policies[name]
 
 
+def stacked_blocks(
+    block_cls: type[nn.Module], layers: int, x: jax.Array, context: Any = None, /, **block_args: Any
+) -> jax.Array:
+    """`layers` blocks `block_cls(**block_args)`, each (carry, context) -> (carry, None), applied to
+    `x` from inside a module's compact method: unrolled as `block_{i}`, or scanned as `blocks` with
+    the parameters stacked on axis 0 and `context` (the decoder's image tokens; None for a tower)
+    given to every layer; each block rematerialised by the remat policy of `block_args["config"]`.
+    (Positional-only: the blocks' own fields may be called `layers` or `config` too.)"""
+    config: CLIPConfig = block_args["config"]
+    if config.remat_policy != "none":
+        block_cls = nn.remat(block_cls, policy=remat_policy(config.remat_policy), prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        scanned = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=layers,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        x, _ = scanned(**block_args, name="blocks")(x, context)
+        return x
+    for i in range(layers):
+        x, _ = block_cls(**block_args, name=f"block_{i}")(x, context)
+    return x
+
+
 class Transformer(nn.Module):
     """`layers` residual blocks, unrolled (`block_{i}`) or scanned (`blocks`, params stacked on axis 0)."""
 
@@ -263,28 +291,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        block_cls = ResidualBlock
-        if cfg.remat_policy != "none":
-            block_cls = nn.remat(ResidualBlock, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-        block_args = dict(
-            config=cfg,
+        return stacked_blocks(
+            ResidualBlock,
+            self.layers,
+            x,
+            config=self.config,
             width=self.width,
             heads=self.heads,
             layers=self.layers,
             mlp_ratio=self.mlp_ratio,
             causal=self.causal,
         )
-        if cfg.scan_layers:
-            scanned = nn.scan(
-                block_cls,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=self.layers,
-                metadata_params={nn.PARTITION_NAME: LAYERS},
-            )
-            x, _ = scanned(**block_args, name="blocks")(x, None)
-            return x
-        for i in range(self.layers):
-            x, _ = block_cls(**block_args, name=f"block_{i}")(x, None)
-        return x
