@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -47,31 +48,74 @@ Rules = Sequence[tuple[str, Any]]
 def make_mesh(mesh_config: Mapping[str, int] | Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes ("data", "fsdp", "model") over `devices` (default: every device of every host).
 
-    `mesh_config` has integer fields `data`, `fsdp` and `model` (a ConfigDict or a dict); at most one
-    of them may be -1, meaning the devices left over by the others. The axes are "Auto": jit and
-    XLA's sharding propagation place intermediate values.
+    `mesh_config` has integer fields `data`, `fsdp` and `model` (a ConfigDict or a dict): the axes
+    inside one slice, of which at most one may be -1, meaning the devices of a slice left over by
+    the others. The optional field `dcn_data` is the number of slices the data axis spans over the
+    data-centre network (a multislice TPU job; on other platforms, one slice per process): -1 (the
+    default) means every slice of the job, which is 1 on a single slice, on CPU and on GPU hosts.
+    The mesh's "data" axis is then `dcn_data` x the slice's data axis, with each slice's devices in
+    one contiguous block of it, so that fsdp and model never leave a slice: only the data axis's
+    gradient reduction and the loss's gathers cross the slower network. The axes are "Auto": jit
+    and XLA's sharding propagation place intermediate values.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    dcn_data, granules = _slices(devices, int(_get(mesh_config, "dcn_data", -1)))
     requested = dict(zip(MESH_AXES, sizes))
     if any(size == 0 or size < -1 for size in sizes):
         raise ValueError(f"mesh axis sizes must be positive or -1; got {requested}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1 (the remaining devices); got {requested}")
+    per_slice = len(devices) // dcn_data
+    where = f"{per_slice} devices per slice" if dcn_data > 1 else f"{len(devices)} devices"
     if -1 in sizes:
         known = math.prod(size for size in sizes if size != -1)
-        if len(devices) % known:
+        if per_slice % known:
             raise ValueError(
-                f"mesh {requested} does not fit {len(devices)} devices: {len(devices)} is not a multiple "
-                f"of the fixed axes' product {known}"
+                f"mesh {requested} does not fit {where}: {per_slice} is not a multiple of the fixed axes' product {known}"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but there are "
-            f"{len(devices)} devices; use -1 for one axis to take the remaining devices"
+            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but there are {where}; "
+            "use -1 for one axis to take the remaining devices"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if dcn_data == 1:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        sizes, (dcn_data, 1, 1), devices, process_is_granule=granules == "process"
+    )  # (dcn_data * data, fsdp, model): slice k holds rows [k * data, (k + 1) * data) of the data axis
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _get(mesh_config: Mapping[str, int] | Any, field: str, default: int) -> int:
+    """A field of a dict, ConfigDict or dataclass of mesh sizes; `default` where it has none."""
+    if isinstance(mesh_config, Mapping) or hasattr(mesh_config, "get"):
+        return mesh_config.get(field, default)
+    return getattr(mesh_config, field, default)
+
+
+def _slices(devices: Sequence[jax.Device], dcn_data: int) -> tuple[int, str]:
+    """(the number of slices the data axis spans, what a slice is: "slice" or "process").
+
+    TPU devices of a multislice job carry `slice_index`; elsewhere (GPU hosts, CPU tests) a slice
+    is a process, as in jax's `create_hybrid_device_mesh(process_is_granule=True)`.
+    """
+    slice_indices = {getattr(device, "slice_index", None) for device in devices}
+    if None not in slice_indices and len(slice_indices) > 1:
+        kind, count = "slice", len(slice_indices)
+    else:
+        kind, count = "process", len({device.process_index for device in devices})
+    if dcn_data == -1:
+        return (count if kind == "slice" else 1), kind
+    if dcn_data < 1:
+        raise ValueError(f"mesh.dcn_data must be a positive number of slices or -1 (every slice); got {dcn_data}")
+    if dcn_data > 1 and dcn_data != count:
+        raise ValueError(
+            f"mesh.dcn_data={dcn_data} but the {len(devices)} devices form {count} {kind}(s); set it to {count} or -1"
+        )
+    return dcn_data, kind
 
 
 def batch_axis_size(mesh: Mesh) -> int:

@@ -65,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
     # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
     config.nonfinite = ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
-    # -1 = the devices the other axes leave.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # The axes inside one slice (-1 = the devices of a slice the others leave), and dcn_data: the
+    # slices of a multislice TPU job that the data axis spans over the data-centre network (on GPU
+    # hosts, one slice per process); -1 = every slice of the job, 1 on a single slice.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "dcn_data": -1})
     # An exponential moving average of the parameters (docs/training.md, "EMA"): decay 0 = off,
     # else in (0, 1); warmup: the decay of the n-th applied update is min(decay, (1 + n) / (10 + n)).
     config.ema = ml_collections.ConfigDict({"decay": 0.0, "warmup": True})
@@ -395,9 +397,10 @@ class InitSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    data: int = -1  # -1 = the devices the other axes leave
+    data: int = -1  # -1 = the devices of a slice the other axes leave
     fsdp: int = 1
     model: int = 1
+    dcn_data: int = -1  # slices the data axis spans (multislice); -1 = every slice of the job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,7 +568,9 @@ def validate(config: ml_collections.ConfigDict, process_count: int | None = None
             keep_period=checkpoint.keep_period,
             async_save=bool(checkpoint.async_save),
         ),
-        mesh=MeshSettings(data=config.mesh.data, fsdp=config.mesh.fsdp, model=config.mesh.model),
+        mesh=MeshSettings(
+            data=config.mesh.data, fsdp=config.mesh.fsdp, model=config.mesh.model, dcn_data=config.mesh.dcn_data
+        ),
         data=ml_collections.FrozenConfigDict(config.data),
         eval=_evaluation(config),
         init=InitSettings(
