@@ -29,12 +29,12 @@ DEFAULT_BATCH_SIZE = 256
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _embed_images(model: CLIP, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+def embed_images(model: CLIP, variables: dict[str, Any], images: jax.Array) -> jax.Array:
     return model.apply(variables, images, normalize=True, method=model.encode_image)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _embed_texts(model: CLIP, variables: dict[str, Any], texts: jax.Array) -> jax.Array:
+def embed_texts(model: CLIP, variables: dict[str, Any], texts: jax.Array) -> jax.Array:
     return model.apply(variables, texts, normalize=True, method=model.encode_text)
 
 
@@ -118,7 +118,7 @@ class Encoder:
             raise ValueError(f"expected preprocessed images (n, {', '.join(map(str, expected))}), got {images.shape}")
         if not np.issubdtype(images.dtype, np.floating):
             raise TypeError(f"expected preprocessed float images, got dtype {images.dtype}; see preprocess_images")
-        return self._run(_embed_images, images.astype(np.float32), process_local)
+        return self._run(embed_images, images.astype(np.float32), process_local)
 
     def encode_texts(self, texts: np.ndarray, process_local: bool = False) -> np.ndarray:
         """int32 (n, context_length) token ids -> (n, embed_dim) unit-norm float32."""
@@ -127,7 +127,7 @@ class Encoder:
             raise ValueError(f"expected token ids (n, {self.context_length}), got {texts.shape}")
         if not np.issubdtype(texts.dtype, np.integer):
             raise TypeError(f"expected integer token ids, got dtype {texts.dtype}")
-        return self._run(_embed_texts, texts.astype(np.int32), process_local)
+        return self._run(embed_texts, texts.astype(np.int32), process_local)
 
     def _run(self, embed: Callable, inputs: np.ndarray, process_local: bool) -> np.ndarray:
         chunk_size = self.local_batch_size if process_local else self.batch_size

@@ -313,7 +313,7 @@ def _compile_unmasked_step(
 
 
 def step_flops_per_device(
-    compiled: Any, model: CLIP, settings: Settings, mesh: jax.sharding.Mesh, tx: Any
+    compiled: Any, model: CLIP, settings: Settings, mesh: jax.sharding.Mesh, tx: Any, lowering_mesh: Any = None
 ) -> float | None:
     """The model FLOPs of one train step on one device, from XLA's cost analysis.
 
@@ -321,16 +321,22 @@ def step_flops_per_device(
     when the towers' layers are scanned, GradCache runs its micro-batches in a loop or a remat
     policy recomputes activations, the count comes from lowering (not compiling: cheap) the same
     step with layers unrolled, no accumulation and no remat, over all devices, divided by the
-    device count; otherwise from the compiled step itself.
+    device count; otherwise from the compiled step itself. `lowering_mesh` (default `mesh`): where
+    to lower that step; the program for the global batch is the same on any mesh, and an
+    ahead-of-time target's devices give no cost analysis of a lowered program (clip_jax.aot
+    lowers on one CPU device).
     """
     spec = model.config
     if not spec.scan_layers and spec.remat_policy == "none" and settings.step.accumulation_steps == 1:
         return metrics.compiled_flops(compiled)
+    lowering_mesh = mesh if lowering_mesh is None else lowering_mesh
     unrolled = CLIP(spec.replace(scan_layers=False, remat_policy="none"))
     step_settings = dataclasses.replace(settings.step, accumulation_steps=1)
-    abstract_state, state_shardings = abstract_train_state(unrolled, tx, settings.seed, mesh, settings.ema.enabled)
-    lowered = make_train_step(unrolled, step_settings, mesh, state_shardings).lower(
-        abstract_state, abstract_batch(settings, spec, mesh)
+    abstract_state, state_shardings = abstract_train_state(
+        unrolled, tx, settings.seed, lowering_mesh, settings.ema.enabled
+    )
+    lowered = make_train_step(unrolled, step_settings, lowering_mesh, state_shardings).lower(
+        abstract_state, abstract_batch(settings, spec, lowering_mesh)
     )
     return metrics.lowered_flops(lowered, mesh.devices.size)
 
