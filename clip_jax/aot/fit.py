@@ -1,0 +1,138 @@
+"""`--fit`: the cheapest configuration that fits the target, found by compiling candidates.
+
+Candidates vary the remat policy, GradCache's micro-batches (`accumulation_steps`, exact for every
+objective) and the fsdp axis. "Cheapest" is the least recomputation first, then the fewest
+micro-batches, then the smallest fsdp axis. A candidate is skipped without compiling when the
+compiler already refused one that needs no more memory than it (less or equal recomputation,
+micro-batches and fsdp), or when the temporaries the compiler asked for at fewer micro-batches say
+it cannot fit (a step's temporaries shrink at most in proportion to its micro-batch). Every compile
+is one line of the log.
+
+The skipping rests on a lower bound of what a candidate needs, from a refused one that recomputes
+no less: the state shrinks in proportion to the fsdp axis, everything else at most in proportion
+to the micro-batch. It holds for the steps here (activations and gradients grow with the
+micro-batch and the unsharded parameters); a skipped candidate is never the answer unless XLA
+finds memory savings larger than these proportions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+
+import ml_collections
+
+from clip_jax.aot.compile import Report, compile_run, format_bytes
+from clip_jax.aot.targets import Target
+
+# Least recomputation first: nothing, the non-matmul work, the matmuls that carry the batch too,
+# the whole block.
+REMAT_BY_RECOMPUTE = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
+
+
+def candidates(config: ml_collections.ConfigDict, chips_per_slice: int, shards: int) -> Iterator[tuple[str, int, int]]:
+    """(remat policy, accumulation steps, fsdp) in the order of their cost."""
+    fsdp = int(config.mesh.fsdp)
+    fsdp_sizes = [fsdp * 2**i for i in range(4) if chips_per_slice % (fsdp * 2**i) == 0]
+    batch = int(config.global_batch_size)
+    steps = [2**i for i in range(int(math.log2(batch)) + 1) if batch % (shards * 2**i) == 0]
+    for policy in REMAT_BY_RECOMPUTE:
+        for accumulation in steps:
+            for size in fsdp_sizes:
+                yield policy, accumulation, size
+
+
+def with_candidate(
+    config: ml_collections.ConfigDict, policy: str, accumulation: int, fsdp: int
+) -> ml_collections.ConfigDict:
+    changed = copy.deepcopy(config)
+    changed.model.overrides.remat_policy = policy
+    changed.accumulation_steps = accumulation
+    if fsdp != int(config.mesh.fsdp):
+        changed.mesh.fsdp = fsdp
+        changed.mesh.data = -1  # the data axis takes the devices fsdp leaves
+    return changed
+
+
+def flag_line(config: ml_collections.ConfigDict, policy: str, accumulation: int, fsdp: int) -> list[str]:
+    """The command-line flags that turn `config` into the candidate."""
+    flags = []
+    if policy != config.model.overrides.remat_policy:
+        flags.append(f"--config.model.overrides.remat_policy={policy}")
+    if accumulation != int(config.accumulation_steps):
+        flags.append(f"--config.accumulation_steps={accumulation}")
+    if fsdp != int(config.mesh.fsdp):
+        flags += [f"--config.mesh.fsdp={fsdp}", "--config.mesh.data=-1"]
+    return flags
+
+
+def search(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    num_slices: int = 1,
+    name: str = "",
+    log: Callable[[str], None] = print,
+    memory_bytes: int | None = None,
+) -> tuple[Report, list[str]]:
+    """(the report of the cheapest candidate that fits, its flags); ValueError when none fits. The
+    candidates' evaluation steps are not compiled: the train step is what grows with them."""
+    refused: list[Refusal] = []
+    report = compile_run(config, target, num_slices, name, evaluation=False, memory_bytes=memory_bytes)
+    log(_line("as given", report))
+    if report.fits:
+        return report, []
+    given = (config.model.overrides.remat_policy, int(config.accumulation_steps), int(config.mesh.fsdp))
+    refused.append(_refusal(*given, report))
+    shards = report.mesh["data"] * report.mesh["fsdp"]  # data x fsdp stays the same as fsdp grows
+    for policy, accumulation, fsdp in candidates(config, report.chips // num_slices, shards):
+        if (policy, accumulation, fsdp) == given or _ruled_out(refused, _rank(policy), accumulation, fsdp):
+            continue
+        report = compile_run(
+            with_candidate(config, policy, accumulation, fsdp), target, num_slices, name, False, memory_bytes
+        )
+        label = f"remat_policy={policy} accumulation_steps={accumulation} fsdp={fsdp}"
+        log(_line(label, report))
+        if report.fits:
+            return report, flag_line(config, policy, accumulation, fsdp)
+        refused.append(_refusal(policy, accumulation, fsdp, report))
+    raise ValueError(f"no configuration fits {report.target}: even full remat at one pair per micro-batch per chip")
+
+
+# (recompute rank, micro-batches, fsdp, bytes needed, bytes available, state bytes per chip)
+Refusal = tuple[int, int, int, int, int, int]
+
+
+def _refusal(policy: str, accumulation: int, fsdp: int, report: Report) -> Refusal:
+    needed = report.memory.peak if report.memory is not None else report.required_bytes or 0
+    available = report.available_bytes or report.capacity_bytes
+    return _rank(policy), accumulation, fsdp, needed, available, report.state_bytes
+
+
+def _rank(policy: str) -> int:
+    """How much `policy` recomputes; nothing_saveable recomputes as much as full."""
+    return REMAT_BY_RECOMPUTE.index("full" if policy == "nothing_saveable" else policy)
+
+
+def _ruled_out(refused: list[Refusal], rank: int, accumulation: int, fsdp: int) -> bool:
+    """True when a refused candidate that recomputes no less says this one cannot fit either."""
+    for refused_rank, refused_accumulation, refused_fsdp, needed, available, state in refused:
+        if rank > refused_rank:
+            continue
+        state_part = min(state, needed)
+        bound = state_part * refused_fsdp / fsdp + (needed - state_part) * min(1.0, refused_accumulation / accumulation)
+        if bound > available:
+            return True
+    return False
+
+
+def _line(label: str, report: Report) -> str:
+    seconds = f"({report.compile_seconds:.0f} s)"
+    if report.memory is not None:
+        verdict = "fits" if report.fits else "does not fit"
+        return f"fit: {label}: {verdict}, peak {format_bytes(report.memory.peak)} of {format_bytes(report.capacity_bytes)} {seconds}"
+    available = report.available_bytes or report.capacity_bytes
+    return (
+        f"fit: {label}: does not fit, {format_bytes(report.required_bytes)} of temporaries needed, "
+        f"{format_bytes(available)} available {seconds}"
+    )
