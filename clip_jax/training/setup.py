@@ -100,8 +100,9 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             settings, model, mesh, built.state, built.state_shardings
         )
         unmasked_step = _compile_unmasked_step(settings, model, mesh, built.state, built.state_shardings)
-        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir)))
         start_step = int(built.progress["step"])
+        # The log keeps one record per step: those of the steps this run replays are dropped.
+        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step=start_step)))
         writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
         batches = _data_feed(settings, stack, mesh, source, built)
         # The built-in dataset's own evaluation sets, when the run trains on it.
