@@ -176,6 +176,9 @@ class TrainingCheckpointer:
                 announce(f"Moved the unreadable checkpoint of step {unreadable_step} to {moved_to}")
             if failures:
                 announce(f"Resuming from the checkpoint of step {step}, the newest that restores")
+            # The steps after it are trained again, and saved again: `save` skips only the step
+            # it saved last, which must not be one of the unreadable steps set aside above.
+            self._last_saved_step = step
             record, state, progress = outcome
             return step, record, state, progress
         if failures:
