@@ -1,7 +1,9 @@
 """A damaged newest checkpoint never costs the run: `train.py` reports it in one line naming its step
-and path, moves it to `unreadable_checkpoints/` (never deletes it) and resumes from the previous
-one, ending with the parameters of an undamaged run resumed from that step. When no checkpoint
-restores, the run stops with one clear line instead of starting from scratch."""
+and path, moves it to `unreadable_checkpoints/` (never deletes it, an empty step directory
+included) and resumes from the previous one, saving the damaged step's number again when it comes,
+and ending with the parameters of an undamaged run resumed from that step. When no checkpoint
+restores, the run stops with one clear line instead of starting from scratch. A changed setting is
+not damage: it is refused in one line naming it, and nothing is moved."""
 
 from __future__ import annotations
 
@@ -153,3 +155,29 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(runs, tmp_p
     assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
     with open(log) as file:
         assert file.read() == logged_before  # no step trained: it did not start from scratch
+
+
+@pytest.mark.parametrize(
+    "flag, setting, recorded, now",
+    [
+        # Silently ignored before: the run went on with the old tokenizer under the new value.
+        ("--config.tokenizer.context_length=24", "tokenizer.context_length", "16", "24"),
+        # Reported as damage before ("cannot be restored ... repair or remove them").
+        ("--config.optimizer.freeze_regex=^visual/", "optimizer.freeze_regex", "''", "'^visual/'"),
+    ],
+)
+def test_a_changed_setting_is_refused_in_one_line_and_never_called_damage(
+    runs, tmp_path, compilation_cache_env, flag, setting, recorded, now
+):
+    base, _, _ = runs
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(base, workdir)
+    result = _train(workdir, FINAL_STEPS, compilation_cache_env, flag)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert setting in errors[0] and recorded in errors[0] and now in errors[0], errors[0]
+    assert "cannot be restored" not in output and "repair" not in output and "Traceback" not in output
+    assert _steps(workdir) == [2, 4, FIRST_STEPS]  # nothing moved, nothing trained
+    assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))

@@ -147,21 +147,31 @@ class TrainingCheckpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
+    def newest_committed_step(self) -> int | None:
+        """The newest step whose save has committed (its directory exists), without waiting for
+        a save in flight (which `latest_step` already lists) or reloading the manager; None if none.
+        Cheap enough for a signal handler: one stat per listed step, newest first."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if _exists(self.step_directory(step)):
+                return step
+        return None
+
     def step_directory(self, step: int) -> str:
         return str(epath.Path(self.directory) / str(step))
 
     def restore_newest(
-        self, abstract_state_for: Callable[[dict[str, Any]], Any], announce: Callable[[str], None] = print
+        self, abstract_state_for: Callable[[int, dict[str, Any]], Any], announce: Callable[[str], None] = print
     ) -> tuple[int, dict[str, Any], Any, dict[str, Any]] | None:
         """(step, run record, state, progress) of the newest checkpoint that restores; None when the
         workdir has no checkpoint.
 
-        `abstract_state_for(record)` gives the abstract state to restore into from a checkpoint's
-        run record; what it raises (another model, say) is passed on. A checkpoint that cannot be
-        read is reported in one line; when an older one restores, the unreadable newer ones are
-        moved to `unreadable_checkpoints/` (never deleted) so that the run's next saves do not
-        meet them. When none restores nothing is moved and CheckpointError is raised: a run never
-        starts from scratch over checkpoints it could not read.
+        `abstract_state_for(step, record)` gives the abstract state to restore into from a
+        checkpoint's run record; what it raises (a changed setting it refuses, say) is passed on:
+        that is not damage. A checkpoint that cannot be read is reported in one line; when an
+        older one restores, the unreadable newer ones (an empty step directory too) are moved to
+        `unreadable_checkpoints/` (never deleted), and the run saves their steps again when it
+        reaches them. When none restores nothing is moved and CheckpointError is raised: a run
+        never starts from scratch over checkpoints it could not read.
         """
         self._refuse_if_only_unreadable()
         failures: list[tuple[int, str]] = []
@@ -190,7 +200,7 @@ class TrainingCheckpointer:
         return None
 
     def _try_restore(
-        self, step: int, abstract_state_for: Callable[[dict[str, Any]], Any]
+        self, step: int, abstract_state_for: Callable[[int, dict[str, Any]], Any]
     ) -> tuple[dict[str, Any], Any, dict[str, Any]] | str:
         """(record, state, progress) of checkpoint `step`, or why it cannot be read (every process
         agrees: a file damaged for one process's shards fails the step for all)."""
@@ -205,7 +215,7 @@ class TrainingCheckpointer:
             reason = None
         if not multihost.all_processes_agree(reason is None):
             return reason or "unreadable on another process"
-        abstract_state = abstract_state_for(record)  # errors here are not damage: passed on
+        abstract_state = abstract_state_for(step, record)  # errors here are not damage: passed on
         try:
             state, progress = self.restore(step, abstract_state)
             if int(progress.get("step", -1)) != step:
