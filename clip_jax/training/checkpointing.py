@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -425,24 +427,59 @@ def check_same_model(stored_model: dict[str, Any], model: dict[str, Any], workdi
 
 
 class PreemptionWatcher:
-    """Tells the loop when a preemption notice (SIGTERM) asks it to save and stop.
+    """Tells the loop when a preemption notice (SIGTERM) or a Ctrl-C (SIGINT) asks it to save and stop.
 
-    With several processes, JAX's preemption service catches the signal and all processes agree
-    on the step to stop at (`reached_preemption_sync_point`, which must be called every step).
-    With one process, a SIGTERM handler sets a flag; the previous handler comes back on `close`.
+    With several processes, JAX's preemption service catches SIGTERM and all processes agree on
+    the step to stop at (`reached_preemption_sync_point`, which must be called every step); a
+    Ctrl-C is passed to it as a SIGTERM of this process, so the hosts agree on that step as well.
+    With one process, the handlers set a flag. A second Ctrl-C stops the process at once (exit
+    status 130, as a shell reports a Ctrl-C) with one line naming the steps that are not saved,
+    taken from `self.checkpointer` once the loop has set it. The previous handlers come back on
+    `close`.
     """
 
     def __init__(self) -> None:
         self._synchronised = jax.distributed.is_initialized()
         self._received = threading.Event()
-        self._previous_handler = None
-        if not self._synchronised and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self._interrupted = False
+        self._previous_handlers: dict[int, Any] = {}
+        self.reason = "a preemption notice (SIGTERM)"  # what asked the run to stop, for its last line
+        self.checkpointer: TrainingCheckpointer | None = None  # set by the loop
+        self.step: int | None = None  # the last step the loop asked about
+        if threading.current_thread() is threading.main_thread():
+            if not self._synchronised:
+                self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+            self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._received.set()
 
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self._interrupted:
+            _stop_at_once(self._unsaved())
+        self._interrupted = True
+        self.reason = "Ctrl-C"
+        # Written straight to the terminal: a signal handler may run inside a print or a progress
+        # bar update, whose locks it must not take again.
+        _say("Ctrl-C: the run saves a checkpoint after this step and stops (Ctrl-C again stops at once, unsaved)")
+        if self._synchronised:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service: the hosts agree on a step
+        else:
+            self._received.set()
+
+    def _unsaved(self) -> str:
+        """What a stop at once loses, in words."""
+        if self.checkpointer is None or self.step is None:
+            return "no step of this run was trained"
+        newest = self.checkpointer.newest_committed_step()
+        if newest is None:
+            return f"nothing is saved: there is no checkpoint yet (the run was at step {self.step})"
+        if newest >= self.step:
+            return f"nothing is lost: step {newest} is saved"
+        return f"steps {newest + 1} to {self.step} are not saved; the newest checkpoint is step {newest}"
+
     def should_stop(self, step: int) -> bool:
+        self.step = step
         if self._synchronised:
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
@@ -451,9 +488,30 @@ class PreemptionWatcher:
         return self._received.is_set()
 
     def close(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
+def _say(line: str) -> None:
+    """One line on standard error from process 0, with no lock taken (see `_on_interrupt`)."""
+    if jax.process_index() == 0:
+        try:
+            os.write(2, f"\n{line}\n".encode())
+        except OSError:  # no terminal left to tell
+            pass
+
+
+def _stop_at_once(unsaved: str) -> None:
+    """End the process now, as a SIGKILL would (a save in flight is left uncommitted, and is
+    removed by the next start), after one line."""
+    for stream in (sys.stdout, sys.stderr):
+        try:  # the lines printed before; a stream the handler interrupted refuses, and keeps them
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):
+            pass
+    _say(f"Ctrl-C again: stopped at once; {unsaved}. Run the same command to resume from the newest checkpoint")
+    os._exit(128 + signal.SIGINT)
 
 
 # A reader of a live workdir re-lists the checkpoints this many times when the one it chose is
