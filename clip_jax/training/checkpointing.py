@@ -434,8 +434,8 @@ class PreemptionWatcher:
     Ctrl-C is passed to it as a SIGTERM of this process, so the hosts agree on that step as well.
     With one process, the handlers set a flag. A second Ctrl-C stops the process at once (exit
     status 130, as a shell reports a Ctrl-C) with one line naming the steps that are not saved,
-    taken from `self.checkpointer` once the loop has set it. The previous handlers come back on
-    `close`.
+    taken from `self.checkpointer` once the loop has set it (in a notebook or at the Python prompt,
+    a KeyboardInterrupt with that line instead). The previous handlers come back on `close`.
     """
 
     def __init__(self) -> None:
@@ -504,7 +504,11 @@ def _say(line: str) -> None:
 
 def _stop_at_once(unsaved: str) -> None:
     """End the process now, as a SIGKILL would (a save in flight is left uncommitted, and is
-    removed by the next start), after one line."""
+    removed by the next start), after one line. In an interactive session (a notebook's kernel,
+    the Python prompt) KeyboardInterrupt is raised instead: ending the process would end the
+    session."""
+    if hasattr(sys, "ps1") or "ipykernel" in sys.modules:
+        raise KeyboardInterrupt(f"Ctrl-C again: stopped without saving; {unsaved}")
     for stream in (sys.stdout, sys.stderr):
         try:  # the lines printed before; a stream the handler interrupted refuses, and keeps them
             stream.flush()
