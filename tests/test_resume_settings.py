@@ -11,6 +11,7 @@ from run_helpers import default_config
 
 from clip_jax.training import resume
 from clip_jax.training.config import validate
+from clip_jax.training.run_tokenizer import tokenizer_files_digest
 
 STEP, WORKDIR = 6, "/runs/w"
 SIGMOID = {"loss.name": "sigmoid", "model.overrides.logit_bias_init": -10.0}
@@ -91,3 +92,22 @@ def test_settings_the_checkpoint_does_not_depend_on_change_freely():
     # EMA on or off is honoured by setup, which says how it starts or drops the average
     # (tests/test_ema.py): no second line here.
     assert _check({}, {"ema.decay": 0.5}) == []
+
+
+def test_a_replaced_sentencepiece_model_is_refused(tmp_path):
+    workdir = str(tmp_path)
+    model_file = tmp_path / "tokenizer.model"
+    model_file.write_bytes(b"the pieces the run was trained with")
+    settings = _settings({})
+    tokenizer = {"type": "sentencepiece", "model_file": "tokenizer.model", "context_length": 16}
+    record = {
+        "model": settings.model.spec().to_dict(),
+        "tokenizer": tokenizer,
+        "tokenizer_files": tokenizer_files_digest(tokenizer, workdir),
+        "training": settings.record,
+    }
+    spec = settings.model.spec().to_dict()
+    assert resume.check_resume(record, settings.record, spec, workdir, STEP) == []
+    model_file.write_bytes(b"other pieces of the same vocabulary size")
+    with pytest.raises(resume.ResumeRefused, match=f"tokenizer file tokenizer.model .* step {STEP}"):
+        resume.check_resume(record, settings.record, spec, workdir, STEP)

@@ -11,7 +11,8 @@ to run longer or log differently, and the data iterator says itself when it cann
 order exactly (docs/data.md).
 
 A refused setting is one the restored state cannot follow: the tokenizer (the text tower's shapes
-and every token depend on it, and it was trained or copied once into the workdir), what the
+and every token depend on it, and it was trained or copied once into the workdir; its files there
+are compared with the digests in the record, so a replaced SentencePiece model is refused too), what the
 optimizer state is built from (frozen parameters have no moments; clipping on or off changes the
 state's structure), the objective, the model's identity (`checkpointing.check_same_model`) and the
 values that only a fresh run reads (initial values, `init.*`). Everything else in the table
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clip_jax.training import checkpointing
+from clip_jax.training.run_tokenizer import tokenizer_files_digest
 
 HONOUR, REFUSE = "honour", "refuse"
 
@@ -117,6 +119,21 @@ def rule_for(key: str, old: Any, new: Any) -> Rule | None:
     return next((rule for rule in RULES if rule.covers(key, old, new)), None)
 
 
+def _replaced_tokenizer_files(record: dict[str, Any], workdir: str, step: int) -> list[str]:
+    """A refusal for each tokenizer file of the workdir (e.g. the SentencePiece model) that is not
+    the one the checkpoint was trained with; none for records written before files were digested."""
+    recorded = record.get("tokenizer_files")
+    if not isinstance(recorded, dict) or not isinstance(record.get("tokenizer"), dict):
+        return []
+    now = tokenizer_files_digest(record["tokenizer"], workdir)
+    return [
+        f"the tokenizer file {name} has SHA-256 {digest[:12]}... in the checkpoint of step {step} and "
+        f"{now.get(name, 'none')[:12]}... now: put the run's own file back, or use a new --workdir"
+        for name, digest in sorted(recorded.items())
+        if now.get(name) != digest
+    ]
+
+
 def check_resume(
     record: dict[str, Any], training: dict[str, Any], model: dict[str, Any], workdir: str, step: int
 ) -> list[str]:
@@ -125,7 +142,9 @@ def check_resume(
     restored. Raises ResumeRefused (one line, every refused setting named with both values) or
     `check_same_model`'s ValueError; returns the lines that announce the honoured changes.
 
-    Fields that only one side has (records written before a field existed) are not compared.
+    The tokenizer's files in `workdir` are compared with the digests the record holds (a replaced
+    SentencePiece model). Fields that only one side has (records written before a field existed)
+    are not compared.
     """
     stored = record.get("training")
     honoured: list[str] = []
@@ -140,6 +159,7 @@ def check_resume(
                 continue
             change = f"{key} is {old[key]!r} in the checkpoint of step {step} and {new[key]!r} now"
             (refused if rule.action == REFUSE else honoured).append(f"{change}: {rule.why}")
+    refused.extend(_replaced_tokenizer_files(record, workdir, step))
     if refused:
         raise ResumeRefused(f"cannot resume {workdir!r} with changed settings: {'; '.join(refused)}")
     checkpointing.check_same_model(record["model"], model, workdir)

@@ -33,7 +33,7 @@ from clip_jax.training import checkpointing, multihost, resume
 from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
 from clip_jax.training.optimizer import make_optimizer, parameter_path
-from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_from_workdir
+from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_files_digest, tokenizer_from_workdir
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -56,7 +56,7 @@ class Run:
     writer: metrics.MetricsWriter
     evaluator: Evaluator
     batches: Iterator[tuple[dict[str, jax.Array], Any]]  # (global batch, data state after it)
-    record: dict[str, Any]  # {"model", "tokenizer", "training"}: saved with every checkpoint
+    record: dict[str, Any]  # {"model", "tokenizer", "tokenizer_files", "training"}: saved with every checkpoint
     # FLIP's unmasked tuning: the same step compiled without patch dropout, run from step
     # `unmasked_from_step` on (None: no tuning phase, or no patch dropout to leave out).
     unmasked_step: Callable | None = None
@@ -125,6 +125,7 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             record={
                 "model": built.spec.to_dict(),
                 "tokenizer": built.tokenizer.to_config(),
+                "tokenizer_files": tokenizer_files_digest(built.tokenizer.to_config(), workdir),
                 "training": settings.record,
             },
             unmasked_step=unmasked_step,
