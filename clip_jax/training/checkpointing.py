@@ -449,7 +449,10 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():
             if not self._synchronised:
                 self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
-            self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
+            # A process started with SIGINT ignored (a background job of a script) keeps ignoring
+            # it, as Python itself does.
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._received.set()
