@@ -12,10 +12,23 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """A Ctrl-C before training starts (imports take seconds): one line, not the traceback of
+    whatever was being imported; nothing is trained yet, so nothing is lost. While it trains, the
+    loop's own handler saves and stops (clip_jax.training.checkpointing.PreemptionWatcher)."""
+    os.write(2, b"\nInterrupted (Ctrl-C) before training started: nothing to save\n")
+    os._exit(128 + signal.SIGINT)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from absl import app, flags, logging  # noqa: E402  (after the handler: these imports take seconds)
+from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 

@@ -18,6 +18,7 @@ from types import TracebackType
 from absl import logging as absl_logging
 
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 def one_line(error: BaseException, limit: int = 1000) -> str:
@@ -79,13 +80,22 @@ def _raised_in_orbax(traceback: TracebackType | None) -> bool:
 def one_line_errors(verbose: bool = False) -> Iterator[None]:
     """Run the body; an exception becomes `error: ...` on stderr and exit status 1 (re-raised
     whole when `verbose`). An exception with an `exit_code` attribute is a deliberate stop: its
-    message alone, and that status. KeyboardInterrupt and SystemExit pass through."""
+    message alone, and that status. A Ctrl-C (KeyboardInterrupt: `train.py` catches it itself
+    while it trains) is one line and status 130, traceback only when `verbose`; SystemExit passes
+    through."""
     if not verbose:
         quiet_library_logs()
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit:
         raise
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        sys.stdout.flush()
+        print("Interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        _silence_shutdown()
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as error:
         exit_code = getattr(error, "exit_code", None)
         if verbose:

@@ -10,11 +10,12 @@ the event files of a remote workdir, are opened through etils epath like every o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +23,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 from tqdm import tqdm
+
+from clip_jax import paths
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against `device.device_kind` in this order
 # (the first pattern found in the kind wins, so "v5 lite" is tried before "v5"). A JAX device is
@@ -193,7 +196,9 @@ class TensorBoardWriter:
     events for a background process and flush every two minutes instead.
     """
 
-    def __init__(self, log_dir: str | os.PathLike) -> None:
+    def __init__(self, log_dir: str | os.PathLike, purge_from_step: int | None = None) -> None:
+        """`purge_from_step`: TensorBoard drops the events of earlier files at that step and later
+        (a resumed run replays them), as tensorboardX's `SummaryWriter(purge_step=...)` does."""
         tensorboardx = _tensorboardx()
         self._event = tensorboardx.proto.event_pb2.Event
         self._summary = tensorboardx.proto.summary_pb2.Summary
@@ -203,7 +208,11 @@ class TensorBoardWriter:
         self._writer = tensorboardx.event_file_writer.EventsWriter(
             str(log_dir / "events"), filename_suffix=f".{os.getpid()}.clip_jax"
         )
-        self._writer.flush()
+        self.path = self._writer._file_name  # named in errors
+        if purge_from_step is not None:
+            start = tensorboardx.proto.event_pb2.SessionLog(status=tensorboardx.proto.event_pb2.SessionLog.START)
+            self._writer.write_event(self._event(wall_time=time.time(), step=purge_from_step, session_log=start))
+        self.flush()
 
     def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """One event holding `scalars` at `step`, tags exactly as named (tensorboardX's own
@@ -211,16 +220,31 @@ class TensorBoardWriter:
         if not scalars:
             return
         values = [self._summary.Value(tag=name, simple_value=float(value)) for name, value in scalars.items()]
-        self._writer.write_event(
-            self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=values))
-        )
-        self._writer.flush()
+        with _naming(self.path):
+            self._writer.write_event(
+                self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=values))
+            )
+        self.flush()
 
     def flush(self) -> None:
-        self._writer.flush()
+        with _naming(self.path):
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with _naming(self.path):
+            self._writer.close()
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError raised in the block, said again with `path` in its message (a full disk's
+    "[Errno 28] No space left on device" names no file)."""
+    try:
+        yield
+    except OSError as error:
+        if os.fspath(path) in str(error):
+            raise
+        raise OSError(error.errno, f"{error.strerror or error} (writing {os.fspath(path)})") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,17 +266,33 @@ class MetricsWriter:
     Only process 0 writes (pass `enabled=False` elsewhere); each JSONL line is
     {"step": ..., "time": unix seconds, name: value, ...}, None standing for NaN/inf/unavailable.
     `workdir` may be local or remote (gs://...): both files go through etils epath.
+
+    The log survives interruptions and a full disk: on start it is repaired (`repair_jsonl`: lines
+    that are not whole records, such as one cut short, are dropped), and with `start_step` (the
+    step a run starts or resumes from) the records of later steps are dropped too, in the JSONL
+    and in TensorBoard's view, since the run replays those steps: one record per step, as if the
+    run had not been interrupted. A record is appended whole or not at all (`JsonlLog`). Each
+    repair is said in one line through `say` (default: `announce`); an I/O error names its file.
     """
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        enabled: bool | None = None,
+        start_step: int | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self._tensorboard: TensorBoardWriter | None = None
-        self._jsonl = None
+        self._jsonl: JsonlLog | None = None
         if self.enabled:
             directory = epath.Path(workdir)
-            self._tensorboard = TensorBoardWriter(directory / TENSORBOARD_DIR)
-            self._jsonl = (directory / JSONL_FILE).open("a")
+            dropped = repair_jsonl(directory / JSONL_FILE, start_step, say or announce)
+            # TensorBoard's files are not rewritten: a start event hides their replayed steps.
+            purge = start_step + 1 if dropped else None
+            self._tensorboard = TensorBoardWriter(directory / TENSORBOARD_DIR, purge_from_step=purge)
+            self._jsonl = JsonlLog(directory / JSONL_FILE)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Log `scalars` (python/numpy numbers; None = unavailable, kept only in the JSONL)."""
@@ -260,19 +300,113 @@ class MetricsWriter:
             return
         values = {name: (None if value is None else _finite_float(value)) for name, value in scalars.items()}
         self._tensorboard.scalars(step, {name: value for name, value in values.items() if value is not None})
-        self._jsonl.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **values}) + "\n")
-        self.flush()
+        self._jsonl.append(json.dumps({"step": int(step), "time": round(time.time(), 3), **values}))
 
     def flush(self) -> None:
         if self.enabled:
             self._tensorboard.flush()
-            self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
             self.enabled = False
+
+
+class JsonlLog:
+    """A JSONL file that records are appended to whole or not at all, each on the disk (or in the
+    bucket) when `append` returns.
+
+    Locally one `os.write` per record on a file opened for appending; when the disk fills part way
+    (a short write, then ENOSPC), the file is cut back to where the record began and the error,
+    naming the file, is raised. Remote files go through epath, whose stores write objects whole.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        with _naming(self.path):
+            if paths.is_local(self.path):
+                self._descriptor: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._file = None
+            else:
+                self._descriptor, self._file = None, epath.Path(self.path).open("a")
+
+    def append(self, record: str) -> None:
+        """Append `record` (one JSON text, no newline) as one line."""
+        data = (record + "\n").encode("utf-8")
+        with _naming(self.path):
+            if self._descriptor is None:
+                self._file.write(data.decode("utf-8"))
+                self._file.flush()
+                return
+            start = os.fstat(self._descriptor).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(self._descriptor, data[written:])
+            except OSError:
+                os.ftruncate(self._descriptor, start)  # not half a record
+                raise
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        elif self._file is not None:
+            with _naming(self.path):
+                self._file.close()
+            self._file = None
+
+
+def repair_jsonl(path: str | os.PathLike, start_step: int | None, announce: Callable[[str], None]) -> int:
+    """Drop the lines of metrics JSONL file `path` that are not whole records (a line cut short by
+    a crash or a full disk, always the last one) and, when `start_step` is given, the records of
+    later steps (which the starting run replays); the file is replaced atomically, and each kind
+    of drop said in one line naming the file. Returns how many records of later steps it dropped.
+    Does nothing to a missing file, and does not rewrite a file it keeps whole."""
+    path = epath.Path(path)
+    with _naming(path):
+        if not path.exists():
+            return 0
+        lines = path.read_bytes().split(b"\n")
+    kept: list[bytes] = []
+    torn = later = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            torn += 1
+            continue
+        if start_step is not None and step > start_step:
+            later += 1
+            continue
+        kept.append(line)
+    if not torn and not later:
+        return 0
+    with _naming(path):
+        _replace(path, b"".join(line + b"\n" for line in kept))
+    if torn:
+        announce(f"Dropped {torn} torn line(s) of {path}: records cut short (a crash or a full disk)")
+    if later:
+        announce(f"Dropped {later} records of steps after {start_step} from {path}: this run trains those steps again")
+    return later
+
+
+def _replace(path: epath.Path, data: bytes) -> None:
+    """Write `path` whole: beside it then renamed locally; object stores write an object whole."""
+    if not paths.is_local(os.fspath(path)):
+        path.write_bytes(data)
+        return
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_bytes(data)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk: the file stays as it was
+        raise
+    os.replace(partial, path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""Checkpoints of train.py: a run killed with SIGKILL resumes to the bitwise result of an
-uninterrupted run, SIGTERM saves and exits cleanly, and a checkpoint written on 8 devices restores
+"""Checkpoints of train.py: a run killed with SIGKILL or stopped with Ctrl-C resumes to the bitwise
+result of an uninterrupted run, logging one record per step; SIGTERM and Ctrl-C save and exit
+cleanly, a second Ctrl-C stops at once in one line; and a checkpoint written on 8 devices restores
 onto 1 device and onto another (data, fsdp) mesh."""
 
 from __future__ import annotations
@@ -40,23 +41,28 @@ FLAGS = [
     "--config.checkpoint.max_to_keep=10",
 ]
 
-# Runs train.py with the checkpointer's save patched: when asked to save step KILL_AT it waits for
-# the earlier checkpoints to commit, starts the (asynchronous) save, and kills its own process with
-# SIGKILL while that save is being written.
-KILLING_LAUNCHER = """
+# Runs train.py with the checkpointer's save patched to signal its own process when asked to save
+# a step of SIGNAL_AT ("6:SIGKILL" or "5:SIGINT,6:SIGINT"), once the earlier checkpoints have
+# committed. SIGKILL: starts the (asynchronous) save of that step and kills the process while it is
+# being written. Other signals are sent before the save starts (SIGINT as a Ctrl-C would be).
+SIGNALLING_LAUNCHER = """
 import os, runpy, signal, sys
 # Import clip_jax from train.py's checkout, as `python train.py` would, not from an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
 from clip_jax.training import checkpointing
 
-KILL_AT = int(os.environ["KILL_AT_STEP"])
+SIGNALS = {int(step): getattr(signal, name)
+           for step, name in (item.split(":") for item in os.environ["SIGNAL_AT"].split(","))}
 original_save = checkpointing.TrainingCheckpointer.save
 
 def save(self, step, *args, **kwargs):
-    if step == KILL_AT:
+    signum = SIGNALS.pop(step, None)
+    if signum is not None:
         self.wait_until_finished()
+    if signum == signal.SIGKILL:
         original_save(self, step, *args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if signum is not None:
+        os.kill(os.getpid(), signum)
     return original_save(self, step, *args, **kwargs)
 
 checkpointing.TrainingCheckpointer.save = save
@@ -102,40 +108,82 @@ def reference_workdir(tmp_path_factory) -> str:
     return workdir
 
 
-def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_path):
-    workdir = str(tmp_path / "killed")
+def _signalled_train(workdir: str, tmp_path, signal_at: str) -> subprocess.CompletedProcess:
+    """train.py (the FLAGS run) that signals itself as SIGNALLING_LAUNCHER's `signal_at` says."""
     launcher_path = tmp_path / "launcher.py"
-    launcher_path.write_text(KILLING_LAUNCHER)
-    scratch = tmp_path / "tmp"  # the killed run's TMPDIR: a killed process cleans nothing up
-    scratch.mkdir()
-    killed = _train(workdir, launcher=[str(launcher_path)], env_extra={"KILL_AT_STEP": "6", "TMPDIR": str(scratch)})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    launcher_path.write_text(SIGNALLING_LAUNCHER)
+    scratch = tmp_path / "tmp"  # the run's TMPDIR: a killed process cleans nothing up
+    scratch.mkdir(exist_ok=True)
+    result = _train(workdir, launcher=[str(launcher_path)], env_extra={"SIGNAL_AT": signal_at, "TMPDIR": str(scratch)})
     # The tokenizer lives in the workdir, not in a scratch copy left behind in /tmp by every kill.
     assert [path.name for path in scratch.iterdir() if path.name.startswith("clip_jax-")] == []
-    checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
-    complete_steps = checkpointer.all_steps()
-    checkpointer.close()
-    # Step 6's save was interrupted, so it must not be listed; 2 and 4 were committed before.
-    assert complete_steps == [2, 4], complete_steps
+    return result
 
-    restarted = _train(workdir)  # the same command as the reference run
+
+def _complete_steps(workdir: str) -> list[int]:
+    checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
+    try:
+        return checkpointer.all_steps()
+    finally:
+        checkpointer.close()
+
+
+def _assert_resume_equals_the_reference(workdir: str, reference_workdir: str, restored_step: int) -> None:
+    """Rerun the reference's command in `workdir`: it resumes from `restored_step`, ends with the
+    reference's parameters bit for bit, and its log holds one training record per step, with the
+    reference's losses (the replayed steps' records are not duplicated)."""
+    restarted = _train(workdir)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert "Resumed from the checkpoint of step 4" in restarted.stdout + restarted.stderr
+    assert f"Resumed from the checkpoint of step {restored_step}" in restarted.stdout + restarted.stderr
     reference, resumed = _final_params(reference_workdir), _final_params(workdir)
     leaves_reference, leaves_resumed = jax.tree.leaves(reference), jax.tree.leaves(resumed)
     assert len(leaves_reference) == len(leaves_resumed) > 10
     for expected, actual in zip(leaves_reference, leaves_resumed):
         assert np.array_equal(expected, actual)
-    # The logged losses of the resumed steps equal those of the uninterrupted run.
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    logged_steps = [record["step"] for record in records if "loss" in record]
+    assert logged_steps == list(range(1, TOTAL_STEPS + 1)), logged_steps  # once each, in order
     losses_reference = {
         r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference_workdir, "metrics.jsonl")) if "loss" in r
     }
-    losses_resumed = {}
-    for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-        if "loss" in record:
-            losses_resumed[record["step"]] = record["loss"]  # the restart's value wins
-    assert sorted(losses_resumed) == list(range(1, TOTAL_STEPS + 1))
-    assert losses_resumed == losses_reference
+    assert {record["step"]: record["loss"] for record in records if "loss" in record} == losses_reference
+
+
+def test_sigkill_mid_run_then_restart_is_bitwise_equal(reference_workdir, tmp_path):
+    workdir = str(tmp_path / "killed")
+    killed = _signalled_train(workdir, tmp_path, "6:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # Step 6's save was interrupted, so it must not be listed; 2 and 4 were committed before.
+    assert _complete_steps(workdir) == [2, 4]
+    # The killed run logged steps 5 and 6, which the restart replays.
+    assert max(record["step"] for record in read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == 6
+    _assert_resume_equals_the_reference(workdir, reference_workdir, restored_step=4)
+
+
+def test_ctrl_c_saves_the_next_step_stops_in_one_line_and_resumes_bitwise(reference_workdir, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    interrupted = _signalled_train(workdir, tmp_path, "5:SIGINT")  # Ctrl-C during step 5's bookkeeping
+    output = interrupted.stdout + interrupted.stderr
+    assert interrupted.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    # One line when it arrives (the step is not known yet), one when the run has stopped.
+    lines = [line.strip() for line in output.splitlines() if "Ctrl-C" in line]
+    assert len(lines) == 2 and any(line.startswith("Stopped at step 6") for line in lines), output[-3000:]
+    assert _complete_steps(workdir) == [2, 4, 6]  # the step it stopped at is saved
+    _assert_resume_equals_the_reference(workdir, reference_workdir, restored_step=6)
+
+
+def test_a_second_ctrl_c_stops_at_once_saying_what_is_not_saved(tmp_path):
+    workdir = str(tmp_path / "interrupted_twice")
+    # The second Ctrl-C comes as the run starts the save of step 6 that the first one asked for.
+    interrupted = _signalled_train(workdir, tmp_path, "5:SIGINT,6:SIGINT")
+    output = interrupted.stdout + interrupted.stderr
+    assert interrupted.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    lines = [line for line in interrupted.stderr.splitlines() if line.startswith("Ctrl-C again:")]
+    assert len(lines) == 1, output[-3000:]
+    assert "steps 5 to 6 are not saved" in lines[0] and "newest checkpoint is step 4" in lines[0], lines[0]
+    assert _complete_steps(workdir) == [2, 4]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

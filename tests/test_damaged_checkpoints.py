@@ -1,7 +1,9 @@
 """A damaged newest checkpoint never costs the run: `train.py` reports it in one line naming its step
-and path, moves it to `unreadable_checkpoints/` (never deletes it) and resumes from the previous
-one, ending with the parameters of an undamaged run resumed from that step. When no checkpoint
-restores, the run stops with one clear line instead of starting from scratch."""
+and path, moves it to `unreadable_checkpoints/` (never deletes it, an empty step directory
+included) and resumes from the previous one, saving the damaged step's number again when it comes,
+and ending with the parameters of an undamaged run resumed from that step. When no checkpoint
+restores, the run stops with one clear line instead of starting from scratch. A changed setting is
+not damage: it is refused in one line naming it, and nothing is moved."""
 
 from __future__ import annotations
 
@@ -29,10 +31,22 @@ FLAGS = [
 FIRST_STEPS, FINAL_STEPS = 6, 8  # the base run saves 2, 4, 6; every resumed run ends at 8
 
 
-def _train(workdir: str, total_steps: int, cache_env: dict[str, str]) -> subprocess.CompletedProcess:
+def _train(workdir: str, total_steps: int, cache_env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **cache_env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    command = [sys.executable, "train.py", f"--workdir={workdir}", f"--config.total_steps={total_steps}", *FLAGS]
+    command = [
+        sys.executable,
+        "train.py",
+        f"--workdir={workdir}",
+        f"--config.total_steps={total_steps}",
+        *FLAGS,
+        *extra,
+    ]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _steps(workdir: str) -> list[int]:
+    """The checkpoints in `workdir` (their committed directories)."""
+    return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
 
 
 def _params(workdir: str) -> list[np.ndarray]:
@@ -99,22 +113,25 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     assert "Resumed from the checkpoint of step 4" in output
     # Moved aside, not deleted.
     assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", str(FIRST_STEPS)))
+    assert _steps(workdir) == [2, 4, FIRST_STEPS, FINAL_STEPS]  # the replayed step's save landed
     for expected, actual in zip(resumed_from_4, _params(workdir), strict=True):
         assert np.array_equal(expected, actual)
 
 
-def test_empty_step_directory_is_set_aside(runs, tmp_path, compilation_cache_env):
+def test_empty_step_directory_is_set_aside_and_its_step_saved_again(runs, tmp_path, compilation_cache_env):
     base, _, resumed_from_6 = runs
     workdir = str(tmp_path / "workdir")
     shutil.copytree(base, workdir)
-    os.mkdir(os.path.join(workdir, "checkpoints", "7"))  # e.g. a copy that stopped early
+    # E.g. a copy that stopped early, of the step the resumed run will save last.
+    os.mkdir(os.path.join(workdir, "checkpoints", str(FINAL_STEPS)))
     result = _train(workdir, FINAL_STEPS, compilation_cache_env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    assert any("step 7 at" in line and "cannot be restored" in line for line in output.splitlines())
+    assert any(f"step {FINAL_STEPS} at" in line and "cannot be restored" in line for line in output.splitlines())
     assert "Resumed from the checkpoint of step 6" in output
-    assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "7"))
+    assert os.listdir(os.path.join(workdir, "unreadable_checkpoints", str(FINAL_STEPS))) == []
+    assert _steps(workdir) == [2, 4, 6, FINAL_STEPS]  # written, not skipped as if already saved
     for expected, actual in zip(resumed_from_6, _params(workdir), strict=True):
         assert np.array_equal(expected, actual)
 
@@ -138,3 +155,29 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(runs, tmp_p
     assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
     with open(log) as file:
         assert file.read() == logged_before  # no step trained: it did not start from scratch
+
+
+@pytest.mark.parametrize(
+    "flag, setting, recorded, now",
+    [
+        # Silently ignored before: the run went on with the old tokenizer under the new value.
+        ("--config.tokenizer.context_length=24", "tokenizer.context_length", "16", "24"),
+        # Reported as damage before ("cannot be restored ... repair or remove them").
+        ("--config.optimizer.freeze_regex=^visual/", "optimizer.freeze_regex", "''", "'^visual/'"),
+    ],
+)
+def test_a_changed_setting_is_refused_in_one_line_and_never_called_damage(
+    runs, tmp_path, compilation_cache_env, flag, setting, recorded, now
+):
+    base, _, _ = runs
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(base, workdir)
+    result = _train(workdir, FINAL_STEPS, compilation_cache_env, flag)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert setting in errors[0] and recorded in errors[0] and now in errors[0], errors[0]
+    assert "cannot be restored" not in output and "repair" not in output and "Traceback" not in output
+    assert _steps(workdir) == [2, 4, FIRST_STEPS]  # nothing moved, nothing trained
+    assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))

@@ -1,6 +1,8 @@
 """clip_jax.metrics: the TensorBoard event files tensorboardX writes hold what metrics.jsonl holds,
 read back with TensorBoard's own reader; a remote workdir's files go through etils epath; importing
-the module brings in neither TensorFlow nor torch."""
+the module brings in neither TensorFlow nor torch. The log survives a full disk (a record is
+written whole or not at all, the error names the file), a torn last line is dropped on start, and
+a resumed run's log keeps one record per step: the steps it replays are dropped from both files."""
 
 from __future__ import annotations
 
@@ -8,10 +10,14 @@ import glob
 import json
 import math
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -180,3 +186,66 @@ def test_a_short_training_run_logs_the_same_scalars_to_tensorboard_and_jsonl(tmp
     # The JSONL's own lines: one JSON object each, so a reader that does not use read_jsonl works too.
     lines = epath.Path(workdir / metrics.JSONL_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [record["step"] for record in records]
+
+
+def test_a_resumed_writer_drops_the_records_of_the_steps_it_replays(tmp_path):
+    first = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    first.write(0, {"compile_seconds": 3.0})
+    for step in range(1, 6):
+        first.write(step, {"loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they are created in
+    lines: list[str] = []
+    resumed = metrics.MetricsWriter(str(tmp_path), enabled=True, start_step=3, say=lines.append)
+    for step in (4, 5):
+        resumed.write(step, {"loss": 10.0 * step})  # the replayed steps, computed again
+    resumed.close()
+
+    path = str(tmp_path / metrics.JSONL_FILE)
+    records = metrics.read_jsonl(path)
+    assert [record["step"] for record in records] == [0, 1, 2, 3, 4, 5]
+    assert [record.get("loss") for record in records] == [None, 1.0, 2.0, 3.0, 40.0, 50.0]
+    assert len(lines) == 1 and path in lines[0] and "2 records" in lines[0], lines
+    # TensorBoard, reading the directory as one run, also shows each step once: the resumed
+    # writer's values (its start event purges the older file's later steps).
+    accumulator = event_accumulator.EventAccumulator(
+        str(tmp_path / metrics.TENSORBOARD_DIR), size_guidance={event_accumulator.SCALARS: 0}
+    )
+    accumulator.Reload()
+    assert [(event.step, event.value) for event in accumulator.Scalars("loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)
+    ]  # fmt: skip
+
+
+def test_a_torn_last_line_is_dropped_on_start_in_one_line_naming_the_file(tmp_path, capsys):
+    path = tmp_path / metrics.JSONL_FILE
+    whole = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2)]
+    path.write_text("\n".join(whole) + '\n{"step": 3, "loss": 0.3')  # a write cut short
+    writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write(3, {"loss": 0.25})
+    writer.close()
+    assert [record["step"] for record in metrics.read_jsonl(str(path))] == [1, 2, 3]
+    said = [line for line in capsys.readouterr().out.splitlines() if str(path) in line]
+    assert len(said) == 1 and "torn" in said[0], said
+
+
+def test_a_record_cut_by_a_full_disk_is_not_left_in_the_log_and_the_error_names_the_file(tmp_path):
+    """A real partial write: RLIMIT_FSIZE makes the kernel write part of a record and then refuse
+    the rest (EFBIG), as a full disk does with ENOSPC."""
+    writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write(1, {"loss": 1.5})
+    sizes = [os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(tmp_path) for name in names]
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a signal, at the limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max(sizes) + 40, limits[1]))
+    try:
+        with pytest.raises(OSError) as raised:
+            writer.write(2, {f"evaluation/metric_{index}": None for index in range(40)})  # JSONL only
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    writer.close()
+    path = str(tmp_path / metrics.JSONL_FILE)
+    assert path in str(raised.value), raised.value
+    with open(path) as file:
+        assert file.read() == json.dumps(metrics.read_jsonl(path)[0]) + "\n"  # step 1 whole, nothing of step 2

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -147,21 +149,31 @@ class TrainingCheckpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
+    def newest_committed_step(self) -> int | None:
+        """The newest step whose save has committed (its directory exists), without waiting for
+        a save in flight (which `latest_step` already lists) or reloading the manager; None if none.
+        Cheap enough for a signal handler: one stat per listed step, newest first."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if _exists(self.step_directory(step)):
+                return step
+        return None
+
     def step_directory(self, step: int) -> str:
         return str(epath.Path(self.directory) / str(step))
 
     def restore_newest(
-        self, abstract_state_for: Callable[[dict[str, Any]], Any], announce: Callable[[str], None] = print
+        self, abstract_state_for: Callable[[int, dict[str, Any]], Any], announce: Callable[[str], None] = print
     ) -> tuple[int, dict[str, Any], Any, dict[str, Any]] | None:
         """(step, run record, state, progress) of the newest checkpoint that restores; None when the
         workdir has no checkpoint.
 
-        `abstract_state_for(record)` gives the abstract state to restore into from a checkpoint's
-        run record; what it raises (another model, say) is passed on. A checkpoint that cannot be
-        read is reported in one line; when an older one restores, the unreadable newer ones are
-        moved to `unreadable_checkpoints/` (never deleted) so that the run's next saves do not
-        meet them. When none restores nothing is moved and CheckpointError is raised: a run never
-        starts from scratch over checkpoints it could not read.
+        `abstract_state_for(step, record)` gives the abstract state to restore into from a
+        checkpoint's run record; what it raises (a changed setting it refuses, say) is passed on:
+        that is not damage. A checkpoint that cannot be read is reported in one line; when an
+        older one restores, the unreadable newer ones (an empty step directory too) are moved to
+        `unreadable_checkpoints/` (never deleted), and the run saves their steps again when it
+        reaches them. When none restores nothing is moved and CheckpointError is raised: a run
+        never starts from scratch over checkpoints it could not read.
         """
         self._refuse_if_only_unreadable()
         failures: list[tuple[int, str]] = []
@@ -176,6 +188,9 @@ class TrainingCheckpointer:
                 announce(f"Moved the unreadable checkpoint of step {unreadable_step} to {moved_to}")
             if failures:
                 announce(f"Resuming from the checkpoint of step {step}, the newest that restores")
+            # The steps after it are trained again, and saved again: `save` skips only the step
+            # it saved last, which must not be one of the unreadable steps set aside above.
+            self._last_saved_step = step
             record, state, progress = outcome
             return step, record, state, progress
         if failures:
@@ -187,7 +202,7 @@ class TrainingCheckpointer:
         return None
 
     def _try_restore(
-        self, step: int, abstract_state_for: Callable[[dict[str, Any]], Any]
+        self, step: int, abstract_state_for: Callable[[int, dict[str, Any]], Any]
     ) -> tuple[dict[str, Any], Any, dict[str, Any]] | str:
         """(record, state, progress) of checkpoint `step`, or why it cannot be read (every process
         agrees: a file damaged for one process's shards fails the step for all)."""
@@ -202,7 +217,7 @@ class TrainingCheckpointer:
             reason = None
         if not multihost.all_processes_agree(reason is None):
             return reason or "unreadable on another process"
-        abstract_state = abstract_state_for(record)  # errors here are not damage: passed on
+        abstract_state = abstract_state_for(step, record)  # errors here are not damage: passed on
         try:
             state, progress = self.restore(step, abstract_state)
             if int(progress.get("step", -1)) != step:
@@ -412,24 +427,62 @@ def check_same_model(stored_model: dict[str, Any], model: dict[str, Any], workdi
 
 
 class PreemptionWatcher:
-    """Tells the loop when a preemption notice (SIGTERM) asks it to save and stop.
+    """Tells the loop when a preemption notice (SIGTERM) or a Ctrl-C (SIGINT) asks it to save and stop.
 
-    With several processes, JAX's preemption service catches the signal and all processes agree
-    on the step to stop at (`reached_preemption_sync_point`, which must be called every step).
-    With one process, a SIGTERM handler sets a flag; the previous handler comes back on `close`.
+    With several processes, JAX's preemption service catches SIGTERM and all processes agree on
+    the step to stop at (`reached_preemption_sync_point`, which must be called every step); a
+    Ctrl-C is passed to it as a SIGTERM of this process, so the hosts agree on that step as well.
+    With one process, the handlers set a flag. A second Ctrl-C stops the process at once (exit
+    status 130, as a shell reports a Ctrl-C) with one line naming the steps that are not saved,
+    taken from `self.checkpointer` once the loop has set it (in a notebook or at the Python prompt,
+    a KeyboardInterrupt with that line instead). The previous handlers come back on `close`.
     """
 
     def __init__(self) -> None:
         self._synchronised = jax.distributed.is_initialized()
         self._received = threading.Event()
-        self._previous_handler = None
-        if not self._synchronised and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self._interrupted = False
+        self._previous_handlers: dict[int, Any] = {}
+        self.reason = "a preemption notice (SIGTERM)"  # what asked the run to stop, for its last line
+        self.checkpointer: TrainingCheckpointer | None = None  # set by the loop
+        self.step: int | None = None  # the last step the loop asked about
+        if threading.current_thread() is threading.main_thread():
+            if not self._synchronised:
+                self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+            # A process started with SIGINT ignored (a background job of a script) keeps ignoring
+            # it, as Python itself does.
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._received.set()
 
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self._interrupted:
+            _stop_at_once(self._unsaved())
+        self._interrupted = True
+        self.reason = "Ctrl-C"
+        # Written straight to the terminal: a signal handler may run inside a print or a progress
+        # bar update, whose locks it must not take again.
+        _say("Ctrl-C: the run saves a checkpoint after this step and stops (Ctrl-C again stops at once, unsaved)")
+        if self._synchronised:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service: the hosts agree on a step
+        else:
+            self._received.set()
+
+    def _unsaved(self) -> str:
+        """What a stop at once loses, in words."""
+        if self.checkpointer is None or self.step is None:
+            return "no step of this run was trained"
+        newest = self.checkpointer.newest_committed_step()
+        if newest is None:
+            return f"nothing is saved: there is no checkpoint yet (the run was at step {self.step})"
+        if newest >= self.step:
+            return f"nothing is lost: step {newest} is saved"
+        return f"steps {newest + 1} to {self.step} are not saved; the newest checkpoint is step {newest}"
+
     def should_stop(self, step: int) -> bool:
+        self.step = step
         if self._synchronised:
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
@@ -438,9 +491,34 @@ class PreemptionWatcher:
         return self._received.is_set()
 
     def close(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
+def _say(line: str) -> None:
+    """One line on standard error from process 0, with no lock taken (see `_on_interrupt`)."""
+    if jax.process_index() == 0:
+        try:
+            os.write(2, f"\n{line}\n".encode())
+        except OSError:  # no terminal left to tell
+            pass
+
+
+def _stop_at_once(unsaved: str) -> None:
+    """End the process now, as a SIGKILL would (a save in flight is left uncommitted, and is
+    removed by the next start), after one line. In an interactive session (a notebook's kernel,
+    the Python prompt) KeyboardInterrupt is raised instead: ending the process would end the
+    session."""
+    if hasattr(sys, "ps1") or "ipykernel" in sys.modules:
+        raise KeyboardInterrupt(f"Ctrl-C again: stopped without saving; {unsaved}")
+    for stream in (sys.stdout, sys.stderr):
+        try:  # the lines printed before; a stream the handler interrupted refuses, and keeps them
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):
+            pass
+    _say(f"Ctrl-C again: stopped at once; {unsaved}. Run the same command to resume from the newest checkpoint")
+    os._exit(128 + signal.SIGINT)
 
 
 # A reader of a live workdir re-lists the checkpoints this many times when the one it chose is

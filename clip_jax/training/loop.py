@@ -1,8 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)` checks the settings
 (clip_jax.training.config), builds the run (clip_jax.training.setup) and steps it: each step
 takes the next global batch, runs the compiled step, and at its intervals logs metrics (the only
-host sync), saves a checkpoint and runs the evaluation suite. A preemption notice saves and stops;
-the non-finite guard and a failed save stop the run with one line saying what to do."""
+host sync), saves a checkpoint and runs the evaluation suite. A preemption notice (SIGTERM) or a
+Ctrl-C saves and stops; the non-finite guard and a failed save stop the run with one line saying
+what to do."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Train (or resume training) the model of `config`, writing checkpoints and logs to `workdir`.
 
     Every process of a multi-host job calls this with the same arguments. Returns the final state
-    (after `config.total_steps` steps, or earlier when a preemption notice stopped the run).
+    (after `config.total_steps` steps, or earlier when a preemption notice or Ctrl-C stopped the run).
     """
     settings = validate(config)  # before anything is built or written
-    # Listen for a preemption notice (SIGTERM) from the start: one arriving while compiling still
-    # ends the run cleanly, after its first step, with a checkpoint.
+    # Listen for a preemption notice (SIGTERM) or a Ctrl-C from the start: one arriving while
+    # compiling still ends the run cleanly, after its first step, with a checkpoint.
     preemption = checkpointing.PreemptionWatcher()
     try:
         with prepared_run(settings, workdir) as run:
@@ -92,6 +93,7 @@ def _train(run: Run, preemption: checkpointing.PreemptionWatcher) -> TrainState:
         metrics.announce(f"The workdir's checkpoint is already at step {run.start_step} >= total_steps={total_steps}")
     progress_bar = metrics.ProgressBar(total_steps, run.start_step)
     throughput = _Throughput(run)
+    preemption.checkpointer = run.checkpointer  # a second Ctrl-C names what it leaves unsaved
     step, preempted = run.start_step, False
     try:
         while step < total_steps:
@@ -109,7 +111,8 @@ def _train(run: Run, preemption: checkpointing.PreemptionWatcher) -> TrainState:
             if preemption.should_stop(step):
                 preempted = True
                 _save(run, step, data_state, force=True)
-                metrics.announce(f"Preemption notice: saving the checkpoint of step {step} and stopping")
+                if preemption.reason != "Ctrl-C":  # a Ctrl-C has said so when it came
+                    metrics.announce(f"Preemption notice: saving the checkpoint of step {step} and stopping")
                 break
             # Saving first lets the checkpoint's write (asynchronous) overlap the evaluation.
             _save(run, step, data_state, force=step == total_steps)
@@ -120,7 +123,7 @@ def _train(run: Run, preemption: checkpointing.PreemptionWatcher) -> TrainState:
         progress_bar.close()
     run.checkpointer.wait_until_finished()  # the last save is committed before the run says it is done
     if preempted:
-        metrics.announce(f"Stopped at step {step} on a preemption notice; run the same command to resume")
+        metrics.announce(f"Stopped at step {step} on {preemption.reason}, saved; run the same command to resume")
     else:
         metrics.announce(f"Done: step {step}; checkpoints in {run.checkpointer.directory}")
     return run.state

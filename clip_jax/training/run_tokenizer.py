@@ -6,6 +6,7 @@ go through etils `epath`, and a tokenizer that needs a local file gets a scratch
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -87,3 +88,14 @@ def tokenizer_from_workdir(tokenizer_record: dict[str, Any], workdir: str) -> An
         if key.endswith("_file"):
             (epath.Path(local_directory) / name).write_bytes((epath.Path(workdir) / name).read_bytes())
     return tokenizers.tokenizer_from_config(tokenizer_record, local_directory)
+
+
+def tokenizer_files_digest(tokenizer_record: dict[str, Any], workdir: str) -> dict[str, str]:
+    """{file name: SHA-256} of the files of a run's tokenizer in `workdir` (its `*_file` entries,
+    e.g. tokenizer.model), saved with every checkpoint so that a resume can tell that a file was
+    replaced between runs (clip_jax.training.resume)."""
+    digests = {}
+    for key, name in sorted(tokenizer_record.items()):
+        if key.endswith("_file"):
+            digests[name] = hashlib.sha256((epath.Path(workdir) / name).read_bytes()).hexdigest()
+    return digests

@@ -29,11 +29,11 @@ from clip_jax.data.sources import ExampleSource
 from clip_jax.data.synthetic import SyntheticSource
 from clip_jax.evaluation import suite
 from clip_jax.models import CLIP, CLIPConfig
-from clip_jax.training import checkpointing, multihost
+from clip_jax.training import checkpointing, multihost, resume
 from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
 from clip_jax.training.optimizer import make_optimizer, parameter_path
-from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_from_workdir
+from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_files_digest, tokenizer_from_workdir
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -56,7 +56,7 @@ class Run:
     writer: metrics.MetricsWriter
     evaluator: Evaluator
     batches: Iterator[tuple[dict[str, jax.Array], Any]]  # (global batch, data state after it)
-    record: dict[str, Any]  # {"model", "tokenizer", "training"}: saved with every checkpoint
+    record: dict[str, Any]  # {"model", "tokenizer", "tokenizer_files", "training"}: saved with every checkpoint
     # FLIP's unmasked tuning: the same step compiled without patch dropout, run from step
     # `unmasked_from_step` on (None: no tuning phase, or no patch dropout to leave out).
     unmasked_step: Callable | None = None
@@ -100,8 +100,9 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             settings, model, mesh, built.state, built.state_shardings
         )
         unmasked_step = _compile_unmasked_step(settings, model, mesh, built.state, built.state_shardings)
-        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir)))
         start_step = int(built.progress["step"])
+        # The log keeps one record per step: those of the steps this run replays are dropped.
+        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step=start_step)))
         writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_device_per_step": flops_per_device})
         batches = _data_feed(settings, stack, mesh, source, built)
         # The built-in dataset's own evaluation sets, when the run trains on it.
@@ -124,6 +125,7 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             record={
                 "model": built.spec.to_dict(),
                 "tokenizer": built.tokenizer.to_config(),
+                "tokenizer_files": tokenizer_files_digest(built.tokenizer.to_config(), workdir),
                 "training": settings.record,
             },
             unmasked_step=unmasked_step,
@@ -160,26 +162,31 @@ def _model_and_state(
     caption_sample: Callable[[int], list[str]],
 ) -> _Model:
     """From the newest checkpoint that restores (its tokenizer and model, so a resumed run
-    tokenizes and computes exactly as before; another model's checkpoint is refused before anything
-    is compiled), else fresh. The optimizer is built here, once, and travels with the state."""
+    tokenizes and computes exactly as before; the settings it depends on are checked against its
+    record by `resume.check_resume` before its state is read, so a refused change, another model
+    included, stops the run before anything is compiled), else fresh. The optimizer is built here,
+    once, and travels with the state."""
     tx = make_optimizer(settings.optimizer)
     ema = settings.ema.enabled
     restored: dict[str, Any] = {}
 
-    def abstract_state_for(record: dict[str, Any]) -> TrainState:
+    def abstract_state_for(step: int, record: dict[str, Any]) -> TrainState:
         tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
         spec = settings.model.spec(tokenizer)
-        checkpointing.check_same_model(record["model"], spec.to_dict(), workdir)
+        # Before its state is read: a refused change is one line, not taken for damage.
+        honoured = resume.check_resume(record, settings.record, spec.to_dict(), workdir, step)
         # Restored as written (with or without a moving average), then made as this run wants it.
         had_ema = checkpointing.record_has_ema(record)
         abstract, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
         shardings = shardings.replace(ema_params=shardings.params if ema else None)  # laid out like params
-        restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema)
+        restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema, honoured=honoured)
         return abstract
 
     resumed = checkpointer.restore_newest(abstract_state_for, announce=metrics.announce)
     if resumed is not None:
         step, _, state, progress = resumed
+        for line in restored["honoured"]:  # said once its checkpoint has restored
+            metrics.announce(line)
         state = _ema_as_configured(state, restored["had_ema"], ema, restored["state_shardings"], step)
         built = _Model(restored["tokenizer"], restored["spec"], state, restored["state_shardings"], progress)
         _announce_model(settings, built.spec, mesh, workdir)
