@@ -88,6 +88,38 @@ def test_unknown_evaluation_dataset_in_the_training_config_is_rejected_before_an
     assert not workdir.exists()
 
 
+def test_config_mistakes_are_one_line_naming_the_field_or_the_file(tmp_path):
+    """Unknown fields (at the top, nested, under a value that is not a group), given with the default
+    recipe or after --config, and a --config naming no file: one line each, the closest name offered."""
+    missing = tmp_path / "no_such_recipe.py"
+    cases = {  # arguments -> what the one line must name
+        ("--config.totl_steps=5",): ["--config.totl_steps", "total_steps"],
+        ("--config=configs/default.py", "--config.optimizer.learnig_rate=0.1"): ["learnig_rate", "learning_rate"],
+        ("--config.data.webdatset.shards=x",): ["config.data", "'webdatset'", "webdataset"],
+        ("--config.tokenizer.kind.size=1",): ["config.tokenizer.kind", "not a group"],
+        (f"--config={missing}",): [str(missing), "does not exist"],
+    }
+    environment = _environment()
+    running = {
+        arguments: subprocess.Popen(
+            [sys.executable, "train.py", f"--workdir={tmp_path / 'workdir'}", *arguments],
+            env=environment,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for arguments in cases
+    }
+    for arguments, expected in cases.items():
+        _, stderr = running[arguments].communicate(timeout=300)
+        assert running[arguments].returncode == 1, (arguments, stderr[-3000:])
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (arguments, stderr[-3000:])
+        assert all(part in lines[0] for part in expected), (arguments, lines[0], expected)
+    assert not (tmp_path / "workdir").exists()
+
+
 FULL_DISK_SCRIPT = textwrap.dedent(
     """
     set -u
