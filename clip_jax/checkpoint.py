@@ -48,17 +48,6 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
-def check_output_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse, before any work, to write over an existing non-empty directory unless `overwrite`."""
-    path = epath.Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output {os.fspath(output_dir)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {os.fspath(output_dir)!r} is not empty; pass overwrite=True to replace it"
-        )
-
-
 def save_model_directory(
     output_dir: str | os.PathLike,
     config: CLIPConfig,
@@ -88,7 +77,7 @@ def write_directory_atomically(
     """Call `write(staging)` on a new hidden directory beside `output_dir`, then publish it there
     with one rename (`overwrite` replaces an existing output). If `write` fails, nothing is left
     behind. Returns the directory's absolute path. Model directories and `--to-hf` exports."""
-    check_output_directory(output_dir, overwrite)
+    paths.check_output(output_dir, directory=True, replace=overwrite)
     output = paths.absolute(output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = _make_hidden_directory(output, "partial")
@@ -139,7 +128,7 @@ def _publish(staging: epath.Path, output: epath.Path, overwrite: bool) -> None:
 
     The renames are `os.rename`, not epath's: epath tests for the destination first and refuses an
     empty directory, which `os.rename` replaces (an empty output directory is allowed, see
-    `check_output_directory`), and its test is the window this protocol has none of.
+    `paths.check_output`), and its test is the window this protocol has none of.
     """
     output_dir = os.fspath(output)
     aside = None

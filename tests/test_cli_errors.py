@@ -120,6 +120,42 @@ def test_config_mistakes_are_one_line_naming_the_field_or_the_file(tmp_path):
     assert not (tmp_path / "workdir").exists()
 
 
+READ_ONLY_SCRIPT = textwrap.dedent(
+    """
+    set -u
+    mount -t tmpfs -o ro,size=1m tmpfs "$MOUNT"
+    "$PYTHON" evaluate.py --checkpoint="$OUT/no_model" --output="$MOUNT/results" --noplots 2> "$OUT/evaluate.err" &
+    "$PYTHON" -m clip_jax.convert "$OUT/no_model.pt" "$MOUNT/converted" 2> "$OUT/convert.err" &
+    "$PYTHON" -m clip_jax.experiments supervised --quick --output "$MOUNT/paper" 2> "$OUT/experiments.err" &
+    wait
+    """
+)
+
+
+def test_outputs_on_a_read_only_disk_are_refused_before_any_work(tmp_path):
+    """evaluate.py, the converter and the experiments write their output at the end: on a read-only
+    filesystem (a mount namespace of its own, so that root is refused too) each stops at once with
+    one line naming the output. The sources do not exist: a check made after loading names them."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "this test needs util-linux's unshare (a private mount namespace)"
+    mount, out = tmp_path / "mount", tmp_path / "out"
+    mount.mkdir()
+    out.mkdir()
+    script = tmp_path / "read_only.sh"
+    script.write_text(READ_ONLY_SCRIPT)
+    env = {**_environment(), "MOUNT": str(mount), "OUT": str(out), "PYTHON": sys.executable}
+    result = subprocess.run(
+        [unshare, "--map-root-user", "--mount", "sh", str(script)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for command, output in (("evaluate", "results"), ("convert", "converted"), ("experiments", "paper")):
+        lines = (out / f"{command}.err").read_text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (command, lines)
+        assert str(mount / output) in lines[0] and "Read-only file system" in lines[0], (command, lines)
+        assert "no_model" not in lines[0], (command, lines)
+
+
 FULL_DISK_SCRIPT = textwrap.dedent(
     """
     set -u

@@ -386,6 +386,29 @@ def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
 
 
+def test_the_command_line_names_its_overwrite_flag_before_loading(tmp_path, capsys):
+    """An existing output is refused naming --overwrite (the library keeps overwrite=True), in every
+    mode, before the source is read: the source does not exist, so a later check would name it."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    (tmp_path / "state.safetensors").write_text("precious")
+    missing = str(tmp_path / "missing.pt")
+    for argv in (
+        [missing, str(tmp_path / "out")],
+        [missing, str(tmp_path / "out"), "--to-hf"],
+        [missing, str(tmp_path / "state.safetensors"), "--to-open-clip"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            convert.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+        assert "--overwrite" in lines[0] and "overwrite=True" not in lines[0] and argv[1] in lines[0], lines
+        assert "missing.pt" not in lines[0]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        convert.convert_checkpoint(missing, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == (tmp_path / "state.safetensors").read_text() == "precious"
+
+
 # ------------------------------------------------------------------------------------------------
 # Untrusted files: TorchScript archives are read without running their code
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from clip_jax import checkpoint, torchscript
+from clip_jax import checkpoint, paths, torchscript
 from clip_jax import tokenizer as tokenizers
 from clip_jax.cli import one_line_errors
 from clip_jax.convert import hf
@@ -653,7 +653,7 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
     `trust_torchscript` and `announce`: see `load_checkpoint`."""
-    checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
+    paths.check_output(output_dir, directory=True, replace=overwrite)  # before the (slow) conversion
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
     )
@@ -736,12 +736,15 @@ def main(argv: list[str] | None = None, load: SourceLoader | None = None) -> Non
     if args.to_hf and args.to_open_clip:
         parser.error("--to-hf and --to-open-clip exclude each other")
     with one_line_errors(args.verbose):
-        _run(parser, args, load or load_source)
+        _run(args, load or load_source)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, load: SourceLoader) -> None:
+def _run(args: argparse.Namespace, load: SourceLoader) -> None:
+    # Before the (slow) loading, and naming the command line's flag rather than the keyword.
+    paths.check_output(
+        args.output, directory=not args.to_open_clip, replace=args.overwrite, overwrite_hint="pass --overwrite"
+    )
     if args.to_hf:
-        checkpoint.check_output_directory(args.output, args.overwrite)  # before the (slow) loading
         config, variables, text_tokenizer = load(args.source, args.model, args.activation, args.trust_torchscript)
         export_to_hf(args.output, config, variables, text_tokenizer, args.overwrite)
         print(
@@ -751,9 +754,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, load: Source
             print("note: CLIPModel has no logit_bias; its logits omit it (embeddings are exact); kept in config.json")
         return
     if args.to_open_clip:
-        if epath.Path(args.output).exists() and not args.overwrite:
-            parser.error(f"{args.output} exists; pass --overwrite to replace it")
         config, variables = checkpoint.load_model_directory(args.source)
+        paths.absolute(args.output).parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(variables_to_openclip(variables, config), args.output)
         print(f"wrote {args.output}")
         return
