@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
+from absl import app
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 EXIT_FAILURE = 1
 # Recipe flags defined with `define_config_flag`: name -> default file (to explain an override).
@@ -170,8 +173,6 @@ def config_override_error(config: object, name: str, override: str) -> str | Non
 
 def _read_recipe(path: str) -> object:
     """The config of `FILE[:ARGUMENT]`, as ml_collections builds it: `get_config([ARGUMENT])`."""
-    import importlib.util
-
     file, *argument = path.split(":", 1)
     specification = importlib.util.spec_from_file_location("clip_jax_recipe", file)
     module = importlib.util.module_from_spec(specification)
@@ -219,8 +220,6 @@ def define_config_flag(name: str, default: str, help_text: str) -> None:
     fields) whose mistakes are one line. Defining it already reads the default recipe and
     sys.argv's overrides, so an unknown field is caught here, at import; `parse_flags` catches the
     same mistakes after an explicit `--NAME=FILE`."""
-    from ml_collections import config_flags
-
     _CONFIG_FLAGS[name] = default
     with _config_flag_errors(sys.argv):
         config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
@@ -229,7 +228,5 @@ def define_config_flag(name: str, default: str, help_text: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`) with the mistakes of
     recipe flags as one line; other flag errors keep absl's own short report."""
-    from absl import app
-
     with _config_flag_errors(argv):
         return app.parse_flags_with_usage(argv)
