@@ -54,7 +54,7 @@ def load(
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
-    if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
+    if is_training_workdir(path):
         config, variables, text_tokenizer = checkpointing.load_training_workdir(
             path, ema=ema, announce=announce, **overrides
         )
@@ -69,6 +69,11 @@ def load(
     warn_if_not_finite(path, variables)
     preprocess = transforms.make_eval_transform(config.vision.image_size)
     return CLIP(config), variables, preprocess, text_tokenizer
+
+
+def is_training_workdir(path: str) -> bool:
+    """Whether `path` is a workdir of train.py, which `load` reads as one (its newest checkpoint)."""
+    return epath.Path(path).is_dir() and checkpointing.is_training_workdir(path)
 
 
 def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
