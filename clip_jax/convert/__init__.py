@@ -142,7 +142,7 @@ def _torch_load_reason(error: Exception) -> str:
     needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if needed:
         return (
-            f"it holds a {needed[1]} object, not only tensors, and clip_jax runs no code from a checkpoint; "
+            f"it holds an object of type {needed[1]}, not only tensors, and clip_jax runs no code from a checkpoint; "
             "where the file was made, save the model's state_dict() alone (or as .safetensors)"
         )
     found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?\n|$)", text)
