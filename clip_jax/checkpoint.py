@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -82,12 +83,34 @@ def write_directory_atomically(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = _make_hidden_directory(output, "partial")
     try:
-        write(staging)
+        try:
+            write(staging)
+        except Exception as error:
+            # Orbax and TensorStore report a full disk as pages naming files of the staging directory.
+            raise OSError(
+                f"could not write {os.fspath(output)!r}: {_write_failure(error)}; nothing was written "
+                "(free space or choose another output, then re-run)"
+            ) from error
         _publish(staging, output, overwrite)
     except BaseException:
         _remove_tree(staging)
         raise
     return os.fspath(output)
+
+
+def _write_failure(error: BaseException) -> str:
+    """The reason of a failed write in a few words: the OS's own ("No space left on device") when
+    the error carries an errno, as OSError does and TensorStore's text does ("[os_error_code='28']")."""
+    while True:
+        if isinstance(error, OSError) and error.errno is not None:
+            return os.strerror(error.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(error))
+        if code:
+            return os.strerror(int(code[1]))
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            return _innermost_message(error)
+        error = cause
 
 
 def _remove_tree(path: epath.Path) -> None:

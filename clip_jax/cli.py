@@ -57,9 +57,11 @@ def quiet_library_logs() -> None:
     unraisable exceptions (`sys.unraisablehook`) left by Orbax's failed reads and writes: the
     "Event loop is closed" of TensorStore's callbacks once a failed write has closed Orbax's event
     loop, and the coroutines of reads of a checkpoint already reported unreadable."""
-    handler = absl_logging.get_absl_handler()
-    if not any(isinstance(existing, _DropLibraryErrors) for existing in handler.filters):
-        handler.addFilter(_DropLibraryErrors())
+    # On absl's handler (app.run installs it) and on the loggers themselves, for the handlers of
+    # programs without app.run (python -m clip_jax.convert: Python's own handlers).
+    for filtered in (absl_logging.get_absl_handler(), logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if not any(isinstance(existing, _DropLibraryErrors) for existing in filtered.filters):
+            filtered.addFilter(_DropLibraryErrors())
     if not getattr(sys.unraisablehook, "_clip_jax_quiet", False):
         previous = sys.unraisablehook
 

@@ -127,23 +127,45 @@ READ_ONLY_SCRIPT = textwrap.dedent(
     "$PYTHON" evaluate.py --checkpoint="$OUT/no_model" --output="$MOUNT/results" --noplots 2> "$OUT/evaluate.err" &
     "$PYTHON" -m clip_jax.convert "$OUT/no_model.pt" "$MOUNT/converted" 2> "$OUT/convert.err" &
     "$PYTHON" -m clip_jax.experiments supervised --quick --output "$MOUNT/paper" 2> "$OUT/experiments.err" &
+    mount -t tmpfs -o size=512k tmpfs "$FULL"                  # half the model's weights
+    "$PYTHON" -m clip_jax.convert "$OUT/tiny.safetensors" "$FULL/converted" 2> "$OUT/full.err" &
     wait
+    ls -A "$FULL" > "$OUT/full.ls"
     """
 )
 
 
-def test_outputs_on_a_read_only_disk_are_refused_before_any_work(tmp_path):
+def _tiny_checkpoint(path: str) -> None:
+    """An open_clip-layout safetensors file of the tiny ViT (1.1 MB of random weights)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+    from safetensors.numpy import save_file
+
+    from clip_jax import convert
+    from clip_jax.models import CLIP, get_model_config
+
+    config = get_model_config("tiny-vit")
+    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(config).init_variables(jax.random.key(0))))  # no compiling
+    generator = np.random.default_rng(0)
+    variables = jax.tree.map(lambda leaf: generator.normal(size=leaf.shape).astype(np.float32), shapes)
+    save_file(convert.variables_to_openclip(variables, config), path)
+
+
+def test_outputs_on_a_read_only_or_full_disk_fail_in_one_line(tmp_path):
     """evaluate.py, the converter and the experiments write their output at the end: on a read-only
     filesystem (a mount namespace of its own, so that root is refused too) each stops at once with
-    one line naming the output. The sources do not exist: a check made after loading names them."""
+    one line naming the output; the sources do not exist, so a check made after loading would name
+    them. A conversion onto a full disk is one line too, without Orbax's logs, and leaves nothing."""
     unshare = shutil.which("unshare")
     assert unshare is not None, "this test needs util-linux's unshare (a private mount namespace)"
-    mount, out = tmp_path / "mount", tmp_path / "out"
-    mount.mkdir()
-    out.mkdir()
+    mount, full, out = tmp_path / "mount", tmp_path / "full", tmp_path / "out"
+    for directory in (mount, full, out):
+        directory.mkdir()
+    _tiny_checkpoint(str(out / "tiny.safetensors"))
     script = tmp_path / "read_only.sh"
     script.write_text(READ_ONLY_SCRIPT)
-    env = {**_environment(), "MOUNT": str(mount), "OUT": str(out), "PYTHON": sys.executable}
+    env = {**_environment(), "MOUNT": str(mount), "FULL": str(full), "OUT": str(out), "PYTHON": sys.executable}
     result = subprocess.run(
         [unshare, "--map-root-user", "--mount", "sh", str(script)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -154,6 +176,10 @@ def test_outputs_on_a_read_only_disk_are_refused_before_any_work(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (command, lines)
         assert str(mount / output) in lines[0] and "Read-only file system" in lines[0], (command, lines)
         assert "no_model" not in lines[0], (command, lines)
+    lines = (out / "full.err").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines[:20]
+    assert str(full / "converted") in lines[0] and "No space left on device" in lines[0], lines
+    assert (out / "full.ls").read_text().split() == []  # no staging directory left behind
 
 
 FULL_DISK_SCRIPT = textwrap.dedent(
