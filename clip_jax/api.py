@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from clip_jax import captioning, convert, transforms
+from clip_jax import captioning, cli, convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
@@ -55,9 +55,12 @@ def load(
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
     if is_training_workdir(path):
-        config, variables, text_tokenizer = checkpointing.load_training_workdir(
-            path, ema=ema, announce=announce, **overrides
-        )
+        # Its checkpoints may be rotated out under the read (a live run): the retries' abandoned
+        # Orbax reads would print tracebacks although the load succeeds.
+        with cli.library_noise_quieted():
+            config, variables, text_tokenizer = checkpointing.load_training_workdir(
+                path, ema=ema, announce=announce, **overrides
+            )
     elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a model directory, an HF directory, a file
         config, variables, text_tokenizer = convert.load_source(
             path, model, trust_torchscript=trust_torchscript, **overrides

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 from absl import app
 from absl import logging as absl_logging
@@ -52,29 +54,64 @@ class _DropLibraryErrors(logging.Filter):
         return "/orbax/" not in record.pathname.replace("\\", "/")
 
 
+_LIBRARY_LOGGERS = ("absl", "asyncio")  # Orbax logs through absl's logger
+
+
 def quiet_library_logs() -> None:
-    """Drop Orbax's own error logs from absl's handler (see `_DropLibraryErrors`), and the
-    unraisable exceptions (`sys.unraisablehook`) left by Orbax's failed reads and writes: the
-    "Event loop is closed" of TensorStore's callbacks once a failed write has closed Orbax's event
-    loop, and the coroutines of reads of a checkpoint already reported unreadable."""
+    """Drop Orbax's own error logs (see `_DropLibraryErrors`) and its unraisable exceptions (see
+    `_is_library_noise`) for the rest of the process: for the command lines, which own theirs."""
     # On absl's handler (app.run installs it) and on the loggers themselves, for the handlers of
     # programs without app.run (python -m clip_jax.convert: Python's own handlers).
-    for filtered in (absl_logging.get_absl_handler(), logging.getLogger("absl"), logging.getLogger("asyncio")):
+    for filtered in (absl_logging.get_absl_handler(), *map(logging.getLogger, _LIBRARY_LOGGERS)):
         if not any(isinstance(existing, _DropLibraryErrors) for existing in filtered.filters):
             filtered.addFilter(_DropLibraryErrors())
     if not getattr(sys.unraisablehook, "_clip_jax_quiet", False):
-        previous = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
 
-        def unraisablehook(unraisable):  # type: ignore[no-untyped-def]
-            value = unraisable.exc_value
-            if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-                return
-            if _raised_in_orbax(unraisable.exc_traceback):
-                return  # e.g. the reads of a checkpoint found unreadable (and reported) before
+
+@contextlib.contextmanager
+def library_noise_quieted() -> Iterator[None]:
+    """`quiet_library_logs` for the body only, for library calls (`clip_jax.load`) whose retries
+    abandon Orbax reads: a reader of a live workdir stays quiet unless it fails, and raises if it
+    does. The caller's hook and loggers are as they were afterwards; an exception of the same kind
+    raised outside the body is reported as usual."""
+    previous = sys.unraisablehook
+    hook = previous if getattr(previous, "_clip_jax_quiet", False) else _quiet_unraisablehook(previous)
+    log_filter = _DropLibraryErrors()
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    sys.unraisablehook = hook
+    for logger in loggers:
+        logger.addFilter(log_filter)
+    try:
+        yield
+        # The abandoned reads' coroutines and tasks are finalised (and reported) now, under the
+        # filter, rather than at some later collection outside it.
+        gc.collect()
+    finally:
+        for logger in loggers:
+            logger.removeFilter(log_filter)
+        if sys.unraisablehook is hook:  # not if the body installed a hook of its own meanwhile
+            sys.unraisablehook = previous
+
+
+def _is_library_noise(unraisable: Any) -> bool:
+    """The unraisable exceptions left by Orbax's failed reads and writes: the "Event loop is
+    closed" of TensorStore's callbacks once a failure has closed Orbax's event loop, and the
+    coroutines of the reads that were abandoned with it (a checkpoint already reported
+    unreadable, or rotated out under a reader that then retried)."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    return _raised_in_orbax(unraisable.exc_traceback)
+
+
+def _quiet_unraisablehook(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    def unraisablehook(unraisable: Any) -> None:
+        if not _is_library_noise(unraisable):
             previous(unraisable)
 
-        unraisablehook._clip_jax_quiet = True  # type: ignore[attr-defined]
-        sys.unraisablehook = unraisablehook
+    unraisablehook._clip_jax_quiet = True  # type: ignore[attr-defined]
+    return unraisablehook
 
 
 def _raised_in_orbax(traceback: TracebackType | None) -> bool:
