@@ -24,11 +24,13 @@ the protocol (see `_publish`); an object store has no atomic rename of a directo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,8 +63,14 @@ def save_model_directory(
 
     def write(staging: epath.Path) -> None:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
-        checkpointer.wait_until_finished()
+        try:
+            checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
+            checkpointer.wait_until_finished()
+        finally:
+            # Its background threads end here: after a failed save (a full disk) one of them could
+            # otherwise still be writing into the staging directory while it is removed.
+            with contextlib.suppress(Exception):
+                checkpointer.close()
         for asset in tokenizer.asset_files():
             asset = epath.Path(asset)
             asset.copy(staging / asset.name)
@@ -86,6 +94,7 @@ def write_directory_atomically(
         try:
             write(staging)
         except Exception as error:
+            _remove_abandoned_writes(staging)
             # Orbax and TensorStore report a full disk as pages naming files of the staging directory.
             raise OSError(
                 f"could not write {os.fspath(output)!r}: {_write_failure(error)}; nothing was written "
@@ -96,6 +105,19 @@ def write_directory_atomically(
         _remove_tree(staging)
         raise
     return os.fspath(output)
+
+
+def _remove_abandoned_writes(staging: epath.Path, settle_seconds: float = 2.0) -> None:
+    """Remove the staging directory of a failed write, again if it comes back. Orbax raises at the
+    first failed array write, while TensorStore's other writes of the same save go on in its own
+    threads, beyond Orbax's reach; they create their directories anew (the last one writes the
+    OCDBT manifest). They end within moments, so the directory is watched that long."""
+    deadline = time.monotonic() + settle_seconds
+    _remove_tree(staging)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if os.path.lexists(os.fspath(staging)):
+            _remove_tree(staging)
 
 
 def _write_failure(error: BaseException) -> str:
@@ -116,10 +138,14 @@ def _write_failure(error: BaseException) -> str:
 def _remove_tree(path: epath.Path) -> None:
     """Delete a directory this process made, as far as it can: a cleanup that fails must not hide
     the error being handled."""
-    try:
-        path.rmtree()
-    except OSError:
-        pass
+    for _ in range(3):  # a file written meanwhile makes a pass fail ("Directory not empty")
+        try:
+            path.rmtree()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            continue
 
 
 def _hidden_name(output: epath.Path, kind: str) -> epath.Path:
