@@ -66,10 +66,11 @@ def save_model_directory(
         try:
             checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
             checkpointer.wait_until_finished()
+        except BaseException:
+            _wait_for_abandoned_writes(staging)  # before the staging directory is removed
+            raise
         finally:
-            # Its background threads end here: after a failed save (a full disk) one of them could
-            # otherwise still be writing into the staging directory while it is removed.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # its background threads end here
                 checkpointer.close()
         for asset in tokenizer.asset_files():
             asset = epath.Path(asset)
@@ -94,7 +95,6 @@ def write_directory_atomically(
         try:
             write(staging)
         except Exception as error:
-            _remove_abandoned_writes(staging)
             # Orbax and TensorStore report a full disk as pages naming files of the staging directory.
             raise OSError(
                 f"could not write {os.fspath(output)!r}: {_write_failure(error)}; nothing was written "
@@ -107,17 +107,27 @@ def write_directory_atomically(
     return os.fspath(output)
 
 
-def _remove_abandoned_writes(staging: epath.Path, settle_seconds: float = 2.0) -> None:
-    """Remove the staging directory of a failed write, again if it comes back. Orbax raises at the
-    first failed array write, while TensorStore's other writes of the same save go on in its own
-    threads, beyond Orbax's reach; they create their directories anew (the last one writes the
-    OCDBT manifest). They end within moments, so the directory is watched that long."""
-    deadline = time.monotonic() + settle_seconds
-    _remove_tree(staging)
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        if os.path.lexists(os.fspath(staging)):
-            _remove_tree(staging)
+def _wait_for_abandoned_writes(directory: epath.Path, quiet_seconds: float = 0.5, limit_seconds: float = 5.0) -> None:
+    """Return once nothing under `directory` has changed for `quiet_seconds` (at most after
+    `limit_seconds`). Orbax raises at the first failed array write, while TensorStore's other
+    writes of the same save go on in its own threads, beyond Orbax's reach, and would recreate
+    the directories of a staging directory removed meanwhile (the last one writes the OCDBT
+    manifest: one full-disk conversion in ten left such a directory behind)."""
+
+    def snapshot() -> list[tuple[str, int]]:
+        found = []
+        for root, _, files in os.walk(os.fspath(directory)):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    found.append((os.path.join(root, name), os.path.getsize(os.path.join(root, name))))
+        return sorted(found)
+
+    deadline, last, quiet_since = time.monotonic() + limit_seconds, snapshot(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_seconds:
+        time.sleep(0.05)
+        current = snapshot()
+        if current != last:
+            last, quiet_since = current, time.monotonic()
 
 
 def _write_failure(error: BaseException) -> str:
