@@ -2,8 +2,8 @@
 
 PATH is a training workdir of train.py, a converted model directory, an OpenAI `.pt` or an
 open_clip / Hugging Face file (anything `clip_jax.load` reads). Writes results.json, results.md
-and PNG plots into --output. Settings (tasks, dataset names) are checked before the model is
-loaded; a failure is one line (`error: ...`, exit status 1), the traceback only with --verbose. Only parses flags; the work is `clip_jax.evaluation.suite` and
+and PNG plots into --output. Settings (tasks, dataset names) and --output (a writable directory, or
+one that can be created) are checked before the model is loaded; a failure is one line (`error: ...`, exit status 1), the traceback only with --verbose. Only parses flags; the work is `clip_jax.evaluation.suite` and
 `clip_jax.evaluation.report`. Examples:
 
     python evaluate.py --checkpoint ./workdir --tasks zero_shot,retrieval,linear_probe,few_shot
@@ -107,8 +107,11 @@ def _evaluate() -> None:
 
     import jax
 
+    from clip_jax import paths
     from clip_jax.api import load
 
+    if jax.process_index() == 0:  # the process that writes the report; before the (slow) work
+        paths.check_output(FLAGS.output, directory=True, replace=True, setting="--output")
     model, variables, _, tokenizer = load(
         FLAGS.checkpoint, FLAGS.model, trust_torchscript=FLAGS.trust_torchscript, ema=FLAGS.ema,
         announce=lambda line: print(line, flush=True),

@@ -28,14 +28,13 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when st
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from absl import app, flags, logging  # noqa: E402  (after the handler: these imports take seconds)
-from ml_collections import config_flags  # noqa: E402
+
+from clip_jax import cli  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Training recipe: a Python file with get_config() (see configs/).", lock_config=True
-)
+cli.define_config_flag("config", _DEFAULT_CONFIG, "Training recipe: a Python file with get_config() (see configs/).")
 flags.DEFINE_string("workdir", "./workdir", "Directory (or gs:// path) for checkpoints, logs and the tokenizer.")
 flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed (not needed on Cloud TPU or SLURM)."
@@ -93,9 +92,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         # Orbax and JAX log every checkpoint write at INFO; the loop prints what matters.
         logging.set_verbosity(logging.WARNING)
-    from clip_jax.cli import one_line_errors
-
-    with one_line_errors(FLAGS.verbose):
+    with cli.one_line_errors(FLAGS.verbose):
         initialize_distributed()
         from clip_jax.training.loop import train_and_evaluate
 
@@ -103,4 +100,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cli.parse_flags))

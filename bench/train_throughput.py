@@ -27,12 +27,13 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from clip_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
+cli.define_config_flag(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"),
-    "Training config to benchmark.", lock_config=True,
+    "Training config to benchmark.",
 )  # fmt: skip
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.")
@@ -172,4 +173,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

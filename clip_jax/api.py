@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from clip_jax import captioning, convert, transforms
+from clip_jax import captioning, cli, convert, transforms
 from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
@@ -54,10 +54,13 @@ def load(
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
     `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
     """
-    if epath.Path(path).is_dir() and checkpointing.is_training_workdir(path):
-        config, variables, text_tokenizer = checkpointing.load_training_workdir(
-            path, ema=ema, announce=announce, **overrides
-        )
+    if is_training_workdir(path):
+        # Its checkpoints may be rotated out under the read (a live run): the retries' abandoned
+        # Orbax reads would print tracebacks although the load succeeds.
+        with cli.library_noise_quieted():
+            config, variables, text_tokenizer = checkpointing.load_training_workdir(
+                path, ema=ema, announce=announce, **overrides
+            )
     elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a model directory, an HF directory, a file
         config, variables, text_tokenizer = convert.load_source(
             path, model, trust_torchscript=trust_torchscript, **overrides
@@ -69,6 +72,11 @@ def load(
     warn_if_not_finite(path, variables)
     preprocess = transforms.make_eval_transform(config.vision.image_size)
     return CLIP(config), variables, preprocess, text_tokenizer
+
+
+def is_training_workdir(path: str) -> bool:
+    """Whether `path` is a workdir of train.py, which `load` reads as one (its newest checkpoint)."""
+    return epath.Path(path).is_dir() and checkpointing.is_training_workdir(path)
 
 
 def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:

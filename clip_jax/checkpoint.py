@@ -24,10 +24,13 @@ the protocol (see `_publish`); an object store has no atomic rename of a directo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,17 +51,6 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
-def check_output_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse, before any work, to write over an existing non-empty directory unless `overwrite`."""
-    path = epath.Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output {os.fspath(output_dir)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {os.fspath(output_dir)!r} is not empty; pass overwrite=True to replace it"
-        )
-
-
 def save_model_directory(
     output_dir: str | os.PathLike,
     config: CLIPConfig,
@@ -71,8 +63,15 @@ def save_model_directory(
 
     def write(staging: epath.Path) -> None:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
-        checkpointer.wait_until_finished()
+        try:
+            checkpointer.save(staging / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, nn.unbox(dict(variables))))
+            checkpointer.wait_until_finished()
+        except BaseException:
+            _wait_for_abandoned_writes(staging)  # before the staging directory is removed
+            raise
+        finally:
+            with contextlib.suppress(Exception):  # its background threads end here
+                checkpointer.close()
         for asset in tokenizer.asset_files():
             asset = epath.Path(asset)
             asset.copy(staging / asset.name)
@@ -88,12 +87,19 @@ def write_directory_atomically(
     """Call `write(staging)` on a new hidden directory beside `output_dir`, then publish it there
     with one rename (`overwrite` replaces an existing output). If `write` fails, nothing is left
     behind. Returns the directory's absolute path. Model directories and `--to-hf` exports."""
-    check_output_directory(output_dir, overwrite)
+    paths.check_output(output_dir, directory=True, replace=overwrite)
     output = paths.absolute(output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = _make_hidden_directory(output, "partial")
     try:
-        write(staging)
+        try:
+            write(staging)
+        except Exception as error:
+            # Orbax and TensorStore report a full disk as pages naming files of the staging directory.
+            raise OSError(
+                f"could not write {os.fspath(output)!r}: {_write_failure(error)}; nothing was written "
+                "(free space or choose another output, then re-run)"
+            ) from error
         _publish(staging, output, overwrite)
     except BaseException:
         _remove_tree(staging)
@@ -101,13 +107,55 @@ def write_directory_atomically(
     return os.fspath(output)
 
 
+def _wait_for_abandoned_writes(directory: epath.Path, quiet_seconds: float = 0.5, limit_seconds: float = 5.0) -> None:
+    """Return once nothing under `directory` has changed for `quiet_seconds` (at most after
+    `limit_seconds`). Orbax raises at the first failed array write, while TensorStore's other
+    writes of the same save go on in its own threads, beyond Orbax's reach, and would recreate
+    the directories of a staging directory removed meanwhile (the last one writes the OCDBT
+    manifest: one full-disk conversion in ten left such a directory behind)."""
+
+    def snapshot() -> list[tuple[str, int]]:
+        found = []
+        for root, _, files in os.walk(os.fspath(directory)):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    found.append((os.path.join(root, name), os.path.getsize(os.path.join(root, name))))
+        return sorted(found)
+
+    deadline, last, quiet_since = time.monotonic() + limit_seconds, snapshot(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_seconds:
+        time.sleep(0.05)
+        current = snapshot()
+        if current != last:
+            last, quiet_since = current, time.monotonic()
+
+
+def _write_failure(error: BaseException) -> str:
+    """The reason of a failed write in a few words: the OS's own ("No space left on device") when
+    the error carries an errno, as OSError does and TensorStore's text does ("[os_error_code='28']")."""
+    while True:
+        if isinstance(error, OSError) and error.errno is not None:
+            return os.strerror(error.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(error))
+        if code:
+            return os.strerror(int(code[1]))
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            return _innermost_message(error)
+        error = cause
+
+
 def _remove_tree(path: epath.Path) -> None:
     """Delete a directory this process made, as far as it can: a cleanup that fails must not hide
     the error being handled."""
-    try:
-        path.rmtree()
-    except OSError:
-        pass
+    for _ in range(3):  # a file written meanwhile makes a pass fail ("Directory not empty")
+        try:
+            path.rmtree()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            continue
 
 
 def _hidden_name(output: epath.Path, kind: str) -> epath.Path:
@@ -139,7 +187,7 @@ def _publish(staging: epath.Path, output: epath.Path, overwrite: bool) -> None:
 
     The renames are `os.rename`, not epath's: epath tests for the destination first and refuses an
     empty directory, which `os.rename` replaces (an empty output directory is allowed, see
-    `check_output_directory`), and its test is the window this protocol has none of.
+    `paths.check_output`), and its test is the window this protocol has none of.
     """
     output_dir = os.fspath(output)
     aside = None

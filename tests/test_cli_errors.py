@@ -88,6 +88,114 @@ def test_unknown_evaluation_dataset_in_the_training_config_is_rejected_before_an
     assert not workdir.exists()
 
 
+def test_config_mistakes_are_one_line_naming_the_field_or_the_file(tmp_path):
+    """An unknown field with the default recipe (ml_collections fails while train.py is imported),
+    a nested one after --config (it fails in absl's flag parsing) and a --config naming no file:
+    one line each, the closest name offered. Other shapes of mistake, in-process."""
+    from run_helpers import default_config
+
+    from clip_jax import cli
+
+    missing = tmp_path / "no_such_recipe.py"
+    cases = {  # arguments -> what the one line must name
+        ("--config.totl_steps=5",): ["--config.totl_steps", "config has no field 'totl_steps'", "total_steps"],
+        ("--config=configs/default.py", "--config.data.webdatset.shards=x"): [
+            "config.data",
+            "'webdatset'",
+            "webdataset",
+        ],
+        (f"--config={missing}",): [str(missing), "does not exist"],
+    }
+    environment = _environment()
+    running = {
+        arguments: subprocess.Popen(
+            [sys.executable, "train.py", f"--workdir={tmp_path / 'workdir'}", *arguments],
+            env=environment,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arguments in cases
+    }
+    for arguments, expected in cases.items():
+        _, stderr = running[arguments].communicate(timeout=300)
+        assert running[arguments].returncode == 1, (arguments, stderr[-3000:])
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (arguments, stderr[-3000:])
+        assert all(part in lines[0] for part in expected), (arguments, lines[0], expected)
+    assert not (tmp_path / "workdir").exists()
+
+    config = default_config()
+    message = cli.config_override_error(config, "config", "optimizer.learnig_rate")
+    assert "config.optimizer has no field 'learnig_rate'" in message and "--config.optimizer.learning_rate" in message
+    message = cli.config_override_error(config, "config", "tokenizer.kind.size")
+    assert "config.tokenizer.kind is a str" in message and "not a group" in message
+    assert cli.config_override_error(config, "config", "optimizer.learning_rate") is None
+
+
+READ_ONLY_SCRIPT = textwrap.dedent(
+    """
+    set -u
+    mount -t tmpfs -o ro,size=1m tmpfs "$MOUNT"
+    "$PYTHON" evaluate.py --checkpoint="$OUT/no_model" --output="$MOUNT/results" --noplots 2> "$OUT/evaluate.err" &
+    "$PYTHON" -m clip_jax.convert "$OUT/no_model.pt" "$MOUNT/converted" 2> "$OUT/convert.err" &
+    "$PYTHON" -m clip_jax.experiments supervised --quick --output "$MOUNT/paper" 2> "$OUT/experiments.err" &
+    mount -t tmpfs -o size=512k tmpfs "$FULL"                  # half the model's weights
+    "$PYTHON" -m clip_jax.convert "$OUT/tiny.safetensors" "$FULL/converted" 2> "$OUT/full.err" &
+    wait
+    ls -A "$FULL" > "$OUT/full.ls"
+    """
+)
+
+
+def _tiny_checkpoint(path: str) -> None:
+    """An open_clip-layout safetensors file of the tiny ViT (1.1 MB of random weights)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+    from safetensors.numpy import save_file
+
+    from clip_jax import convert
+    from clip_jax.models import CLIP, get_model_config
+
+    config = get_model_config("tiny-vit")
+    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(config).init_variables(jax.random.key(0))))  # no compiling
+    generator = np.random.default_rng(0)
+    variables = jax.tree.map(lambda leaf: generator.normal(size=leaf.shape).astype(np.float32), shapes)
+    save_file(convert.variables_to_openclip(variables, config), path)
+
+
+def test_outputs_on_a_read_only_or_full_disk_fail_in_one_line(tmp_path):
+    """evaluate.py, the converter and the experiments write their output at the end: on a read-only
+    filesystem (a mount namespace of its own, so that root is refused too) each stops at once with
+    one line naming the output; the sources do not exist, so a check made after loading would name
+    them. A conversion onto a full disk is one line too, without Orbax's logs, and leaves nothing."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "this test needs util-linux's unshare (a private mount namespace)"
+    mount, full, out = tmp_path / "mount", tmp_path / "full", tmp_path / "out"
+    for directory in (mount, full, out):
+        directory.mkdir()
+    _tiny_checkpoint(str(out / "tiny.safetensors"))
+    script = tmp_path / "read_only.sh"
+    script.write_text(READ_ONLY_SCRIPT)
+    env = {**_environment(), "MOUNT": str(mount), "FULL": str(full), "OUT": str(out), "PYTHON": sys.executable}
+    result = subprocess.run(
+        [unshare, "--map-root-user", "--mount", "sh", str(script)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for command, output in (("evaluate", "results"), ("convert", "converted"), ("experiments", "paper")):
+        lines = (out / f"{command}.err").read_text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (command, lines)
+        assert str(mount / output) in lines[0] and "Read-only file system" in lines[0], (command, lines)
+        assert "no_model" not in lines[0], (command, lines)
+    lines = (out / "full.err").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines[:20]
+    assert str(full / "converted") in lines[0] and "No space left on device" in lines[0], lines
+    assert (out / "full.ls").read_text().split() == []  # no staging directory left behind
+
+
 FULL_DISK_SCRIPT = textwrap.dedent(
     """
     set -u

@@ -1,9 +1,11 @@
 """Conversion tests: parity with open_clip / OpenAI TorchScript / Hugging Face, exact export, bad input."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -384,6 +386,66 @@ def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
     with pytest.raises(FileExistsError, match="not empty"):
         checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer())
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_the_command_line_names_its_overwrite_flag_before_loading(tmp_path, capsys):
+    """An existing output is refused naming --overwrite (the library keeps overwrite=True), in every
+    mode, before the source is read: the source does not exist, so a later check would name it."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    (tmp_path / "state.safetensors").write_text("precious")
+    missing = str(tmp_path / "missing.pt")
+    for argv in (
+        [missing, str(tmp_path / "out")],
+        [missing, str(tmp_path / "out"), "--to-hf"],
+        [missing, str(tmp_path / "state.safetensors"), "--to-open-clip"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            convert.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+        assert "--overwrite" in lines[0] and "overwrite=True" not in lines[0] and argv[1] in lines[0], lines
+        assert "missing.pt" not in lines[0]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        convert.convert_checkpoint(missing, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == (tmp_path / "state.safetensors").read_text() == "precious"
+
+
+def test_a_pickle_that_needs_code_is_refused_without_advice_to_run_it(tmp_path, capsys):
+    """A checkpoint pickled with objects beyond tensors (here an argparse.Namespace, as old training
+    scripts saved) names what it needs in one line. torch's advice to re-run with weights_only=False,
+    which would run the file's pickle, is never shown: not in the line, nor with --verbose."""
+    path = tmp_path / "with_args.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, str(path))
+    with pytest.raises(SystemExit) as exited:
+        convert.main([str(path), str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 1 and len(lines) == 1 and "with_args.pt" in lines[0], lines
+    assert "argparse.Namespace" in lines[0] and "weights_only=False" not in lines[0], lines
+    for call in (
+        lambda: convert.main([str(path), str(tmp_path / "out"), "--verbose"]),
+        lambda: clip_jax.load(str(path)),
+    ):
+        with pytest.raises(convert.ConversionError) as raised:
+            call()
+        report = "".join(traceback.format_exception(raised.value))
+        assert "with_args.pt" in report and "weights_only" not in report.replace("weights_only=True", ""), report
+
+
+def test_a_directory_given_as_a_checkpoint_is_said_to_be_what_it_is(tmp_path, small_model, capsys):
+    """A train.py workdir or a clip_jax model directory given to the converter (which reads files)
+    is named for what it is, with the commands that take it; never "does not exist"."""
+    from clip_jax.convert import __main__ as command
+
+    workdir = tmp_path / "workdir"
+    (workdir / "checkpoints").mkdir(parents=True)
+    model_directory = checkpoint.save_model_directory(str(tmp_path / "model"), *small_model, ClipTokenizer())
+    for source, expected in ((workdir, ["train.py workdir", "--to-hf"]), (model_directory, ["model directory"])):
+        with pytest.raises(SystemExit) as exited:
+            command.run([str(source), str(tmp_path / "out")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 1 and len(lines) == 1 and str(source) in lines[0], lines
+        assert all(part in lines[0] for part in expected) and "does not exist" not in lines[0], lines
 
 
 # ------------------------------------------------------------------------------------------------

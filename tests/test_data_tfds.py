@@ -142,6 +142,28 @@ def test_unknown_dataset_and_missing_features_fail_clearly():
         data_iterator.make_train_source(data_config("coco_captions", "grain"), 0, 1)
 
 
+def test_a_dataset_never_prepared_is_one_line_naming_it_its_directory_and_how_to_prepare_it(tmp_path):
+    """Training data (both readers), a classification set and an image-text set for retrieval,
+    from a directory where the builder was never prepared."""
+    from clip_jax.evaluation import retrieval
+
+    empty = str(tmp_path / "never_prepared")
+    opens = [
+        lambda: data_iterator.make_train_source(data_config("tiny_captioned_images", "data_source", empty), 0, 1),
+        lambda: data_iterator.make_train_source(data_config("tiny_captioned_images", "tf_data", empty), 0, 1),
+        lambda: classification.load_classification("tiny_captioned_images", "train", empty, reader="data_source"),
+        lambda: classification.load_classification("tiny_captioned_images", "train", empty, reader="tf_data"),
+        lambda: next(retrieval.tfds_caption_batches("tiny_captioned_images", "train", IMAGE_SIZE, 2, empty)),
+    ]
+    for index, open_dataset in enumerate(opens):
+        with pytest.raises(ValueError) as raised:
+            open_dataset()
+        message = str(raised.value)
+        assert "\n" not in message, (index, message)
+        assert "'tiny_captioned_images' is not prepared" in message and repr(empty) in message, (index, message)
+        assert "tfds build" in message and "--data_dir" in message, (index, message)
+
+
 # --- image-text: a user's builder prepared on disk
 
 

@@ -128,6 +128,21 @@ def test_bad_flags_fail_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--output is checked first: a file where the directory belongs, or under a file. The
+    checkpoint does not exist, so a check made only after loading would report that instead."""
+    taken = tmp_path / "results"
+    taken.write_text("not a directory")
+    for output in (taken, taken / "run1"):
+        with pytest.raises(SystemExit) as exited:
+            _run_main([f"--checkpoint={tmp_path / 'no_model'}", f"--output={output}", "--noplots"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 1 and len(lines) == 1, lines
+        assert "--output" in lines[0] and repr(str(output)) in lines[0] and "is a file" in lines[0], lines
+        assert "no_model" not in lines[0]
+    assert taken.read_text() == "not a directory"
+
+
 def test_the_built_in_dataset_is_the_one_the_workdir_trained_on(trained_workdir, tmp_path):
     """evaluate.py takes the data settings from a training workdir's record, and gives the suite
     nothing for a path that is not one; the suite builds the dataset from those settings."""

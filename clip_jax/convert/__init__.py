@@ -35,7 +35,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from clip_jax import checkpoint, torchscript
+from clip_jax import checkpoint, paths, torchscript
 from clip_jax import tokenizer as tokenizers
 from clip_jax.cli import one_line_errors
 from clip_jax.convert import hf
@@ -120,6 +120,38 @@ def _read_torchscript(path: str, trust_torchscript: bool) -> StateDict:
     return {k: _to_numpy(v) for k, v in state_dict.items()}
 
 
+def _not_a_checkpoint_file(directory: str) -> str:
+    """What a directory given as a checkpoint file is, and what takes it (never "does not exist")."""
+    try:
+        checkpoint.read_model_config(directory)
+    except (OSError, ValueError):
+        return (
+            f"{directory!r} is a directory, not a checkpoint: expected a .pt/.bin/.safetensors file or a "
+            "transformers CLIPModel directory (config.json + model.safetensors)"
+        )
+    return (
+        f"{directory!r} is already a clip_jax model directory: clip_jax.load and evaluate.py --checkpoint read it "
+        "as it is; --to-hf or --to-open-clip export it"
+    )
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """Why `torch.load(weights_only=True)` failed, in one line, without torch's advice to load
+    the file with weights_only=False or to allow-list its globals (both run the file's code)."""
+    text = str(error)
+    needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if needed:
+        return (
+            f"it holds an object of type {needed[1]}, not only tensors, and clip_jax runs no code from a checkpoint; "
+            "where the file was made, save the model's state_dict() alone (or as .safetensors)"
+        )
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?\n|$)", text)
+    if found:
+        return f"unpickling it needs more than tensors ({found[1]})"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(error).__name__}: {lines[0] if lines else 'unreadable'}"
+
+
 def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDict, str, dict[str, Any]]:
     """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec).
 
@@ -129,6 +161,8 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
     """
     if epath.Path(path).is_dir() and hf.model_file(path) is not None:
         path = hf.model_file(path)  # a transformers CLIPModel directory: its weights file
+    if epath.Path(path).is_dir():
+        raise ConversionError(_not_a_checkpoint_file(path))
     if not epath.Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     hints: dict[str, Any] = {}
@@ -146,9 +180,11 @@ def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDi
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
+            # `from None`: torch's message advises re-running with weights_only=False, i.e. running
+            # the file's pickle; not even --verbose's traceback may repeat that.
             raise ConversionError(
-                f"{path!r} is not a PyTorch checkpoint readable with weights_only=True: {error}"
-            ) from error
+                f"{path!r} is not a PyTorch checkpoint clip_jax can read: {_torch_load_reason(error)}"
+            ) from None
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]  # an open_clip training checkpoint
         if not isinstance(loaded, dict):
@@ -653,7 +689,7 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint into a self-contained clip_jax model directory (see `checkpoint`).
 
     `trust_torchscript` and `announce`: see `load_checkpoint`."""
-    checkpoint.check_output_directory(output_dir, overwrite)  # before the (slow) conversion
+    paths.check_output(output_dir, directory=True, replace=overwrite)  # before the (slow) conversion
     config, variables = load_checkpoint(
         source, model, activation, trust_torchscript=trust_torchscript, announce=announce
     )
@@ -702,24 +738,35 @@ def load_source(
     return config, variables, checkpoint_tokenizer(path, config.text.context_length)
 
 
-def main(argv: list[str] | None = None, load: SourceLoader | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    load: SourceLoader | None = None,
+    is_training_workdir: Callable[[str], bool] | None = None,
+) -> None:
     """The command line; errors are one `error: ...` line on stderr (exit 1), tracebacks with --verbose.
 
-    `load` reads the source of --to-hf (default `load_source`)."""
+    `load` reads the source of --to-hf and --to-open-clip (default `load_source`);
+    `is_training_workdir` recognises a train.py workdir given as a checkpoint to convert, to say
+    so. `python -m clip_jax.convert` passes clip_jax.api's, which know workdirs (this layer does not)."""
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip / Hugging Face CLIP checkpoint into a clip_jax directory, "
         "or (--to-open-clip) a clip_jax directory back into an open_clip state dict.",
     )
     parser.add_argument(
-        "source", help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory with --to-open-clip"
+        "source",
+        help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory or train.py workdir with --to-hf / --to-open-clip",
     )
     parser.add_argument("output", help="the directory to create (or the state-dict file with --to-open-clip)")
     parser.add_argument("--model", help="a registered spec name (default: read off the tensor shapes)")
     parser.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the MLP activation")
     parser.add_argument("--bpe", help="path of bpe_simple_vocab_16e6.txt.gz (default: CLIP_JAX_BPE or open_clip's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--to-open-clip", action="store_true", help="export a clip_jax directory to open_clip")
+    parser.add_argument(
+        "--to-open-clip",
+        action="store_true",
+        help="export SOURCE (a clip_jax directory or workdir, or a checkpoint file) as an open_clip state dict",
+    )
     parser.add_argument(
         "--to-hf",
         action="store_true",
@@ -736,12 +783,15 @@ def main(argv: list[str] | None = None, load: SourceLoader | None = None) -> Non
     if args.to_hf and args.to_open_clip:
         parser.error("--to-hf and --to-open-clip exclude each other")
     with one_line_errors(args.verbose):
-        _run(parser, args, load or load_source)
+        _run(args, load or load_source, is_training_workdir or (lambda path: False))
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, load: SourceLoader) -> None:
+def _run(args: argparse.Namespace, load: SourceLoader, is_training_workdir: Callable[[str], bool]) -> None:
+    # Before the (slow) loading, and naming the command line's flag rather than the keyword.
+    paths.check_output(
+        args.output, directory=not args.to_open_clip, replace=args.overwrite, overwrite_hint="pass --overwrite"
+    )
     if args.to_hf:
-        checkpoint.check_output_directory(args.output, args.overwrite)  # before the (slow) loading
         config, variables, text_tokenizer = load(args.source, args.model, args.activation, args.trust_torchscript)
         export_to_hf(args.output, config, variables, text_tokenizer, args.overwrite)
         print(
@@ -751,12 +801,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, load: Source
             print("note: CLIPModel has no logit_bias; its logits omit it (embeddings are exact); kept in config.json")
         return
     if args.to_open_clip:
-        if epath.Path(args.output).exists() and not args.overwrite:
-            parser.error(f"{args.output} exists; pass --overwrite to replace it")
-        config, variables = checkpoint.load_model_directory(args.source)
+        config, variables, _ = load(args.source, args.model, args.activation, args.trust_torchscript)
+        paths.absolute(args.output).parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(variables_to_openclip(variables, config), args.output)
         print(f"wrote {args.output}")
         return
+    if is_training_workdir(args.source):
+        raise ConversionError(
+            f"{args.source!r} is a train.py workdir, not a PyTorch checkpoint: clip_jax.load and evaluate.py "
+            "--checkpoint read it as it is; to export its newest checkpoint add --to-hf (a transformers CLIPModel "
+            "directory) or --to-open-clip with an output file such as model.safetensors (an open_clip state dict)"
+        )
     config = convert_checkpoint(
         args.source, args.output, args.model, args.activation, args.bpe, args.overwrite,
         trust_torchscript=args.trust_torchscript, announce=lambda choice: print(choice.describe(cli=True), flush=True),

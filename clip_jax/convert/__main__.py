@@ -1,9 +1,10 @@
 """`python -m clip_jax.convert`: the conversion command line (`clip_jax.convert.main`).
 
-A package's __main__ rather than a `__name__ == "__main__"` block: `import clip_jax` has already
-imported clip_jax.convert (through clip_jax.api), and runpy would run that module a second time.
---to-hf reads its source with `clip_jax.api`'s loader, which also reads training workdirs (a layer
-clip_jax.convert itself does not import).
+A package's __main__ rather than a `__name__ == "__main__"` block in clip_jax/convert/__init__.py:
+`import clip_jax` has already imported clip_jax.convert (through clip_jax.api), and runpy would run
+that module a second time. --to-hf and --to-open-clip read their source with `clip_jax.api`'s
+loader, which also reads training workdirs, and a workdir given as a checkpoint to convert is
+recognised as one (a layer clip_jax.convert itself does not import).
 """
 
 from clip_jax import api
@@ -16,4 +17,10 @@ def _load(path: str, model: str | None, activation: str | None, trust_torchscrip
     return clip.config, variables, tokenizer
 
 
-main(load=_load)
+def run(argv: list[str] | None = None) -> None:
+    """The command line (arguments from sys.argv by default), with the loaders that know workdirs."""
+    main(argv, load=_load, is_training_workdir=api.is_training_workdir)
+
+
+if __name__ == "__main__":
+    run()

@@ -215,7 +215,11 @@ def load_classification(
     if chosen_reader == "data_source":
         num_examples = len(tfds_source.open_data_source(name, split, data_dir, keys.decoders))
     else:
-        num_examples = int(builder.info.splits[split].num_examples)
+        try:
+            num_examples = int(builder.info.splits[split].num_examples)
+        except KeyError as error:  # no such split, or no splits at all: a dataset never prepared
+            message = tfds_source.not_prepared_message(name, data_dir)
+            raise ValueError(message or f"TFDS dataset {name!r} has no split {split!r} ({error})") from error
     if num_examples < 1:
         raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
     return ClassificationDataset(

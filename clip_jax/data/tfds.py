@@ -11,6 +11,7 @@ already used. See docs/data.md for the choice.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -171,6 +172,27 @@ def make_builder(name: str, data_dir: str | None) -> Any:
         raise ValueError(f"cannot open TFDS dataset {name!r} (data_dir={data_dir!r}): {error}") from error
 
 
+def not_prepared_message(name: str, data_dir: str | None) -> str | None:
+    """One line when TFDS dataset `name` was never prepared in `data_dir` (None: TFDS's default
+    directory): the dataset, the directory looked in and how to prepare it; None when it was (or
+    when that cannot be told). Asked only once opening it has failed: under
+    tfds.testing.mock_data a dataset reads without being prepared."""
+    tfds = import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        if builder.is_prepared():
+            return None
+        directory = os.fspath(builder.data_dir_root)
+    except Exception:  # noqa: BLE001 - unknown name, unreadable directory: the caller's own message stands
+        return None
+    return (
+        f"TFDS dataset {name!r} is not prepared in {directory!r}: prepare it there with "
+        f"`tfds build {name.split(':')[0]} --data_dir={directory}` (some, e.g. imagenet2012, need their files "
+        "downloaded by hand first), or name the directory where it is prepared (--data_dir of evaluate.py, "
+        "config.data.tfds.data_dir or config.eval.data_dir of train.py)"
+    )
+
+
 # Decoding threads open their data source lazily. Opening is not thread-safe under
 # tfds.testing.mock_data, which patches classes while a source is built (two threads at once fail
 # with "Cannot spec a Mock object"), and a second open of the same source is wasted work anyway.
@@ -181,10 +203,12 @@ def open_data_source(name: str, split: str, data_dir: str | None, decoders: Any)
     tfds = import_tfds()
     try:
         with _OPEN_LOCK:
-            return tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders)
+            # download=False: tfds.data_source would otherwise download and prepare a missing dataset.
+            return tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders, download=False)
     except Exception as error:
         raise ValueError(
-            f"cannot open TFDS dataset {name!r} split {split!r} for random access (data_dir={data_dir!r}): {error}. "
+            not_prepared_message(name, data_dir)
+            or f"cannot open TFDS dataset {name!r} split {split!r} for random access (data_dir={data_dir!r}): {error}. "
             "Prepare it with ArrayRecord files (`tfds build --file_format=array_record`) or set "
             "data.tfds.reader='tf_data'."
         ) from error
@@ -213,7 +237,8 @@ def load_tf_data(
         )
     except Exception as error:
         raise ValueError(
-            f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}"
+            not_prepared_message(name, data_dir)
+            or f"cannot read TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): {error}"
         ) from error
     import tensorflow as tf
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clip_jax import paths
 from clip_jax.cli import one_line_errors
 from clip_jax.data.synthetic import DOWNSTREAM_TASKS
 from clip_jax.experiments.commands import COMMANDS, DEFAULT_TASKS
@@ -39,6 +40,8 @@ def run(command: str, output: str, quick: bool = False, tasks: tuple[str, ...] =
     unknown = [task for task in tasks if task not in DOWNSTREAM_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; expected some of {list(DOWNSTREAM_TASKS)}")
+    # Before any model trains: results and models are written into it (and reused from it).
+    paths.check_output(output, directory=True, replace=True, setting="--output")
     context = Context(output, Sizes.make(quick))
     written = []
     for name in ORDER if command == "all" else (command,):
