@@ -264,7 +264,7 @@ def _config_flag_errors(argv: Sequence[str]) -> Iterator[None]:
         _fail(one_line(error))
 
 
-def define_config_flag(name: str, default: str, help_text: str) -> None:
+def define_config_flag(name: str, default: str | None, help_text: str) -> None:
     """An ml_collections recipe flag (`--NAME=recipe.py`, `--NAME.FIELD=VALUE`, locked against new
     fields) whose mistakes are one line. Defining it already reads the default recipe and
     sys.argv's overrides, so an unknown field is caught here, at import; `parse_flags` catches the

@@ -14,11 +14,14 @@ import json
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from clip_jax import cli
+from clip_jax.aot.targets import compile_only_environment
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training recipe: a Python file with get_config() (configs/).")
+cli.define_config_flag("config", None, "Training recipe: a Python file with get_config() (configs/).")
 flags.DEFINE_string("topology", None, "Target: a TPU slice (v5e-256, v4-512, v4:4x4x4) or GPU hosts (8xh100).")
 flags.DEFINE_integer("num_slices", 1, "Slices of a multislice job (the data axis spans them; mesh.dcn_data).")
 flags.DEFINE_bool("fit", False, "Search micro-batches, remat policy and fsdp for the cheapest configuration that fits.")
@@ -43,19 +46,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
-    from clip_jax.cli import one_line_errors
-
-    with one_line_errors(FLAGS.verbose):
+    with cli.one_line_errors(FLAGS.verbose):
         from clip_jax.aot import compile as aot_compile
         from clip_jax.aot import fit, recipes
         from clip_jax.aot.targets import parse_target
 
         if FLAGS.recipes:
             rows = recipes.compile_recipes(log=_say)
-            print(recipes.table(rows))
+            ring = recipes.ring_claim(log=_say)
+            print(recipes.table(rows) + "\n\n" + recipes.ring_table(ring))
             if FLAGS.write_docs:
-                recipes.write_table(FLAGS.write_docs, rows)
-            _write_json([row.to_json() for row in rows])
+                recipes.write_table(FLAGS.write_docs, rows, ring)
+            _write_json({"recipes": [row.to_json() for row in rows], "ring_claim": ring})
             return
         if FLAGS.config is None or FLAGS.topology is None:
             raise app.UsageError("--config and --topology are required (or --recipes)")
@@ -87,8 +89,7 @@ def _write_json(data: object) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the target's devices are abstract: nothing runs on them
-    from clip_jax.aot.targets import compile_only_environment
-
+    if not os.environ.get("JAX_PLATFORMS"):  # the target's devices are abstract: nothing runs on them
+        jax.config.update("jax_platforms", "cpu")
     compile_only_environment()  # before jax loads libtpu
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cli.parse_flags))

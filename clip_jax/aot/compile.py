@@ -292,3 +292,17 @@ def format_bytes(value: int | None) -> str:
     if value is None:
         return "?"
     return f"{value / 1e6:.1f} MB" if abs(value) < GB else f"{value / GB:.2f} GB"
+
+
+def compile_loss(target: Target, global_batch_size: int, embed_dim: int, loss: str, impl: str) -> Memory:
+    """Per-chip memory of the contrastive loss and its gradient alone, the batch split over every
+    chip of `target`: float32 (global_batch_size, embed_dim) embeddings, as the step hands them over."""
+    from clip_jax import losses
+
+    devices = target.devices()
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1}, devices)
+    loss_fn = losses.make_sharded_loss_fn(mesh, sharding.BATCH_AXES, loss=loss, impl=impl)
+    rows = jax.ShapeDtypeStruct((global_batch_size, embed_dim), jnp.float32, sharding=sharding.batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    gradient = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))
+    return _memory(gradient.lower(rows, rows, scalar, scalar).compile())

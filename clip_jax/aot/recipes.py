@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable
 
-from clip_jax.aot.compile import GB, Report, compile_run
+from clip_jax.aot.compile import GB, Memory, Report, compile_loss, compile_run, format_bytes
 from clip_jax.aot.targets import parse_target
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -99,11 +99,12 @@ def table(reports: list[Report]) -> str:
     return "\n".join(lines)
 
 
-def write_table(path: str, reports: list[Report]) -> None:
-    """Replace the table between BEGIN and END in `path` (appended at the end the first time)."""
+def write_table(path: str, reports: list[Report], ring: dict[str, Memory] | None = None) -> None:
+    """Replace the tables between BEGIN and END in `path` (appended at the end the first time)."""
     with open(path) as file:
         text = file.read()
-    block = f"{BEGIN}\n\n{table(reports)}\n\n{END}"
+    tables = table(reports) + (f"\n\n{ring_table(ring)}" if ring else "")
+    block = f"{BEGIN}\n\n{tables}\n\n{END}"
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
@@ -111,3 +112,37 @@ def write_table(path: str, reports: list[Report]) -> None:
     with open(path + ".partial", "w") as file:
         file.write(text)
     os.replace(path + ".partial", path)
+
+
+# The ring loss's claim (docs/performance.md, "Contrastive-loss memory"): at a million pairs the
+# all_gather loss cannot fit a chip and the ring's working set stays that of the local batch.
+RING_CLAIM = {"target": "v4-2048", "global_batch_size": 1_048_576, "embed_dim": 512, "loss": "softmax"}
+
+
+def ring_claim(log: Callable[[str], None] = print) -> dict[str, Memory]:
+    """{impl: per-chip memory of the softmax loss and its gradient} at RING_CLAIM's size."""
+    target = parse_target(RING_CLAIM["target"])
+    results = {}
+    for impl in ("all_gather", "ring"):
+        results[impl] = compile_loss(
+            target, RING_CLAIM["global_batch_size"], RING_CLAIM["embed_dim"], RING_CLAIM["loss"], impl
+        )
+        log(
+            f"recipes: {RING_CLAIM['loss']} loss, {impl}: {format_bytes(results[impl].temporaries)} of temporaries per chip"
+        )
+    return results
+
+
+def ring_table(results: dict[str, Memory]) -> str:
+    target = parse_target(RING_CLAIM["target"])
+    local = RING_CLAIM["global_batch_size"] // target.chips
+    lines = [
+        f"Softmax loss and gradient alone, {RING_CLAIM['global_batch_size']:,} pairs over the {target.chips} chips of a "
+        f"{RING_CLAIM['target']} ({local:,} per chip), embed dim {RING_CLAIM['embed_dim']}, float32:",
+        "",
+        "| impl | temporaries per chip | peak per chip |",
+        "| --- | ---: | ---: |",
+    ]
+    for impl, memory in results.items():
+        lines.append(f"| {impl} | {format_bytes(memory.temporaries)} | {format_bytes(memory.peak)} |")
+    return "\n".join(lines)
