@@ -26,8 +26,9 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # The only modules outside clip_jax/training/ that may import it: `load` reads training workdirs.
 TRAINING = f"{PACKAGE}.training"
 # clip_jax/experiments/clip_runs.py drives training runs for the paper's experiments (the package
-# sits on top of every other layer, as api.py does).
-TRAINING_IMPORTERS = {f"{PACKAGE}.api", f"{PACKAGE}.experiments.clip_runs"}
+# sits on top of every other layer, as api.py does); clip_jax/aot/ compiles the train step that
+# training/ builds, for hardware this machine does not have (on top of every layer too).
+TRAINING_IMPORTERS = {f"{PACKAGE}.api", f"{PACKAGE}.experiments.clip_runs", f"{PACKAGE}.aot.compile"}
 
 # Imported where they are used, never at the top of a module: optional dependencies whose import
 # costs seconds, or that not every install has.

@@ -18,7 +18,9 @@ import jax
 from absl import app, flags, logging
 
 from clip_jax import cli
-from clip_jax.aot.targets import compile_only_environment
+from clip_jax.aot import compile as aot_compile
+from clip_jax.aot import fit, recipes
+from clip_jax.aot.targets import compile_only_environment, parse_target
 
 FLAGS = flags.FLAGS
 cli.define_config_flag("config", None, "Training recipe: a Python file with get_config() (configs/).")
@@ -47,10 +49,6 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
     with cli.one_line_errors(FLAGS.verbose):
-        from clip_jax.aot import compile as aot_compile
-        from clip_jax.aot import fit, recipes
-        from clip_jax.aot.targets import parse_target
-
         if FLAGS.recipes:
             rows = recipes.compile_recipes(log=_say)
             ring = recipes.ring_claim(log=_say)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clip_jax import metrics, sharding
+from clip_jax import losses, metrics, sharding
 from clip_jax import tokenizer as tokenizers
 from clip_jax.aot import hlo
 from clip_jax.aot.targets import Target
@@ -297,8 +297,6 @@ def format_bytes(value: int | None) -> str:
 def compile_loss(target: Target, global_batch_size: int, embed_dim: int, loss: str, impl: str) -> Memory:
     """Per-chip memory of the contrastive loss and its gradient alone, the batch split over every
     chip of `target`: float32 (global_batch_size, embed_dim) embeddings, as the step hands them over."""
-    from clip_jax import losses
-
     devices = target.devices()
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1}, devices)
     loss_fn = losses.make_sharded_loss_fn(mesh, sharding.BATCH_AXES, loss=loss, impl=impl)

@@ -16,6 +16,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from jax.experimental import topologies
+
 GiB = 1024**3
 
 
@@ -88,8 +90,6 @@ class Target:
     def devices(self, num_slices: int = 1) -> Sequence[Any]:
         """The abstract devices of `num_slices` such slices (each carries `slice_index` when
         `num_slices` > 1); they can be compiled for, not run on."""
-        from jax.experimental import topologies
-
         compile_only_environment()
         if self.platform == "tpu":
             extra = {"chip_config_name": "megacore"} if TPU_CHIPS[self.kind].megacore else {}
