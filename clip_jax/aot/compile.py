@@ -278,9 +278,9 @@ def format_report(report: Report) -> str:
             line += f"; {report.flops_per_chip / report.peak_flops_per_chip:.3g} s per step at 100% MFU"
         lines.append(line)
     if report.collectives:
-        lines.append("  collectives   kind                 group  network  per step   bytes per step")
+        lines.append("  collectives   kind                 group  slices   per step   bytes per step")
         for entry in report.collectives:
-            network = "DCN" if entry.crosses_slices else "ICI"
+            network = "across" if entry.crosses_slices else "within"
             lines.append(
                 f"                {entry.kind:<20} {entry.group_size:>5}  {network:<7}  {entry.count:>8}   {format_bytes(entry.bytes)}"
             )

@@ -328,14 +328,16 @@ def step_flops_per_device(
     when the towers' layers are scanned, GradCache runs its micro-batches in a loop or a remat
     policy recomputes activations, the count comes from lowering (not compiling: cheap) the same
     step with layers unrolled, no accumulation and no remat, over all devices, divided by the
-    device count; otherwise from the compiled step itself. `lowering_mesh` (default `mesh`): where
+    device count; otherwise from the compiled step itself, where its backend counts. `lowering_mesh` (default `mesh`): where
     to lower that step; the program for the global batch is the same on any mesh, and an
     ahead-of-time target's devices give no cost analysis of a lowered program (clip_jax.aot
     lowers on one CPU device).
     """
     spec = model.config
     if not spec.scan_layers and spec.remat_policy == "none" and settings.step.accumulation_steps == 1:
-        return metrics.compiled_flops(compiled)
+        flops = metrics.compiled_flops(compiled)
+        if flops is not None:  # else (no cost analysis, e.g. a GPU compiled ahead of time): lowered
+            return flops
     lowering_mesh = mesh if lowering_mesh is None else lowering_mesh
     unrolled = CLIP(spec.replace(scan_layers=False, remat_policy="none"))
     step_settings = dataclasses.replace(settings.step, accumulation_steps=1)
