@@ -285,7 +285,10 @@ def test_every_recipe_names_a_slice_that_matches_its_batch(tmp_path):
         assert config.global_batch_size % chips == 0, name
     page = tmp_path / "tpu.md"
     page.write_text(f"# title\n\n{recipes.BEGIN}\nold table\n{recipes.END}\n\nafter\n")
-    recipes.write_table(str(page), [])
+    report = tiny_report("v5e:2x2", 1)
+    recipes.write_table(str(page), [report])
     text = page.read_text()
     assert "old table" not in text and "| recipe | slice |" in text and text.endswith("after\n")
+    row = next(line for line in text.splitlines() if line.startswith("| tiny-vit |"))
+    assert f"| {report.pairs_per_chip} | 1 | {report.state_bytes / 1e9:.2f} GB |" in row
     assert np.all([text.count(marker) == 1 for marker in (recipes.BEGIN, recipes.END)])

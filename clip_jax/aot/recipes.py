@@ -85,7 +85,7 @@ def table(reports: list[Report]) -> str:
         mesh = " x ".join(f"{axis} {size}" for axis, size in report.mesh.items() if size > 1) or "1 chip"
         memory = report.memory
         cells = (
-            [f"{memory.state / GB:.2f} GB", f"{memory.temporaries / GB:.2f} GB", f"{memory.peak / GB:.2f} GB"]
+            [f"{report.state_bytes / GB:.2f} GB", f"{memory.temporaries / GB:.2f} GB", f"{memory.peak / GB:.2f} GB"]
             if memory is not None
             else ["?", f"{(report.required_bytes or 0) / GB:.2f} GB (refused)", "does not fit"]
         )
