@@ -2,7 +2,8 @@
 
 Candidates vary the remat policy, GradCache's micro-batches (`accumulation_steps`, exact for every
 objective) and the fsdp axis. "Cheapest" is the least recomputation first, then the fewest
-micro-batches, then the smallest fsdp axis. A candidate is skipped without compiling when the
+micro-batches, then the smallest fsdp axis; a configuration that fits as given is the answer only
+when nothing cheaper does. A candidate is skipped without compiling when the
 compiler already refused one that needs no more memory than it (less or equal recomputation,
 micro-batches and fsdp), or when the temporaries the compiler asked for at fewer micro-batches say
 it cannot fit (a step's temporaries shrink at most in proportion to its micro-batch). Every compile
@@ -32,9 +33,11 @@ REMAT_BY_RECOMPUTE = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable
 
 
 def candidates(config: ml_collections.ConfigDict, chips_per_slice: int, shards: int) -> Iterator[tuple[str, int, int]]:
-    """(remat policy, accumulation steps, fsdp) in the order of their cost."""
-    fsdp = int(config.mesh.fsdp)
-    fsdp_sizes = [fsdp * 2**i for i in range(4) if chips_per_slice % (fsdp * 2**i) == 0]
+    """(remat policy, accumulation steps, fsdp) in the order of their cost: the fsdp axis from 1 to
+    64 (or the chips of a slice that the model axis leaves), micro-batches while each holds a whole
+    number of pairs per chip."""
+    room = chips_per_slice // int(config.mesh.model)
+    fsdp_sizes = [2**i for i in range(7) if 2**i <= room and room % 2**i == 0]
     batch = int(config.global_batch_size)
     steps = [2**i for i in range(int(math.log2(batch)) + 1) if batch % (shards * 2**i) == 0]
     for policy in REMAT_BY_RECOMPUTE:
@@ -75,28 +78,35 @@ def search(
     log: Callable[[str], None] = print,
     memory_bytes: int | None = None,
 ) -> tuple[Report, list[str]]:
-    """(the report of the cheapest candidate that fits, its flags); ValueError when none fits. The
-    candidates' evaluation steps are not compiled: the train step is what grows with them."""
+    """(the report of the cheapest candidate that fits, its flags: none when it is the configuration
+    as given); ValueError when none fits. Candidates cheaper than the configuration as given are
+    tried even when it fits. The candidates' evaluation steps are not compiled: the train step is
+    what grows with them."""
     refused: list[Refusal] = []
-    report = compile_run(config, target, num_slices, name, evaluation=False, memory_bytes=memory_bytes)
-    log(_line("as given", report))
-    if report.fits:
-        return report, []
+    given_report = compile_run(config, target, num_slices, name, evaluation=False, memory_bytes=memory_bytes)
+    log(_line("as given", given_report))
     given = (config.model.overrides.remat_policy, int(config.accumulation_steps), int(config.mesh.fsdp))
-    refused.append(_refusal(*given, report))
-    shards = report.mesh["data"] * report.mesh["fsdp"]  # data x fsdp stays the same as fsdp grows
-    for policy, accumulation, fsdp in candidates(config, report.chips // num_slices, shards):
+    given_cost = (_rank(given[0]), *given[1:])
+    if not given_report.fits:
+        refused.append(_refusal(*given, given_report))
+    shards = given_report.mesh["data"] * given_report.mesh["fsdp"]  # data x fsdp stays the same as fsdp grows
+    for policy, accumulation, fsdp in candidates(config, given_report.chips // num_slices, shards):
+        if given_report.fits and (_rank(policy), accumulation, fsdp) >= given_cost:
+            return given_report, []  # nothing cheaper fits
         if (policy, accumulation, fsdp) == given or _ruled_out(refused, _rank(policy), accumulation, fsdp):
             continue
         report = compile_run(
             with_candidate(config, policy, accumulation, fsdp), target, num_slices, name, False, memory_bytes
         )
-        label = f"remat_policy={policy} accumulation_steps={accumulation} fsdp={fsdp}"
-        log(_line(label, report))
+        log(_line(f"remat_policy={policy} accumulation_steps={accumulation} fsdp={fsdp}", report))
         if report.fits:
             return report, flag_line(config, policy, accumulation, fsdp)
         refused.append(_refusal(policy, accumulation, fsdp, report))
-    raise ValueError(f"no configuration fits {report.target}: even full remat at one pair per micro-batch per chip")
+    if given_report.fits:
+        return given_report, []
+    raise ValueError(
+        f"no configuration fits {given_report.target}: even full remat at one pair per micro-batch per chip"
+    )
 
 
 # (recompute rank, micro-batches, fsdp, bytes needed, bytes available, state bytes per chip)
