@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from run_helpers import free_port
+from run_helpers import finish, free_port
 
 from clip_jax import sharding
 
@@ -37,15 +37,7 @@ def test_two_slice_mesh_keeps_slices_whole_and_the_loss_exact():
         )  # fmt: skip
         for index in range(2)
     ]
-    outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    outputs = [json.loads(finish(process).strip().splitlines()[-1]) for process in processes]
     for result in outputs:
         # mesh (data 4, fsdp 2, model 1): rows 0-1 of the data axis are slice (process) 0, rows
         # 2-3 slice 1, so every fsdp group lies inside one slice.
