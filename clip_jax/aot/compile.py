@@ -211,7 +211,7 @@ def _record_out_of_memory(report: Report, error: Exception) -> bool:
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return False
-    sizes = [float(value) * _UNITS[unit] for value, unit in re.findall(_SIZE, text.split("\n")[0] + text)]
+    sizes = [float(value) * _UNITS[unit] for value, unit in re.findall(_SIZE, text)]
     required = re.search(r"required for [^(]*\(" + _SIZE + r"\)", text) or re.search(r"Used " + _SIZE, text)
     available = re.search(r"available [^(]*\(" + _SIZE + r"\)", text) or re.search(r"of " + _SIZE + r" hbm", text)
     report.required_bytes = int(float(required.group(1)) * _UNITS[required.group(2)]) if required else None
