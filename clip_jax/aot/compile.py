@@ -109,8 +109,8 @@ def tokenizer_shape(settings: TokenizerSettings) -> Any:
     trained one can have, and CLIP's BPE is read from its file."""
     if settings.kind == "clip":
         return tokenizers.ClipTokenizer(context_length=settings.context_length)
-    # train_sentencepiece's ids: pad 0, unk 1, eos 2; rows are pooled at their last token.
-    return _TokenizerShape(settings.vocab_size, settings.context_length, "last", 0)
+    # train_sentencepiece's ids: pad 0, unk 1, eos 2; pooled as SentencePieceTokenizer's rows are.
+    return _TokenizerShape(settings.vocab_size, settings.context_length, tokenizers.SentencePieceTokenizer.pooling, 0)
 
 
 @dataclasses.dataclass(frozen=True)
