@@ -3,15 +3,11 @@
 Candidates vary the remat policy, GradCache's micro-batches (`accumulation_steps`, exact for every
 objective) and the fsdp axis. "Cheapest" is the least recomputation first, then the fewest
 micro-batches, then the smallest fsdp axis; a configuration that fits as given is the answer only
-when nothing cheaper does. A candidate is skipped without compiling when the
-compiler already refused one that needs no more memory than it (less or equal recomputation,
-micro-batches and fsdp), or when the temporaries the compiler asked for at fewer micro-batches say
-it cannot fit (a step's temporaries shrink at most in proportion to its micro-batch). Every compile
-is one line of the log.
+when nothing cheaper does. Every compile is one line of the log.
 
-The skipping rests on a lower bound of what a candidate needs, from a refused one that recomputes
-no less: the state shrinks in proportion to the fsdp axis, everything else at most in proportion
-to the micro-batch. It holds for the steps here (activations and gradients grow with the
+A candidate is skipped without compiling when a lower bound of what it needs, from a refused one
+that recomputes no less, is over the chip's memory: the state shrinks in proportion to the fsdp
+axis, everything else at most in proportion to the micro-batch. It holds for the steps here (activations and gradients grow with the
 micro-batch and the unsharded parameters); a skipped candidate is never the answer unless XLA
 finds memory savings larger than these proportions.
 """
@@ -46,28 +42,35 @@ def candidates(config: ml_collections.ConfigDict, chips_per_slice: int, shards: 
                 yield policy, accumulation, size
 
 
+def changes(config: ml_collections.ConfigDict, policy: str, accumulation: int, fsdp: int) -> dict[str, object]:
+    """{dotted config field: value} that turn `config` into the candidate."""
+    changed: dict[str, object] = {}
+    if policy != config.model.overrides.remat_policy:
+        changed["model.overrides.remat_policy"] = policy
+    if accumulation != int(config.accumulation_steps):
+        changed["accumulation_steps"] = accumulation
+    if fsdp != int(config.mesh.fsdp):
+        changed["mesh.fsdp"] = fsdp
+        changed["mesh.data"] = -1  # the data axis takes the devices fsdp leaves
+    return changed
+
+
 def with_candidate(
     config: ml_collections.ConfigDict, policy: str, accumulation: int, fsdp: int
 ) -> ml_collections.ConfigDict:
     changed = copy.deepcopy(config)
-    changed.model.overrides.remat_policy = policy
-    changed.accumulation_steps = accumulation
-    if fsdp != int(config.mesh.fsdp):
-        changed.mesh.fsdp = fsdp
-        changed.mesh.data = -1  # the data axis takes the devices fsdp leaves
+    for field, value in changes(config, policy, accumulation, fsdp).items():
+        *groups, name = field.split(".")
+        node = changed
+        for group in groups:
+            node = node[group]
+        node[name] = value
     return changed
 
 
 def flag_line(config: ml_collections.ConfigDict, policy: str, accumulation: int, fsdp: int) -> list[str]:
     """The command-line flags that turn `config` into the candidate."""
-    flags = []
-    if policy != config.model.overrides.remat_policy:
-        flags.append(f"--config.model.overrides.remat_policy={policy}")
-    if accumulation != int(config.accumulation_steps):
-        flags.append(f"--config.accumulation_steps={accumulation}")
-    if fsdp != int(config.mesh.fsdp):
-        flags += [f"--config.mesh.fsdp={fsdp}", "--config.mesh.data=-1"]
-    return flags
+    return [f"--config.{field}={value}" for field, value in changes(config, policy, accumulation, fsdp).items()]
 
 
 def search(
