@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from clip_jax.data.synthetic import DOWNSTREAM_TASKS, SHIFTS, SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.synthetic_tasks import DOWNSTREAM_TASKS, SHIFTS
 from clip_jax.evaluation.templates import check_template
 from clip_jax.experiments import __main__ as experiments_main
 from clip_jax.experiments.commands import _line_fit

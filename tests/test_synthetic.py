@@ -1,19 +1,17 @@
 """Tests of the built-in synthetic shapes dataset: determinism, random access, held-out
 combinations, captions, per-process batch shares and what the drawn pixels show."""
 
+import contextlib
 import re
 
 import numpy as np
 import pytest
+from batch_helpers import assert_same_batches, synthetic_train_iterator, take
 
-from clip_jax.data import synthetic
-from clip_jax.data.synthetic import (
-    COLOR_PALETTE,
-    SIZE_WORDS,
-    SyntheticShapes,
-    SyntheticShapesConfig,
-    process_batch_indices,
-)
+from clip_jax.data import synthetic_render
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig, process_batch_indices
+from clip_jax.data.synthetic_render import COLOR_PALETTE
+from clip_jax.data.synthetic_tasks import SIZE_WORDS
 
 # A pixel "shows" a named colour when within this RGB distance of it. Shape colours are
 # jittered by at most 12 per channel (~21 in distance); named colours are >= 90 apart and
@@ -80,7 +78,7 @@ def test_random_access_equals_sequential_in_any_batch_and_chunking(monkeypatch, 
     far_image, _, _ = dataset_32.train_example(10**12)
     np.testing.assert_array_equal(shuffled["images"][40], far_image)
     # Drawing in small chunks changes nothing.
-    monkeypatch.setattr(synthetic, "_PIXELS_PER_CHUNK", 32 * 32 * 7)
+    monkeypatch.setattr(synthetic_render, "_PIXELS_PER_CHUNK", 32 * 32 * 7)
     chunked = dataset_32.get_batch("train", indices)
     np.testing.assert_array_equal(chunked["images"], sequential["images"])
 
@@ -159,7 +157,7 @@ def test_other_seeds_and_sizes_of_held_out_set_keep_every_colour_and_shape_in_tr
 
 def test_captions_name_the_label_colour_and_shape_only(dataset_32):
     batch = dataset_32.get_batch("train", np.arange(600))
-    all_colors, all_shapes = set(COLOR_PALETTE), set(synthetic.SHAPE_MASKS)
+    all_colors, all_shapes = set(COLOR_PALETTE), set(synthetic_render.SHAPE_MASKS)
     skeletons = set()
     for caption, label in zip(batch["captions"], batch["labels"]):
         color, shape = dataset_32.all_class_names[label].split(" ")
@@ -196,13 +194,13 @@ def test_caption_frames_name_the_image_style(dataset_32):
         description = dataset_32.describe("train", index)
         frame = re.match(r"^(.*?) (a|an|the|one) ", description.caption).group(1)
         frames_of_kind.setdefault(description.background, set()).add(frame)
-    assert set(frames_of_kind) == set(synthetic.BACKGROUND_KINDS)
+    assert set(frames_of_kind) == set(synthetic_render.BACKGROUND_KINDS)
     kinds_of_frame: dict[str, set[str]] = {}
     for kind, frames in frames_of_kind.items():
         for frame in frames:
             kinds_of_frame.setdefault(frame, set()).add(kind)
     assert all(len(kinds) == 1 for kinds in kinds_of_frame.values()), kinds_of_frame
-    assert len(kinds_of_frame) >= 2 * len(synthetic.BACKGROUND_KINDS)
+    assert len(kinds_of_frame) >= 2 * len(synthetic_render.BACKGROUND_KINDS)
 
 
 # --- per-process batch shares
@@ -220,30 +218,40 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(dataset_32):
             np.sort(union), np.arange(step * global_batch_size, (step + 1) * global_batch_size)
         )
 
-    iterators = [
-        dataset_32.batch_iterator("train", global_batch_size, process, process_count)
-        for process in range(process_count)
-    ]
-    for step in range(2):
-        local_batches = [next(iterator) for iterator in iterators]
-        assert all(len(batch["captions"]) == 6 for batch in local_batches)
-        global_batch = dataset_32.get_batch(
-            "train", np.arange(step * global_batch_size, (step + 1) * global_batch_size)
-        )
-        np.testing.assert_array_equal(
-            np.concatenate([batch["images"] for batch in local_batches]), global_batch["images"]
-        )
-        assert sum((batch["captions"] for batch in local_batches), []) == global_batch["captions"]
-    assert all(iterator.step == 2 for iterator in iterators)
+    # The iterator training reads, one per process: each process's rows of each global batch.
+    with contextlib.ExitStack() as stack:
+        iterators = [
+            stack.enter_context(
+                synthetic_train_iterator(character_tokenizer, global_batch_size, process, process_count)
+            )
+            for process in range(process_count)
+        ]
+        for step in range(2):
+            local_batches = [next(iterator) for iterator in iterators]
+            assert all(len(batch["texts"]) == 6 for batch in local_batches)
+            global_batch = dataset_32.get_batch(
+                "train", np.arange(step * global_batch_size, (step + 1) * global_batch_size)
+            )
+            images = np.concatenate([batch["images"] for batch in local_batches])
+            assert images.tobytes() == openai_normalized(global_batch["images"]).tobytes()
+            np.testing.assert_array_equal(
+                np.concatenate([batch["texts"] for batch in local_batches]),
+                character_tokenizer(global_batch["captions"]),
+            )
+        assert all(iterator.state["batches"] == 2 for iterator in iterators)
 
 
-def test_iterator_resumes_exactly_at_any_step(dataset_32):
-    from_start = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2)
-    batches = [next(from_start) for _ in range(4)]
-    resumed = dataset_32.batch_iterator("train", 8, process_index=1, process_count=2, start_step=from_start.step - 1)
-    assert resumed.step == 3
-    np.testing.assert_array_equal(next(resumed)["images"], batches[3]["images"])
-    assert resumed.step == 4
+def test_iterator_resumes_exactly_at_any_step():
+    with synthetic_train_iterator(character_tokenizer, 8, process_index=1, process_count=2) as from_start:
+        batches = take(from_start, 3)
+        saved = from_start.state
+        batches.append(next(from_start))
+    with synthetic_train_iterator(
+        character_tokenizer, 8, process_index=1, process_count=2, start_state=saved
+    ) as resumed:
+        assert resumed.state["batches"] == 3
+        assert_same_batches([next(resumed)], batches[3:])
+        assert resumed.state["batches"] == 4
 
 
 def test_bad_split_and_bad_batch_layout_raise_clearly(dataset_32):
@@ -252,9 +260,9 @@ def test_bad_split_and_bad_batch_layout_raise_clearly(dataset_32):
     with pytest.raises(ValueError, match="'heldout'"):
         dataset_32.example("heldout", 0)
     with pytest.raises(ValueError, match="'eval'"):
-        dataset_32.batch_iterator("eval", 8)
+        dataset_32.captions("eval", [0])
     with pytest.raises(ValueError, match="10.*not divisible.*4"):
-        dataset_32.batch_iterator("train", 10, process_index=0, process_count=4)
+        synthetic_train_iterator(character_tokenizer, 10, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="process_index 4"):
         process_batch_indices(0, 8, 4, 4)
     with pytest.raises(ValueError, match="-1"):
@@ -314,7 +322,7 @@ def test_drawn_geometry_matches_shape_size_and_position(upright_dataset_64):
         elif shape == "circle":
             assert 0.7 < fill < 0.86, (row, fill)  # pi / 4 = 0.785
             # Area pi r^2 with r within the named size's range of radii (fraction of side).
-            low, high = synthetic.SIZE_RANGES[description.size]
+            low, high = synthetic_render.SIZE_RANGES[description.size]
             area = mask.sum()
             assert 0.85 * np.pi * (low * size) ** 2 < area < 1.15 * np.pi * (high * size) ** 2
         elif shape == "triangle":

@@ -6,7 +6,9 @@ config.py          the `config.data` schema (default_data_config)
 decode.py          one example: image decoding under limits, caption choice, the random
                    resized crop (ExamplePreparer), the per-batch normalisation
 workers.py         ordered parallel preparation in worker threads or processes
-synthetic.py       the built-in coloured-shapes dataset, and SyntheticSource
+synthetic_render.py  the built-in dataset's drawing: palette, shape masks, ShapeRenderer
+synthetic_tasks.py the built-in dataset's words, downstream tasks and shifted sets
+synthetic.py       the built-in coloured-shapes dataset (SyntheticShapes), and SyntheticSource
 tfds.py            TFDS datasets as sources (random access or tf.data)
 webdataset.py      img2dataset / WebDataset tar shards as a source
 iterator.py        TrainIterator (batches, exact state, counters), the factory that picks

@@ -14,7 +14,7 @@ import sys
 
 from clip_jax import paths
 from clip_jax.cli import one_line_errors
-from clip_jax.data.synthetic import DOWNSTREAM_TASKS
+from clip_jax.data.synthetic_tasks import DOWNSTREAM_TASKS
 from clip_jax.experiments.commands import COMMANDS, DEFAULT_TASKS
 from clip_jax.experiments.common import Context, Sizes, timed
 

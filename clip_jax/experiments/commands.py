@@ -263,7 +263,7 @@ def prompts(context: Context, tasks: tuple[str, ...]) -> str:
         context, "Prompt engineering and ensembling (paper §3.1.4, Fig. 4)", "prompts",
         "Paper: a prompt template (\"A photo of a {label}.\") beats the bare class name (+1.3 points on ImageNet) and "
         "an ensemble of 80 prompts adds 3.5 more. Here: the same three modes of the evaluation suite, with each "
-        "task's templates (clip_jax.data.synthetic.DOWNSTREAM_TASKS).",
+        "task's templates (clip_jax.data.synthetic_tasks.DOWNSTREAM_TASKS).",
     )  # fmt: skip
     markdown += markdown_table(
         ["task", *PROMPT_MODES, "single - class name", "ordering", "ensemble - single", "ordering"], rows

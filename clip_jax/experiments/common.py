@@ -16,7 +16,8 @@ from typing import Any
 import flax.serialization
 import numpy as np
 
-from clip_jax.data.synthetic import DownstreamTask, SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.synthetic_tasks import DownstreamTask
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation.features import Encoder, preprocess_images
 from clip_jax.evaluation.templates import DatasetPrompts, templates_for_mode
