@@ -280,7 +280,34 @@ class TfdsRecordReader:
         return lookup(example, self.keys.image), lookup(example, self.keys.text) if self.keys.text else None
 
 
-class TfdsRandomAccessSource:
+@dataclasses.dataclass(eq=False)
+class _TfdsSource:
+    """What both TFDS sources share: the split they read, the seed, this process's place in the run,
+    and a position that starts at epoch 0 (their readers hold nothing to stop). The subclasses'
+    constructors take these fields, then their own."""
+
+    name: str
+    split: str
+    data_dir: str | None
+    keys: FeatureKeys
+    process_index: int
+    process_count: int
+    seed: int
+
+    ready_sized = False  # stored images of any size: decoded, cropped and resized
+
+    def __post_init__(self) -> None:
+        check_process_layout(self.process_index, self.process_count)
+
+    def initial_position(self) -> dict[str, int]:
+        return {"epoch": 0, "offset": 0}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(eq=False)
+class TfdsRandomAccessSource(_TfdsSource):
     """Random access in one global order: stream position t of the run is record
     `permuted_indices(t mod N)` of epoch t // N (a fresh seeded permutation of the whole split each
     epoch), global batch b is positions [b·B, (b+1)·B), and process p reads its contiguous rows
@@ -293,39 +320,26 @@ class TfdsRandomAccessSource:
     An example's augmentation depends on its record index and epoch, not the topology.
     """
 
-    ready_sized = False  # stored images of any size: decoded, cropped and resized
+    global_batch_size: int | None = None
 
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        data_dir: str | None,
-        keys: FeatureKeys,
-        process_index: int,
-        process_count: int,
-        seed: int,
-        global_batch_size: int | None = None,
-    ) -> None:
-        check_process_layout(process_index, process_count)
-        self.name, self.split, self.data_dir, self.keys, self.seed = name, split, data_dir, keys, seed
-        self.process_index, self.process_count = process_index, process_count
+    def __post_init__(self) -> None:
+        super().__post_init__()
         # Without a batch (a caption sample, a test) each global "batch" is one row per process.
-        self.global_batch_size = int(global_batch_size or process_count)
-        if self.global_batch_size % process_count:
-            raise ValueError(f"global batch {self.global_batch_size} is not a multiple of {process_count} processes")
-        self._source = open_data_source(name, split, data_dir, keys.decoders)
+        self.global_batch_size = int(self.global_batch_size or self.process_count)
+        if self.global_batch_size % self.process_count:
+            raise ValueError(
+                f"global batch {self.global_batch_size} is not a multiple of {self.process_count} processes"
+            )
+        self._source = open_data_source(self.name, self.split, self.data_dir, self.keys.decoders)
         self.num_records = len(self._source)
         if self.num_records < 1:
-            raise ValueError(f"TFDS {name!r} split {split!r} has no examples")
+            raise ValueError(f"TFDS {self.name!r} split {self.split!r} has no examples")
 
     def fingerprint(self) -> str:
         return (
             f"tfds data_source: {self.name} {self.split} ({self.num_records} examples), global order, "
             f"global batch {self.global_batch_size}"
         )
-
-    def initial_position(self) -> dict[str, int]:
-        return {"epoch": 0, "offset": 0}
 
     def stream_positions(self, first_epoch: int, offsets: np.ndarray) -> np.ndarray:
         """Global stream positions of this process's `offsets`-th examples."""
@@ -374,36 +388,21 @@ class TfdsRandomAccessSource:
                     yield example, {"epoch": epoch, "offset": record_offset + 1, "first_epoch": first}
             offset += _PERMUTATION_CHUNK
 
-    def close(self) -> None:
-        pass
 
-
-class TfdsStreamingSource:
+@dataclasses.dataclass(eq=False)
+class TfdsStreamingSource(_TfdsSource):
     """tf.data over `tfds.split_for_jax_process(split)`: files shuffled with a per-epoch seed, then
     a seeded shuffle buffer. Position {"epoch", "offset"}: examples of the epoch already used;
     resuming skips them again (read, not decoded)."""
 
-    ready_sized = False  # stored images of any size: decoded, cropped and resized
+    shuffle_buffer: int
 
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        data_dir: str | None,
-        keys: FeatureKeys,
-        process_index: int,
-        process_count: int,
-        seed: int,
-        shuffle_buffer: int,
-    ) -> None:
-        check_process_layout(process_index, process_count)
-        if shuffle_buffer < 0:
-            raise ValueError(f"data.tfds.shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        self.name, self.split, self.data_dir, self.keys = name, split, data_dir, keys
-        self.process_index, self.process_count = process_index, process_count
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.tfds.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         self.process_split = import_tfds().split_for_jax_process(
-            split, process_index=process_index, process_count=process_count
+            self.split, process_index=self.process_index, process_count=self.process_count
         )
         self._epoch_dataset(0)  # fails now, not at the first batch, if the data is missing
 
@@ -412,9 +411,6 @@ class TfdsStreamingSource:
 
     def record_reader(self) -> None:
         return None  # examples carry their contents
-
-    def initial_position(self) -> dict[str, int]:
-        return {"epoch": 0, "offset": 0}
 
     def _epoch_dataset(self, epoch: int, skip: int = 0) -> Any:
         dataset = load_tf_data(
@@ -460,9 +456,6 @@ class TfdsStreamingSource:
             if emitted == 0 and offset == 0:
                 raise RuntimeError(f"TFDS {self.name!r} {self.split!r} gave process {self.process_index} no example")
             epoch, offset = epoch + 1, 0
-
-    def close(self) -> None:
-        pass
 
 
 def source_from_config(
