@@ -15,7 +15,7 @@ import pytest
 from batch_helpers import assert_same_batches, take
 
 from clip_jax.data import iterator as data_iterator
-from clip_jax.data import sources, webdataset
+from clip_jax.data import shards, sources, webdataset
 from clip_jax.data.config import default_data_config
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
@@ -99,12 +99,12 @@ def make_iterator(config, global_batch_size=4, process_index=0, process_count=1,
 
 
 def test_brace_expansion_keeps_zero_padding_and_takes_lists_and_several_groups():
-    assert webdataset.expand_braces("s/{00008..00011}.tar") == [f"s/{index:05d}.tar" for index in range(8, 12)]
-    assert webdataset.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-    assert webdataset.expand_braces("{x,{y,z}}") == ["x", "y", "z"]
-    assert webdataset.expand_braces("plain.tar") == ["plain.tar"]
+    assert shards.expand_braces("s/{00008..00011}.tar") == [f"s/{index:05d}.tar" for index in range(8, 12)]
+    assert shards.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert shards.expand_braces("{x,{y,z}}") == ["x", "y", "z"]
+    assert shards.expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(ValueError, match="unbalanced"):
-        webdataset.expand_braces("s/{0..3.tar")
+        shards.expand_braces("s/{0..3.tar")
 
 
 def test_resolve_shards_globs_braces_and_clear_errors(tmp_path):
@@ -112,17 +112,17 @@ def test_resolve_shards_globs_braces_and_clear_errors(tmp_path):
         write_tar(str(tmp_path / f"{index:05d}.tar"), good_samples(f"k{index}-", 1))
     (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset writes these beside the shards
     expected = [str(tmp_path / f"{index:05d}.tar") for index in range(3)]
-    assert webdataset.resolve_shards(str(tmp_path / "*.tar")) == expected
-    assert webdataset.resolve_shards(str(tmp_path / "{00000..00002}.tar")) == expected
-    assert webdataset.resolve_shards([str(tmp_path / "00002.tar"), str(tmp_path / "0000[01].tar")]) == expected
+    assert shards.resolve_shards(str(tmp_path / "*.tar")) == expected
+    assert shards.resolve_shards(str(tmp_path / "{00000..00002}.tar")) == expected
+    assert shards.resolve_shards([str(tmp_path / "00002.tar"), str(tmp_path / "0000[01].tar")]) == expected
     with pytest.raises(ValueError, match=r"no file matches .*\*\.tgz"):
-        webdataset.resolve_shards(str(tmp_path / "*.tgz"))
+        shards.resolve_shards(str(tmp_path / "*.tgz"))
     with pytest.raises(ValueError, match=r"1 of the 4 shards .* do not exist.*00003\.tar"):
-        webdataset.resolve_shards(str(tmp_path / "{00000..00003}.tar"))
+        shards.resolve_shards(str(tmp_path / "{00000..00003}.tar"))
     with pytest.raises(ValueError, match="does not exist"):
-        webdataset.resolve_shards(str(tmp_path / "missing_directory" / "{0..1}.tar"))
+        shards.resolve_shards(str(tmp_path / "missing_directory" / "{0..1}.tar"))
     with pytest.raises(ValueError, match="empty"):
-        webdataset.resolve_shards("  ")
+        shards.resolve_shards("  ")
 
 
 def test_missing_shards_fail_when_the_iterator_is_made_not_at_the_first_batch(tmp_path):
@@ -139,7 +139,7 @@ def test_missing_shards_fail_when_the_iterator_is_made_not_at_the_first_batch(tm
 def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp_path):
     samples = good_samples("s", 3)
     write_tar(str(tmp_path / "whole.tar"), samples)
-    read, problem = webdataset.read_tar_samples((tmp_path / "whole.tar").read_bytes())
+    read, problem = shards.read_tar_samples((tmp_path / "whole.tar").read_bytes())
     assert problem is None
     assert [sample.key for sample in read] == ["s000", "s001", "s002"]
     assert read[1].files["png"] == samples[1][1]["png"] and read[1].files["txt"] == b"s001"
@@ -148,7 +148,7 @@ def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp
     whole = (tmp_path / "whole.tar").read_bytes()
     last_image_start = whole.index(samples[2][1]["webp"][:64])
     write_tar(str(tmp_path / "cut.tar"), samples, cut_to=last_image_start + 10)
-    read, problem = webdataset.read_tar_samples((tmp_path / "cut.tar").read_bytes())
+    read, problem = shards.read_tar_samples((tmp_path / "cut.tar").read_bytes())
     assert problem == "truncated_shard"
     assert [sample.key for sample in read] == ["s000", "s001"]
     # The same from a file object, and compressed: gzip, bzip2 and xz, also cut short.
@@ -160,7 +160,7 @@ def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp
                 for member in plain:
                     archive.addfile(member, plain.extractfile(member))
         compressed = buffer.getvalue()
-        read, problem = webdataset.read_tar_samples(io.BytesIO(compressed), extensions=("png", "txt"))
+        read, problem = shards.read_tar_samples(io.BytesIO(compressed), extensions=("png", "txt"))
         assert problem is None, mode
         assert [(sample.key, sorted(sample.files)) for sample in read] == [
             ("empty", ["txt"]),
@@ -168,9 +168,9 @@ def test_tar_samples_group_consecutive_members_by_key_and_survive_truncation(tmp
             ("s001", ["png", "txt"]),
             ("s002", ["txt"]),
         ]  # only the extensions asked for are read
-        read, problem = webdataset.read_tar_samples(compressed[: len(compressed) // 2])
+        read, problem = shards.read_tar_samples(compressed[: len(compressed) // 2])
         assert problem == "truncated_shard", mode
-    assert webdataset.split_member_name("dir/000123.seg.PNG") == ("dir/000123", "seg.png")
+    assert shards.split_member_name("dir/000123.seg.PNG") == ("dir/000123", "seg.png")
 
 
 # --- bad samples
@@ -552,9 +552,9 @@ def test_member_and_shard_size_limits_apply_to_every_member(tmp_path):
     samples = good_samples("a", 2) + [("big", {"png": big_image, "txt": b"big"})] + good_samples("b", 4, start_seed=100)
     path = str(tmp_path / "00000.tar")
     write_tar(path, samples)
-    limits = webdataset.ShardLimits(max_member_bytes=len(big_image) - 1, max_caption_bytes=64, max_shard_bytes=1 << 30)
+    limits = shards.ShardLimits(max_member_bytes=len(big_image) - 1, max_caption_bytes=64, max_shard_bytes=1 << 30)
     with open(path, "rb") as file:
-        read, problem = webdataset.read_tar_samples(file, limits)
+        read, problem = shards.read_tar_samples(file, limits)
     assert problem is None
     assert [(sample.key, sample.problem) for sample in read] == [
         ("a000", None), ("a001", None), ("big", "member_too_large"), ("b000", None), ("b001", None),
@@ -566,8 +566,8 @@ def test_member_and_shard_size_limits_apply_to_every_member(tmp_path):
     whole = open(path, "rb").read()
     b001_image = samples[4][1]["png"]
     cap = whole.index(b001_image[len(b001_image) // 2 :][:64])  # inside the image of b001 (noise: unique bytes)
-    limits = webdataset.ShardLimits(max_shard_bytes=cap)
-    read, problem = webdataset.read_tar_samples(whole, limits)
+    limits = shards.ShardLimits(max_shard_bytes=cap)
+    read, problem = shards.read_tar_samples(whole, limits)
     assert problem == "shard_too_large"
     assert [sample.key for sample in read] == ["a000", "a001", "big", "b000"]
     config = make_data_config(str(tmp_path / "*.tar"), max_shard_bytes=cap)
@@ -668,16 +668,14 @@ def test_several_shard_patterns_in_one_string(tmp_path):
         [f"{laion}/{index:05d}.tar" for index in range(3)] + [f"{coco}/{index:05d}.tar" for index in (0, 2)]
     )
     # Commas outside braces separate patterns; those inside braces are brace lists, as before.
-    assert webdataset.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
-    assert webdataset.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
+    assert shards.resolve_shards(f"{laion}/*.tar,{coco}/{{00000,00002}}.tar") == expected
+    assert shards.resolve_shards(f" {laion}/{{00000..00002}}.tar , {coco}/0000[02].tar ") == expected
     only_laion = [f"{laion}/{index:05d}.tar" for index in range(3)]
-    assert (
-        webdataset.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion
-    )  # each once; empty parts ignored
+    assert shards.resolve_shards(f"{laion}/*.tar,{laion}/00001.tar,") == only_laion  # each once; empty parts ignored
     source = data_iterator.make_train_source(make_data_config(f"{laion}/*.tar,{coco}/00000.tar"), 0, 1)
     assert len(source.shards) == 4
     source.close()
     # A missing pattern says how several are written, e.g. a Python list given on the command line.
     with pytest.raises(ValueError, match="separated by commas") as error:
-        webdataset.resolve_shards(f"['{laion}/*.tar', '{coco}/*.tar']")
+        shards.resolve_shards(f"['{laion}/*.tar', '{coco}/*.tar']")
     assert "\n" not in str(error.value)

@@ -10,6 +10,7 @@ synthetic_render.py  the built-in dataset's drawing: palette, shape masks, Shape
 synthetic_tasks.py the built-in dataset's words, downstream tasks and shifted sets
 synthetic.py       the built-in coloured-shapes dataset (SyntheticShapes), and SyntheticSource
 tfds.py            TFDS datasets as sources (random access or tf.data)
+shards.py          WebDataset tar shards: naming, opening, reading one into samples under limits
 webdataset.py      img2dataset / WebDataset tar shards as a source
 iterator.py        TrainIterator (batches, exact state, counters), the factory that picks
                    the source by data.name, the tokenizer's caption sample, checkpoint states
