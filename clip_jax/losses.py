@@ -4,10 +4,16 @@ sharded versions that run inside `jax.shard_map` and see the global batch across
 Also the per-example captioning objectives the CLIP paper compares against (§2.3, Fig. 2) and that
 CoCa / CapPa train with: the caption's tokens predicted by a decoder (`caption_loss`) and its bag of
 words predicted from the pooled image embedding (`bag_of_words_loss`). These need no other example,
-so the trainer sums them over its rows and divides by the global batch's count (training/step.py)."""
+so the trainer sums them over its rows and divides by the global batch's count (training/step.py).
+
+What `loss.name` may be is an `Objective` of `OBJECTIVES`, one record each: the terms it sums and
+their weights, what it needs of the model, and how zero-shot classification scores under it. Config
+validation, the training step, the evaluation suite and the experiments read that record, so a new
+objective is one record here (and its loss function, if new)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -20,9 +26,6 @@ from jax.sharding import PartitionSpec as P
 from clip_jax.models.text import end_of_text_index
 
 LOSSES = ("softmax", "sigmoid")  # the contrastive losses
-# What loss.name may be: a contrastive loss alone, the caption decoder's loss alone (CapPa's and the
-# paper's transformer language model), the bag-of-words head's alone, or CoCa (softmax + caption).
-OBJECTIVES = (*LOSSES, "caption", "bag_of_words", "coca")
 IMPLEMENTATIONS = ("all_gather", "ring")
 
 AxisNames = str | tuple[str, ...]
@@ -472,6 +475,19 @@ def bag_of_words_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _mesh_batch_axes(mesh: Mesh, batch_axes: AxisNames) -> tuple[tuple[str, ...], int, bool]:
+    """(the batch axes as a tuple, the shards along them, whether they are all explicit mesh axes)."""
+    axes = _as_axis_tuple(batch_axes)
+    unknown = [axis for axis in axes if axis not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"batch axes {unknown} are not axes of the mesh {mesh.axis_names}")
+    num_shards = 1
+    for axis in axes:
+        num_shards *= mesh.shape[axis]
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    return axes, num_shards, all(axis_types[axis] == jax.sharding.AxisType.Explicit for axis in axes)
+
+
 def make_sharded_loss_fn(
     mesh: Mesh,
     batch_axes: AxisNames = ("data",),
@@ -486,16 +502,8 @@ def make_sharded_loss_fn(
     """
     _check_choice("loss", loss, LOSSES)
     _check_choice("impl", impl, IMPLEMENTATIONS)
-    axes = _as_axis_tuple(batch_axes)
-    unknown = [axis for axis in axes if axis not in mesh.axis_names]
-    if unknown:
-        raise ValueError(f"batch axes {unknown} are not axes of the mesh {mesh.axis_names}")
-    num_shards = 1
-    for axis in axes:
-        num_shards *= mesh.shape[axis]
+    axes, num_shards, explicit = _mesh_batch_axes(mesh, batch_axes)
     batch_spec = P(axes)
-    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = all(axis_types[axis] == jax.sharding.AxisType.Explicit for axis in axes)
 
     def per_device(image_embeds, text_embeds, logit_scale, logit_bias):
         return sharded_contrastive_loss(
@@ -538,3 +546,113 @@ def make_sharded_loss_fn(
         )
 
     return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives: what loss.name names, one record each.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Need:
+    """A part of the model that a term trains or a contrastive loss uses: present when the model
+    config's `field` is set (neither None nor False). A training run sets it as
+    model.overrides.<field>."""
+
+    what: str  # for the error: "a caption decoder"
+    field: str  # the CLIPConfig attribute
+    example: str  # for the error: a value to set it to
+
+    def met_by(self, model_config: Any) -> bool:
+        value = getattr(model_config, self.field, None)
+        return value is not None and value is not False
+
+
+LOGIT_BIAS = Need("a learned logit bias", "logit_bias_init", "-10.0, SigLIP's")
+CAPTION_DECODER = Need("a caption decoder", "decoder", "{'width': 512, 'heads': 8, 'layers': 6}")
+BAG_OF_WORDS_HEAD = Need("a bag-of-words head", "bag_of_words", "True")
+
+# The terms an objective may sum, in the order zero-shot prefers their heads: "contrastive" (a loss
+# of LOSSES over the global batch; zero-shot: cosine similarity with the class embeddings),
+# "caption" (the decoder's per-token loss; zero-shot: the decoder's log-likelihood of the class
+# prompts, CapPa) and "bag_of_words" (the head's; zero-shot: its mean log-probability of the prompt's
+# words). The step computes the per-example terms; zero-shot scores with each term's head.
+TERMS: tuple[str, ...] = ("contrastive", "caption", "bag_of_words")
+TERM_NEEDS: dict[str, tuple[Need, ...]] = {
+    "contrastive": (),
+    "caption": (CAPTION_DECODER,),
+    "bag_of_words": (BAG_OF_WORDS_HEAD,),
+}
+LOSS_NEEDS: dict[str, tuple[Need, ...]] = {"softmax": (), "sigmoid": (LOGIT_BIAS,)}
+
+Weight = float | str  # a fixed weight, or the name of the loss setting (a LossSettings field) holding it
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What one loss.name trains. `terms`: (term of TERMS, its weight), summed in this order;
+    `zero_shot`: the term whose head zero-shot classification scores with; `contrastive`: the loss
+    of LOSSES its "contrastive" term uses (None without that term)."""
+
+    name: str
+    terms: tuple[tuple[str, Weight], ...]
+    zero_shot: str
+    contrastive: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [term for term, _ in self.terms]
+        if not names or len(set(names)) != len(names) or not set(names) <= set(TERMS):
+            raise ValueError(f"objective {self.name!r}: terms {names} must be distinct terms of {TERMS}")
+        if self.contrastive not in (None, *LOSSES) or ("contrastive" in names) != (self.contrastive is not None):
+            raise ValueError(
+                f"objective {self.name!r}: contrastive {self.contrastive!r} must be one of {LOSSES} "
+                "exactly when it has a contrastive term"
+            )
+        if self.zero_shot not in names:
+            raise ValueError(f"objective {self.name!r}: zero_shot {self.zero_shot!r} is not one of its terms {names}")
+
+    def weights(self, settings: Any = None) -> dict[str, float]:
+        """{term: weight}; a weight that names a setting is read from `settings` (LossSettings)."""
+        return {term: getattr(settings, weight) if isinstance(weight, str) else weight for term, weight in self.terms}
+
+    @property
+    def needs(self) -> tuple[Need, ...]:
+        """What the model must have: its contrastive loss's needs, then its terms'."""
+        return (*LOSS_NEEDS.get(self.contrastive, ()), *(need for term, _ in self.terms for need in TERM_NEEDS[term]))
+
+    def check_model(self, model_config: Any) -> None:
+        """A one-line ValueError naming the setting to set if `model_config` (a CLIPConfig) lacks a need."""
+        for need in self.needs:
+            if not need.met_by(model_config):
+                raise ValueError(
+                    f"loss.name={self.name!r}: the {self.name} loss needs a model with {need.what}; "
+                    f"set model.overrides.{need.field} (e.g. {need.example})"
+                )
+
+
+def _registry(*objectives: Objective) -> dict[str, Objective]:
+    return {objective.name: objective for objective in objectives}
+
+
+# A contrastive loss alone (CLIP, SigLIP), the caption decoder's loss alone (CapPa's and the
+# paper's transformer language model), the bag-of-words head's alone (the paper's bag-of-words
+# predictor), and CoCa: softmax + caption, weighted by loss.contrastive_weight and loss.caption_weight.
+OBJECTIVES: dict[str, Objective] = _registry(
+    Objective("softmax", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="softmax"),
+    Objective("sigmoid", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="sigmoid"),
+    Objective("caption", (("caption", 1.0),), zero_shot="caption"),
+    Objective("bag_of_words", (("bag_of_words", 1.0),), zero_shot="bag_of_words"),
+    Objective(
+        "coca",
+        (("contrastive", "contrastive_weight"), ("caption", "caption_weight")),
+        zero_shot="contrastive",
+        contrastive="softmax",
+    ),
+)
+
+
+def get_objective(name: str) -> Objective:
+    """The objective `name` names; one line naming the choices otherwise."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[name]

@@ -43,6 +43,7 @@ from clip_jax.evaluation.zero_shot import (
     zero_shot_predict,
     zero_shot_scores,
 )
+from clip_jax.losses import TERM_NEEDS
 from clip_jax.models import CLIP
 
 TASKS: tuple[str, ...] = ("zero_shot", "retrieval", "linear_probe", "few_shot")
@@ -96,7 +97,7 @@ class EvaluationSettings:
     # Who decodes TFDS images: "process" (a pool of processes) or "thread" (needed where the data
     # exists only in this process, e.g. under tfds.testing.mock_data). None: the pipeline's default.
     tfds_worker_kind: str | None = None
-    # How zero-shot scores classes: "contrastive", "caption" (CapPa), "bag_of_words", or "auto".
+    # How zero-shot scores classes: with the head of one of zero_shot.OBJECTIVES, or "auto".
     zero_shot_objective: str = "auto"
 
     def __post_init__(self) -> None:
@@ -131,14 +132,12 @@ class EvaluationSettings:
 
 def resolve_zero_shot_objective(model: CLIP, requested: str = "auto", trained: Sequence[str] | None = None) -> str:
     """The objective zero-shot scores with. An explicit one is checked against the model's heads.
-    "auto": with `trained` (the objectives the model was trained with, from its training record),
-    contrastive if it was trained contrastively, else caption, else bag of words; without a
-    record, the heads decide: caption for a model with a decoder, bag of words for one with
+    "auto": with `trained` (the zero-shot objectives of the model's training, e.g. the one the
+    record of its loss.name names, `losses.Objective.zero_shot`), the first of OBJECTIVES among
+    them; without, the heads decide: caption for a model with a decoder, bag of words for one with
     that head only, contrastive otherwise."""
     if requested != "auto":
         return check_objective(model, requested)
-    decoder = getattr(model.config, "decoder", None) is not None
-    bag_of_words = bool(getattr(model.config, "bag_of_words", False))
     if trained is not None:
         unknown = sorted(set(trained) - set(OBJECTIVES))
         if unknown or not trained:
@@ -146,9 +145,11 @@ def resolve_zero_shot_objective(model: CLIP, requested: str = "auto", trained: S
         for objective in OBJECTIVES:
             if objective in trained:
                 return check_objective(model, objective)
-    if decoder:
-        return "caption"
-    return "bag_of_words" if bag_of_words else "contrastive"
+    # The first generative head the model has (OBJECTIVES after "contrastive", whose needs it meets).
+    contrastive, *generative = OBJECTIVES
+    return next(
+        (term for term in generative if all(need.met_by(model.config) for need in TERM_NEEDS[term])), contrastive
+    )
 
 
 @dataclasses.dataclass
