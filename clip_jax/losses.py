@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.collectives import gather, ring_pass
 from clip_jax.models.text import end_of_text_index
 
 LOSSES = ("softmax", "sigmoid")  # the contrastive losses
@@ -167,8 +168,8 @@ def sharded_in_batch_accuracy(
     local_batch = image.shape[0]
     global_batch = local_batch * jax.lax.axis_size(axes)
     targets = jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
-    image_to_text = jnp.argmax(_similarity(image, _gather(text, axes)), axis=1) == targets
-    text_to_image = jnp.argmax(_similarity(text, _gather(image, axes)), axis=1) == targets
+    image_to_text = jnp.argmax(_similarity(image, gather(text, axes)), axis=1) == targets
+    text_to_image = jnp.argmax(_similarity(text, gather(image, axes)), axis=1) == targets
     return (
         jax.lax.psum(jnp.sum(image_to_text), axes) / global_batch,
         jax.lax.psum(jnp.sum(text_to_image), axes) / global_batch,
@@ -176,15 +177,6 @@ def sharded_in_batch_accuracy(
 
 
 # ---- all_gather: local rows x global columns --------------------------------------------------
-
-
-def _gather(local_rows: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """(local_batch, dim) on each device -> (global_batch, dim), in the mesh's row-major order.
-
-    Under autodiff its transpose is a reduce-scatter: the gradient a device gets for its own rows
-    sums what every device's logits contributed to them, which keeps the gradients exact.
-    """
-    return jax.lax.all_gather(local_rows, axes, tiled=True)
 
 
 def _positive_mask(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
@@ -203,7 +195,7 @@ def _all_gather_softmax_loss(image: jax.Array, text: jax.Array, scale: jax.Array
     # local texts against all images, so every global row is counted exactly once.
     partial_sum = 0.0
     for queries, candidates in ((image, text), (text, image)):
-        logits = scale * _similarity(queries, _gather(candidates, axes))  # (local, global)
+        logits = scale * _similarity(queries, gather(candidates, axes))  # (local, global)
         positive_logits = jnp.sum(jnp.where(positives, logits, 0.0), axis=1)
         partial_sum += jnp.sum(jax.nn.logsumexp(logits, axis=1) - positive_logits)
     return jax.lax.psum(partial_sum, axes) / (2 * global_batch)
@@ -215,7 +207,7 @@ def _all_gather_sigmoid_loss(
     local_batch = image.shape[0]
     global_batch = local_batch * jax.lax.axis_size(axes)
     # Every (image, text) pair appears once in the sum, so one direction covers them all.
-    logits = scale * _similarity(image, _gather(text, axes)) + bias  # (local, global)
+    logits = scale * _similarity(image, gather(text, axes)) + bias  # (local, global)
     signs = jnp.where(_positive_mask(local_batch, axes), 1.0, -1.0)
     partial_sum = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
     return jax.lax.psum(partial_sum, axes) / global_batch
@@ -228,51 +220,7 @@ def _all_gather_sigmoid_loss(
 # block (the matching pairs) at step 0, then every other block once. A block's logits are only
 # (local_batch, local_batch). Column statistics and column gradients ride along with their text
 # block and, after a full turn, arrive back on the block's home device.
-
-
-def _shift(tree: Any, axes: tuple[str, ...]) -> Any:
-    """Send every array one device down the ring: device j -> j - 1, so each device receives the
-    block of the device after it."""
-    num_devices = jax.lax.axis_size(axes)
-    permutation = [(source, (source - 1) % num_devices) for source in range(num_devices)]
-    return jax.tree.map(lambda array: jax.lax.ppermute(array, axes, permutation), tree)
-
-
-def _ring_pass(
-    step: Callable[[Any, Any, Any, bool], tuple[Any, Any]],
-    resident: Any,
-    visitor: Any,
-    accumulator: Any,
-    axes: tuple[str, ...],
-) -> tuple[Any, Any]:
-    """Run `step(resident, visitor, accumulator, is_diagonal) -> (resident, accumulator)` once
-    per block of the ring.
-
-    `resident` stays on the device (its own rows' statistics or gradients); `visitor` is read-only
-    data that travels (a text block and its fixed statistics); `accumulator` travels with the
-    visitor and is updated by every device it visits. Returns the final resident and the
-    accumulator of this device's own block, back home.
-    """
-    num_devices = jax.lax.axis_size(axes)
-    # The diagonal block is peeled off the loop: it alone holds the positive pairs, so the other
-    # blocks need no mask. The next visitor is sent before the current block is computed (it
-    # does not depend on it) so that the transfer can overlap the matmuls.
-    next_visitor = _shift(visitor, axes)
-    resident, accumulator = step(resident, visitor, accumulator, True)
-    accumulator = _shift(accumulator, axes)
-
-    def off_diagonal_step(_, carry):
-        resident, visitor, accumulator = carry
-        next_visitor = _shift(visitor, axes)
-        resident, accumulator = step(resident, visitor, accumulator, False)
-        return resident, next_visitor, _shift(accumulator, axes)
-
-    # After num_devices shifts each accumulator is home again. (The visitor is shifted once more
-    # than needed: one extra block transfer per pass, the price of the overlap.)
-    resident, _, accumulator = jax.lax.fori_loop(
-        1, num_devices, off_diagonal_step, (resident, next_visitor, accumulator)
-    )
-    return resident, accumulator
+# (The pass itself is clip_jax.collectives.ring_pass.)
 
 
 def _block_gradients(
@@ -309,7 +257,7 @@ def _ring_softmax_forward(image, text, scale, axes):
         return (row_log_sum_exp, positive_logits), column_log_sum_exp
 
     empty = jnp.full((local_batch,), -jnp.inf, jnp.float32)
-    (row_log_sum_exp, positive_logits), column_log_sum_exp = _ring_pass(
+    (row_log_sum_exp, positive_logits), column_log_sum_exp = ring_pass(
         step, (empty, jnp.zeros_like(empty)), text, empty, axes
     )
     # Image->text rows and text->image columns (those of this device's texts) share the positives.
@@ -341,7 +289,7 @@ def _ring_softmax_backward(axes, residuals, loss_gradient):
         resident = (image_gradient + image_block, scale_gradient + scale_block)
         return resident, text_gradient + text_block
 
-    (image_gradient, scale_gradient), text_gradient = _ring_pass(
+    (image_gradient, scale_gradient), text_gradient = ring_pass(
         step,
         (jnp.zeros_like(image), jnp.zeros((), jnp.float32)),
         (text, column_log_sum_exp),
@@ -376,7 +324,7 @@ def _ring_sigmoid_forward(image, text, scale, bias, axes):
             terms = jax.nn.softplus(logits)  # -log_sigmoid(-x): every pair here is negative
         return partial_sum + jnp.sum(terms), no_accumulator
 
-    partial_sum, _ = _ring_pass(step, jnp.zeros((), jnp.float32), text, (), axes)
+    partial_sum, _ = ring_pass(step, jnp.zeros((), jnp.float32), text, (), axes)
     loss = jax.lax.psum(partial_sum, axes) / global_batch
     return loss, (image, text, scale, bias)
 
@@ -404,7 +352,7 @@ def _ring_sigmoid_backward(axes, residuals, loss_gradient):
         return resident, text_gradient + text_block
 
     zero = jnp.zeros((), jnp.float32)
-    (image_gradient, scale_gradient, bias_gradient), text_gradient = _ring_pass(
+    (image_gradient, scale_gradient, bias_gradient), text_gradient = ring_pass(
         step, (jnp.zeros_like(image), zero, zero), text, jnp.zeros_like(text), axes
     )
     # The scale and bias are replicated: their gradients sum every device's share.

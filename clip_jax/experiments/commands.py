@@ -347,7 +347,7 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     period = max(1, sizes.efficiency_steps // sizes.efficiency_points)
     steps = list(range(period, sizes.efficiency_steps + 1, period))
     panels: dict[str, dict] = {task: {} for task in tasks}
-    rows, data = [], {}
+    data: dict[str, dict] = {}
     final: dict[str, dict[str, np.ndarray]] = {task: {} for task in tasks}
     for loss_name, fields in OBJECTIVES.items():
         objective = losses.get_objective(loss_name).zero_shot
@@ -378,6 +378,29 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
         for task in tasks:
             seen, accuracy = zip(*data[loss_name][task])
             panels[task][f"{loss_name} ({objective})"] = (list(seen), list(accuracy), [0.0] * len(seen))
+    rows = _efficiency_rows(sizes, tasks, data, final)
+    figure = plots.curves(
+        panels, {}, "images seen", "Zero-shot top-1 vs images seen", plots.output_path(context.output, "efficiency")
+    )
+    markdown = _header(
+        context, "Efficiency of the contrastive objective (paper §2.3, Fig. 2)", "efficiency",
+        "Paper: predicting the bag of words of a caption is 3x as efficient as predicting its exact words with a "
+        "transformer language model, and the contrastive objective a further 4x (zero-shot ImageNet vs images "
+        "processed). Here: the default recipe trained with each loss.name; zero-shot top-1 (the single prompt, on "
+        f"the first {context.sizes.efficiency_test_examples} test images) at evenly spaced checkpoints.",
+        context.sizes.efficiency_test_examples,
+    )  # fmt: skip
+    markdown += markdown_table(
+        ["task", "loss", *(f"{s} steps" for s in steps), "final [CI]", "contrastive - this", "ordering"], rows,
+    )  # fmt: skip
+    markdown += f"\n![efficiency]({os.path.basename(figure)})\n"
+    return context.write("efficiency", markdown, data)
+
+
+def _efficiency_rows(sizes: Any, tasks: tuple[str, ...], data: dict, final: dict) -> list[list]:
+    """The efficiency table: per task and objective, zero-shot top-1 at each checkpoint, the final
+    one with its interval, and (but for softmax) the contrastive objective's lead over it."""
+    rows = []
     for task in tasks:
         resample = bootstrap_indices(sizes.efficiency_test_examples, sizes.bootstrap_samples)
         for loss_name, correct in final[task].items():
@@ -399,22 +422,7 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
             else:
                 cells += ["", ""]
             rows.append(cells)
-    figure = plots.curves(
-        panels, {}, "images seen", "Zero-shot top-1 vs images seen", plots.output_path(context.output, "efficiency")
-    )
-    markdown = _header(
-        context, "Efficiency of the contrastive objective (paper §2.3, Fig. 2)", "efficiency",
-        "Paper: predicting the bag of words of a caption is 3x as efficient as predicting its exact words with a "
-        "transformer language model, and the contrastive objective a further 4x (zero-shot ImageNet vs images "
-        "processed). Here: the default recipe trained with each loss.name; zero-shot top-1 (the single prompt, on "
-        f"the first {context.sizes.efficiency_test_examples} test images) at evenly spaced checkpoints.",
-        context.sizes.efficiency_test_examples,
-    )  # fmt: skip
-    markdown += markdown_table(
-        ["task", "loss", *(f"{s} steps" for s in steps), "final [CI]", "contrastive - this", "ordering"], rows,
-    )  # fmt: skip
-    markdown += f"\n![efficiency]({os.path.basename(figure)})\n"
-    return context.write("efficiency", markdown, data)
+    return rows
 
 
 COMMANDS = {
