@@ -258,7 +258,7 @@ def evaluate_classification(
         log(f"{data.name}: no training split, linear probe and few-shot skipped")
         results["skipped"] = [f"{task}: no training split" for task in wanted_probes]
     elif wanted_probes:
-        results.update(_probes(encoder, data, settings, test_features, test_labels, log))
+        results.update(_probes(encoder, data, settings, (test_features, test_labels), log))
     return results
 
 
@@ -266,12 +266,12 @@ def _probes(
     encoder: Encoder,
     data: Classification,
     settings: EvaluationSettings,
-    test_features: np.ndarray,
-    test_labels: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The linear probe and few-shot results of one dataset with a training split, and "skipped"
-    (what could not run, and why) when anything could not."""
+    """The linear probe and few-shot results of one dataset with a training split, scored on `test`
+    (its test features and labels), and "skipped" (what could not run, and why) when anything could not."""
+    test_features, test_labels = test
     results: dict[str, Any] = {}
     subset = None if data.class_subset is None else list(data.class_subset)
     started = time.time()
