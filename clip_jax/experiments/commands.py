@@ -167,62 +167,77 @@ def shift(context: Context, tasks: tuple[str, ...]) -> str:
     )  # fmt: skip
     data: dict[str, Any] = {}
     for task in tasks:
-        results, kinds = _shift_correctness(context, task)
-        shifts = [s for s in next(iter(results.values())) if s is not None]
-        resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
-        summary = _effective_robustness(results, kinds, resample)
-        names = summary["names"]
-        supervised_names = [n for n in names if kinds[n] == "supervised"]
-        slope, intercept = _line_fit(
-            np.array([[results[n][None].mean()] for n in supervised_names]),
-            np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
-        )
-        point_fit = (float(slope[0]), float(intercept[0]))
-        rows, points = [], []
-        for row, name in enumerate(names):
-            original = results[name][None].mean()
-            shifted = float(np.mean([results[name][s].mean() for s in shifts]))
-            robust = shifted - (point_fit[0] * original + point_fit[1])
-            low, high = interval(summary["robustness"][row])
-            verdict = ""
-            if kinds[name] != "supervised":
-                verdict = (
-                    "above the supervised fit"
-                    if low > 0
-                    else "below the supervised fit"
-                    if high < 0
-                    else "no clear difference (interval includes 0)"
-                )
-            rows.append(
-                [name, f"{original * 100:.1f}", *(f"{results[name][s].mean() * 100:.1f}" for s in shifts),
-                 f"{shifted * 100:.1f}", fmt_ci(robust, low, high), verdict]
-            )  # fmt: skip
-            points.append({
-                "name": name, "kind": kinds[name], "original": float(original), "shifted": shifted,
-                "per_shift": {s: float(results[name][s].mean()) for s in shifts},
-                "effective_robustness": [float(robust), low, high],
-            })  # fmt: skip
-        adapt = _adaptation(results, shifts, resample)
-        data[task] = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
-        figure = plots.robustness_scatter(
-            points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
-            plots.output_path(context.output, f"shift_{task}"),
-        )  # fmt: skip
-        bars = plots.difference_bars(
-            [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
-            "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
-        )  # fmt: skip
-        markdown += f"## Task: {task}\n\n" + markdown_table(
-            ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
-        )
-        markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
-        markdown += markdown_table(
-            ["set", "probe - zero-shot (points)", "ordering"],
-            [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
-             for s, e in adapt.items()],
-        )  # fmt: skip
-        markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
+        section, data[task] = _shift_task(context, task)
+        markdown += section
     return context.write("shift", markdown, data)
+
+
+def _shift_task(context: Context, task: str) -> tuple[str, dict[str, Any]]:
+    """(Markdown section, data) of one task of the shift experiment: its table, fit and figures."""
+    results, kinds = _shift_correctness(context, task)
+    shifts = [s for s in next(iter(results.values())) if s is not None]
+    resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
+    summary = _effective_robustness(results, kinds, resample)
+    supervised_names = [n for n in summary["names"] if kinds[n] == "supervised"]
+    slope, intercept = _line_fit(
+        np.array([[results[n][None].mean()] for n in supervised_names]),
+        np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
+    )
+    point_fit = (float(slope[0]), float(intercept[0]))
+    rows, points = _shift_rows(results, kinds, summary, shifts, point_fit)
+    adapt = _adaptation(results, shifts, resample)
+    entry = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
+    figure = plots.robustness_scatter(
+        points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
+        plots.output_path(context.output, f"shift_{task}"),
+    )  # fmt: skip
+    bars = plots.difference_bars(
+        [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
+        "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
+    )  # fmt: skip
+    markdown = f"## Task: {task}\n\n" + markdown_table(
+        ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
+    )
+    markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
+    markdown += markdown_table(
+        ["set", "probe - zero-shot (points)", "ordering"],
+        [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
+         for s, e in adapt.items()],
+    )  # fmt: skip
+    markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
+    return markdown, entry
+
+
+def _shift_rows(
+    results: dict, kinds: dict[str, str], summary: dict[str, Any], shifts: list[str], point_fit: tuple[float, float]
+) -> tuple[list[list], list[dict[str, Any]]]:
+    """The shift table's rows and the scatter's points: each model's original and shifted top-1 and
+    its effective robustness (distance above the supervised fit `point_fit`) with its interval."""
+    rows, points = [], []
+    for row, name in enumerate(summary["names"]):
+        original = results[name][None].mean()
+        shifted = float(np.mean([results[name][s].mean() for s in shifts]))
+        robust = shifted - (point_fit[0] * original + point_fit[1])
+        low, high = interval(summary["robustness"][row])
+        verdict = ""
+        if kinds[name] != "supervised":
+            verdict = (
+                "above the supervised fit"
+                if low > 0
+                else "below the supervised fit"
+                if high < 0
+                else "no clear difference (interval includes 0)"
+            )
+        rows.append(
+            [name, f"{original * 100:.1f}", *(f"{results[name][s].mean() * 100:.1f}" for s in shifts),
+             f"{shifted * 100:.1f}", fmt_ci(robust, low, high), verdict]
+        )  # fmt: skip
+        points.append({
+            "name": name, "kind": kinds[name], "original": float(original), "shifted": shifted,
+            "per_shift": {s: float(results[name][s].mean()) for s in shifts},
+            "effective_robustness": [float(robust), low, high],
+        })  # fmt: skip
+    return rows, points
 
 
 def _adaptation(results: dict, shifts: list[str], resample: np.ndarray) -> dict[str, dict[str, float]]:
@@ -290,28 +305,8 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
             context.features(clip, task, "probe"), probe_labels, context.features(clip, task, "test"),
             context.labels(task, "test"), num_classes, shots=shots, seeds=context.sizes.few_shot_seeds,
         )["shots"]  # fmt: skip
-        cells, matched = [task, fmt_ci(zero.mean(), zero_low, zero_high)], None
-        for k in context.sizes.shots:
-            if k not in shots:
-                cells.append(f"- (a class has {counts.min()} probe images)")
-                continue
-            mean, std = result[k]["top1_mean"], result[k]["top1_std"]
-            # Half-width: the zero-shot interval's and the seeds' (t with n - 1 dof, 95%) in quadrature.
-            seeds = len(context.sizes.few_shot_seeds)
-            t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(seeds, 2.0)
-            half = float(
-                np.hypot((zero_high - zero_low) / 2, t * std * np.sqrt(seeds / max(seeds - 1, 1)) / np.sqrt(seeds))
-            )
-            difference = zero.mean() - mean
-            order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
-            # The fewest shots from which on no probe is worse than zero-shot.
-            if order == ">":
-                matched = None
-            elif matched is None:
-                matched = k
-            cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
-        cells.append(f"> {shots[-1] if shots else 0}" if matched is None else f"{matched}")
-        rows.append(cells)
+        cells, matched = _few_shot_cells(context, shots, int(counts.min()), result, (zero.mean(), zero_low, zero_high))
+        rows.append([task, fmt_ci(zero.mean(), zero_low, zero_high), *cells])
         panels[task] = {
             "k-shot linear probe": (
                 shots,
@@ -337,6 +332,36 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
     )
     markdown += f"\n![few-shot]({os.path.basename(figure)})\n"
     return context.write("few_shot", markdown, data)
+
+
+def _few_shot_cells(
+    context: Context, shots: list[int], fewest: int, result: dict, zero: tuple[float, float, float]
+) -> tuple[list[str], int | None]:
+    """(The table's cells for each k of the sizes' shots and the k from which probes match
+    zero-shot, that k or None): each k-shot probe's mean ± std against zero-shot (mean, low, high)."""
+    zero_mean, zero_low, zero_high = zero
+    cells, matched = [], None
+    for k in context.sizes.shots:
+        if k not in shots:
+            cells.append(f"- (a class has {fewest} probe images)")
+            continue
+        mean, std = result[k]["top1_mean"], result[k]["top1_std"]
+        # Half-width: the zero-shot interval's and the seeds' (t with n - 1 dof, 95%) in quadrature.
+        seeds = len(context.sizes.few_shot_seeds)
+        t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(seeds, 2.0)
+        half = float(
+            np.hypot((zero_high - zero_low) / 2, t * std * np.sqrt(seeds / max(seeds - 1, 1)) / np.sqrt(seeds))
+        )
+        difference = zero_mean - mean
+        order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
+        # The fewest shots from which on no probe is worse than zero-shot.
+        if order == ">":
+            matched = None
+        elif matched is None:
+            matched = k
+        cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
+    cells.append(f"> {shots[-1] if shots else 0}" if matched is None else f"{matched}")
+    return cells, matched
 
 
 def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
