@@ -186,7 +186,7 @@ def _shift_task(context: Context, task: str) -> tuple[str, dict[str, Any]]:
     point_fit = (float(slope[0]), float(intercept[0]))
     rows, points = _shift_rows(results, kinds, summary, shifts, point_fit)
     adapt = _adaptation(results, shifts, resample)
-    entry = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
+    task_data = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
     figure = plots.robustness_scatter(
         points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
         plots.output_path(context.output, f"shift_{task}"),
@@ -205,7 +205,7 @@ def _shift_task(context: Context, task: str) -> tuple[str, dict[str, Any]]:
          for s, e in adapt.items()],
     )  # fmt: skip
     markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
-    return markdown, entry
+    return markdown, task_data
 
 
 def _shift_rows(
