@@ -503,9 +503,8 @@ def make_sharded_loss_fn(
 
 @dataclasses.dataclass(frozen=True)
 class Need:
-    """A part of the model that a term trains or a contrastive loss uses: present when the model
-    config's `field` is set (neither None nor False). A training run sets it as
-    model.overrides.<field>."""
+    """A part of the model that a term trains or a contrastive loss uses: there when the model
+    config's `field` is set (neither None nor False); a training run sets model.overrides.<field>."""
 
     what: str  # for the error: "a caption decoder"
     field: str  # the CLIPConfig attribute
@@ -521,17 +520,12 @@ CAPTION_DECODER = Need("a caption decoder", "decoder", "{'width': 512, 'heads': 
 BAG_OF_WORDS_HEAD = Need("a bag-of-words head", "bag_of_words", "True")
 
 # The terms an objective may sum, in the order zero-shot prefers their heads: "contrastive" (a loss
-# of LOSSES over the global batch; zero-shot: cosine similarity with the class embeddings),
-# "caption" (the decoder's per-token loss; zero-shot: the decoder's log-likelihood of the class
-# prompts, CapPa) and "bag_of_words" (the head's; zero-shot: its mean log-probability of the prompt's
-# words). The step computes the per-example terms; zero-shot scores with each term's head.
+# of LOSSES over the global batch; zero-shot: cosine similarity with the class embeddings), "caption"
+# (the decoder's per-token loss; zero-shot: its log-likelihood of the class prompts, CapPa) and
+# "bag_of_words" (the head's; zero-shot: its mean log-probability of the prompt's words).
 TERMS: tuple[str, ...] = ("contrastive", "caption", "bag_of_words")
-TERM_NEEDS: dict[str, tuple[Need, ...]] = {
-    "contrastive": (),
-    "caption": (CAPTION_DECODER,),
-    "bag_of_words": (BAG_OF_WORDS_HEAD,),
-}
-LOSS_NEEDS: dict[str, tuple[Need, ...]] = {"softmax": (), "sigmoid": (LOGIT_BIAS,)}
+TERM_NEEDS = {"contrastive": (), "caption": (CAPTION_DECODER,), "bag_of_words": (BAG_OF_WORDS_HEAD,)}
+LOSS_NEEDS = {"softmax": (), "sigmoid": (LOGIT_BIAS,)}  # what each contrastive loss needs
 
 Weight = float | str  # a fixed weight, or the name of the loss setting (a LossSettings field) holding it
 
@@ -582,20 +576,18 @@ def _registry(*objectives: Objective) -> dict[str, Objective]:
     return {objective.name: objective for objective in objectives}
 
 
+# CoCa's terms: contrastive and caption, weighted by loss.contrastive_weight and loss.caption_weight.
+COCA_TERMS: tuple[tuple[str, Weight], ...] = (("contrastive", "contrastive_weight"), ("caption", "caption_weight"))
+
 # A contrastive loss alone (CLIP, SigLIP), the caption decoder's loss alone (CapPa's and the
 # paper's transformer language model), the bag-of-words head's alone (the paper's bag-of-words
-# predictor), and CoCa: softmax + caption, weighted by loss.contrastive_weight and loss.caption_weight.
+# predictor), and CoCa (softmax + caption).
 OBJECTIVES: dict[str, Objective] = _registry(
     Objective("softmax", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="softmax"),
     Objective("sigmoid", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="sigmoid"),
     Objective("caption", (("caption", 1.0),), zero_shot="caption"),
     Objective("bag_of_words", (("bag_of_words", 1.0),), zero_shot="bag_of_words"),
-    Objective(
-        "coca",
-        (("contrastive", "contrastive_weight"), ("caption", "caption_weight")),
-        zero_shot="contrastive",
-        contrastive="softmax",
-    ),
+    Objective("coca", COCA_TERMS, zero_shot="contrastive", contrastive="softmax"),
 )
 
 
