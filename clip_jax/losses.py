@@ -588,6 +588,7 @@ OBJECTIVES: dict[str, Objective] = _registry(
     Objective("caption", (("caption", 1.0),), zero_shot="caption"),
     Objective("bag_of_words", (("bag_of_words", 1.0),), zero_shot="bag_of_words"),
     Objective("coca", COCA_TERMS, zero_shot="contrastive", contrastive="softmax"),
+    Objective("sigmoid_coca", COCA_TERMS, zero_shot="contrastive", contrastive="sigmoid"),  # CoCa with SigLIP's loss
 )
 
 
