@@ -156,16 +156,16 @@ def _training_data_settings(path: str) -> dict | None:
 
 
 def _trained_objectives(path: str) -> list[str] | None:
-    """The objectives ("contrastive", "caption", "bag_of_words") the train.py run of a training
-    workdir optimised, from its recorded loss.name (None for any other model)."""
+    """[the zero-shot objective] that the record of the train.py run's objective (its recorded
+    loss.name, clip_jax.losses.OBJECTIVES) names, for a training workdir; None for any other model."""
+    from clip_jax import losses
     from clip_jax.training import checkpointing
-    from clip_jax.training.config import LossSettings
 
     if not checkpointing.is_training_workdir(path):
         return None
     _, record = checkpointing.read_run_record(path)
     name = record.get("training", {}).get("loss", {}).get("name", "softmax")
-    return list(LossSettings(name=name).weights)
+    return [losses.get_objective(name).zero_shot]
 
 
 def _settings_record(settings) -> dict:

@@ -4,10 +4,16 @@ sharded versions that run inside `jax.shard_map` and see the global batch across
 Also the per-example captioning objectives the CLIP paper compares against (§2.3, Fig. 2) and that
 CoCa / CapPa train with: the caption's tokens predicted by a decoder (`caption_loss`) and its bag of
 words predicted from the pooled image embedding (`bag_of_words_loss`). These need no other example,
-so the trainer sums them over its rows and divides by the global batch's count (training/step.py)."""
+so the trainer sums them over its rows and divides by the global batch's count (training/step.py).
+
+What `loss.name` may be is an `Objective` of `OBJECTIVES`, one record each: the terms it sums and
+their weights, what it needs of the model, and how zero-shot classification scores under it. Config
+validation, the training step, the evaluation suite and the experiments read that record, so a new
+objective is one record here (and its loss function, if new)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -17,12 +23,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.collectives import gather, ring_pass
 from clip_jax.models.text import end_of_text_index
 
 LOSSES = ("softmax", "sigmoid")  # the contrastive losses
-# What loss.name may be: a contrastive loss alone, the caption decoder's loss alone (CapPa's and the
-# paper's transformer language model), the bag-of-words head's alone, or CoCa (softmax + caption).
-OBJECTIVES = (*LOSSES, "caption", "bag_of_words", "coca")
 IMPLEMENTATIONS = ("all_gather", "ring")
 
 AxisNames = str | tuple[str, ...]
@@ -164,8 +168,8 @@ def sharded_in_batch_accuracy(
     local_batch = image.shape[0]
     global_batch = local_batch * jax.lax.axis_size(axes)
     targets = jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
-    image_to_text = jnp.argmax(_similarity(image, _gather(text, axes)), axis=1) == targets
-    text_to_image = jnp.argmax(_similarity(text, _gather(image, axes)), axis=1) == targets
+    image_to_text = jnp.argmax(_similarity(image, gather(text, axes)), axis=1) == targets
+    text_to_image = jnp.argmax(_similarity(text, gather(image, axes)), axis=1) == targets
     return (
         jax.lax.psum(jnp.sum(image_to_text), axes) / global_batch,
         jax.lax.psum(jnp.sum(text_to_image), axes) / global_batch,
@@ -173,15 +177,6 @@ def sharded_in_batch_accuracy(
 
 
 # ---- all_gather: local rows x global columns --------------------------------------------------
-
-
-def _gather(local_rows: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """(local_batch, dim) on each device -> (global_batch, dim), in the mesh's row-major order.
-
-    Under autodiff its transpose is a reduce-scatter: the gradient a device gets for its own rows
-    sums what every device's logits contributed to them, which keeps the gradients exact.
-    """
-    return jax.lax.all_gather(local_rows, axes, tiled=True)
 
 
 def _positive_mask(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
@@ -200,7 +195,7 @@ def _all_gather_softmax_loss(image: jax.Array, text: jax.Array, scale: jax.Array
     # local texts against all images, so every global row is counted exactly once.
     partial_sum = 0.0
     for queries, candidates in ((image, text), (text, image)):
-        logits = scale * _similarity(queries, _gather(candidates, axes))  # (local, global)
+        logits = scale * _similarity(queries, gather(candidates, axes))  # (local, global)
         positive_logits = jnp.sum(jnp.where(positives, logits, 0.0), axis=1)
         partial_sum += jnp.sum(jax.nn.logsumexp(logits, axis=1) - positive_logits)
     return jax.lax.psum(partial_sum, axes) / (2 * global_batch)
@@ -212,7 +207,7 @@ def _all_gather_sigmoid_loss(
     local_batch = image.shape[0]
     global_batch = local_batch * jax.lax.axis_size(axes)
     # Every (image, text) pair appears once in the sum, so one direction covers them all.
-    logits = scale * _similarity(image, _gather(text, axes)) + bias  # (local, global)
+    logits = scale * _similarity(image, gather(text, axes)) + bias  # (local, global)
     signs = jnp.where(_positive_mask(local_batch, axes), 1.0, -1.0)
     partial_sum = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
     return jax.lax.psum(partial_sum, axes) / global_batch
@@ -225,51 +220,7 @@ def _all_gather_sigmoid_loss(
 # block (the matching pairs) at step 0, then every other block once. A block's logits are only
 # (local_batch, local_batch). Column statistics and column gradients ride along with their text
 # block and, after a full turn, arrive back on the block's home device.
-
-
-def _shift(tree: Any, axes: tuple[str, ...]) -> Any:
-    """Send every array one device down the ring: device j -> j - 1, so each device receives the
-    block of the device after it."""
-    num_devices = jax.lax.axis_size(axes)
-    permutation = [(source, (source - 1) % num_devices) for source in range(num_devices)]
-    return jax.tree.map(lambda array: jax.lax.ppermute(array, axes, permutation), tree)
-
-
-def _ring_pass(
-    step: Callable[[Any, Any, Any, bool], tuple[Any, Any]],
-    resident: Any,
-    visitor: Any,
-    accumulator: Any,
-    axes: tuple[str, ...],
-) -> tuple[Any, Any]:
-    """Run `step(resident, visitor, accumulator, is_diagonal) -> (resident, accumulator)` once
-    per block of the ring.
-
-    `resident` stays on the device (its own rows' statistics or gradients); `visitor` is read-only
-    data that travels (a text block and its fixed statistics); `accumulator` travels with the
-    visitor and is updated by every device it visits. Returns the final resident and the
-    accumulator of this device's own block, back home.
-    """
-    num_devices = jax.lax.axis_size(axes)
-    # The diagonal block is peeled off the loop: it alone holds the positive pairs, so the other
-    # blocks need no mask. The next visitor is sent before the current block is computed (it
-    # does not depend on it) so that the transfer can overlap the matmuls.
-    next_visitor = _shift(visitor, axes)
-    resident, accumulator = step(resident, visitor, accumulator, True)
-    accumulator = _shift(accumulator, axes)
-
-    def off_diagonal_step(_, carry):
-        resident, visitor, accumulator = carry
-        next_visitor = _shift(visitor, axes)
-        resident, accumulator = step(resident, visitor, accumulator, False)
-        return resident, next_visitor, _shift(accumulator, axes)
-
-    # After num_devices shifts each accumulator is home again. (The visitor is shifted once more
-    # than needed: one extra block transfer per pass, the price of the overlap.)
-    resident, _, accumulator = jax.lax.fori_loop(
-        1, num_devices, off_diagonal_step, (resident, next_visitor, accumulator)
-    )
-    return resident, accumulator
+# (The pass itself is clip_jax.collectives.ring_pass.)
 
 
 def _block_gradients(
@@ -306,7 +257,7 @@ def _ring_softmax_forward(image, text, scale, axes):
         return (row_log_sum_exp, positive_logits), column_log_sum_exp
 
     empty = jnp.full((local_batch,), -jnp.inf, jnp.float32)
-    (row_log_sum_exp, positive_logits), column_log_sum_exp = _ring_pass(
+    (row_log_sum_exp, positive_logits), column_log_sum_exp = ring_pass(
         step, (empty, jnp.zeros_like(empty)), text, empty, axes
     )
     # Image->text rows and text->image columns (those of this device's texts) share the positives.
@@ -338,7 +289,7 @@ def _ring_softmax_backward(axes, residuals, loss_gradient):
         resident = (image_gradient + image_block, scale_gradient + scale_block)
         return resident, text_gradient + text_block
 
-    (image_gradient, scale_gradient), text_gradient = _ring_pass(
+    (image_gradient, scale_gradient), text_gradient = ring_pass(
         step,
         (jnp.zeros_like(image), jnp.zeros((), jnp.float32)),
         (text, column_log_sum_exp),
@@ -373,7 +324,7 @@ def _ring_sigmoid_forward(image, text, scale, bias, axes):
             terms = jax.nn.softplus(logits)  # -log_sigmoid(-x): every pair here is negative
         return partial_sum + jnp.sum(terms), no_accumulator
 
-    partial_sum, _ = _ring_pass(step, jnp.zeros((), jnp.float32), text, (), axes)
+    partial_sum, _ = ring_pass(step, jnp.zeros((), jnp.float32), text, (), axes)
     loss = jax.lax.psum(partial_sum, axes) / global_batch
     return loss, (image, text, scale, bias)
 
@@ -401,7 +352,7 @@ def _ring_sigmoid_backward(axes, residuals, loss_gradient):
         return resident, text_gradient + text_block
 
     zero = jnp.zeros((), jnp.float32)
-    (image_gradient, scale_gradient, bias_gradient), text_gradient = _ring_pass(
+    (image_gradient, scale_gradient, bias_gradient), text_gradient = ring_pass(
         step, (jnp.zeros_like(image), zero, zero), text, jnp.zeros_like(text), axes
     )
     # The scale and bias are replicated: their gradients sum every device's share.
@@ -472,6 +423,19 @@ def bag_of_words_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _mesh_batch_axes(mesh: Mesh, batch_axes: AxisNames) -> tuple[tuple[str, ...], int, bool]:
+    """(the batch axes as a tuple, the shards along them, whether they are all explicit mesh axes)."""
+    axes = _as_axis_tuple(batch_axes)
+    unknown = [axis for axis in axes if axis not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"batch axes {unknown} are not axes of the mesh {mesh.axis_names}")
+    num_shards = 1
+    for axis in axes:
+        num_shards *= mesh.shape[axis]
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    return axes, num_shards, all(axis_types[axis] == jax.sharding.AxisType.Explicit for axis in axes)
+
+
 def make_sharded_loss_fn(
     mesh: Mesh,
     batch_axes: AxisNames = ("data",),
@@ -486,16 +450,8 @@ def make_sharded_loss_fn(
     """
     _check_choice("loss", loss, LOSSES)
     _check_choice("impl", impl, IMPLEMENTATIONS)
-    axes = _as_axis_tuple(batch_axes)
-    unknown = [axis for axis in axes if axis not in mesh.axis_names]
-    if unknown:
-        raise ValueError(f"batch axes {unknown} are not axes of the mesh {mesh.axis_names}")
-    num_shards = 1
-    for axis in axes:
-        num_shards *= mesh.shape[axis]
+    axes, num_shards, explicit = _mesh_batch_axes(mesh, batch_axes)
     batch_spec = P(axes)
-    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = all(axis_types[axis] == jax.sharding.AxisType.Explicit for axis in axes)
 
     def per_device(image_embeds, text_embeds, logit_scale, logit_bias):
         return sharded_contrastive_loss(
@@ -538,3 +494,106 @@ def make_sharded_loss_fn(
         )
 
     return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives: what loss.name names, one record each.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Need:
+    """A part of the model that a term trains or a contrastive loss uses: there when the model
+    config's `field` is set (neither None nor False); a training run sets model.overrides.<field>."""
+
+    what: str  # for the error: "a caption decoder"
+    field: str  # the CLIPConfig attribute
+    example: str  # for the error: a value to set it to
+
+    def met_by(self, model_config: Any) -> bool:
+        value = getattr(model_config, self.field, None)
+        return value is not None and value is not False
+
+
+LOGIT_BIAS = Need("a learned logit bias", "logit_bias_init", "-10.0, SigLIP's")
+CAPTION_DECODER = Need("a caption decoder", "decoder", "{'width': 512, 'heads': 8, 'layers': 6}")
+BAG_OF_WORDS_HEAD = Need("a bag-of-words head", "bag_of_words", "True")
+
+# The terms an objective may sum, in the order zero-shot prefers their heads: "contrastive" (a loss
+# of LOSSES over the global batch; zero-shot: cosine similarity with the class embeddings), "caption"
+# (the decoder's per-token loss; zero-shot: its log-likelihood of the class prompts, CapPa) and
+# "bag_of_words" (the head's; zero-shot: its mean log-probability of the prompt's words).
+TERMS: tuple[str, ...] = ("contrastive", "caption", "bag_of_words")
+TERM_NEEDS = {"contrastive": (), "caption": (CAPTION_DECODER,), "bag_of_words": (BAG_OF_WORDS_HEAD,)}
+LOSS_NEEDS = {"softmax": (), "sigmoid": (LOGIT_BIAS,)}  # what each contrastive loss needs
+
+Weight = float | str  # a fixed weight, or the name of the loss setting (a LossSettings field) holding it
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What one loss.name trains. `terms`: (term of TERMS, its weight), summed in this order;
+    `zero_shot`: the term whose head zero-shot classification scores with; `contrastive`: the loss
+    of LOSSES its "contrastive" term uses (None without that term)."""
+
+    name: str
+    terms: tuple[tuple[str, Weight], ...]
+    zero_shot: str
+    contrastive: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [term for term, _ in self.terms]
+        if not names or len(set(names)) != len(names) or not set(names) <= set(TERMS):
+            raise ValueError(f"objective {self.name!r}: terms {names} must be distinct terms of {TERMS}")
+        if self.contrastive not in (None, *LOSSES) or ("contrastive" in names) != (self.contrastive is not None):
+            raise ValueError(
+                f"objective {self.name!r}: contrastive {self.contrastive!r} must be one of {LOSSES} "
+                "exactly when it has a contrastive term"
+            )
+        if self.zero_shot not in names:
+            raise ValueError(f"objective {self.name!r}: zero_shot {self.zero_shot!r} is not one of its terms {names}")
+
+    def weights(self, settings: Any = None) -> dict[str, float]:
+        """{term: weight}; a weight that names a setting is read from `settings` (LossSettings)."""
+        return {term: getattr(settings, weight) if isinstance(weight, str) else weight for term, weight in self.terms}
+
+    @property
+    def needs(self) -> tuple[Need, ...]:
+        """What the model must have: its contrastive loss's needs, then its terms'."""
+        return (*LOSS_NEEDS.get(self.contrastive, ()), *(need for term, _ in self.terms for need in TERM_NEEDS[term]))
+
+    def check_model(self, model_config: Any) -> None:
+        """A one-line ValueError naming the setting to set if `model_config` (a CLIPConfig) lacks a need."""
+        for need in self.needs:
+            if not need.met_by(model_config):
+                raise ValueError(
+                    f"loss.name={self.name!r}: the {self.name} loss needs a model with {need.what}; "
+                    f"set model.overrides.{need.field} (e.g. {need.example})"
+                )
+
+
+def _registry(*objectives: Objective) -> dict[str, Objective]:
+    return {objective.name: objective for objective in objectives}
+
+
+# CoCa's terms: contrastive and caption, weighted by loss.contrastive_weight and loss.caption_weight.
+COCA_TERMS: tuple[tuple[str, Weight], ...] = (("contrastive", "contrastive_weight"), ("caption", "caption_weight"))
+
+# A contrastive loss alone (CLIP, SigLIP), the caption decoder's loss alone (CapPa's and the
+# paper's transformer language model), the bag-of-words head's alone (the paper's bag-of-words
+# predictor), and CoCa (softmax + caption).
+OBJECTIVES: dict[str, Objective] = _registry(
+    Objective("softmax", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="softmax"),
+    Objective("sigmoid", (("contrastive", 1.0),), zero_shot="contrastive", contrastive="sigmoid"),
+    Objective("caption", (("caption", 1.0),), zero_shot="caption"),
+    Objective("bag_of_words", (("bag_of_words", 1.0),), zero_shot="bag_of_words"),
+    Objective("coca", COCA_TERMS, zero_shot="contrastive", contrastive="softmax"),
+    Objective("sigmoid_coca", COCA_TERMS, zero_shot="contrastive", contrastive="sigmoid"),  # CoCa with SigLIP's loss
+)
+
+
+def get_objective(name: str) -> Objective:
+    """The objective `name` names; one line naming the choices otherwise."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[name]

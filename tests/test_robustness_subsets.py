@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.evaluation import suite
+from clip_jax.evaluation import datasets, suite
 from clip_jax.evaluation import templates as templates_module
 from clip_jax.models import CLIP, get_model_config
 
@@ -29,11 +29,11 @@ def test_subsets_are_200_imagenet_classes_in_label_order(name):
     label_names = _imagenet_label_names()
     assert len(wnids) == len(set(wnids)) == 200
     assert set(wnids) <= set(label_names)
-    labels = suite.class_subset_labels(name, label_names)
+    labels = datasets.class_subset_labels(name, label_names)
     assert labels == sorted(labels) and [label_names[label] for label in labels] == list(wnids)
-    assert suite.class_subset_labels("imagenet_v2", label_names) is None
+    assert datasets.class_subset_labels("imagenet_v2", label_names) is None
     with pytest.raises(ValueError, match="200 classes are not among the dataset's label names"):
-        suite.class_subset_labels(name, [f"class_{index}" for index in range(1000)])
+        datasets.class_subset_labels(name, [f"class_{index}" for index in range(1000)])
 
 
 @pytest.mark.parametrize("name", ["imagenet_r", "imagenet_a"])
@@ -52,7 +52,7 @@ def test_labels_are_mapped_into_the_subset_and_others_masked_out():
         {"images": np.zeros((2, 2)), "labels": np.array([7, 7])},
     ])  # fmt: skip
     outside = [0]
-    batches = list(suite._labels_mapped_into(stream, subset, 10, outside)(4))
+    batches = list(datasets._labels_mapped_into(stream, subset, 10, outside)(4))
     np.testing.assert_array_equal(batches[0]["labels"][:2], [2, 0])
     np.testing.assert_array_equal(batches[0]["mask"], [True, True, False, False])  # label 5: outside
     np.testing.assert_array_equal(batches[1]["labels"], [1, 1])
@@ -94,7 +94,7 @@ def test_imagenet_r_and_a_are_scored_with_a_classifier_of_their_200_classes(monk
 
     label_names = _imagenet_label_names()
     for index, name in enumerate(settings.datasets):
-        subset_labels = suite.class_subset_labels(name, label_names)
+        subset_labels = datasets.class_subset_labels(name, label_names)
         # The classifier holds the subset's 200 classes, in ImageNet's label order, and nothing else.
         assert built[index] == tuple(templates_module.IMAGENET_CLASS_NAMES[label] for label in subset_labels)
         entry = results["zero_shot"][name]["single"]

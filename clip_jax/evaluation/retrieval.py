@@ -151,15 +151,16 @@ def retrieval_evaluate(
     return results
 
 
-def extract_retrieval_features(
+def retrieval_evaluate_model(
     encoder: Encoder,
     tokenizer: Callable,
     batches: Iterable[dict[str, Any]],
     preprocess: Callable | None = None,
     max_images: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image features (N, D), caption features (M, D), text_to_image (M,)) of a stream of batches
-    {"images": ..., "captions": one list of strings (or one string) per image}."""
+    recall_at: Sequence[int] = RECALL_AT,
+) -> dict[str, float]:
+    """Recall@k of a model on a stream of batches {"images": ..., "captions": one list of strings
+    (or one string) per image}: the images and every caption embedded, then `retrieval_evaluate`."""
     image_features, text_features, text_to_image = [], [], []
     num_images = 0
     for batch in rebatch(batches, encoder.batch_size, ["images", "captions"]):
@@ -176,22 +177,13 @@ def extract_retrieval_features(
             break
     if not image_features:
         raise ValueError("the dataset yielded no examples")
-    return np.concatenate(image_features), np.concatenate(text_features), np.concatenate(text_to_image).astype(np.int64)
-
-
-def retrieval_evaluate_model(
-    encoder: Encoder,
-    tokenizer: Callable,
-    batches: Iterable[dict[str, Any]],
-    preprocess: Callable | None = None,
-    max_images: int | None = None,
-    recall_at: Sequence[int] = RECALL_AT,
-) -> dict[str, float]:
-    """Recall@k of a model on a stream of {"images", "captions"} batches."""
-    image_features, text_features, text_to_image = extract_retrieval_features(
-        encoder, tokenizer, batches, preprocess, max_images
+    return retrieval_evaluate(
+        np.concatenate(image_features),
+        np.concatenate(text_features),
+        np.concatenate(text_to_image).astype(np.int64),
+        recall_at,
+        mesh=encoder.mesh,
     )
-    return retrieval_evaluate(image_features, text_features, text_to_image, recall_at, mesh=encoder.mesh)
 
 
 def _caption_texts(value: Any) -> list[str]:

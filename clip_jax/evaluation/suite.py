@@ -1,10 +1,8 @@
 """Running the evaluation tasks (zero-shot, retrieval, linear probe, few-shot) over datasets for one
 model: what `evaluate.py` runs, and what a training loop can call every N steps.
 
-Datasets: "synthetic" (the built-in shapes: zero-shot on the held-out colour x shape combinations,
-retrieval on validation captions), "synthetic_seen" (validation images of the combinations seen in
-training), TFDS classification datasets (clip_jax.data.classification) and TFDS image-caption
-datasets ("coco_captions") for retrieval.
+The datasets (the built-in "synthetic" and "synthetic_seen", TFDS classification datasets, and
+TFDS image-caption datasets such as "coco_captions" for retrieval) are clip_jax.evaluation.datasets.
 """
 
 from __future__ import annotations
@@ -14,26 +12,28 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from clip_jax import captioning, transforms
-from clip_jax.data.classification import load_classification
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
-from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
-from clip_jax.evaluation.templates import (
-    DATASET_PROMPTS,
-    IMAGENET_CLASS_SUBSETS,
-    PHOTO_TEMPLATES,
-    PROMPT_MODES,
-    DatasetPrompts,
-    Template,
-    get_prompts,
-    synthetic_prompts,
+from clip_jax.evaluation.datasets import (
+    IMAGENET,
+    IMAGENET_SHIFTS,
+    SYNTHETIC_DATASETS,
+    Classification,
+    classification_data,
+    is_classification,
+    is_known_dataset,
+    is_retrieval,
+    known_datasets,
+    retrieval_batches,
+    synthetic_at,
 )
+from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
+from clip_jax.evaluation.templates import PROMPT_MODES, Template
 from clip_jax.evaluation.zero_shot import (
     OBJECTIVES,
     check_objective,
@@ -43,39 +43,17 @@ from clip_jax.evaluation.zero_shot import (
     zero_shot_predict,
     zero_shot_scores,
 )
+from clip_jax.losses import TERM_NEEDS
 from clip_jax.models import CLIP
 
 TASKS: tuple[str, ...] = ("zero_shot", "retrieval", "linear_probe", "few_shot")
 # "auto": the objective the model was trained with (see resolve_zero_shot_objective).
 ZERO_SHOT_OBJECTIVES: tuple[str, ...] = ("auto", *OBJECTIVES)
 PROBE_TASKS: tuple[str, ...] = ("linear_probe", "few_shot")
-SYNTHETIC_DATASETS: tuple[str, ...] = ("synthetic", "synthetic_seen")
-# Image-caption datasets and the split retrieval is scored on (COCO: the 5k Karpathy test split).
-RETRIEVAL_SPLITS: dict[str, str] = {"coco_captions": "test"}
-IMAGENET = "imagenet2012"
-IMAGENET_SHIFTS: tuple[str, ...] = ("imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch")
 # The presets `evaluate.py --preset` names: the tasks and datasets each runs.
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "robustness": {"tasks": ("zero_shot",), "datasets": (IMAGENET, *IMAGENET_SHIFTS)},
 }
-# Test-only datasets: no split to fit linear / few-shot probes on.
-WITHOUT_TRAIN_SPLIT: tuple[str, ...] = (*IMAGENET_SHIFTS, "imagenet2012_real")
-
-# Synthetic images per split when `max_examples` / `max_train_examples` are not set.
-# Classification: 8,192 test images put the standard error of a top-1 near 0.5 points, and that of
-# the gap between two prompt modes (scored on the same images) at 0.25 to 0.4.
-SYNTHETIC_TEST_EXAMPLES = 8192
-SYNTHETIC_RETRIEVAL_EXAMPLES = 1024  # images (and their captions) ranked against each other
-SYNTHETIC_TRAIN_EXAMPLES = 2048
-
-
-def known_datasets() -> tuple[str, ...]:
-    """Every dataset name the suite can evaluate on (a TFDS name may carry ":version")."""
-    return (*SYNTHETIC_DATASETS, *RETRIEVAL_SPLITS, *DATASET_PROMPTS)
-
-
-def is_known_dataset(name: str) -> bool:
-    return name in SYNTHETIC_DATASETS or name.split(":")[0].split("/")[0] in known_datasets()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +74,7 @@ class EvaluationSettings:
     # Who decodes TFDS images: "process" (a pool of processes) or "thread" (needed where the data
     # exists only in this process, e.g. under tfds.testing.mock_data). None: the pipeline's default.
     tfds_worker_kind: str | None = None
-    # How zero-shot scores classes: "contrastive", "caption" (CapPa), "bag_of_words", or "auto".
+    # How zero-shot scores classes: with the head of one of zero_shot.OBJECTIVES, or "auto".
     zero_shot_objective: str = "auto"
 
     def __post_init__(self) -> None:
@@ -131,14 +109,12 @@ class EvaluationSettings:
 
 def resolve_zero_shot_objective(model: CLIP, requested: str = "auto", trained: Sequence[str] | None = None) -> str:
     """The objective zero-shot scores with. An explicit one is checked against the model's heads.
-    "auto": with `trained` (the objectives the model was trained with, from its training record),
-    contrastive if it was trained contrastively, else caption, else bag of words; without a
-    record, the heads decide: caption for a model with a decoder, bag of words for one with
+    "auto": with `trained` (the zero-shot objectives of the model's training, e.g. the one the
+    record of its loss.name names, `losses.Objective.zero_shot`), the first of OBJECTIVES among
+    them; without, the heads decide: caption for a model with a decoder, bag of words for one with
     that head only, contrastive otherwise."""
     if requested != "auto":
         return check_objective(model, requested)
-    decoder = getattr(model.config, "decoder", None) is not None
-    bag_of_words = bool(getattr(model.config, "bag_of_words", False))
     if trained is not None:
         unknown = sorted(set(trained) - set(OBJECTIVES))
         if unknown or not trained:
@@ -146,147 +122,15 @@ def resolve_zero_shot_objective(model: CLIP, requested: str = "auto", trained: S
         for objective in OBJECTIVES:
             if objective in trained:
                 return check_objective(model, objective)
-    if decoder:
-        return "caption"
-    return "bag_of_words" if bag_of_words else "contrastive"
-
-
-@dataclasses.dataclass
-class _Classification:
-    """A classification dataset made uniform: prompts, test / train batch streams, scored classes."""
-
-    name: str
-    prompts: DatasetPrompts
-    test_batches: Callable[[int], Iterator[dict[str, Any]]]  # batch size -> stream
-    train_batches: Callable[[int], Iterator[dict[str, Any]]] | None
-    class_subset: Sequence[int] | None  # the classes predictions are made among; None: all
-    process_local: bool  # True: each process streams its own share
-    test_limit: int | None
-    train_limit: int | None
-    # Images whose label lies outside the dataset's classes (ImageNet-R / -A: outside their 200),
-    # left out of the scores; a list so the test stream can count into it as it goes.
-    outside_classes: list[int] = dataclasses.field(default_factory=lambda: [0])
-
-
-def _synthetic_stream(dataset: Any, split: str, start: int, count: int) -> Callable[[int], Iterator[dict]]:
-    def stream(batch_size: int) -> Iterator[dict[str, Any]]:
-        for first in range(start, start + count, batch_size):
-            yield dataset.get_batch(split, np.arange(first, min(first + batch_size, start + count)))
-
-    return stream
-
-
-def _synthetic_classification(name: str, dataset: Any, settings: EvaluationSettings) -> _Classification:
-    test_count = settings.max_examples or SYNTHETIC_TEST_EXAMPLES
-    train_count = settings.max_train_examples or SYNTHETIC_TRAIN_EXAMPLES
-    # "synthetic": the held-out combinations, the task of the built-in default (compositional
-    # transfer); "synthetic_seen": combinations seen in training. Probes learn from other
-    # examples of the same split (indices after the test examples).
-    split, classes = (
-        ("held_out", dataset.held_out_labels) if name == "synthetic" else ("validation", dataset.train_labels)
+    # The first generative head the model has (OBJECTIVES after "contrastive", whose needs it meets).
+    contrastive, *generative = OBJECTIVES
+    return next(
+        (term for term in generative if all(need.met_by(model.config) for need in TERM_NEEDS[term])), contrastive
     )
-    return _Classification(
-        name=name,
-        prompts=synthetic_prompts(dataset),
-        test_batches=_synthetic_stream(dataset, split, 0, test_count),
-        train_batches=_synthetic_stream(dataset, split, test_count, train_count),
-        class_subset=[int(label) for label in classes],
-        process_local=False,
-        test_limit=test_count,
-        train_limit=train_count,
-    )
-
-
-def _tfds_classification(name: str, settings: EvaluationSettings, image_size: int) -> _Classification:
-    def open_split(split: str | None) -> Any:
-        return load_classification(
-            name, split, settings.data_dir, reader=settings.tfds_reader, image_decoder=settings.tfds_image_decoder
-        )
-
-    test = open_split(None)
-    try:
-        prompts = get_prompts(name)
-        if len(prompts.class_names) != test.num_classes:
-            raise ValueError(
-                f"{name!r} has {test.num_classes} classes, the templates module {len(prompts.class_names)}"
-            )
-    except ValueError:
-        # A dataset without curated prompts: its own (readable) label names and ImageNet-style prompts.
-        prompts = DatasetPrompts(tuple(test.class_names), PHOTO_TEMPLATES)
-    outside_classes = [0]
-    test_batches = _streamer(test, settings, image_size)
-    subset = class_subset_labels(name, test.label_names)
-    if subset is not None:
-        # ImageNet-R / -A: a classifier of their 200 classes, and labels mapped into them.
-        prompts = DatasetPrompts(
-            tuple(prompts.class_names[label] for label in subset), prompts.templates, prompts.single_template
-        )
-        test_batches = _labels_mapped_into(test_batches, subset, test.num_classes, outside_classes)
-    train = None
-    if test.split != "train" and name.split(":")[0] not in WITHOUT_TRAIN_SPLIT:
-        try:
-            train = open_split("train")
-        except ValueError:
-            train = None  # no training split (the ImageNet shift sets): no probes
-
-    return _Classification(
-        name=name,
-        prompts=prompts,
-        test_batches=test_batches,
-        train_batches=_streamer(train, settings, image_size) if train is not None else None,
-        class_subset=None,
-        process_local=True,
-        test_limit=settings.max_examples,
-        train_limit=settings.max_train_examples,
-        outside_classes=outside_classes,
-    )
-
-
-def _streamer(split_dataset: Any, settings: EvaluationSettings, image_size: int) -> Callable[[int], Iterator[dict]]:
-    options = {} if settings.tfds_worker_kind is None else {"worker_kind": settings.tfds_worker_kind}
-    return lambda batch_size: split_dataset.batches(
-        image_size, batch_size, jax.process_index(), jax.process_count(), **options
-    )
-
-
-def class_subset_labels(name: str, label_names: Sequence[str]) -> list[int] | None:
-    """The labels (indices into `label_names`, ascending) of the classes dataset `name` is scored on:
-    ImageNet-R's and -A's 200 (IMAGENET_CLASS_SUBSETS); None for a dataset scored on all its labels."""
-    wnids = IMAGENET_CLASS_SUBSETS.get(name.split(":")[0])
-    if wnids is None:
-        return None
-    positions = {label_name: label for label, label_name in enumerate(label_names)}
-    missing = [wnid for wnid in wnids if wnid not in positions]
-    if missing:
-        raise ValueError(
-            f"{name!r}: {len(missing)} of its {len(wnids)} classes are not among the dataset's label names "
-            f"(e.g. {missing[:3]}); expected ImageNet's WordNet ids, got e.g. {list(label_names[:3])}"
-        )
-    return sorted(positions[wnid] for wnid in wnids)
-
-
-def _labels_mapped_into(
-    stream: Callable[[int], Iterator[dict]], subset: Sequence[int], num_labels: int, outside_classes: list[int]
-) -> Callable[[int], Iterator[dict]]:
-    """`stream` with labels mapped to their positions in `subset`; images labelled outside it (none on
-    the real ImageNet-R / -A) are masked out and counted into outside_classes[0]."""
-    mapping = np.full(num_labels, -1, np.int64)
-    mapping[np.asarray(subset)] = np.arange(len(subset))
-
-    def mapped(batch_size: int) -> Iterator[dict[str, Any]]:
-        outside_classes[0] = 0
-        for batch in stream(batch_size):
-            labels = mapping[np.asarray(batch["labels"])]
-            valid = np.asarray(batch["mask"], bool) if batch.get("mask") is not None else np.ones(len(labels), bool)
-            outside = valid & (labels < 0)
-            outside_classes[0] += int(outside.sum())
-            yield {**batch, "labels": np.maximum(labels, 0).astype(np.int32), "mask": valid & ~outside}
-
-    return mapped
 
 
 def _features(
-    encoder: Encoder, data: _Classification, stream: Callable, limit: int | None
+    encoder: Encoder, data: Classification, stream: Callable, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     batch_size = encoder.local_batch_size if data.process_local else encoder.batch_size
     return extract_image_features(encoder, stream(batch_size), max_examples=limit, process_local=data.process_local)
@@ -314,7 +158,7 @@ class _ClassifierCache:
 def _zero_shot(
     encoder: Encoder,
     classifiers: _ClassifierCache,
-    data: _Classification,
+    data: Classification,
     settings: EvaluationSettings,
     test_features: np.ndarray,
     test_labels: np.ndarray,
@@ -351,7 +195,7 @@ def _zero_shot(
 
 
 def _scores_over_stream(
-    encoder: Encoder, classifiers: _ClassifierCache, data: _Classification, modes: dict[str, Sequence[Template]]
+    encoder: Encoder, classifiers: _ClassifierCache, data: Classification, modes: dict[str, Sequence[Template]]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """({mode: (n, classes) scores}, labels (n,)) of the test images under a generative objective,
     which scores images rather than their embeddings: one more pass over the test stream, keeping
@@ -393,7 +237,7 @@ def _scores_over_stream(
 def evaluate_classification(
     encoder: Encoder,
     classifiers: _ClassifierCache,
-    data: _Classification,
+    data: Classification,
     settings: EvaluationSettings,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -402,7 +246,6 @@ def evaluate_classification(
     results: dict[str, Any] = {}
     started = time.time()
     test_features, test_labels = _features(encoder, data, data.test_batches, data.test_limit)
-    subset = None if data.class_subset is None else list(data.class_subset)
     log(f"{data.name}: {len(test_labels)} test images embedded in {time.time() - started:.1f}s")
     if data.outside_classes[0]:
         # Counted on this process's share of the stream.
@@ -415,75 +258,58 @@ def evaluate_classification(
         log(f"{data.name}: no training split, linear probe and few-shot skipped")
         results["skipped"] = [f"{task}: no training split" for task in wanted_probes]
     elif wanted_probes:
-        started = time.time()
-        train_features, train_labels = _features(encoder, data, data.train_batches, data.train_limit)
-        log(f"{data.name}: {len(train_labels)} training images embedded in {time.time() - started:.1f}s")
-        num_classes = len(data.prompts.class_names)
-        counts = np.bincount(train_labels)
-        fewest = int(counts[counts > 0].min())
-        skipped = []
-        if "linear_probe" in settings.tasks:
-            if counts.max() < 2:
-                skipped.append("linear_probe: no class has two training images to validate the regularisation on")
-            else:
-                results["linear_probe"] = probes.linear_probe(
-                    train_features,
-                    train_labels,
-                    test_features,
-                    test_labels,
-                    num_classes,
-                    class_subset=subset,
-                    mesh=encoder.mesh,
-                )
-                log(
-                    f"{data.name}: linear probe top-1 {results['linear_probe']['top1']:.4f} (L2 {results['linear_probe']['l2']:.3g})"
-                )
-        if "few_shot" in settings.tasks:
-            # Every class of the training pool needs k images for a k-shot sample.
-            usable = [k for k in settings.shots if k <= fewest]
-            if len(usable) < len(settings.shots):
-                skipped.append(
-                    f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images"
-                )
-            if usable:
-                results["few_shot"] = probes.few_shot(
-                    train_features, train_labels, test_features, test_labels, num_classes,
-                    shots=usable, seeds=settings.seeds, class_subset=subset, mesh=encoder.mesh,
-                )  # fmt: skip
-                for k, entry in results["few_shot"]["shots"].items():
-                    log(f"{data.name}: {k}-shot top-1 {entry['top1_mean']:.4f} +- {entry['top1_std']:.4f}")
-        for reason in skipped:
-            log(f"{data.name}: {reason}")
-        if skipped:
-            results["skipped"] = skipped
+        results.update(_probes(encoder, data, settings, (test_features, test_labels), log))
     return results
 
 
-def _retrieval_batches(
-    name: str, dataset: Any, settings: EvaluationSettings, image_size: int
-) -> Callable[[int], Iterator[dict]]:
-    if name == "synthetic":
-        count = settings.max_examples or SYNTHETIC_RETRIEVAL_EXAMPLES
-
-        def stream(batch_size: int) -> Iterator[dict[str, Any]]:
-            for first in range(0, count, batch_size):
-                batch = dataset.get_batch("validation", np.arange(first, min(first + batch_size, count)))
-                yield {"images": batch["images"], "captions": batch["captions"]}
-
-        return stream
-    base = name.split(":")[0]
-    split = RETRIEVAL_SPLITS[base]
-    return lambda batch_size: retrieval.tfds_caption_batches(
-        name, split, image_size, batch_size, settings.data_dir, max_images=settings.max_examples
-    )
-
-
-def _is_classification(name: str) -> bool:
-    return name.split(":")[0] not in RETRIEVAL_SPLITS
-
-
-def _is_retrieval(name: str) -> bool:
-    return name == "synthetic" or name.split(":")[0] in RETRIEVAL_SPLITS
+def _probes(
+    encoder: Encoder,
+    data: Classification,
+    settings: EvaluationSettings,
+    test: tuple[np.ndarray, np.ndarray],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The linear probe and few-shot results of one dataset with a training split, scored on `test`
+    (its test features and labels), and "skipped" (what could not run, and why) when anything could not."""
+    test_features, test_labels = test
+    results: dict[str, Any] = {}
+    subset = None if data.class_subset is None else list(data.class_subset)
+    started = time.time()
+    train_features, train_labels = _features(encoder, data, data.train_batches, data.train_limit)
+    log(f"{data.name}: {len(train_labels)} training images embedded in {time.time() - started:.1f}s")
+    num_classes = len(data.prompts.class_names)
+    counts = np.bincount(train_labels)
+    fewest = int(counts[counts > 0].min())
+    skipped = []
+    if "linear_probe" in settings.tasks:
+        if counts.max() < 2:
+            skipped.append("linear_probe: no class has two training images to validate the regularisation on")
+        else:
+            results["linear_probe"] = probes.linear_probe(
+                train_features, train_labels, test_features, test_labels, num_classes,
+                class_subset=subset, mesh=encoder.mesh,
+            )  # fmt: skip
+            probe = results["linear_probe"]
+            log(f"{data.name}: linear probe top-1 {probe['top1']:.4f} (L2 {probe['l2']:.3g})")
+    if "few_shot" in settings.tasks:
+        # Every class of the training pool needs k images for a k-shot sample.
+        usable = [k for k in settings.shots if k <= fewest]
+        if len(usable) < len(settings.shots):
+            skipped.append(
+                f"few_shot: shots {sorted(set(settings.shots) - set(usable))}, a class has only {fewest} training images"
+            )
+        if usable:
+            results["few_shot"] = probes.few_shot(
+                train_features, train_labels, test_features, test_labels, num_classes,
+                shots=usable, seeds=settings.seeds, class_subset=subset, mesh=encoder.mesh,
+            )  # fmt: skip
+            for k, entry in results["few_shot"]["shots"].items():
+                log(f"{data.name}: {k}-shot top-1 {entry['top1_mean']:.4f} +- {entry['top1_std']:.4f}")
+    for reason in skipped:
+        log(f"{data.name}: {reason}")
+    if skipped:
+        results["skipped"] = skipped
+    return results
 
 
 def robustness_summary(zero_shot: dict[str, Any]) -> dict[str, Any] | None:
@@ -529,12 +355,8 @@ def run_evaluation(
     """
     encoder = Encoder(model, variables, mesh=mesh, batch_size=settings.batch_size)
     image_size = encoder.image_size
-    if synthetic is None and any(name in SYNTHETIC_DATASETS for name in settings.datasets):
-        synthetic = SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
-    if synthetic is not None and synthetic.config.image_size != image_size:
-        raise ValueError(
-            f"the synthetic dataset draws {synthetic.config.image_size}px images, the model takes {image_size}px"
-        )
+    if synthetic is not None or any(name in SYNTHETIC_DATASETS for name in settings.datasets):
+        synthetic = synthetic_at(synthetic, image_size)
     results: dict[str, Any] = {task: {} for task in settings.tasks}
     skipped: list[str] = []
     classification_tasks = [task for task in settings.tasks if task != "retrieval"]
@@ -542,26 +364,16 @@ def run_evaluation(
     classifiers = _ClassifierCache(encoder, tokenizer, objective, variables)
     for name in settings.datasets:
         if "retrieval" in settings.tasks:
-            if _is_retrieval(name):
-                stream = _retrieval_batches(name, synthetic, settings, image_size)
-                started = time.time()
-                results["retrieval"][name] = retrieval.retrieval_evaluate_model(
-                    encoder, tokenizer, stream(encoder.batch_size)
-                )
-                log(
-                    f"{name}: retrieval image->text R@1 {results['retrieval'][name]['image_to_text_R@1']:.4f}, "
-                    f"text->image R@1 {results['retrieval'][name]['text_to_image_R@1']:.4f} ({time.time() - started:.1f}s)"
-                )
+            if is_retrieval(name):
+                stream = retrieval_batches(name, synthetic, settings, image_size)
+                results["retrieval"][name] = _retrieval(encoder, tokenizer, name, stream, log)
             else:
                 skipped.append(f"retrieval on {name}: not an image-caption dataset")
         if classification_tasks:
-            if not _is_classification(name):
+            if not is_classification(name):
                 skipped.append(f"{', '.join(classification_tasks)} on {name}: not a classification dataset")
                 continue
-            if name in SYNTHETIC_DATASETS:
-                data = _synthetic_classification(name, synthetic, settings)
-            else:
-                data = _tfds_classification(name, settings, image_size)
+            data = classification_data(name, synthetic, settings, image_size)
             for task, value in evaluate_classification(encoder, classifiers, data, settings, log).items():
                 if task == "skipped":
                     skipped.extend(f"{entry} ({name})" for entry in value)
@@ -573,6 +385,23 @@ def run_evaluation(
     if skipped:
         results["skipped"] = skipped
     return results
+
+
+def _retrieval(
+    encoder: Encoder,
+    tokenizer: Callable,
+    name: str,
+    stream: Callable[[int], Iterator[dict]],
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Retrieval recalls of one image-caption dataset."""
+    started = time.time()
+    result = retrieval.retrieval_evaluate_model(encoder, tokenizer, stream(encoder.batch_size))
+    log(
+        f"{name}: retrieval image->text R@1 {result['image_to_text_R@1']:.4f}, "
+        f"text->image R@1 {result['text_to_image_R@1']:.4f} ({time.time() - started:.1f}s)"
+    )
+    return result
 
 
 def _displayable(images: np.ndarray) -> np.ndarray:
@@ -601,15 +430,11 @@ def collect_examples(
     with probabilities (among the classes the dataset is scored on, with its richest prompts,
     under the objective `run_evaluation` uses) and, for a model with a decoder, their generated
     captions. None when no dataset is a classification dataset. Every process must call it."""
-    names = [name for name in settings.datasets if _is_classification(name)]
+    names = [name for name in settings.datasets if is_classification(name)]
     if not names or count < 1:
         return None
     image_size = model.config.vision.image_size
-    if names[0] in SYNTHETIC_DATASETS:
-        synthetic = synthetic or SyntheticShapes(SyntheticShapesConfig(image_size=image_size))
-        data = _synthetic_classification(names[0], synthetic, settings)
-    else:
-        data = _tfds_classification(names[0], settings, image_size)
+    data = classification_data(names[0], synthetic, settings, image_size)
     batch = next(iter(data.test_batches(count)))
     images, labels = np.asarray(batch["images"]), np.asarray(batch["labels"])
     mask = np.ones(len(images), bool) if batch.get("mask") is None else np.asarray(batch["mask"], bool)

@@ -28,7 +28,9 @@ from clip_jax.evaluation.templates import Template, check_template, fill_templat
 from clip_jax.models import CLIP
 
 TOP_K: tuple[int, ...] = (1, 5)
-OBJECTIVES: tuple[str, ...] = ("contrastive", "caption", "bag_of_words")
+# Zero-shot scores with the head of one term of a training objective (losses.TERMS, in the order
+# "auto" prefers them); each objective's record names its own (losses.Objective.zero_shot).
+OBJECTIVES: tuple[str, ...] = losses.TERMS
 # Decoder passes (image, prompt pairs) per call of the caption scorer: bounds its memory.
 DEFAULT_PAIR_BATCH_SIZE = 1024
 
@@ -148,10 +150,12 @@ def check_objective(model: CLIP, objective: str) -> str:
     """`objective` if `model` has the head it scores with; one clear error otherwise."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown zero-shot objective {objective!r}; expected one of {OBJECTIVES}")
-    if objective == "caption" and getattr(model.config, "decoder", None) is None:
-        raise ValueError("zero-shot objective 'caption' needs a caption decoder; the model's config.decoder is None")
-    if objective == "bag_of_words" and not getattr(model.config, "bag_of_words", False):
-        raise ValueError("zero-shot objective 'bag_of_words' needs the bag-of-words head; config.bag_of_words is False")
+    for need in losses.TERM_NEEDS[objective]:
+        if not need.met_by(model.config):
+            value = getattr(model.config, need.field, None)
+            raise ValueError(
+                f"zero-shot objective {objective!r} needs {need.what}; the model's config.{need.field} is {value!r}"
+            )
     return objective
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_jax import losses
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import zero_shot
 from clip_jax.evaluation.features import preprocess_images
@@ -34,11 +35,12 @@ SHIFT_TASKS: tuple[str, ...] = ("shape",)
 
 
 FEW_SHOT_TASKS: tuple[str, ...] = ("shape", "color", "combination", "style")
-# loss.name -> (zero_shot_scores objective, config fields the objective needs)
-OBJECTIVES: dict[str, tuple[str, dict[str, Any]]] = {
-    "caption": ("caption", {"model.overrides.decoder": {"width": 64, "heads": 2, "layers": 2}}),
-    "bag_of_words": ("bag_of_words", {"model.overrides.bag_of_words": True}),
-    "softmax": ("contrastive", {}),
+# The objectives the efficiency experiment compares (loss.name -> the config fields its run sets:
+# the heads the objective needs, at the experiment's size); each scores zero-shot as its record says.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "caption": {"model.overrides.decoder": {"width": 64, "heads": 2, "layers": 2}},
+    "bag_of_words": {"model.overrides.bag_of_words": True},
+    "softmax": {},
 }
 EFFICIENCY_TASKS: tuple[str, ...] = ("combination", "shape")
 
@@ -165,62 +167,77 @@ def shift(context: Context, tasks: tuple[str, ...]) -> str:
     )  # fmt: skip
     data: dict[str, Any] = {}
     for task in tasks:
-        results, kinds = _shift_correctness(context, task)
-        shifts = [s for s in next(iter(results.values())) if s is not None]
-        resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
-        summary = _effective_robustness(results, kinds, resample)
-        names = summary["names"]
-        supervised_names = [n for n in names if kinds[n] == "supervised"]
-        slope, intercept = _line_fit(
-            np.array([[results[n][None].mean()] for n in supervised_names]),
-            np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
-        )
-        point_fit = (float(slope[0]), float(intercept[0]))
-        rows, points = [], []
-        for row, name in enumerate(names):
-            original = results[name][None].mean()
-            shifted = float(np.mean([results[name][s].mean() for s in shifts]))
-            robust = shifted - (point_fit[0] * original + point_fit[1])
-            low, high = interval(summary["robustness"][row])
-            verdict = ""
-            if kinds[name] != "supervised":
-                verdict = (
-                    "above the supervised fit"
-                    if low > 0
-                    else "below the supervised fit"
-                    if high < 0
-                    else "no clear difference (interval includes 0)"
-                )
-            rows.append(
-                [name, f"{original * 100:.1f}", *(f"{results[name][s].mean() * 100:.1f}" for s in shifts),
-                 f"{shifted * 100:.1f}", fmt_ci(robust, low, high), verdict]
-            )  # fmt: skip
-            points.append({
-                "name": name, "kind": kinds[name], "original": float(original), "shifted": shifted,
-                "per_shift": {s: float(results[name][s].mean()) for s in shifts},
-                "effective_robustness": [float(robust), low, high],
-            })  # fmt: skip
-        adapt = _adaptation(results, shifts, resample)
-        data[task] = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
-        figure = plots.robustness_scatter(
-            points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
-            plots.output_path(context.output, f"shift_{task}"),
-        )  # fmt: skip
-        bars = plots.difference_bars(
-            [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
-            "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
-        )  # fmt: skip
-        markdown += f"## Task: {task}\n\n" + markdown_table(
-            ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
-        )
-        markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
-        markdown += markdown_table(
-            ["set", "probe - zero-shot (points)", "ordering"],
-            [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
-             for s, e in adapt.items()],
-        )  # fmt: skip
-        markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
+        section, data[task] = _shift_task(context, task)
+        markdown += section
     return context.write("shift", markdown, data)
+
+
+def _shift_task(context: Context, task: str) -> tuple[str, dict[str, Any]]:
+    """(Markdown section, data) of one task of the shift experiment: its table, fit and figures."""
+    results, kinds = _shift_correctness(context, task)
+    shifts = [s for s in next(iter(results.values())) if s is not None]
+    resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
+    summary = _effective_robustness(results, kinds, resample)
+    supervised_names = [n for n in summary["names"] if kinds[n] == "supervised"]
+    slope, intercept = _line_fit(
+        np.array([[results[n][None].mean()] for n in supervised_names]),
+        np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
+    )
+    point_fit = (float(slope[0]), float(intercept[0]))
+    rows, points = _shift_rows(results, kinds, summary, shifts, point_fit)
+    adapt = _adaptation(results, shifts, resample)
+    task_data = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
+    figure = plots.robustness_scatter(
+        points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
+        plots.output_path(context.output, f"shift_{task}"),
+    )  # fmt: skip
+    bars = plots.difference_bars(
+        [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
+        "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
+    )  # fmt: skip
+    markdown = f"## Task: {task}\n\n" + markdown_table(
+        ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
+    )
+    markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
+    markdown += markdown_table(
+        ["set", "probe - zero-shot (points)", "ordering"],
+        [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
+         for s, e in adapt.items()],
+    )  # fmt: skip
+    markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
+    return markdown, task_data
+
+
+def _shift_rows(
+    results: dict, kinds: dict[str, str], summary: dict[str, Any], shifts: list[str], point_fit: tuple[float, float]
+) -> tuple[list[list], list[dict[str, Any]]]:
+    """The shift table's rows and the scatter's points: each model's original and shifted top-1 and
+    its effective robustness (distance above the supervised fit `point_fit`) with its interval."""
+    rows, points = [], []
+    for row, name in enumerate(summary["names"]):
+        original = results[name][None].mean()
+        shifted = float(np.mean([results[name][s].mean() for s in shifts]))
+        robust = shifted - (point_fit[0] * original + point_fit[1])
+        low, high = interval(summary["robustness"][row])
+        verdict = ""
+        if kinds[name] != "supervised":
+            verdict = (
+                "above the supervised fit"
+                if low > 0
+                else "below the supervised fit"
+                if high < 0
+                else "no clear difference (interval includes 0)"
+            )
+        rows.append(
+            [name, f"{original * 100:.1f}", *(f"{results[name][s].mean() * 100:.1f}" for s in shifts),
+             f"{shifted * 100:.1f}", fmt_ci(robust, low, high), verdict]
+        )  # fmt: skip
+        points.append({
+            "name": name, "kind": kinds[name], "original": float(original), "shifted": shifted,
+            "per_shift": {s: float(results[name][s].mean()) for s in shifts},
+            "effective_robustness": [float(robust), low, high],
+        })  # fmt: skip
+    return rows, points
 
 
 def _adaptation(results: dict, shifts: list[str], resample: np.ndarray) -> dict[str, dict[str, float]]:
@@ -288,28 +305,8 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
             context.features(clip, task, "probe"), probe_labels, context.features(clip, task, "test"),
             context.labels(task, "test"), num_classes, shots=shots, seeds=context.sizes.few_shot_seeds,
         )["shots"]  # fmt: skip
-        cells, matched = [task, fmt_ci(zero.mean(), zero_low, zero_high)], None
-        for k in context.sizes.shots:
-            if k not in shots:
-                cells.append(f"- (a class has {counts.min()} probe images)")
-                continue
-            mean, std = result[k]["top1_mean"], result[k]["top1_std"]
-            # Half-width: the zero-shot interval's and the seeds' (t with n - 1 dof, 95%) in quadrature.
-            seeds = len(context.sizes.few_shot_seeds)
-            t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(seeds, 2.0)
-            half = float(
-                np.hypot((zero_high - zero_low) / 2, t * std * np.sqrt(seeds / max(seeds - 1, 1)) / np.sqrt(seeds))
-            )
-            difference = zero.mean() - mean
-            order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
-            # The fewest shots from which on no probe is worse than zero-shot.
-            if order == ">":
-                matched = None
-            elif matched is None:
-                matched = k
-            cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
-        cells.append(f"> {shots[-1] if shots else 0}" if matched is None else f"{matched}")
-        rows.append(cells)
+        cells, matched = _few_shot_cells(context, shots, int(counts.min()), result, (zero.mean(), zero_low, zero_high))
+        rows.append([task, fmt_ci(zero.mean(), zero_low, zero_high), *cells])
         panels[task] = {
             "k-shot linear probe": (
                 shots,
@@ -337,6 +334,36 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
     return context.write("few_shot", markdown, data)
 
 
+def _few_shot_cells(
+    context: Context, shots: list[int], fewest: int, result: dict, zero: tuple[float, float, float]
+) -> tuple[list[str], int | None]:
+    """(The table's cells for each k of the sizes' shots and the k from which probes match
+    zero-shot, that k or None): each k-shot probe's mean ± std against zero-shot (mean, low, high)."""
+    zero_mean, zero_low, zero_high = zero
+    cells, matched = [], None
+    for k in context.sizes.shots:
+        if k not in shots:
+            cells.append(f"- (a class has {fewest} probe images)")
+            continue
+        mean, std = result[k]["top1_mean"], result[k]["top1_std"]
+        # Half-width: the zero-shot interval's and the seeds' (t with n - 1 dof, 95%) in quadrature.
+        seeds = len(context.sizes.few_shot_seeds)
+        t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(seeds, 2.0)
+        half = float(
+            np.hypot((zero_high - zero_low) / 2, t * std * np.sqrt(seeds / max(seeds - 1, 1)) / np.sqrt(seeds))
+        )
+        difference = zero_mean - mean
+        order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
+        # The fewest shots from which on no probe is worse than zero-shot.
+        if order == ">":
+            matched = None
+        elif matched is None:
+            matched = k
+        cells.append(f"{mean * 100:.1f} ± {std * 100:.1f} (zs {order})")
+    cells.append(f"> {shots[-1] if shots else 0}" if matched is None else f"{matched}")
+    return cells, matched
+
+
 def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     """§2.3, Fig. 2: zero-shot top-1 against images seen for a transformer caption model, a bag-of-words
     predictor and the contrastive objective, each a run of the default recipe (its loss changed)."""
@@ -345,9 +372,10 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     period = max(1, sizes.efficiency_steps // sizes.efficiency_points)
     steps = list(range(period, sizes.efficiency_steps + 1, period))
     panels: dict[str, dict] = {task: {} for task in tasks}
-    rows, data = [], {}
+    data: dict[str, dict] = {}
     final: dict[str, dict[str, np.ndarray]] = {task: {} for task in tasks}
-    for loss_name, (objective, fields) in OBJECTIVES.items():
+    for loss_name, fields in OBJECTIVES.items():
+        objective = losses.get_objective(loss_name).zero_shot
         config = clip_runs.experiment_config(sizes.quick, **{"loss.name": loss_name, **fields})
         config.total_steps = sizes.efficiency_steps
         config.checkpoint.every_steps = period
@@ -375,6 +403,29 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
         for task in tasks:
             seen, accuracy = zip(*data[loss_name][task])
             panels[task][f"{loss_name} ({objective})"] = (list(seen), list(accuracy), [0.0] * len(seen))
+    rows = _efficiency_rows(sizes, tasks, data, final)
+    figure = plots.curves(
+        panels, {}, "images seen", "Zero-shot top-1 vs images seen", plots.output_path(context.output, "efficiency")
+    )
+    markdown = _header(
+        context, "Efficiency of the contrastive objective (paper §2.3, Fig. 2)", "efficiency",
+        "Paper: predicting the bag of words of a caption is 3x as efficient as predicting its exact words with a "
+        "transformer language model, and the contrastive objective a further 4x (zero-shot ImageNet vs images "
+        "processed). Here: the default recipe trained with each loss.name; zero-shot top-1 (the single prompt, on "
+        f"the first {context.sizes.efficiency_test_examples} test images) at evenly spaced checkpoints.",
+        context.sizes.efficiency_test_examples,
+    )  # fmt: skip
+    markdown += markdown_table(
+        ["task", "loss", *(f"{s} steps" for s in steps), "final [CI]", "contrastive - this", "ordering"], rows,
+    )  # fmt: skip
+    markdown += f"\n![efficiency]({os.path.basename(figure)})\n"
+    return context.write("efficiency", markdown, data)
+
+
+def _efficiency_rows(sizes: Any, tasks: tuple[str, ...], data: dict, final: dict) -> list[list]:
+    """The efficiency table: per task and objective, zero-shot top-1 at each checkpoint, the final
+    one with its interval, and (but for softmax) the contrastive objective's lead over it."""
+    rows = []
     for task in tasks:
         resample = bootstrap_indices(sizes.efficiency_test_examples, sizes.bootstrap_samples)
         for loss_name, correct in final[task].items():
@@ -396,22 +447,7 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
             else:
                 cells += ["", ""]
             rows.append(cells)
-    figure = plots.curves(
-        panels, {}, "images seen", "Zero-shot top-1 vs images seen", plots.output_path(context.output, "efficiency")
-    )
-    markdown = _header(
-        context, "Efficiency of the contrastive objective (paper §2.3, Fig. 2)", "efficiency",
-        "Paper: predicting the bag of words of a caption is 3x as efficient as predicting its exact words with a "
-        "transformer language model, and the contrastive objective a further 4x (zero-shot ImageNet vs images "
-        "processed). Here: the default recipe trained with each loss.name; zero-shot top-1 (the single prompt, on "
-        f"the first {context.sizes.efficiency_test_examples} test images) at evenly spaced checkpoints.",
-        context.sizes.efficiency_test_examples,
-    )  # fmt: skip
-    markdown += markdown_table(
-        ["task", "loss", *(f"{s} steps" for s in steps), "final [CI]", "contrastive - this", "ordering"], rows,
-    )  # fmt: skip
-    markdown += f"\n![efficiency]({os.path.basename(figure)})\n"
-    return context.write("efficiency", markdown, data)
+    return rows
 
 
 COMMANDS = {

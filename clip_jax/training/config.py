@@ -54,9 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 1000
     config.model = _model_fields()
     config.loss = ml_collections.ConfigDict(
-        # "softmax" (CLIP), "sigmoid" (SigLIP), "caption" (a decoder predicts the caption: needs
-        # model.overrides.decoder), "bag_of_words" (needs model.overrides.bag_of_words=True) or "coca"
-        # (softmax + caption, weighted); "all_gather" or "ring"; the temperature's clamp [1, max].
+        # name: an objective of clip_jax.losses.OBJECTIVES (each says what it needs of the model);
+        # "all_gather" or "ring"; the temperature's clamp [1, max]; the weights some objectives read.
         {"name": "softmax", "impl": "all_gather", "max_logit_scale": 100.0, "caption_weight": 2.0,
          "contrastive_weight": 1.0}
     )  # fmt: skip
@@ -235,13 +234,13 @@ class LossSettings:
     name: str = "softmax"  # losses.OBJECTIVES
     impl: str = "all_gather"  # losses.IMPLEMENTATIONS
     max_logit_scale: float = 100.0  # the temperature is clamped to [1, this]
-    # CoCa's weights of its two terms (open_clip's defaults: caption 2, contrastive 1); "caption"
-    # alone trains with weight 1 whatever caption_weight says.
+    # The weights of the terms an objective's record weights by these settings (CoCa's: open_clip's
+    # defaults, caption 2, contrastive 1); an objective with fixed weights ignores them.
     caption_weight: float = 2.0
     contrastive_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.name in losses.OBJECTIVES, "loss.name", self.name, f"one of {losses.OBJECTIVES}")
+        _require(self.name in losses.OBJECTIVES, "loss.name", self.name, f"one of {tuple(losses.OBJECTIVES)}")
         _require(self.impl in losses.IMPLEMENTATIONS, "loss.impl", self.impl, f"one of {losses.IMPLEMENTATIONS}")
         _require(_finite(self.max_logit_scale) and self.max_logit_scale >= 1, "loss.max_logit_scale",
                  self.max_logit_scale, ">= 1")  # fmt: skip
@@ -250,20 +249,19 @@ class LossSettings:
             _require(_finite(value) and value > 0, f"loss.{field}", value, "a finite number > 0")
 
     @property
+    def objective(self) -> losses.Objective:
+        """The record of loss.name: its terms, what it needs of the model, its zero-shot scoring."""
+        return losses.OBJECTIVES[self.name]
+
+    @property
     def contrastive(self) -> str | None:
         """The contrastive loss of this objective (losses.LOSSES), or None when it has none."""
-        return {"softmax": "softmax", "sigmoid": "sigmoid", "coca": "softmax"}.get(self.name)
+        return self.objective.contrastive
 
     @property
     def weights(self) -> dict[str, float]:
-        """The weight of each term the objective sums: "contrastive", "caption", "bag_of_words"."""
-        return {
-            "softmax": {"contrastive": 1.0},
-            "sigmoid": {"contrastive": 1.0},
-            "caption": {"caption": 1.0},
-            "bag_of_words": {"bag_of_words": 1.0},
-            "coca": {"contrastive": self.contrastive_weight, "caption": self.caption_weight},
-        }[self.name]
+        """The weight of each term the objective sums (losses.TERMS), in the order it sums them."""
+        return self.objective.weights(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,17 +510,8 @@ def _step(config: ml_collections.ConfigDict) -> StepSettings:
 
 def _model(config: ml_collections.ConfigDict, loss: LossSettings) -> ModelSettings:
     model = ModelSettings(name=str(config.model.name), overrides=config.model.overrides.to_dict())
-    model.spec()  # an unknown name or override raises here, naming it
-    if loss.name == "sigmoid" and model.overrides.get("logit_bias_init") is None:
-        raise ValueError("loss.name='sigmoid' needs model.overrides.logit_bias_init (e.g. -10.0, SigLIP's)")
-    spec = model.spec()
-    if "caption" in loss.weights and spec.decoder is None:
-        raise ValueError(
-            f"loss.name={loss.name!r} needs a caption decoder: set model.overrides.decoder, e.g. "
-            "{'width': 512, 'heads': 8, 'layers': 6}"
-        )
-    if "bag_of_words" in loss.weights and not spec.bag_of_words:
-        raise ValueError("loss.name='bag_of_words' needs model.overrides.bag_of_words=True")
+    # An unknown name or override raises here, naming it; then what the objective needs of the model.
+    loss.objective.check_model(model.spec())
     return model
 
 
