@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax.data.synthetic import DOWNSTREAM_TASKS, SHIFTS, SyntheticShapes, SyntheticShapesConfig
-from clip_jax.evaluation.templates import check_template
+from clip_jax.data.templates import check_template
 from clip_jax.experiments import __main__ as experiments_main
 from clip_jax.experiments.commands import _line_fit
 from clip_jax.experiments.common import compare

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 import clip_jax
-from clip_jax.evaluation import templates as templates_module
+from clip_jax.data import templates as templates_module
 from clip_jax.evaluation.features import Encoder, default_mesh, extract_image_features, preprocess_images
 from clip_jax.evaluation.zero_shot import (
     class_embeddings,

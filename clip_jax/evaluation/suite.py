@@ -24,7 +24,7 @@ from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
 from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
-from clip_jax.evaluation.templates import (
+from clip_jax.data.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
     PHOTO_TEMPLATES,

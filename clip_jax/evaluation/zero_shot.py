@@ -24,7 +24,7 @@ from clip_jax.evaluation.features import (
     encode_prompts,
     extract_image_features,
 )
-from clip_jax.evaluation.templates import Template, check_template, fill_template
+from clip_jax.data.templates import Template, check_template, fill_template
 from clip_jax.models import CLIP
 
 TOP_K: tuple[int, ...] = (1, 5)
