@@ -19,8 +19,8 @@ import numpy as np
 from etils import epath
 
 from clip_jax import captioning, cli, convert, transforms
-from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.data.templates import Template
+from clip_jax.evaluation.features import Encoder, encode_prompts
 from clip_jax.evaluation.zero_shot import class_embeddings
 from clip_jax.models import CLIP
 from clip_jax.training import checkpointing

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax import transforms
+from clip_jax.data import templates
 from clip_jax.data import tfds as tfds_source
 from clip_jax.data.decode import ImageLimits, decode_image
 from clip_jax.data.sources import (
@@ -28,7 +29,6 @@ from clip_jax.data.sources import (
     new_counters,
 )
 from clip_jax.data.workers import PreparerWithReader, WorkerPool, default_num_workers, prepared_in_order
-from clip_jax.data import templates
 
 # The split each benchmark is scored on.
 DEFAULT_SPLITS: dict[str, str] = {

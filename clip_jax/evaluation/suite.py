@@ -21,9 +21,6 @@ from jax.sharding import Mesh
 from clip_jax import captioning, transforms
 from clip_jax.data.classification import load_classification
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-from clip_jax.evaluation import linear_probe as probes
-from clip_jax.evaluation import retrieval
-from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
 from clip_jax.data.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
@@ -34,6 +31,9 @@ from clip_jax.data.templates import (
     get_prompts,
     synthetic_prompts,
 )
+from clip_jax.evaluation import linear_probe as probes
+from clip_jax.evaluation import retrieval
+from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
 from clip_jax.evaluation.zero_shot import (
     OBJECTIVES,
     check_objective,
