@@ -39,7 +39,7 @@ def open_clip_pair():
     from open_clip.model import CLIP as OpenClipModel
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from clip_jax.convert import convert_state_dict
+    from clip_jax.io.openclip_layout import convert_state_dict
 
     torch.manual_seed(0)
     reference = OpenClipModel(

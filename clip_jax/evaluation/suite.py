@@ -680,7 +680,7 @@ def synthetic_dataset_for(data_settings: Mapping[str, Any] | None, image_size: i
     """The built-in dataset a model was trained on, at `image_size`.
 
     `data_settings` is a training run's data config (the "data" section of the record a training
-    workdir keeps, `clip_jax.training.checkpointing.read_run_record`): when that run trained on
+    workdir keeps, `clip_jax.io.training_workdir.read_run_record`): when that run trained on
     "synthetic", its seed and held-out combinations; for any other run, or None (a model that was
     not trained by train.py), the default configuration.
     """
