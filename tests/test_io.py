@@ -111,3 +111,27 @@ def test_clip_jax_load_is_load_any_with_the_model_around_it(tmp_path, tiny):
 def test_load_any_names_a_path_that_holds_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model directory or checkpoint file at .*missing"):
         load_any(str(tmp_path / "missing"))
+
+
+def test_lit_initialisation_reads_through_load_any(tmp_path, tiny):
+    """config.init.checkpoint (LiT): the matched parameters of a new run's state come from the
+    checkpoint as load_any reads it (here a model directory), the others stay as initialised."""
+    import optax
+
+    from clip_jax import sharding
+    from clip_jax.training.setup import load_pretrained_params
+    from clip_jax.training.state import create_train_state
+
+    config, variables = tiny
+    path = model_directory.save_model_directory(str(tmp_path / "pretrained"), config, variables, ClipTokenizer())
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
+    state, shardings = create_train_state(clip_jax.CLIP(config), optax.sgd(0.1), 11, mesh)
+    fresh = _flat({"params": state.params})
+    loaded = _flat({"params": load_pretrained_params(state, shardings, path, "^visual/").params})
+    _, pretrained, _ = load_any(path)
+    pretrained = _flat(pretrained)
+    assert any(path[1] == "visual" for path in loaded) and any(path[1] == "text" for path in loaded)
+    patch = ("params", "visual", "patch_embedding")
+    assert not np.array_equal(fresh[patch], pretrained[patch])  # the two inits differ: the test can fail
+    for path, value in loaded.items():
+        np.testing.assert_array_equal(value, pretrained[path] if path[1] == "visual" else fresh[path])
