@@ -49,7 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 # Imported where they are used, never at the top of a module: optional dependencies whose import
 # costs seconds, or that not every install has.
 HEAVY_OPTIONAL = {
-    "torch",  # reading pickled PyTorch checkpoints (convert)
+    "torch",  # reading and writing pickled PyTorch checkpoints (io, convert)
     "tensorflow",  # TFDS's tf.data reader (data/tfds.py)
     "tensorflow_datasets",  # TFDS datasets (data/, evaluation/retrieval.py)
     "matplotlib",  # evaluate.py's plots (evaluation/report.py)
