@@ -147,11 +147,11 @@ def _evaluate() -> None:
 def _training_data_settings(path: str) -> dict | None:
     """The data settings recorded by the train.py run of a training workdir (None for any other
     model): the built-in dataset's seed and held-out combinations are evaluated as it trained."""
-    from clip_jax.training import checkpointing
+    from clip_jax.io import training_workdir
 
-    if not checkpointing.is_training_workdir(path):
+    if not training_workdir.is_training_workdir(path):
         return None
-    _, record = checkpointing.read_run_record(path)
+    _, record = training_workdir.read_run_record(path)
     return record.get("training", {}).get("data")
 
 
@@ -159,11 +159,11 @@ def _trained_objectives(path: str) -> list[str] | None:
     """[the zero-shot objective] that the record of the train.py run's objective (its recorded
     loss.name, clip_jax.losses.OBJECTIVES) names, for a training workdir; None for any other model."""
     from clip_jax import losses
-    from clip_jax.training import checkpointing
+    from clip_jax.io import training_workdir
 
-    if not checkpointing.is_training_workdir(path):
+    if not training_workdir.is_training_workdir(path):
         return None
-    _, record = checkpointing.read_run_record(path)
+    _, record = training_workdir.read_run_record(path)
     name = record.get("training", {}).get("loss", {}).get("name", "softmax")
     return [losses.get_objective(name).zero_shot]
 

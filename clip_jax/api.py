@@ -4,27 +4,22 @@ zero-shot classification in one call; batches are split over every available dev
 `clip_jax.generate_captions` (clip_jax.captioning) with what `load` returns, or
 `captions_from_checkpoint` from a path in one call.
 
-This is the one module outside `clip_jax.training` that imports it: `load` reads training
-workdirs, and the library's lower layers (checkpoint, convert, evaluation) know nothing of training.
+Every format is read by `clip_jax.io.load_any`, below the layers that train or evaluate.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from etils import epath
 
-from clip_jax import captioning, cli, convert, transforms
+from clip_jax import captioning, transforms
+from clip_jax.data.templates import Template
 from clip_jax.evaluation.features import Encoder, encode_prompts
-from clip_jax.evaluation.templates import Template
 from clip_jax.evaluation.zero_shot import class_embeddings
+from clip_jax.io import load_any
 from clip_jax.models import CLIP
-from clip_jax.training import checkpointing
-from clip_jax.training.nonfinite import nonfinite_paths
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -48,51 +43,18 @@ def load(
 
     A training workdir whose run kept a moving average of the parameters (config.ema) gives the
     average; `ema=False` gives the trained parameters instead. Which was loaded is said in one
-    line to `announce` (default: the `clip_jax.training.checkpointing` logger, at INFO). Other
+    line to `announce` (default: logging, at INFO). Other
     paths hold one set of parameters and ignore `ema`.
 
     No file's code is run: `trust_torchscript=True` is needed only for a TorchScript archive that
-    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see `convert.read_checkpoint`).
+    `clip_jax.torchscript` cannot read, and lets `torch.jit.load` run it (see
+    `clip_jax.io.torch_checkpoint.read_checkpoint`).
     """
-    if is_training_workdir(path):
-        # Its checkpoints may be rotated out under the read (a live run): the retries' abandoned
-        # Orbax reads would print tracebacks although the load succeeds.
-        with cli.library_noise_quieted():
-            config, variables, text_tokenizer = checkpointing.load_training_workdir(
-                path, ema=ema, announce=announce, **overrides
-            )
-    elif epath.Path(path).is_file() or epath.Path(path).is_dir():  # a model directory, an HF directory, a file
-        config, variables, text_tokenizer = convert.load_source(
-            path, model, trust_torchscript=trust_torchscript, **overrides
-        )
-        # Converted files come as numpy; a model directory is already on this device (a no-op).
-        variables = jax.device_put(variables, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    else:
-        raise FileNotFoundError(f"no model directory or checkpoint file at {path!r}")
-    warn_if_not_finite(path, variables)
+    config, variables, text_tokenizer = load_any(
+        path, model, trust_torchscript=trust_torchscript, ema=ema, announce=announce, **overrides
+    )
     preprocess = transforms.make_eval_transform(config.vision.image_size)
     return CLIP(config), variables, preprocess, text_tokenizer
-
-
-def is_training_workdir(path: str) -> bool:
-    """Whether `path` is a workdir of train.py, which `load` reads as one (its newest checkpoint)."""
-    return epath.Path(path).is_dir() and checkpointing.is_training_workdir(path)
-
-
-def warn_if_not_finite(path: str, variables: dict[str, Any]) -> None:
-    """One RuntimeWarning if an array of `variables` holds NaN or inf: such weights load, but the
-    outputs they touch are NaN (a diverged run's checkpoint, a broken conversion)."""
-    # Reduced where the arrays live: only one bool per array comes to the host.
-    flags = np.array(jax.device_get([jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(variables)]))
-    if flags.all():
-        return
-    paths = nonfinite_paths(variables, flags)
-    warnings.warn(
-        f"{path}: {len(paths)} of {flags.size} arrays hold non-finite values (NaN or inf), first {paths[0]}; "
-        "the model's outputs will not be finite",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def encode_images(

@@ -171,7 +171,7 @@ def test_generate_captions_from_raw_images(sp_model, tokenizer, synthetic, tmp_p
     with pytest.raises(ValueError, match="batch_size"):
         clip_jax.generate_captions(model, variables, batch, tokenizer, batch_size=0)
     # Saved and loaded back (decoder spec, weights, tokenizer): the same captions.
-    from clip_jax.checkpoint import save_model_directory
+    from clip_jax.io.model_directory import save_model_directory
 
     directory = save_model_directory(str(tmp_path / "model"), model.config, variables, tokenizer)
     assert clip_jax.api.captions_from_checkpoint(directory, batch, batch_size=2) == captions

@@ -19,6 +19,7 @@ import pytest
 from run_helpers import default_config
 
 from clip_jax import sharding
+from clip_jax.io import training_workdir
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing
@@ -95,7 +96,7 @@ def _train(workdir: str, *extra: str, device_count: int = 2, launcher: list[str]
 
 
 def _final_params(workdir: str) -> dict[str, np.ndarray]:
-    _, variables, _ = checkpointing.load_training_workdir(workdir)
+    _, variables, _ = training_workdir.load_training_workdir(workdir)
     return jax.tree.map(np.asarray, variables["params"])
 
 

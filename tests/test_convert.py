@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import clip_jax
-from clip_jax import checkpoint, convert
+from clip_jax import convert
+from clip_jax.io import model_directory as checkpoint
+from clip_jax.io import openclip_layout, torch_checkpoint
 from clip_jax.tokenizer import ClipTokenizer
 
 open_clip = pytest.importorskip("open_clip")  # in requirements-dev.txt: a missing reference is an install error
@@ -123,9 +125,9 @@ def test_parity_with_open_clip_and_exact_export(case):
     torch.manual_seed(0)
     reference_model = _randomise(build_reference())
     state_dict = _state_dict(reference_model)
-    config, variables = convert.convert_state_dict(state_dict, spec())
+    config, variables = openclip_layout.convert_state_dict(state_dict, spec())
     if case in ("ViT-B-32", "RN50"):  # full size: the shapes alone must give back the registered spec
-        assert convert.infer_config(state_dict, "quick_gelu") == clip_jax.get_model_config(case)
+        assert openclip_layout.infer_config(state_dict, "quick_gelu") == clip_jax.get_model_config(case)
     model = clip_jax.create_model(config)
     images, texts = _inputs(config.vision.image_size)
     _assert_parity(case, _torch_outputs(reference_model, images, texts), _jax_outputs(model, variables, images, texts))
@@ -141,7 +143,7 @@ def test_parity_with_open_clip_and_exact_export(case):
 def test_scanned_conversion_matches_and_exports_exactly():
     reference_model = _randomise(_small_vit(), seed=1)
     state_dict = _state_dict(reference_model)
-    config, variables = convert.convert_state_dict(state_dict, _small_vit_config().replace(scan_layers=True))
+    config, variables = openclip_layout.convert_state_dict(state_dict, _small_vit_config().replace(scan_layers=True))
     assert "blocks" in variables["params"]["text"]["transformer"]
     images, texts = _inputs(32)
     _assert_parity(
@@ -311,7 +313,7 @@ def small_state_dict():
 def test_missing_tensor_is_named(small_state_dict):
     del small_state_dict["transformer.resblocks.1.mlp.c_fc.bias"]
     with pytest.raises(convert.ConversionError, match=r"transformer\.resblocks\.1\.mlp\.c_fc\.bias"):
-        convert.convert_state_dict(small_state_dict, _small_vit_config())
+        openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
 
 
 def test_misshaped_tensor_is_named_with_its_shape(small_state_dict):
@@ -319,13 +321,13 @@ def test_misshaped_tensor_is_named_with_its_shape(small_state_dict):
     with pytest.raises(
         convert.ConversionError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight.*\(200, 64\)"
     ):
-        convert.convert_state_dict(small_state_dict, _small_vit_config())
+        openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
 
 
 def test_extra_tensor_is_named(small_state_dict):
     small_state_dict["visual.extra_head.weight"] = np.zeros((3,), np.float32)
     with pytest.raises(convert.ConversionError, match=r"visual\.extra_head\.weight"):
-        convert.convert_state_dict(small_state_dict, _small_vit_config())
+        openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
 
 
 def _assert_nothing_written(parent) -> None:
@@ -367,7 +369,7 @@ def test_not_a_clip_checkpoint(tmp_path, kind):
 
 
 def test_failed_save_leaves_no_partial_directory(tmp_path, small_state_dict, monkeypatch):
-    config, variables = convert.convert_state_dict(small_state_dict, _small_vit_config())
+    config, variables = openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
     tokenizer = ClipTokenizer()
 
     def broken_assets():
@@ -382,7 +384,7 @@ def test_failed_save_leaves_no_partial_directory(tmp_path, small_state_dict, mon
 def test_existing_output_is_not_overwritten(tmp_path, small_state_dict):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
-    config, variables = convert.convert_state_dict(small_state_dict, _small_vit_config())
+    config, variables = openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
     with pytest.raises(FileExistsError, match="not empty"):
         checkpoint.save_model_directory(str(tmp_path / "out"), config, variables, ClipTokenizer())
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
@@ -539,7 +541,7 @@ def test_trusting_a_torchscript_archive_is_an_explicit_opt_in(malicious_archive)
     """trust_torchscript=True does fall back to torch.jit.load (here: running the marker code)."""
     archive, marker = malicious_archive
     with pytest.raises(convert.ConversionError, match="not a CLIP checkpoint"):
-        convert.read_checkpoint(str(archive), trust_torchscript=True)
+        torch_checkpoint.read_checkpoint(str(archive), trust_torchscript=True)
     assert marker.exists()
 
 
@@ -617,7 +619,7 @@ def test_openai_archive_converts_without_torch_jit(tmp_path, monkeypatch):
     """The safe path never calls torch.jit.load, and gives the same variables and embeddings."""
     path, reference_model = _scripted_clip(tmp_path)
     through_jit = {k: v.numpy() for k, v in torch.jit.load(path).state_dict().items()}
-    config_jit, variables_jit = convert.convert_state_dict(through_jit, activation="quick_gelu")
+    config_jit, variables_jit = openclip_layout.convert_state_dict(through_jit, activation="quick_gelu")
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.jit.load was called")
@@ -662,7 +664,7 @@ def test_safe_reader_refuses_what_it_cannot_read_in_one_line(tmp_path, damage):
                 data = data[: len(data) // 2]
             target.writestr(info, data)
     with pytest.raises(convert.ConversionError, match="trust_torchscript") as raised:
-        convert.read_checkpoint(str(damaged))
+        torch_checkpoint.read_checkpoint(str(damaged))
     assert "\n" not in str(raised.value) and "damaged.pt" in str(raised.value)
 
 
@@ -680,7 +682,7 @@ def test_cli_errors_are_one_line_unless_verbose(tmp_path):
 
 def test_train_passes_trust_torchscript_through(monkeypatch):
     """config.init.trust_torchscript (train.py) reaches clip_jax.load, and is off by default."""
-    from clip_jax import api
+    from clip_jax.io import loading
     from clip_jax.training import setup
     from configs.default import get_config
 
@@ -690,7 +692,7 @@ def test_train_passes_trust_torchscript_through(monkeypatch):
         seen.append(kwargs.get("trust_torchscript"))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(api, "load", fake_load)
+    monkeypatch.setattr(loading, "load_any", fake_load)
     assert get_config().init.trust_torchscript is False
     for trust in (True, False):
         with pytest.raises(RuntimeError, match="stop here"):
@@ -772,7 +774,7 @@ def test_load_warns_once_about_a_guessed_activation(tmp_path, small_state_dict):
 
 @pytest.fixture
 def small_model(small_state_dict):
-    return convert.convert_state_dict(small_state_dict, _small_vit_config())
+    return openclip_layout.convert_state_dict(small_state_dict, _small_vit_config())
 
 
 def test_model_directories_follow_the_umask(tmp_path, small_model):
@@ -905,7 +907,7 @@ def test_invalid_hugging_face_config_json_is_named(tmp_path):
     )
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(convert.ConversionError, match=r"config\.json.*not valid JSON.*line 1") as raised:
-        convert.read_checkpoint(str(tmp_path / "model.safetensors"))
+        torch_checkpoint.read_checkpoint(str(tmp_path / "model.safetensors"))
     assert "\n" not in str(raised.value)
 
 
@@ -917,5 +919,5 @@ def test_a_torch_with_an_unsafe_weights_only_load_is_refused(tmp_path, monkeypat
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: called.append(args))
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     with pytest.raises(ImportError, match=r"torch>=2\.6.*CVE-2025-32434"):
-        convert.read_checkpoint(str(path))
+        torch_checkpoint.read_checkpoint(str(path))
     assert called == []

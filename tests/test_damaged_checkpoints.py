@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.training import checkpointing
+from clip_jax.io import training_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
@@ -50,7 +50,7 @@ def _steps(workdir: str) -> list[int]:
 
 
 def _params(workdir: str) -> list[np.ndarray]:
-    _, variables, _ = checkpointing.load_training_workdir(workdir, step=FINAL_STEPS)
+    _, variables, _ = training_workdir.load_training_workdir(workdir, step=FINAL_STEPS)
     return [np.asarray(leaf) for leaf in jax.tree.leaves(variables["params"])]
 
 

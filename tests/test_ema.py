@@ -16,6 +16,7 @@ from run_helpers import default_config
 
 from clip_jax import create_model
 from clip_jax.api import load
+from clip_jax.io import training_workdir
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.training import checkpointing, loop, setup
 from clip_jax.training.config import (
@@ -258,7 +259,7 @@ def test_a_checkpoint_without_ema_resumes_with_ema_started_at_its_parameters(tmp
     assert f"The checkpoint of step {INTERRUPT_AT} has no EMA: the moving average starts at its parameters" in announced
     expected = None
     for step in range(INTERRUPT_AT, TOTAL_STEPS + 1):
-        _, variables, _ = checkpointing.load_training_workdir(workdir, step, ema=False)
+        _, variables, _ = training_workdir.load_training_workdir(workdir, step, ema=False)
         params = _host(variables["params"])
         if expected is None:
             expected = params
@@ -266,7 +267,7 @@ def test_a_checkpoint_without_ema_resumes_with_ema_started_at_its_parameters(tmp
         applied_before = step - 1  # no step of this run was skipped
         rate = min(0.5, (1 + applied_before) / (10 + applied_before))
         expected = [e + np.float32(1 - rate) * (p - e) for e, p in zip(expected, params)]
-    _, variables, _ = checkpointing.load_training_workdir(workdir, ema=True)
+    _, variables, _ = training_workdir.load_training_workdir(workdir, ema=True)
     for actual, wanted in zip(_host(variables["params"]), expected):
         np.testing.assert_allclose(actual, wanted, rtol=2e-6, atol=1e-7)
 

@@ -147,10 +147,10 @@ def test_the_built_in_dataset_is_the_one_the_workdir_trained_on(trained_workdir,
     """evaluate.py takes the data settings from a training workdir's record, and gives the suite
     nothing for a path that is not one; the suite builds the dataset from those settings."""
     from clip_jax.evaluation import suite
-    from clip_jax.training import checkpointing
+    from clip_jax.io import training_workdir
 
     evaluate = _import_script("evaluate")
-    _, record = checkpointing.read_run_record(trained_workdir)
+    _, record = training_workdir.read_run_record(trained_workdir)
     settings = evaluate._training_data_settings(trained_workdir)
     assert settings == record["training"]["data"] and settings["name"] == "synthetic"
     assert evaluate._training_data_settings(str(tmp_path)) is None

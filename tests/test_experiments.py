@@ -11,7 +11,7 @@ import pytest
 
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.data.synthetic_tasks import DOWNSTREAM_TASKS, SHIFTS
-from clip_jax.evaluation.templates import check_template
+from clip_jax.data.templates import check_template
 from clip_jax.experiments import __main__ as experiments_main
 from clip_jax.experiments.commands import _line_fit
 from clip_jax.experiments.common import compare

@@ -22,6 +22,7 @@ from flax import traverse_util
 import clip_jax
 from clip_jax import convert, transforms
 from clip_jax.convert import hf
+from clip_jax.io import hf_layout, openclip_layout
 from clip_jax.tokenizer import ClipTokenizer
 
 torch = pytest.importorskip("torch")
@@ -202,9 +203,9 @@ def small_export(tmp_path_factory):
     """A converted small open_clip ViT (two heads a tower, which shapes alone do not tell) saved as a
     clip_jax model directory and exported by the command line; its clip_jax spec and variables."""
     root = tmp_path_factory.mktemp("hf_export")
-    config, variables = convert.convert_state_dict(_small_open_clip_state_dict(), _small_config())
+    config, variables = openclip_layout.convert_state_dict(_small_open_clip_state_dict(), _small_config())
     source = root / "clip_jax_model"
-    clip_jax.checkpoint.save_model_directory(str(source), config, variables, ClipTokenizer())
+    clip_jax.io.model_directory.save_model_directory(str(source), config, variables, ClipTokenizer())
     out = root / "hf"
     result = subprocess.run(
         [sys.executable, "-m", "clip_jax.convert", str(source), str(out), "--to-hf"],
@@ -309,7 +310,7 @@ def test_a_pytorch_file_exports_through_the_command_line(tmp_path):
     source = tmp_path / "open_clip.safetensors"
     convert.save_state_dict(state, str(source))
     convert.main([str(source), str(tmp_path / "hf"), "--to-hf", "--activation", "quick_gelu"])
-    expected_config, expected = convert.convert_state_dict(state, activation="quick_gelu")
+    expected_config, expected = openclip_layout.convert_state_dict(state, activation="quick_gelu")
     model, back, _, _ = clip_jax.load(str(tmp_path / "hf"))
     # The heads read off the shapes are OpenAI's default (heads=None); config.json states the number.
     assert model.config == expected_config.replace(vision={"heads": expected_config.vision.num_heads})
@@ -357,7 +358,7 @@ def test_resnet_and_other_unrepresentable_models_are_refused_in_one_line(tmp_pat
     assert not (tmp_path / "a").exists()
     # The command line: one `error:` line, exit 1, nothing written.
     model_dir = tmp_path / "resnet"
-    clip_jax.checkpoint.save_model_directory(str(model_dir), resnet, variables, ClipTokenizer())
+    clip_jax.io.model_directory.save_model_directory(str(model_dir), resnet, variables, ClipTokenizer())
     result = subprocess.run(
         [sys.executable, "-m", "clip_jax.convert", str(model_dir), str(tmp_path / "out"), "--to-hf"],
         capture_output=True,
@@ -378,7 +379,7 @@ def test_imported_mlp_width_is_the_stated_one():
     for width, intermediate in ((448, 976), (448, 920), (1664, 8192), (64, 256)):
         record = hf.hf_config(config, ClipTokenizer(), None)
         record["vision_config"].update(hidden_size=width, intermediate_size=intermediate, num_attention_heads=1)
-        vision = hf.clip_config_from_hf(record).vision
+        vision = hf_layout.clip_config_from_hf(record).vision
         assert int(vision.width * vision.mlp_ratio) == intermediate, (width, intermediate)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 import clip_jax
 from clip_jax.evaluation import suite
-from clip_jax.training import checkpointing
+from clip_jax.io import training_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
@@ -57,7 +57,7 @@ def test_a_load_is_quiet_about_the_reads_it_abandoned_and_leaves_the_hook_as_it_
     """The abandoned reads of `clip_jax.load`'s retries are not reported (a live workdir gave
     hundreds of such tracebacks), while the same exception outside a load still is: the quieting
     lasts for the load only, in a library that must not change its caller's process for good."""
-    from clip_jax import api
+    from clip_jax.io import loading
     from clip_jax.models import get_model_config
 
     reported = []
@@ -67,8 +67,8 @@ def test_a_load_is_quiet_about_the_reads_it_abandoned_and_leaves_the_hook_as_it_
         _abandoned_read()
         return get_model_config("tiny-vit"), {"params": {"scale": np.ones(2, np.float32)}}, None
 
-    monkeypatch.setattr(api, "is_training_workdir", lambda path: True)
-    monkeypatch.setattr(checkpointing, "load_training_workdir", load_with_a_retry)
+    monkeypatch.setattr(loading, "is_training_workdir", lambda path: True)
+    monkeypatch.setattr(training_workdir, "load_training_workdir", load_with_a_retry)
     model, _, _, _ = clip_jax.load("workdir")
     assert model.config.vision.image_size == 32 and reported == []
     assert sys.unraisablehook == reported.append
@@ -80,14 +80,14 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
     # Slow storage, every third load: the read of the chosen checkpoint starts only after the run
     # has rotated it out (2 s is several steps of the run, and it keeps 2). The retry is not slowed.
     slow_reads = []
-    original_restore = checkpointing.TrainingCheckpointer.restore_variables
+    original_restore = training_workdir.WorkdirReader.restore_variables
 
     def restore_variables(self, step, abstract):
         if slow_reads and slow_reads.pop():
             time.sleep(2.0)
         return original_restore(self, step, abstract)
 
-    monkeypatch.setattr(checkpointing.TrainingCheckpointer, "restore_variables", restore_variables)
+    monkeypatch.setattr(training_workdir.WorkdirReader, "restore_variables", restore_variables)
     workdir = str(tmp_path / "workdir")
     command = [sys.executable, "train.py", f"--workdir={workdir}", "--config.total_steps=1000000", *FLAGS]
     env = _environment(compilation_cache_env)
@@ -109,7 +109,7 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
                 model, variables, _, tokenizer = clip_jax.load(workdir)
                 assert np.isfinite(np.asarray(variables["params"]["logit_scale"]))
                 if attempt % 5 == 0:
-                    _, record = checkpointing.read_run_record(workdir)
+                    _, record = training_workdir.read_run_record(workdir)
                     suite.synthetic_dataset_for(record["training"]["data"], model.config.vision.image_size)
                 loads += 1
             except Exception as error:  # noqa: BLE001 - counting every kind of failure is the point
@@ -137,4 +137,4 @@ def test_loads_of_a_live_workdir_never_fail_and_a_second_run_is_refused(tmp_path
         stdout, stderr = running.communicate(timeout=120)
     assert running.returncode == 0, stderr[-3000:]
     # The refused run wrote nothing: the running one's checkpoints are all there and readable.
-    checkpointing.load_training_workdir(workdir)
+    training_workdir.load_training_workdir(workdir)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from run_helpers import finish, free_port
 
+from clip_jax.io import training_workdir
 from clip_jax.metrics import read_jsonl
 from clip_jax.training import checkpointing
 
@@ -52,8 +53,8 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, compilation
     assert "Done: step 4" in outputs[0] and "Done: step 4" not in outputs[1]
     assert "in 2 process(es)" in outputs[0]
 
-    _, multi, _ = checkpointing.load_training_workdir(multi_workdir)
-    _, reference, _ = checkpointing.load_training_workdir(single_workdir)
+    _, multi, _ = training_workdir.load_training_workdir(multi_workdir)
+    _, reference, _ = training_workdir.load_training_workdir(single_workdir)
     leaves_multi, leaves_reference = jax.tree.leaves(multi), jax.tree.leaves(reference)
     assert len(leaves_multi) == len(leaves_reference) > 10
     # Gloo sums across processes in another order than one process sums across its devices; Adam

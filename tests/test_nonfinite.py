@@ -20,7 +20,8 @@ import pytest
 from flax import linen as nn
 
 from clip_jax.api import load
-from clip_jax.checkpoint import save_model_directory
+from clip_jax.io import training_workdir
+from clip_jax.io.model_directory import save_model_directory
 from clip_jax.metrics import read_jsonl
 from clip_jax.models import CLIP, get_model_config
 from clip_jax.sharding import make_mesh
@@ -66,7 +67,7 @@ def _checkpoint_steps(workdir: str) -> list[int]:
 
 
 def _variables_of(workdir: str, step: int) -> dict:
-    _, variables, _ = checkpointing.load_training_workdir(workdir, step=step)
+    _, variables, _ = training_workdir.load_training_workdir(workdir, step=step)
     return jax.tree.map(np.asarray, variables)
 
 

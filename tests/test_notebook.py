@@ -16,8 +16,8 @@ NOTEBOOK = os.path.join(REPOSITORY, "examples", "zero_shot.ipynb")
 
 @pytest.fixture(scope="module")
 def model_directory(tmp_path_factory):
-    from clip_jax.checkpoint import save_model_directory
     from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+    from clip_jax.io.model_directory import save_model_directory
     from clip_jax.models import CLIP
     from clip_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
     from clip_jax.training.config import validate

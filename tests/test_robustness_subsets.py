@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from clip_jax.data import templates as templates_module
 from clip_jax.evaluation import datasets, suite
-from clip_jax.evaluation import templates as templates_module
 from clip_jax.models import CLIP, get_model_config
 
 

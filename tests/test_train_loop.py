@@ -18,6 +18,7 @@ from run_helpers import default_config
 from clip_jax.api import load
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.evaluation import suite
+from clip_jax.io import training_workdir
 from clip_jax.metrics import read_jsonl
 from clip_jax.training import checkpointing, loop, setup
 from clip_jax.training.config import validate
@@ -149,7 +150,7 @@ def test_logged_evaluation_is_the_suites_on_the_saved_checkpoint(short_run):
         tasks=("zero_shot",), datasets=("synthetic",), prompt_modes=("class_name", "single", "ensemble"),
         batch_size=128, max_examples=512,
     )  # fmt: skip
-    _, record = checkpointing.read_run_record(workdir)
+    _, record = training_workdir.read_run_record(workdir)
     synthetic = suite.synthetic_dataset_for(record["training"]["data"], model.config.vision.image_size)
     expected = suite.flatten_metrics(
         suite.run_evaluation(model, variables, tokenizer, settings, synthetic=synthetic, log=lambda message: None)

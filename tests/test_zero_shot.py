@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 import clip_jax
-from clip_jax.evaluation import templates as templates_module
+from clip_jax.data import templates as templates_module
 from clip_jax.evaluation.features import Encoder, default_mesh, extract_image_features, preprocess_images
 from clip_jax.evaluation.zero_shot import (
     class_embeddings,
@@ -39,7 +39,7 @@ def open_clip_pair():
     from open_clip.model import CLIP as OpenClipModel
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from clip_jax.convert import convert_state_dict
+    from clip_jax.io.openclip_layout import convert_state_dict
 
     torch.manual_seed(0)
     reference = OpenClipModel(

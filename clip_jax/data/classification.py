@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax import transforms
+from clip_jax.data import templates
 from clip_jax.data import tfds as tfds_source
 from clip_jax.data.decode import ImageLimits, decode_image
 from clip_jax.data.sources import (
@@ -28,7 +29,6 @@ from clip_jax.data.sources import (
     new_counters,
 )
 from clip_jax.data.workers import PreparerWithReader, WorkerPool, default_num_workers, prepared_in_order
-from clip_jax.evaluation import templates
 
 # The split each benchmark is scored on.
 DEFAULT_SPLITS: dict[str, str] = {
@@ -71,7 +71,7 @@ class EvalPreparer:
 
 
 def readable_class_names(dataset_name: str, label_names: tuple[str, ...]) -> tuple[str, ...]:
-    """Class names for prompts: the curated list of clip_jax.evaluation.templates when it has one of
+    """Class names for prompts: the curated list of clip_jax.data.templates when it has one of
     the right length (ImageNet's label names are WordNet ids), else the label names with "_" -> " "."""
     try:
         curated = templates.get_prompts(dataset_name).class_names

@@ -5,10 +5,10 @@ The linear probe is `clip_jax.evaluation.linear_probe.linear_probe`: it is not r
 where its name would hide the module of the same name.
 """
 
+from clip_jax.data.templates import DatasetPrompts, get_prompts
 from clip_jax.evaluation.features import Encoder, extract_image_features, preprocess_images
 from clip_jax.evaluation.linear_probe import few_shot, fit_logistic_regression, sample_few_shot
 from clip_jax.evaluation.retrieval import retrieval_evaluate, retrieval_evaluate_model
-from clip_jax.evaluation.templates import DatasetPrompts, get_prompts
 from clip_jax.evaluation.zero_shot import (
     class_embeddings,
     class_probabilities,

@@ -20,8 +20,7 @@ import numpy as np
 
 from clip_jax.data.classification import load_classification
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-from clip_jax.evaluation import retrieval
-from clip_jax.evaluation.templates import (
+from clip_jax.data.templates import (
     DATASET_PROMPTS,
     IMAGENET_CLASS_SUBSETS,
     PHOTO_TEMPLATES,
@@ -29,6 +28,7 @@ from clip_jax.evaluation.templates import (
     get_prompts,
     synthetic_prompts,
 )
+from clip_jax.evaluation import retrieval
 
 SYNTHETIC_DATASETS: tuple[str, ...] = ("synthetic", "synthetic_seen")
 # Image-caption datasets and the split retrieval is scored on (COCO: the 5k Karpathy test split).

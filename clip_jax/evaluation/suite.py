@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from clip_jax import captioning, transforms
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
+from clip_jax.data.templates import PROMPT_MODES, Template
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import retrieval
 from clip_jax.evaluation.datasets import (
@@ -33,7 +34,6 @@ from clip_jax.evaluation.datasets import (
     synthetic_at,
 )
 from clip_jax.evaluation.features import Encoder, extract_image_features, gather_from_processes, preprocess_images
-from clip_jax.evaluation.templates import PROMPT_MODES, Template
 from clip_jax.evaluation.zero_shot import (
     OBJECTIVES,
     check_objective,
@@ -505,7 +505,7 @@ def synthetic_dataset_for(data_settings: Mapping[str, Any] | None, image_size: i
     """The built-in dataset a model was trained on, at `image_size`.
 
     `data_settings` is a training run's data config (the "data" section of the record a training
-    workdir keeps, `clip_jax.training.checkpointing.read_run_record`): when that run trained on
+    workdir keeps, `clip_jax.io.training_workdir.read_run_record`): when that run trained on
     "synthetic", its seed and held-out combinations; for any other run, or None (a model that was
     not trained by train.py), the default configuration.
     """

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import captioning, losses
+from clip_jax.data.templates import Template, check_template, fill_template
 from clip_jax.evaluation.features import (
     DEFAULT_BATCH_SIZE,
     Encoder,
@@ -24,7 +25,6 @@ from clip_jax.evaluation.features import (
     encode_prompts,
     extract_image_features,
 )
-from clip_jax.evaluation.templates import Template, check_template, fill_template
 from clip_jax.models import CLIP
 
 TOP_K: tuple[int, ...] = (1, 5)

@@ -3,8 +3,8 @@
 workdir under the output directory. A workdir whose run finished with the same config is reused
 (so `all` trains each model once); one with a different config is refused, never overwritten.
 
-With clip_jax/api.py, the one module outside clip_jax/training/ that imports it (tests/
-test_import_layers.py): the experiments drive training runs.
+With clip_jax/aot/compile.py, the one module of the package outside clip_jax/training/ that
+imports it (tests/test_import_layers.py): the experiments drive training runs.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from clip_jax.io import training_workdir
 from clip_jax.models import CLIP
-from clip_jax.training import checkpointing
 from clip_jax.training.loop import train_and_evaluate
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "default.py")
@@ -78,5 +78,5 @@ def trained_workdir(config: ml_collections.ConfigDict, workdir: str, log: Callab
 
 def load_clip(workdir: str, step: int | None = None) -> tuple[CLIP, dict[str, Any], Any]:
     """(model, variables, tokenizer) of a training workdir's newest checkpoint, or of `step`."""
-    config, variables, tokenizer = checkpointing.load_training_workdir(workdir, step=step, announce=lambda _: None)
+    config, variables, tokenizer = training_workdir.load_training_workdir(workdir, step=step, announce=lambda _: None)
     return CLIP(config), variables, tokenizer

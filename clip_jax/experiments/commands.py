@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from clip_jax import losses
+from clip_jax.data.templates import PROMPT_MODES
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation import zero_shot
 from clip_jax.evaluation.features import preprocess_images
-from clip_jax.evaluation.templates import PROMPT_MODES
 from clip_jax.experiments import clip_runs, plots
 from clip_jax.experiments.common import (
     Context,

@@ -18,9 +18,9 @@ import numpy as np
 
 from clip_jax.data.synthetic import SyntheticShapes, SyntheticShapesConfig
 from clip_jax.data.synthetic_tasks import DownstreamTask
+from clip_jax.data.templates import DatasetPrompts, templates_for_mode
 from clip_jax.evaluation import linear_probe as probes
 from clip_jax.evaluation.features import Encoder, preprocess_images
-from clip_jax.evaluation.templates import DatasetPrompts, templates_for_mode
 from clip_jax.evaluation.zero_shot import class_embeddings, zero_shot_predict
 from clip_jax.experiments import clip_runs
 from clip_jax.experiments.supervised import SupervisedModel, SupervisedSettings, supervised_features, train_supervised

@@ -1,24 +1,12 @@
-"""Orbax checkpoints of a training run (sharded, asynchronous, atomic), preemption handling, and
-loading the newest parameters of a training workdir onto one device.
-
-A workdir looks like
-
-    checkpoints/<step>/state/      the TrainState (params, optimizer state, step, RNG, the EMA of the
-                                    params when the run keeps one), sharded
-    checkpoints/<step>/progress/   {"step": ..., "data_states": [...]}: where the data resumes (one
-                                    clip_jax.data.iterator state per process)
-    checkpoints/<step>/config/     {"model": <CLIPConfig>, "tokenizer": <tokenizer config>,
-                                    "training": <the run's ConfigDict>}
-    <tokenizer files>              e.g. tokenizer.model (SentencePiece trained at the start)
-    metrics.jsonl, tensorboard/    the logs (clip_jax.metrics)
+"""Orbax checkpoints of a training run (sharded, asynchronous, atomic) and preemption handling.
+The workdir's layout and its read-only reader (`load_training_workdir`, `read_run_record`) are in
+`clip_jax.io.training_workdir`; `TrainingCheckpointer` is that reader with the writing and resuming of a run.
 
 Orbax writes each step into a temporary directory and renames it only once every process has
 finished, so a checkpoint interrupted by a crash is never listed, let alone restored. A committed
 checkpoint that cannot be read back (a truncated or missing file, bad metadata, an empty step
 directory) is reported, moved to `unreadable_checkpoints/<step>` (never deleted) when an older one
 restores instead, and never makes a run start from scratch (`TrainingCheckpointer.restore_newest`).
-Readers of a live workdir (`load_training_workdir`) retry when the checkpoint they chose is
-rotated out while they read it.
 """
 
 from __future__ import annotations
@@ -35,61 +23,26 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from clip_jax import paths
-from clip_jax.models import CLIP, CLIPConfig
+from clip_jax.io.training_workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_ITEM,
+    IDENTITY_MODEL_FIELDS,
+    PROGRESS_ITEM,
+    STATE_ITEM,
+    CheckpointError,
+    WorkdirReader,
+    error_summary,
+    exists,
+)
 from clip_jax.training import multihost
-from clip_jax.training.run_tokenizer import tokenizer_from_workdir
 from clip_jax.training.state import TrainState, saved_fields
 
-CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # where checkpoints that cannot be restored are moved
-STATE_ITEM = "state"
-PROGRESS_ITEM = "progress"
-CONFIG_ITEM = "config"
-
-# The fields of a model spec that make it the same model: the parameters' shapes and layout and
-# the function they compute. Others (compute dtype, remat policy, attention kernel, initial values)
-# may change between runs of one workdir.
-_IDENTITY_MODEL_FIELDS = ("embed_dim", "vision", "text", "activation", "param_dtype", "scan_layers")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
-
-
-def error_summary(error: BaseException, limit: int = 300) -> str:
-    """One line for an exception from Orbax/TensorStore, whose messages run over many lines: its
-    type and the first line of its text, cut to `limit` characters; an OS error found in the
-    chain of causes (e.g. "No space left on device") is named first."""
-    root, seen = error, set()
-    while root is not None and id(root) not in seen:
-        seen.add(id(root))
-        if isinstance(root, OSError) and root.strerror:
-            return f"{root.strerror} ({type(error).__name__})"
-        root = root.__cause__ or root.__context__
-    if "os_error_code='28'" in str(error):  # TensorStore reports ENOSPC in its own words
-        return f"No space left on device ({type(error).__name__})"
-    text = str(error).split("See full TensorStore details")[0].strip().splitlines()
-    first = text[0].rstrip(" .") if text else ""
-    if isinstance(error, KeyError) and first.startswith(("'", '"')):
-        first = first[1:-1]
-    summary = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
-
-
-def _exists(path: str) -> bool:
-    return epath.Path(path).exists()
-
-
-def is_training_workdir(path: str) -> bool:
-    """Whether `path` is a directory that `train.py` wrote checkpoints into."""
-    return (epath.Path(path) / CHECKPOINT_DIR).is_dir()
-
-
-class TrainingCheckpointer:
+class TrainingCheckpointer(WorkdirReader):
     """The run's Orbax `CheckpointManager`: saves every `every_steps` steps (and when forced), keeps
     the newest `max_to_keep` plus every step divisible by `keep_period` (0 = none), in the
     background when `async_save`. Every process must call `save` with the same steps."""
@@ -109,15 +62,8 @@ class TrainingCheckpointer:
             raise ValueError(f"checkpoint.max_to_keep must be >= 1; got {max_to_keep}")
         if keep_period < 0:
             raise ValueError(f"checkpoint.keep_period must be >= 0 (0 = off); got {keep_period}")
-        self.workdir = paths.absolute(workdir)
-        self.directory = str(self.workdir / CHECKPOINT_DIR)
-        absl_logger = logging.getLogger("absl")
-        previous_level = absl_logger.level
-        if read_only:
-            # Orbax warns that a read-only manager will not save; that is the point.
-            absl_logger.setLevel(logging.ERROR)
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-        else:
+        options = None
+        if not read_only:
             options = ocp.CheckpointManagerOptions(
                 # Only at multiples of every_steps (and forced saves): Orbax's default would also
                 # save the first step of every run.
@@ -128,38 +74,20 @@ class TrainingCheckpointer:
                 create=True,
                 cleanup_tmp_directories=True,
             )
-        try:
-            self.manager = ocp.CheckpointManager(
-                self.directory,
-                options=options,
-                item_handlers={
-                    STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-                    PROGRESS_ITEM: ocp.JsonCheckpointHandler(),
-                    CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-                },
-            )
-        finally:
-            absl_logger.setLevel(previous_level)
+        super().__init__(workdir, options)
         self._last_saved_step: int | None = self.manager.latest_step()
         self._started_steps: list[int] = []  # saves started by this run, oldest first
         self._closed = False
         self._unconfirmed_step: int | None = None  # the last started save, until seen committed
-
-    def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
-        return self.manager.latest_step()
 
     def newest_committed_step(self) -> int | None:
         """The newest step whose save has committed (its directory exists), without waiting for
         a save in flight (which `latest_step` already lists) or reloading the manager; None if none.
         Cheap enough for a signal handler: one stat per listed step, newest first."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            if _exists(self.step_directory(step)):
+            if exists(self.step_directory(step)):
                 return step
         return None
-
-    def step_directory(self, step: int) -> str:
-        return str(epath.Path(self.directory) / str(step))
 
     def restore_newest(
         self, abstract_state_for: Callable[[int, dict[str, Any]], Any], announce: Callable[[str], None] = print
@@ -254,9 +182,6 @@ class TrainingCheckpointer:
                     f"repaired one back into {CHECKPOINT_DIR}/, or delete {set_aside} to start from scratch"
                 )
 
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
     def save(
         self,
         step: int,
@@ -303,7 +228,7 @@ class TrainingCheckpointer:
         step, self._unconfirmed_step = self._unconfirmed_step, None
         # Orbax lists a step from the moment its save starts; only its committed directory says
         # that it succeeded (one stat per save).
-        if not _exists(self.step_directory(step)):
+        if not exists(self.step_directory(step)):
             self.wait_until_finished()  # raises the failure, if Orbax kept it
             raise self._save_error(RuntimeError("the save ended without committing"), step)
 
@@ -346,27 +271,6 @@ class TrainingCheckpointer:
             state = abstract_state.replace(**state)
         return state, dict(restored[PROGRESS_ITEM])
 
-    def restore_variables(self, step: int, abstract_variables: dict[str, Any]) -> dict[str, Any]:
-        """Only the model variables ({"params": ..., ["batch_stats": ...]}) of checkpoint `step`,
-        laid out as `abstract_variables` says; the optimizer state is never read."""
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.PyTreeRestore(
-                        item=abstract_variables, restore_args=restore_args, partial_restore=True
-                    )
-                }
-            ),
-        )
-        return dict(restored[STATE_ITEM])
-
-    def run_config(self, step: int) -> dict[str, Any]:
-        """The {"model", "tokenizer", "training"} record saved with checkpoint `step`."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
-        return dict(restored[CONFIG_ITEM])
-
     def wait_until_finished(self) -> None:
         """Block until every started save is committed; CheckpointError if one failed."""
         try:
@@ -396,7 +300,7 @@ class TrainingCheckpointer:
 def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     # JSON turns tuples into lists; compare through JSON on both sides.
     spec = json.loads(json.dumps(spec))
-    identity = {field: spec.get(field) for field in _IDENTITY_MODEL_FIELDS}
+    identity = {field: spec.get(field) for field in IDENTITY_MODEL_FIELDS}
     if isinstance(identity["vision"], dict):
         # Patch dropout (FLIP) is how the model trains, not which parameters it has: a run may
         # change it, and workdirs written before the field existed resume.
@@ -519,120 +423,3 @@ def _stop_at_once(unsaved: str) -> None:
             pass
     _say(f"Ctrl-C again: stopped at once; {unsaved}. Run the same command to resume from the newest checkpoint")
     os._exit(128 + signal.SIGINT)
-
-
-# A reader of a live workdir re-lists the checkpoints this many times when the one it chose is
-# rotated out while it reads it (each attempt takes the newest again).
-LIVE_READ_ATTEMPTS = 8
-
-
-def read_run_record(workdir: str) -> tuple[int, dict[str, Any]]:
-    """(step, {"model", "tokenizer", "training"} record) of the newest checkpoint of a training
-    workdir whose record reads, retrying on checkpoints deleted while being read."""
-    return _read_live(workdir, None, lambda checkpointer, step, record: None)[:2]
-
-
-def _read_live(
-    workdir: str, step: int | None, read: Callable[[TrainingCheckpointer, int, dict[str, Any]], Any]
-) -> tuple[int, dict[str, Any], Any]:
-    """(step, record, read(checkpointer, step, record)) of the newest checkpoint (or `step`) that
-    reads. A running `train.py` may delete the chosen checkpoint (rotation) while it is read: the
-    reader then starts again from the newest. One that is there but cannot be read is skipped
-    for the next older one. Errors end in one CheckpointError sentence."""
-    if not is_training_workdir(workdir):
-        raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {CHECKPOINT_DIR}/ directory")
-    unreadable: dict[int, str] = {}
-    last_error = ""
-    for _ in range(LIVE_READ_ATTEMPTS):
-        try:
-            checkpointer = TrainingCheckpointer(workdir, read_only=True)
-        except Exception as error:  # a step directory vanished while Orbax listed them
-            last_error = error_summary(error)
-            continue
-        try:
-            steps = checkpointer.all_steps()
-            if step is not None:
-                if step not in steps:
-                    raise CheckpointError(
-                        f"training workdir {workdir!r} has no checkpoint of step {step}; it has {steps}"
-                    )
-                candidates = [step]
-            else:
-                candidates = [candidate for candidate in reversed(steps) if candidate not in unreadable]
-            if not candidates:
-                if unreadable:
-                    break
-                raise CheckpointError(f"training workdir {workdir!r} holds no complete checkpoint yet")
-            chosen = candidates[0]
-            try:
-                record = checkpointer.run_config(chosen)
-                return chosen, record, read(checkpointer, chosen, record)
-            except CheckpointError:
-                raise
-            except Exception as error:
-                last_error = error_summary(error)
-                if _exists(checkpointer.step_directory(chosen)):
-                    unreadable[chosen] = last_error  # damaged, not rotated out
-                    if step is not None:
-                        break
-        finally:
-            try:
-                checkpointer.close()
-            except Exception:
-                pass
-    if unreadable:
-        listed = "; ".join(f"step {number}: {reason}" for number, reason in sorted(unreadable.items(), reverse=True))
-        raise CheckpointError(f"no checkpoint of training workdir {workdir!r} can be read ({listed})")
-    raise CheckpointError(
-        f"could not read a checkpoint of training workdir {workdir!r} in {LIVE_READ_ATTEMPTS} attempts: they were "
-        f"deleted while being read (the run is saving faster than they can be read); last error: {last_error}"
-    )
-
-
-def record_has_ema(record: dict[str, Any]) -> bool:
-    """Whether the checkpoint of this run record holds a moving average of the parameters
-    (`TrainState.ema_params`): its run had config.ema.decay > 0. Records written before EMA
-    existed have no "ema" entry: no average."""
-    decay = record.get("training", {}).get("ema", {}).get("decay", 0.0)
-    return isinstance(decay, (int, float)) and decay > 0
-
-
-def load_training_workdir(
-    workdir: str,
-    step: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
-    *,
-    ema: bool = True,
-    announce: Callable[[str], None] | None = None,
-    **overrides: Any,
-) -> tuple[Any, dict[str, Any], Any]:
-    """(CLIPConfig, variables, tokenizer) of a training workdir's newest complete checkpoint (or of
-    `step`), restored onto `sharding` (default: the first local device) for evaluation.
-
-    The variables' "params" are the checkpoint's moving average when it has one (config.ema) and
-    `ema` is True, else the trained parameters; `announce` (default: logging.info) gets one line
-    saying which. Safe to call on the workdir of a running `train.py`: see `_read_live`.
-    `overrides` replace spec fields that leave the parameters as they are (dtype, remat_policy, ...).
-    """
-    changed = sorted(set(overrides) & set(_IDENTITY_MODEL_FIELDS))
-    if changed:
-        raise ValueError(f"cannot override {changed} when loading a training workdir: they change the parameters")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def read_variables(checkpointer: TrainingCheckpointer, step: int, record: dict[str, Any]) -> Any:
-        config = CLIPConfig.from_dict(record["model"])
-        abstract = jax.eval_shape(lambda: nn.unbox(CLIP(config).init_variables(jax.random.key(0))))
-        abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
-        # The state's field to read as the model's "params".
-        field = "ema_params" if ema and record_has_ema(record) else "params"
-        restored = checkpointer.restore_variables(step, {field if k == "params" else k: v for k, v in abstract.items()})
-        return config, {"params" if k == field else k: v for k, v in restored.items()}, field
-
-    step, record, (config, variables, field) = _read_live(workdir, step, read_variables)
-    tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
-    if field == "ema_params":
-        line = f"the EMA parameters (ema.decay={record['training']['ema']['decay']})"
-    else:
-        line = "the raw parameters" + (" (it also holds EMA ones)" if record_has_ema(record) else " (it has no EMA)")
-    (announce or logging.getLogger(__name__).info)(f"Loaded {line} of step {step} of training workdir {workdir}")
-    return config.replace(**overrides), variables, tokenizer

@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.io.variables import nonfinite_paths
 from clip_jax.training.config import NonFiniteSettings
-from clip_jax.training.optimizer import parameter_path
 
 # train.py's exit status for a run stopped by the guard: not 1 (a crash) nor 0 (done or
 # preempted), so a job scheduler can tell "diverged: rerunning resumes into the same NaN" apart.
@@ -37,12 +37,6 @@ def finite_leaf_flags(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.ones((0,), jnp.bool_)
     return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-
-
-def nonfinite_paths(tree: Any, flags: np.ndarray) -> list[str]:
-    """The "/"-joined paths of the leaves of `tree` whose flag (from `finite_leaf_flags`) is False."""
-    paths = [parameter_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
-    return [path for path, finite in zip(paths, np.asarray(flags)) if not finite]
 
 
 class NonFiniteError(RuntimeError):

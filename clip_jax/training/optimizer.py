@@ -12,23 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clip_jax.io.variables import parameter_path
 from clip_jax.training.config import OptimizerSettings
-
-
-def parameter_path(key_path: tuple[Any, ...]) -> str:
-    """ "/"-joined names of a key path from `jax.tree_util.tree_map_with_path`, e.g.
-    "visual/transformer/block_0/attn/query/kernel"."""
-    names = []
-    for key in key_path:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-        else:
-            names.append(str(key))
-    return "/".join(names)
 
 
 def regex_mask(params: Any, pattern: str) -> Any:

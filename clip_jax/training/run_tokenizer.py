@@ -5,10 +5,8 @@ go through etils `epath`, and a tokenizer that needs a local file gets a scratch
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +16,7 @@ from etils import epath
 
 from clip_jax import paths
 from clip_jax import tokenizer as tokenizers
+from clip_jax.io.training_workdir import scratch_directory
 from clip_jax.training.config import TokenizerSettings
 from clip_jax.training.multihost import broadcast_bytes
 
@@ -33,13 +32,6 @@ def _write_atomically(path: epath.Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)  # atomic, and replaces (epath's rename refuses an existing file)
-
-
-def _scratch_directory() -> str:
-    """A new local directory, removed when the process exits (tokenizer files live there)."""
-    path = tempfile.mkdtemp(prefix="clip_jax-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def build_tokenizer(settings: TokenizerSettings, caption_sample: Callable[[int], list[str]], workdir: str) -> Any:
@@ -74,20 +66,9 @@ def build_tokenizer(settings: TokenizerSettings, caption_sample: Callable[[int],
         # Load the run's own copy: no scratch file to outlive a killed process.
         local_path = os.path.join(workdir, SENTENCEPIECE_FILE)
     else:
-        local_path = os.path.join(_scratch_directory(), SENTENCEPIECE_FILE)
+        local_path = os.path.join(scratch_directory(), SENTENCEPIECE_FILE)
         epath.Path(local_path).write_bytes(model_bytes)
     return tokenizers.SentencePieceTokenizer(local_path, context_length=settings.context_length)
-
-
-def tokenizer_from_workdir(tokenizer_record: dict[str, Any], workdir: str) -> Any:
-    """The tokenizer a run saved in `workdir` (its files copied to a local directory if remote)."""
-    if paths.is_local(workdir):
-        return tokenizers.tokenizer_from_config(tokenizer_record, workdir)
-    local_directory = _scratch_directory()
-    for key, name in tokenizer_record.items():
-        if key.endswith("_file"):
-            (epath.Path(local_directory) / name).write_bytes((epath.Path(workdir) / name).read_bytes())
-    return tokenizers.tokenizer_from_config(tokenizer_record, local_directory)
 
 
 def tokenizer_files_digest(tokenizer_record: dict[str, Any], workdir: str) -> dict[str, str]:

@@ -22,18 +22,21 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from clip_jax import api, metrics, sharding
+from clip_jax import metrics, sharding
 from clip_jax.data import iterator as data_iterator
 from clip_jax.data.prefetch import Prefetcher, to_global_batch
 from clip_jax.data.sources import ExampleSource
 from clip_jax.data.synthetic import SyntheticSource
 from clip_jax.evaluation import suite
+from clip_jax.io import loading
+from clip_jax.io.training_workdir import record_has_ema, tokenizer_from_workdir
+from clip_jax.io.variables import parameter_path
 from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing, multihost, resume
 from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
-from clip_jax.training.optimizer import make_optimizer, parameter_path
-from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_files_digest, tokenizer_from_workdir
+from clip_jax.training.optimizer import make_optimizer
+from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_files_digest
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
 from clip_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -176,7 +179,7 @@ def _model_and_state(
         # Before its state is read: a refused change is one line, not taken for damage.
         honoured = resume.check_resume(record, settings.record, spec.to_dict(), workdir, step)
         # Restored as written (with or without a moving average), then made as this run wants it.
-        had_ema = checkpointing.record_has_ema(record)
+        had_ema = record_has_ema(record)
         abstract, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
         shardings = shardings.replace(ema_params=shardings.params if ema else None)  # laid out like params
         restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema, honoured=honoured)
@@ -235,9 +238,9 @@ def load_pretrained_params(
     state: TrainState, state_shardings: TrainState, path: str, pattern: str, trust_torchscript: bool = False
 ) -> TrainState:
     """`state` with the parameters whose "/"-joined path matches `pattern` replaced by those of
-    the checkpoint at `path` (anything `clip_jax.load` reads), laid out with the state's shardings.
+    the checkpoint at `path` (anything `clip_jax.io.load_any` reads), laid out with the state's shardings.
     `trust_torchscript`: as in `clip_jax.load` (config.init.trust_torchscript)."""
-    _, pretrained, _, _ = api.load(path, trust_torchscript=trust_torchscript)
+    _, pretrained, _ = loading.load_any(path, trust_torchscript=trust_torchscript)
     flat_pretrained = traverse_util.flatten_dict(jax.device_get(pretrained["params"]), sep="/")
     compiled = re.compile(pattern)
     replaced = []

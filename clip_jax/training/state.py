@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from clip_jax.io.variables import parameter_path
 from clip_jax.models import CLIP
 from clip_jax.sharding import LOGICAL_AXIS_RULES, param_shardings, replicated
-from clip_jax.training.optimizer import parameter_path
 
 
 @flax.struct.dataclass

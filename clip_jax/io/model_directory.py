@@ -1,6 +1,6 @@
 """Self-contained model directories (Orbax variables + config.json + tokenizer assets): writing and reading them.
 
-`clip_jax.load` (in `clip_jax.api`) reads these, training workdirs and PyTorch checkpoints.
+`clip_jax.io.load_any` (behind `clip_jax.load`) reads these, training workdirs and PyTorch checkpoints.
 
 A model directory looks like
 
