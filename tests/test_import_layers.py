@@ -34,8 +34,9 @@ TRAINING_IMPORTERS = {f"{PACKAGE}.experiments.clip_runs", f"{PACKAGE}.aot.compil
 # The package's layers, lowest first: a module may import its own layer and those below it, never
 # one above. A name stands for the module and everything under it (a package's modules).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # the base: models, tokenizers, image transforms, paths, sharding rules, the TorchScript reader
-    ("paths", "cli", "sharding", "models", "tokenizer", "transforms", "torchscript"),
+    # the base: models, tokenizers, image transforms, paths, sharding rules and the collectives
+    # the losses run over the mesh, the TorchScript reader
+    ("paths", "cli", "sharding", "collectives", "models", "tokenizer", "transforms", "torchscript"),
     ("data", "losses", "metrics"),  # the data pipeline (and its prompt templates), objectives, logs
     ("io",),  # reading and writing models in every format: `load_any`
     ("captioning",),
