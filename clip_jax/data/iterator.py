@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from clip_jax.data import synthetic, webdataset
 from clip_jax.data import tfds as tfds_source
+from clip_jax.data.config import SOURCE_NAMES, DataSettings, data_settings
 from clip_jax.data.decode import ExamplePreparer, choose_caption, normalize_images, preparer_from_config
 from clip_jax.data.sources import (
     CONVERTED_IMAGE_MODE,
@@ -47,7 +48,6 @@ from clip_jax.data.workers import (
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAMES: tuple[str, ...] = ("synthetic", "tfds", "webdataset")
 
 STATE_VERSION = 1
 
@@ -285,7 +285,7 @@ class _CaptionReader:
 
 
 def make_train_source(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings | ml_collections.ConfigDict,
     process_index: int,
     process_count: int,
     *,
@@ -299,6 +299,7 @@ def make_train_source(
     and the `global_batch_size` (each process reads its rows of every global batch).
     """
     check_process_layout(process_index, process_count)
+    data_config = data_settings(data_config)
     if data_config.name == "tfds":
         return tfds_source.source_from_config(data_config, process_index, process_count, global_batch_size)
     if data_config.name == "webdataset":
@@ -314,7 +315,7 @@ def make_train_source(
 
 
 def make_train_iterator(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings | ml_collections.ConfigDict,
     tokenizer: Callable[..., np.ndarray],
     global_batch_size: int,
     image_size: int,
@@ -329,6 +330,7 @@ def make_train_iterator(
     beforehand by `make_train_source` (to fail early on missing data); made here otherwise.
     """
     check_process_layout(process_index, process_count)
+    data_config = data_settings(data_config)
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the {process_count} processes"
@@ -360,14 +362,15 @@ def make_train_iterator(
 
 
 def tokenizer_captions(
-    data_config: ml_collections.ConfigDict, count: int, *, image_size: int, global_batch_size: int
+    data_config: DataSettings | ml_collections.ConfigDict, count: int, *, image_size: int, global_batch_size: int
 ) -> list[str]:
     """Up to `count` captions from the start of the training data as a single process reads it:
     the sample a tokenizer is trained on, the same whatever the number of processes of the run
     (so a run on 2 hosts tokenizes as one on 1 host does)."""
+    data_config = data_settings(data_config)
     source = make_train_source(data_config, 0, 1, image_size=image_size, global_batch_size=global_batch_size)
     try:
-        return caption_sample(source, count, int(data_config.seed))
+        return caption_sample(source, count, data_config.seed)
     finally:
         source.close()
 

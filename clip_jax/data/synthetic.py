@@ -29,9 +29,9 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import ml_collections
 import numpy as np
 
+from clip_jax.data.config import DataSettings
 from clip_jax.data.sources import RawExample, global_batches_started, mix64, process_stream_index
 
 # Saturated colours, pairwise at least ~90 apart in RGB so a shape's colour is unambiguous.
@@ -1000,7 +1000,7 @@ class SyntheticSource:
 
 
 def source_from_config(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings,
     process_index: int,
     process_count: int,
     image_size: int,
