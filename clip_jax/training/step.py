@@ -414,9 +414,8 @@ def make_train_step(
     """`train_step(state, batch) -> (new_state, metrics)`, one jitted function that donates `state`.
 
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
-    sharded over `BATCH_AXES`. `schedule`: the learning-rate schedule the state's optimizer was
-    built with (`make_optimizer(settings.optimizer, schedule)`), whose value the step logs; built
-    from `settings.optimizer` when None. `metrics`: float32 scalars loss, accuracy_image_to_text and
+    sharded over `BATCH_AXES`. `schedule`: the one the state's optimizer follows, whose value the
+    step logs (None: built from `settings.optimizer`). `metrics`: float32 scalars loss, accuracy_image_to_text and
     accuracy_text_to_image (in-batch, global; contrastive objectives), each term of a captioning
     objective (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (exponentiated,
     clamped), learning_rate (of this update), grad_norm (before clipping), nonfinite (1 if this
