@@ -171,7 +171,7 @@ def test_the_reader_coerces_as_the_command_line_needs():
         ("data.num_workers", 1.5, "data.num_workers must be an int; got 1.5"),
         ("data.tfds.shuffle_buffer", "big", "data.tfds.shuffle_buffer must be an int; got 'big'"),
         ("data.crop_scale", (0.5,), "data.crop_scale must be 2 values; got (0.5,)"),
-        ("data.name", "laion", "data.name must be one of ('synthetic', 'tfds', 'webdataset'); got 'laion'"),
+        ("data.name", "laion", "unknown data.name 'laion'; expected one of ('synthetic', 'tfds', 'webdataset')"),
         ("init.checkpoint", None, "init.checkpoint must be a string; got None"),
     ],
 )

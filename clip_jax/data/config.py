@@ -69,7 +69,7 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         if self.name not in SOURCE_NAMES:
-            raise ValueError(f"data.name must be one of {SOURCE_NAMES}; got {self.name!r}")
+            raise ValueError(f"unknown data.name {self.name!r}; expected one of {SOURCE_NAMES}")
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from clip_jax.data import synthetic, webdataset
 from clip_jax.data import tfds as tfds_source
-from clip_jax.data.config import SOURCE_NAMES, DataSettings, data_settings
+from clip_jax.data.config import DataSettings, data_settings
 from clip_jax.data.decode import ExamplePreparer, choose_caption, normalize_images, preparer_from_config
 from clip_jax.data.sources import (
     CONVERTED_IMAGE_MODE,
@@ -304,14 +304,13 @@ def make_train_source(
         return tfds_source.source_from_config(data_config, process_index, process_count, global_batch_size)
     if data_config.name == "webdataset":
         return webdataset.source_from_config(data_config, process_index, process_count)
-    if data_config.name == "synthetic":
-        if image_size is None or global_batch_size is None:
-            raise ValueError(
-                f"data.name='synthetic' needs the model's image_size and the global_batch_size; got "
-                f"image_size={image_size!r}, global_batch_size={global_batch_size!r}"
-            )
-        return synthetic.source_from_config(data_config, process_index, process_count, image_size, global_batch_size)
-    raise ValueError(f"unknown data.name {data_config.name!r}; expected one of {SOURCE_NAMES}")
+    # "synthetic", the last of SOURCE_NAMES (DataSettings admits no other name)
+    if image_size is None or global_batch_size is None:
+        raise ValueError(
+            f"data.name='synthetic' needs the model's image_size and the global_batch_size; got "
+            f"image_size={image_size!r}, global_batch_size={global_batch_size!r}"
+        )
+    return synthetic.source_from_config(data_config, process_index, process_count, image_size, global_batch_size)
 
 
 def make_train_iterator(

@@ -100,10 +100,8 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
         stack.push(lambda kind, error, traceback: checkpointer.close(raise_errors=kind is None))
         built = _model_and_state(settings, workdir, mesh, checkpointer, caption_sample, schedule)
         model = CLIP(built.spec)
-        compiled_step, flops_per_device, compile_seconds = _compile_step(
-            settings, model, mesh, built.state, built.state_shardings, schedule
-        )
-        unmasked_step = _compile_unmasked_step(settings, model, mesh, built.state, built.state_shardings, schedule)
+        compiled_step, flops_per_device, compile_seconds = _compile_step(settings, model, mesh, built, schedule)
+        unmasked_step = _compile_unmasked_step(settings, model, mesh, built, schedule)
         start_step = int(built.progress["step"])
         # The log keeps one record per step: those of the steps this run replays are dropped.
         writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step=start_step)))
@@ -282,19 +280,15 @@ def abstract_batch(settings: Settings, spec: CLIPConfig, mesh: jax.sharding.Mesh
 
 
 def _compile_step(
-    settings: Settings,
-    model: CLIP,
-    mesh: jax.sharding.Mesh,
-    state: TrainState,
-    state_shardings: TrainState,
-    schedule: Callable,
+    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, built: _Model, schedule: Callable
 ) -> tuple[Callable, float | None, float]:
     """(the compiled step, its model FLOPs per device, seconds to compile), announced."""
     batch = abstract_batch(settings, model.config, mesh)
     started = time.perf_counter()
-    compiled = make_train_step(model, settings.step, mesh, state_shardings, schedule).lower(state, batch).compile()
+    step = make_train_step(model, settings.step, mesh, built.state_shardings, schedule)
+    compiled = step.lower(built.state, batch).compile()
     seconds = time.perf_counter() - started
-    flops = step_flops_per_device(compiled, model, settings, mesh, state.tx)
+    flops = step_flops_per_device(compiled, model, settings, mesh, built.state.tx)
     peak = metrics.device_peak_flops()
     metrics.announce(
         f"Compiled the train step in {seconds:.1f} s: "
@@ -313,12 +307,7 @@ def unmasked_tuning_model(settings: Settings, model: CLIP) -> CLIP | None:
 
 
 def _compile_unmasked_step(
-    settings: Settings,
-    model: CLIP,
-    mesh: jax.sharding.Mesh,
-    state: TrainState,
-    state_shardings: TrainState,
-    schedule: Callable,
+    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, built: _Model, schedule: Callable
 ) -> Callable | None:
     """The step of the unmasked tuning phase, compiled once beside the masked one; None if not needed."""
     unmasked = unmasked_tuning_model(settings, model)
@@ -326,7 +315,8 @@ def _compile_unmasked_step(
         return None
     batch = abstract_batch(settings, model.config, mesh)
     started = time.perf_counter()
-    compiled = make_train_step(unmasked, settings.step, mesh, state_shardings, schedule).lower(state, batch).compile()
+    step = make_train_step(unmasked, settings.step, mesh, built.state_shardings, schedule)
+    compiled = step.lower(built.state, batch).compile()
     metrics.announce(
         f"Compiled the unmasked step of the last {settings.unmasked_tuning_steps} steps "
         f"(FLIP's unmasked tuning) in {time.perf_counter() - started:.1f} s"
