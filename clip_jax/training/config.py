@@ -1,9 +1,10 @@
-"""A training run's settings, in one place: the schema of every field with its default
-(`base_config`, which the recipes in configs/ start from), the CLIP paper's recipe written as its
-difference from the schema (`paper_config`), and `validate(config)`, which reads every field once,
-checks it, and returns small frozen settings objects. The rest of training/ takes those objects,
-never the ConfigDict, so a value is checked where it is read: here, before anything is built,
-compiled or written to the workdir.
+"""A training run's settings, in one place: every field written once, with its type, default and
+comment, in the frozen dataclasses below (`Settings`, the root, and its sections); the ConfigDict
+schema made from them (`base_config`, which the recipes in configs/ start from); the CLIP paper's
+recipe written as its difference from the schema (`paper_config`); and `validate(config)`, which
+reads every field back by its type (clip_jax.settings_schema), checks it, and returns the settings
+objects. The rest of training/ takes those objects, never the ConfigDict, so a value is checked
+where it is read: here, before anything is built, compiled or written to the workdir.
 
     settings = validate(config)
     settings.optimizer.learning_rate     # a finite float > 0, or validate raised naming the field
