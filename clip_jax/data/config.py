@@ -15,6 +15,7 @@ from clip_jax import settings_schema as schema
 from clip_jax import transforms
 
 SOURCE_NAMES: tuple[str, ...] = ("synthetic", "tfds", "webdataset")
+WORKER_KINDS: tuple[str, ...] = ("process", "thread")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,10 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.name not in SOURCE_NAMES:
             raise ValueError(f"unknown data.name {self.name!r}; expected one of {SOURCE_NAMES}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = one per CPU core), got {self.num_workers}")
+        if self.worker_kind not in WORKER_KINDS:
+            raise ValueError(f"data.worker_kind must be one of {WORKER_KINDS}, got {self.worker_kind!r}")
 
 
 def default_data_config() -> ml_collections.ConfigDict:

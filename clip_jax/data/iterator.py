@@ -39,7 +39,6 @@ from clip_jax.data.sources import (
 )
 from clip_jax.data.workers import (
     CHUNK_SIZE,
-    WORKER_KINDS,
     PreparerWithReader,
     WorkerPool,
     default_num_workers,
@@ -334,11 +333,7 @@ def make_train_iterator(
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the {process_count} processes"
         )
-    if int(data_config.num_workers) < 0:
-        raise ValueError(f"data.num_workers must be >= 0 (0 = one per CPU core), got {data_config.num_workers}")
-    num_workers = int(data_config.num_workers) or default_num_workers()
-    if data_config.worker_kind not in WORKER_KINDS:
-        raise ValueError(f"data.worker_kind must be one of {WORKER_KINDS}, got {data_config.worker_kind!r}")
+    num_workers = data_config.num_workers or default_num_workers()  # DataSettings checked both
     if source is None:
         source = make_train_source(
             data_config, process_index, process_count, image_size=image_size, global_batch_size=global_batch_size
@@ -346,7 +341,7 @@ def make_train_iterator(
     preparer = preparer_from_config(data_config, image_size, ready_sized=source.ready_sized)
     # Ready-sized examples need no decoding, only a copy: threads do that at no start-up cost,
     # where worker processes would take seconds to start and a pickled copy of every image.
-    worker_kind = "thread" if source.ready_sized else str(data_config.worker_kind)
+    worker_kind = "thread" if source.ready_sized else data_config.worker_kind
     return TrainIterator(
         source,
         tokenizer,
