@@ -14,7 +14,8 @@ stay in the dataclass's `__post_init__`, so a dataclass built directly is checke
     settings = read(OptimizerSettings, config, "optimizer.", total_steps=1000)
 
 A field whose value another part of the config holds (e.g. the optimizer's `total_steps`, a
-top-level field) is declared `given()`: it is not in the section's schema and the caller passes it.
+top-level field) is declared `given("total_steps")`: it is not in the section's schema, and `read`
+takes it from that path of the whole config (or from its caller's keyword arguments).
 
 `partial(cls, mapping, path)` checks and coerces a mapping of *some* fields of `cls` (nested
 dataclasses as nested mappings), e.g. the model fields a run overrides; `placeholders(cls,
