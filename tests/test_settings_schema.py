@@ -194,10 +194,12 @@ def test_model_overrides_are_checked_against_the_model_config_types():
     with pytest.raises(ValueError, match=r"^model.overrides.text.width must be an int; got 'wide'$"):
         validate(config, process_count=1)
     config = small_config()
-    config.model.overrides.txt = {"width": 64}
-    with pytest.raises(
-        ValueError, match=r"^model.overrides.txt is not a field of CLIPConfig; its fields are embed_dim"
-    ):
+    config.model.overrides.text = {"widht": 64}
+    with pytest.raises(ValueError, match=r"^model.overrides.text.widht is not a field of TextConfig; its fields are"):
+        validate(config, process_count=1)
+    config = small_config()
+    config.model.overrides.txt = {"width": 64}  # the model's own check says it
+    with pytest.raises(ValueError, match=r"^unknown model override\(s\) \['txt'\]"):
         validate(config, process_count=1)
     config = small_config()
     config.model.overrides.embed_dim = 32  # an int where CLIPConfig wants one; a float for a float

@@ -12,6 +12,7 @@ where it is read: here, before anything is built, compiled or written to the wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -291,7 +292,13 @@ class ModelSettings:
     overrides: dict[str, Any] = dataclasses.field(default_factory=_default_overrides)
 
     def __post_init__(self) -> None:  # each field checked and coerced against CLIPConfig's types
-        object.__setattr__(self, "overrides", schema.partial(CLIPConfig, self.overrides, "model.overrides."))
+        try:
+            overrides = schema.partial(CLIPConfig, self.overrides, "model.overrides.")
+        except ValueError as wrong:
+            with contextlib.suppress(TypeError, AttributeError):
+                self.spec()  # the model's own check says it in its words, where it has one
+            raise wrong from None
+        object.__setattr__(self, "overrides", overrides)
 
     def spec(self, tokenizer: Any | None = None) -> CLIPConfig:
         """The CLIPConfig the run trains: the registry entry and the overrides, with the text tower's
