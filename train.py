@@ -30,11 +30,18 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when st
 from absl import app, flags, logging  # noqa: E402  (after the handler: these imports take seconds)
 
 from clip_jax import cli  # noqa: E402
+from clip_jax.training.config import model_override_placeholders  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 FLAGS = flags.FLAGS
-cli.define_config_flag("config", _DEFAULT_CONFIG, "Training recipe: a Python file with get_config() (see configs/).")
+cli.define_config_flag(
+    "config",
+    _DEFAULT_CONFIG,
+    "Training recipe: a Python file with get_config() (see configs/); any model field can be set, e.g. "
+    "--config.model.overrides.decoder.layers=2.",
+    complete=model_override_placeholders,
+)
 flags.DEFINE_string("workdir", "./workdir", "Directory (or gs:// path) for checkpoints, logs and the tokenizer.")
 flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed (not needed on Cloud TPU or SLURM)."

@@ -21,14 +21,17 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as ml_config_flags  # its flag and parser classes
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 # Recipe flags defined with `define_config_flag`: name -> default file (to explain an override).
 _CONFIG_FLAGS: dict[str, str] = {}
+# name -> the function that adds the fields a recipe leaves out but the command line may set.
+_COMPLETERS: dict[str, Callable[[Any, list[str]], None]] = {}
 
 
 def one_line(error: BaseException, limit: int = 1000) -> str:
@@ -229,12 +232,22 @@ def _read_recipe(path: str) -> object:
     return module.get_config(*argument)
 
 
+def override_paths(name: str, argv: Sequence[str]) -> list[str]:
+    """The field paths that `--NAME.PATH=VALUE` (or `--NAME.PATH VALUE`) arguments of `argv` set."""
+    prefix = f"--{name}."
+    return [argument[len(prefix) :].split("=", 1)[0] for argument in argv if argument.startswith(prefix)]
+
+
 def _explain_config_failure(name: str, argv: Sequence[str]) -> str | None:
     """The one line for a failed parse of recipe flag `name`: the first override naming no field."""
     try:  # the recipe alone, without the overrides that failed
         config = _read_recipe(_given_config_value(name, argv) or _CONFIG_FLAGS[name])
     except Exception:  # noqa: BLE001 - the recipe itself is broken: the caller reports the original error
         return None
+    try:
+        _COMPLETERS.get(name, lambda *_: None)(config, override_paths(name, argv))
+    except ValueError as error:  # an override naming no field the completer knows
+        return f"--{name}.{error}"
     prefix = f"--{name}."
     for argument in argv:
         if argument.startswith(prefix):
@@ -264,14 +277,48 @@ def _config_flag_errors(argv: Sequence[str]) -> Iterator[None]:
         _fail(one_line(error))
 
 
-def define_config_flag(name: str, default: str | None, help_text: str) -> None:
+class _CompletedRecipeParser(ml_config_flags.ConfigFileFlagParser):
+    """ml_collections' recipe parser, with `complete(config, paths)` run on the recipe before it is
+    locked: it adds the fields that the command line's overrides name and the recipe left out
+    (e.g. a model field the run keeps at the registry's value unless told otherwise)."""
+
+    def __init__(self, name: str, complete: Callable[[Any, list[str]], None]) -> None:
+        super().__init__(name=name, lock_config=False)
+        self._complete = complete
+
+    def parse(self, path: str) -> Any:
+        config = super().parse(path)
+        if hasattr(config, "lock"):  # not ml_collections' stand-in for a file that failed to load
+            self._complete(config, override_paths(self.name, sys.argv))
+            config.lock()
+        return config
+
+
+def define_config_flag(
+    name: str, default: str | None, help_text: str, complete: Callable[[Any, list[str]], None] | None = None
+) -> None:
     """An ml_collections recipe flag (`--NAME=recipe.py`, `--NAME.FIELD=VALUE`, locked against new
     fields) whose mistakes are one line. Defining it already reads the default recipe and
     sys.argv's overrides, so an unknown field is caught here, at import; `parse_flags` catches the
-    same mistakes after an explicit `--NAME=FILE`."""
+    same mistakes after an explicit `--NAME=FILE`. `complete(config, paths)`, if given, may add to
+    the recipe the fields that the overrides' `paths` name before it is locked."""
     _CONFIG_FLAGS[name] = default
     with _config_flag_errors(sys.argv):
-        config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
+        if complete is None:
+            config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
+            return
+        _COMPLETERS[name] = complete
+        # DEFINE_config_file with another parser: the same flag class it builds (ml_collections
+        # offers no public way to pass a parser).
+        flag = ml_config_flags._ConfigFlag(  # noqa: SLF001
+            parser=_CompletedRecipeParser(name, complete),
+            serializer=flags.ArgumentSerializer(),
+            name=name,
+            default=default,
+            help_string=help_text,
+            flag_values=flags.FLAGS,
+        )
+        flags.DEFINE_flag(flag, flags.FLAGS)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from batch_helpers import assert_same_batches, take
 
 from clip_jax.data import iterator as data_iterator
 from clip_jax.data import shards, sources, webdataset
-from clip_jax.data.config import default_data_config
+from clip_jax.data.config import data_settings, default_data_config
 from clip_jax.transforms import OPENAI_MEAN, OPENAI_STD
 
 IMAGE_SIZE = 16
@@ -318,7 +318,7 @@ def test_two_processes_read_disjoint_shards_whose_union_is_everything(clean_shar
         assert not shares[0] & shares[1]
         assert shares[0] | shares[1] == everything
     # Whole shards go to one process, and the assignment changes between epochs.
-    source = webdataset.source_from_config(config, 0, 2)
+    source = webdataset.source_from_config(data_settings(config), 0, 2)
     assert source.process_shards(0) != source.process_shards(1) or source.process_shards(1) != source.process_shards(2)
     source.close()
 

@@ -37,7 +37,9 @@ BATCH_SIZE = 16
 
 
 def _step_settings(decay: float, warmup: bool) -> StepSettings:
-    optimizer = OptimizerSettings(learning_rate=1e-2, warmup_steps=0, total_steps=20, weight_decay=0.1)
+    optimizer = OptimizerSettings(
+        learning_rate=1e-2, warmup_steps=0, total_steps=20, weight_decay=0.1, grad_clip_norm=0.0
+    )
     return StepSettings(
         global_batch_size=BATCH_SIZE,
         optimizer=optimizer,

@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import ml_collections
 import numpy as np
 import PIL.Image
 
 from clip_jax import transforms
+from clip_jax.data.config import DataSettings
 from clip_jax.data.sources import ImageData, RawExample, RecordReader, SkippedExample, example_contents, example_rng
 
 
@@ -215,9 +215,7 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
     return transforms.normalize_pixels(images, transforms.OPENAI_MEAN, transforms.OPENAI_STD)
 
 
-def preparer_from_config(
-    data_config: ml_collections.ConfigDict, image_size: int, ready_sized: bool = False
-) -> ExamplePreparer:
+def preparer_from_config(data_config: DataSettings, image_size: int, ready_sized: bool = False) -> ExamplePreparer:
     """The decode + augment settings of `config.data`; `ready_sized` as the source says."""
     scale = tuple(float(value) for value in data_config.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from clip_jax.data import synthetic, webdataset
 from clip_jax.data import tfds as tfds_source
+from clip_jax.data.config import DataSettings, data_settings
 from clip_jax.data.decode import ExamplePreparer, choose_caption, normalize_images, preparer_from_config
 from clip_jax.data.sources import (
     CONVERTED_IMAGE_MODE,
@@ -38,7 +39,6 @@ from clip_jax.data.sources import (
 )
 from clip_jax.data.workers import (
     CHUNK_SIZE,
-    WORKER_KINDS,
     PreparerWithReader,
     WorkerPool,
     default_num_workers,
@@ -47,7 +47,6 @@ from clip_jax.data.workers import (
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAMES: tuple[str, ...] = ("synthetic", "tfds", "webdataset")
 
 STATE_VERSION = 1
 
@@ -285,7 +284,7 @@ class _CaptionReader:
 
 
 def make_train_source(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings | ml_collections.ConfigDict,
     process_index: int,
     process_count: int,
     *,
@@ -299,22 +298,22 @@ def make_train_source(
     and the `global_batch_size` (each process reads its rows of every global batch).
     """
     check_process_layout(process_index, process_count)
+    data_config = data_settings(data_config)
     if data_config.name == "tfds":
         return tfds_source.source_from_config(data_config, process_index, process_count, global_batch_size)
     if data_config.name == "webdataset":
         return webdataset.source_from_config(data_config, process_index, process_count)
-    if data_config.name == "synthetic":
-        if image_size is None or global_batch_size is None:
-            raise ValueError(
-                f"data.name='synthetic' needs the model's image_size and the global_batch_size; got "
-                f"image_size={image_size!r}, global_batch_size={global_batch_size!r}"
-            )
-        return synthetic.source_from_config(data_config, process_index, process_count, image_size, global_batch_size)
-    raise ValueError(f"unknown data.name {data_config.name!r}; expected one of {SOURCE_NAMES}")
+    # "synthetic", the last of SOURCE_NAMES (DataSettings admits no other name)
+    if image_size is None or global_batch_size is None:
+        raise ValueError(
+            f"data.name='synthetic' needs the model's image_size and the global_batch_size; got "
+            f"image_size={image_size!r}, global_batch_size={global_batch_size!r}"
+        )
+    return synthetic.source_from_config(data_config, process_index, process_count, image_size, global_batch_size)
 
 
 def make_train_iterator(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings | ml_collections.ConfigDict,
     tokenizer: Callable[..., np.ndarray],
     global_batch_size: int,
     image_size: int,
@@ -329,15 +328,12 @@ def make_train_iterator(
     beforehand by `make_train_source` (to fail early on missing data); made here otherwise.
     """
     check_process_layout(process_index, process_count)
+    data_config = data_settings(data_config)
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the {process_count} processes"
         )
-    if int(data_config.num_workers) < 0:
-        raise ValueError(f"data.num_workers must be >= 0 (0 = one per CPU core), got {data_config.num_workers}")
-    num_workers = int(data_config.num_workers) or default_num_workers()
-    if data_config.worker_kind not in WORKER_KINDS:
-        raise ValueError(f"data.worker_kind must be one of {WORKER_KINDS}, got {data_config.worker_kind!r}")
+    num_workers = data_config.num_workers or default_num_workers()  # DataSettings checked both
     if source is None:
         source = make_train_source(
             data_config, process_index, process_count, image_size=image_size, global_batch_size=global_batch_size
@@ -345,7 +341,7 @@ def make_train_iterator(
     preparer = preparer_from_config(data_config, image_size, ready_sized=source.ready_sized)
     # Ready-sized examples need no decoding, only a copy: threads do that at no start-up cost,
     # where worker processes would take seconds to start and a pickled copy of every image.
-    worker_kind = "thread" if source.ready_sized else str(data_config.worker_kind)
+    worker_kind = "thread" if source.ready_sized else data_config.worker_kind
     return TrainIterator(
         source,
         tokenizer,
@@ -360,14 +356,15 @@ def make_train_iterator(
 
 
 def tokenizer_captions(
-    data_config: ml_collections.ConfigDict, count: int, *, image_size: int, global_batch_size: int
+    data_config: DataSettings | ml_collections.ConfigDict, count: int, *, image_size: int, global_batch_size: int
 ) -> list[str]:
     """Up to `count` captions from the start of the training data as a single process reads it:
     the sample a tokenizer is trained on, the same whatever the number of processes of the run
     (so a run on 2 hosts tokenizes as one on 1 host does)."""
+    data_config = data_settings(data_config)
     source = make_train_source(data_config, 0, 1, image_size=image_size, global_batch_size=global_batch_size)
     try:
-        return caption_sample(source, count, int(data_config.seed))
+        return caption_sample(source, count, data_config.seed)
     finally:
         source.close()
 

@@ -25,10 +25,10 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
-import ml_collections
 import numpy as np
 
 from clip_jax.data import synthetic_tasks
+from clip_jax.data.config import DataSettings
 from clip_jax.data.sources import RawExample, global_batches_started, process_stream_index
 from clip_jax.data.synthetic_render import (
     BACKGROUND_KINDS,
@@ -525,7 +525,7 @@ class SyntheticSource:
 
 
 def source_from_config(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings,
     process_index: int,
     process_count: int,
     image_size: int,

@@ -16,9 +16,9 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from clip_jax.data.config import DataSettings
 from clip_jax.data.sources import (
     RawExample,
     SkippedExample,
@@ -459,7 +459,7 @@ class TfdsStreamingSource(_TfdsSource):
 
 
 def source_from_config(
-    data_config: ml_collections.ConfigDict,
+    data_config: DataSettings,
     process_index: int,
     process_count: int,
     global_batch_size: int | None = None,

@@ -16,8 +16,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import ml_collections
-
+from clip_jax.data.config import DataSettings
 from clip_jax.data.shards import (
     DEFAULT_IMAGE_EXTENSIONS,
     DEFAULT_SHARD_LIMITS,
@@ -295,23 +294,20 @@ class WebDatasetSource:
         self._reader.shutdown(wait=False, cancel_futures=True)
 
 
-def source_from_config(
-    data_config: ml_collections.ConfigDict, process_index: int, process_count: int
-) -> WebDatasetSource:
+def source_from_config(data_config: DataSettings, process_index: int, process_count: int) -> WebDatasetSource:
     """The shards source of `config.data` (`data.webdataset.*`), shards resolved and checked now."""
     settings = data_config.webdataset
-    extensions = [extension.strip() for extension in str(settings.image_extensions).split(",") if extension.strip()]
     return WebDatasetSource(
         resolve_shards(settings.shards),
         process_index,
         process_count,
-        seed=int(data_config.seed),
-        shards_per_window=int(settings.shards_per_window),
-        image_extensions=extensions,
-        text_extension=str(settings.text_extension),
+        seed=data_config.seed,
+        shards_per_window=settings.shards_per_window,
+        image_extensions=list(settings.image_extensions),
+        text_extension=settings.text_extension,
         limits=ShardLimits(
-            max_member_bytes=int(settings.max_member_bytes),
-            max_caption_bytes=int(settings.max_caption_bytes),
-            max_shard_bytes=int(settings.max_shard_bytes),
+            max_member_bytes=settings.max_member_bytes,
+            max_caption_bytes=settings.max_caption_bytes,
+            max_shard_bytes=settings.max_shard_bytes,
         ),
     )

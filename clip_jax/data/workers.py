@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from clip_jax.data.config import WORKER_KINDS
 from clip_jax.data.sources import RawExample, RecordReader, SkippedExample
 
-WORKER_KINDS: tuple[str, ...] = ("process", "thread")
 # Examples per task sent to a worker: amortises the per-task cost of a process pool.
 CHUNK_SIZE = 8
 

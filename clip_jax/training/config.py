@@ -1,9 +1,10 @@
-"""A training run's settings, in one place: the schema of every field with its default
-(`base_config`, which the recipes in configs/ start from), the CLIP paper's recipe written as its
-difference from the schema (`paper_config`), and `validate(config)`, which reads every field once,
-checks it, and returns small frozen settings objects. The rest of training/ takes those objects,
-never the ConfigDict, so a value is checked where it is read: here, before anything is built,
-compiled or written to the workdir.
+"""A training run's settings, in one place: every field written once, with its type, default and
+comment, in the frozen dataclasses below (`Settings`, the root, and its sections); the ConfigDict
+schema made from them (`base_config`, which the recipes in configs/ start from); the CLIP paper's
+recipe written as its difference from the schema (`paper_config`); and `validate(config)`, which
+reads every field back by its type (clip_jax.settings_schema), checks it, and returns the settings
+objects. The rest of training/ takes those objects, never the ConfigDict, so a value is checked
+where it is read: here, before anything is built, compiled or written to the workdir.
 
     settings = validate(config)
     settings.optimizer.learning_rate     # a finite float > 0, or validate raised naming the field
@@ -11,6 +12,7 @@ compiled or written to the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,8 +23,8 @@ import jax
 import ml_collections
 
 from clip_jax import losses
-from clip_jax.data import iterator as data_iterator
-from clip_jax.data.config import default_data_config
+from clip_jax import settings_schema as schema
+from clip_jax.data.config import DataSettings
 from clip_jax.evaluation.suite import EvaluationSettings
 from clip_jax.models import CLIPConfig, get_model_config
 
@@ -31,117 +33,18 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 
 # --------------------------------------------------------------------------------------------
-# The schema.
+# The schema: `Settings` and the dataclasses of its sections, each field with its default.
 # --------------------------------------------------------------------------------------------
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field a run reads, with its default (the recipes in configs/ change some).
+    """Every field a run reads, with its default (the recipes in configs/ change some): the
+    ConfigDict of `Settings`'s defaults.
 
     A config file starts from this so that any field can be set from the command line
     (`--config.FIELD=VALUE`; a locked ConfigDict refuses names it does not have).
     """
-    config = ml_collections.ConfigDict()
-    config.seed = 0  # parameter initialisation and the state's RNG
-    config.global_batch_size = 256
-    config.accumulation_steps = 1  # GradCache micro-batches per step
-    config.total_steps = 1000
-    # FLIP's unmasked tuning (docs/training.md, "Masked-patch training"): the last this many steps
-    # of the schedule run without patch dropout (model.overrides.vision.patch_dropout). 0 = none.
-    config.unmasked_tuning_steps = 0
-    config.train_batch_norm = False  # ResNet BatchNorm: stored statistics unless True
-    config.log_every_steps = 50
-    config.eval_every_steps = 1000
-    config.model = _model_fields()
-    config.loss = ml_collections.ConfigDict(
-        # name: an objective of clip_jax.losses.OBJECTIVES (each says what it needs of the model);
-        # "all_gather" or "ring"; the temperature's clamp [1, max]; the weights some objectives read.
-        {"name": "softmax", "impl": "all_gather", "max_logit_scale": 100.0, "caption_weight": 2.0,
-         "contrastive_weight": 1.0}
-    )  # fmt: skip
-    config.optimizer = _optimizer_fields()
-    # A step whose loss, gradient norm or BatchNorm statistics are NaN or inf is not applied
-    # (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
-    # max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first.
-    config.nonfinite = ml_collections.ConfigDict({"policy": "skip", "max_consecutive_skips": 10})
-    # The axes inside one slice (-1 = the devices of a slice the others leave), and dcn_data: the
-    # slices of a multislice TPU job that the data axis spans over the data-centre network (on GPU
-    # hosts, one slice per process); -1 = every slice of the job, 1 on a single slice.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "dcn_data": -1})
-    # An exponential moving average of the parameters (docs/training.md, "EMA"): decay 0 = off,
-    # else in (0, 1); warmup: the decay of the n-th applied update is min(decay, (1 + n) / (10 + n)).
-    config.ema = ml_collections.ConfigDict({"decay": 0.0, "warmup": True})
-    # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
-    config.data = default_data_config()
-    config.tokenizer = _tokenizer_fields()
-    config.eval = _eval_fields()
-    config.init = _init_fields()
-    config.checkpoint = ml_collections.ConfigDict(
-        # keep_period: also keep every step divisible by it (0 = off).
-        {"every_steps": 1000, "max_to_keep": 3, "keep_period": 0, "async_save": True}
-    )
-    return config
-
-
-def _model_fields() -> ml_collections.ConfigDict:
-    model = ml_collections.ConfigDict()
-    model.name = "tiny-vit"  # a clip_jax.available_models() name
-    # CLIPConfig fields replaced for this run; vision=dict(...) may be added by a recipe. The text
-    # tower's vocab_size, context_length, pooling and pad_id always come from the tokenizer.
-    model.overrides = ml_collections.ConfigDict(
-        {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
-    )
-    # FLIP's masked-patch training: the fraction of each image's patches a ViT drops while training
-    # (0 = off), e.g. --config.model.overrides.vision.patch_dropout=0.5; see unmasked_tuning_steps.
-    model.overrides.vision = ml_collections.ConfigDict({"patch_dropout": 0.0})
-    return model
-
-
-def _optimizer_fields() -> ml_collections.ConfigDict:
-    optimizer = ml_collections.ConfigDict()
-    optimizer.learning_rate = 5e-4
-    optimizer.warmup_steps = 2000
-    optimizer.b1 = 0.9
-    optimizer.b2 = 0.98
-    optimizer.eps = 1e-6
-    optimizer.weight_decay = 0.2
-    optimizer.no_decay_regex = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
-    optimizer.grad_clip_norm = 1.0  # 0 = off
-    optimizer.freeze_regex = ""  # e.g. "^visual/" for LiT
-    return optimizer
-
-
-def _tokenizer_fields() -> ml_collections.ConfigDict:
-    tokenizer = ml_collections.ConfigDict()
-    tokenizer.kind = "sentencepiece"  # trained on the training captions at the start; or "clip"
-    tokenizer.vocab_size = 256
-    tokenizer.model_type = "bpe"
-    tokenizer.context_length = 16
-    tokenizer.training_captions = 20000
-    return tokenizer
-
-
-def _eval_fields() -> ml_collections.ConfigDict:
-    # Every eval_every_steps steps and at the end: clip_jax.evaluation.suite, as evaluate.py runs it.
-    evaluation = ml_collections.ConfigDict()
-    evaluation.num_examples = 512  # test images per dataset (0 = no evaluation during training)
-    evaluation.tasks = "zero_shot"  # comma-separated: zero_shot, retrieval, linear_probe, few_shot
-    # Comma-separated suite datasets: "synthetic" (the held-out colour x shape combinations),
-    # "synthetic_seen" (only when training on the built-in dataset), TFDS names (docs/evaluation.md).
-    evaluation.datasets = "synthetic"
-    evaluation.prompt_modes = "class_name,single,ensemble"
-    evaluation.data_dir = ""  # TFDS directory of the evaluation datasets ("" = TFDS's default)
-    return evaluation
-
-
-def _init_fields() -> ml_collections.ConfigDict:
-    init = ml_collections.ConfigDict()
-    init.checkpoint = ""  # a file or directory clip_jax.load reads, e.g. for LiT
-    init.regex = "^visual/"  # which of its parameters to take
-    # Only for a TorchScript init.checkpoint the safe reader cannot read: load it with torch.jit.load,
-    # which runs the file's code. OpenAI's usual .pt files need no such consent.
-    init.trust_torchscript = False
-    return init
+    return schema.config_dict(Settings)
 
 
 def paper_config() -> ml_collections.ConfigDict:
@@ -197,16 +100,16 @@ def _check_regex(field: str, pattern: str) -> None:
 class OptimizerSettings:
     """AdamW with linear warmup then cosine decay to 0 at `total_steps` (clip_jax.training.optimizer)."""
 
-    learning_rate: float
-    warmup_steps: int
-    total_steps: int
+    total_steps: int = schema.given("total_steps")  # the run's, a top-level field
+    learning_rate: float = 5e-4
+    warmup_steps: int = 2000
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-6
     weight_decay: float = 0.2
     no_decay_regex: str = r"(bias|norm|scale|embedding|logit_scale|logit_bias)"
-    grad_clip_norm: float = 0.0  # 0 = off
-    freeze_regex: str = ""  # "" = train everything
+    grad_clip_norm: float = 1.0  # 0 = off
+    freeze_regex: str = ""  # "" = train everything, e.g. "^visual/" for LiT
 
     def __post_init__(self) -> None:
         # A negative rate trains uphill, zero not at all, and NaN or inf poisons the first update.
@@ -231,7 +134,9 @@ class OptimizerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    name: str = "softmax"  # losses.OBJECTIVES
+    # An objective of clip_jax.losses.OBJECTIVES: its record says its terms and what it needs of the
+    # model (e.g. "caption" a decoder: model.overrides.decoder.layers=2).
+    name: str = "softmax"
     impl: str = "all_gather"  # losses.IMPLEMENTATIONS
     max_logit_scale: float = 100.0  # the temperature is clamped to [1, this]
     # The weights of the terms an objective's record weights by these settings (CoCa's: open_clip's
@@ -266,6 +171,10 @@ class LossSettings:
 
 @dataclasses.dataclass(frozen=True)
 class NonFiniteSettings:
+    """A step whose loss, gradient norm or BatchNorm statistics are NaN or inf is not applied
+    (docs/training.md, "Non-finite steps"): "skip" counts it and stops the run after more than
+    max_consecutive_skips (>= 1) in a row; "stop" stops the run at the first."""
+
     policy: str = "skip"  # NONFINITE_POLICIES
     max_consecutive_skips: int = 10
 
@@ -345,7 +254,7 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSettings:
-    kind: str = "sentencepiece"  # TOKENIZER_KINDS
+    kind: str = "sentencepiece"  # TOKENIZER_KINDS: trained on the training captions at the start, or "clip"
     vocab_size: int = 256  # sentencepiece only
     model_type: str = "bpe"  # sentencepiece only
     context_length: int = 16
@@ -363,10 +272,31 @@ class TokenizerSettings:
                      "tokenizer.training_captions", self.training_captions, ">= 1")  # fmt: skip
 
 
+def _default_overrides() -> dict[str, Any]:
+    # FLIP's masked-patch training: vision.patch_dropout is the fraction of each image's patches a
+    # ViT drops while training (0 = off), e.g. --config.model.overrides.vision.patch_dropout=0.5;
+    # see unmasked_tuning_steps.
+    overrides = {"dtype": "float32", "scan_layers": False, "remat_policy": "none", "attention_implementation": "auto"}
+    return {**overrides, "vision": {"patch_dropout": 0.0}}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    name: str  # a clip_jax.available_models() name
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # CLIPConfig fields replaced
+    name: str = "tiny-vit"  # a clip_jax.available_models() name
+    # CLIPConfig fields replaced for this run (nested: vision, text, decoder); a field not given
+    # keeps the registry model's value. The command line sets any of them, e.g.
+    # --config.model.overrides.decoder.layers=2 (clip_jax.cli adds the field it names). The text
+    # tower's vocab_size, context_length, pooling and pad_id always come from the tokenizer.
+    overrides: dict[str, Any] = dataclasses.field(default_factory=_default_overrides)
+
+    def __post_init__(self) -> None:  # each field checked and coerced against CLIPConfig's types
+        try:
+            overrides = schema.partial(CLIPConfig, self.overrides, "model.overrides.")
+        except ValueError as wrong:
+            with contextlib.suppress(TypeError, AttributeError):
+                self.spec()  # the model's own check says it in its words, where it has one
+            raise wrong from None
+        object.__setattr__(self, "overrides", overrides)
 
     def spec(self, tokenizer: Any | None = None) -> CLIPConfig:
         """The CLIPConfig the run trains: the registry entry and the overrides, with the text tower's
@@ -385,9 +315,11 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class InitSettings:
-    checkpoint: str = ""  # anything clip_jax.load reads ("" = train from scratch)
+    checkpoint: str = ""  # anything clip_jax.load reads, e.g. for LiT ("" = train from scratch)
     regex: str = "^visual/"  # which of its parameters replace the fresh ones
-    trust_torchscript: bool = False  # let torch.jit.load run an archive the safe reader refuses
+    # Only for a TorchScript init.checkpoint the safe reader cannot read: load it with torch.jit.load,
+    # which runs the file's code. OpenAI's usual .pt files need no such consent.
+    trust_torchscript: bool = False
 
     def __post_init__(self) -> None:
         _check_regex("init.regex", self.regex)
@@ -395,6 +327,10 @@ class InitSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
+    """The axes inside one slice (-1 = the devices of a slice the others leave), and dcn_data: the
+    slices of a multislice TPU job that the data axis spans over the data-centre network (on GPU
+    hosts, one slice per process); -1 = every slice of the job, 1 on a single slice."""
+
     data: int = -1  # -1 = the devices of a slice the other axes leave
     fsdp: int = 1
     model: int = 1
@@ -403,113 +339,94 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    every_steps: int
-    suite: EvaluationSettings | None  # None: no evaluation during training (eval.num_examples = 0)
+    """Every eval_every_steps steps and at the end: clip_jax.evaluation.suite, as evaluate.py runs it."""
+
+    every_steps: int = schema.given("eval_every_steps")
+    batch_size: int = schema.given("global_batch_size")
+    num_examples: int = 512  # test images per dataset (0 = no evaluation during training)
+    tasks: tuple[str, ...] = schema.comma_separated(("zero_shot",))  # zero_shot, retrieval, linear_probe, few_shot
+    # Suite datasets: "synthetic" (the held-out colour x shape combinations), "synthetic_seen"
+    # (only when training on the built-in dataset), TFDS names (docs/evaluation.md).
+    datasets: tuple[str, ...] = schema.comma_separated(("synthetic",))
+    prompt_modes: tuple[str, ...] = schema.comma_separated(("class_name", "single", "ensemble"))
+    data_dir: str = ""  # TFDS directory of the evaluation datasets ("" = TFDS's default)
+    # None: no evaluation during training (num_examples = 0).
+    suite: EvaluationSettings | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         _require(_is_integer(self.every_steps) and self.every_steps >= 1, "eval_every_steps", self.every_steps, ">= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything a run reads, checked. `record` is the config as JSON, saved with every checkpoint."""
-
-    seed: int
-    total_steps: int
-    log_every_steps: int
-    unmasked_tuning_steps: int
-    model: ModelSettings
-    tokenizer: TokenizerSettings
-    step: StepSettings
-    checkpoint: CheckpointSettings
-    mesh: MeshSettings
-    data: ml_collections.FrozenConfigDict
-    eval: EvalSettings
-    init: InitSettings
-    record: dict[str, Any]
-
-    @property
-    def optimizer(self) -> OptimizerSettings:
-        return self.step.optimizer
-
-    @property
-    def ema(self) -> EMASettings:
-        return self.step.ema
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the ConfigDict: every field once.
-# --------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> Any:
-    """An int as a float (`--config.ema.decay=0` parses as 0); anything else as it is, for the
-    settings to refuse naming it."""
-    return float(value) if _is_integer(value) else value
-
-
-def _comma_separated(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in str(value).split(",") if item.strip())
-
-
-def _evaluation(config: ml_collections.ConfigDict) -> EvalSettings:
-    num_examples = config.eval.num_examples
-    _require(_is_integer(num_examples) and num_examples >= 0, "eval.num_examples", num_examples,
-             ">= 0 (0 = no evaluation during training)")  # fmt: skip
-    suite = None
-    if num_examples:
+        _require(
+            self.num_examples >= 0, "eval.num_examples", self.num_examples, ">= 0 (0 = no evaluation during training)"
+        )
+        if not self.num_examples:
+            return
         try:
             suite = EvaluationSettings(
-                tasks=_comma_separated(config.eval.tasks),
-                datasets=_comma_separated(config.eval.datasets),
-                prompt_modes=_comma_separated(config.eval.prompt_modes),
-                batch_size=int(config.global_batch_size),
-                max_examples=num_examples,
-                data_dir=config.eval.data_dir or None,
+                tasks=self.tasks,
+                datasets=self.datasets,
+                prompt_modes=self.prompt_modes,
+                batch_size=self.batch_size,
+                max_examples=self.num_examples,
+                data_dir=self.data_dir or None,
             )
         except ValueError as error:
             raise ValueError(f"config.eval: {error}") from None
-    return EvalSettings(every_steps=config.eval_every_steps, suite=suite)
+        object.__setattr__(self, "suite", suite)
 
 
-def _optimizer(config: ml_collections.ConfigDict) -> OptimizerSettings:
-    optimizer = config.optimizer
-    return OptimizerSettings(
-        learning_rate=float(optimizer.learning_rate),
-        warmup_steps=optimizer.warmup_steps,
-        total_steps=config.total_steps,
-        b1=float(optimizer.b1),
-        b2=float(optimizer.b2),
-        eps=float(optimizer.eps),
-        weight_decay=float(optimizer.weight_decay),
-        no_decay_regex=str(optimizer.no_decay_regex),
-        grad_clip_norm=float(optimizer.grad_clip_norm),
-        freeze_regex=str(optimizer.freeze_regex),
-    )
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a run reads, checked: the schema's root. `record` is the config as JSON, saved
+    with every checkpoint; `step` is what the train step reads, gathered from the fields."""
+
+    seed: int = 0  # parameter initialisation and the state's RNG
+    global_batch_size: int = 256
+    accumulation_steps: int = 1  # GradCache micro-batches per step
+    total_steps: int = 1000
+    # FLIP's unmasked tuning (docs/training.md, "Masked-patch training"): the last this many steps
+    # of the schedule run without patch dropout (model.overrides.vision.patch_dropout). 0 = none.
+    unmasked_tuning_steps: int = 0
+    train_batch_norm: bool = False  # ResNet BatchNorm: stored statistics unless True
+    log_every_steps: int = 50
+    eval_every_steps: int = 1000
+    model: ModelSettings = ModelSettings()
+    loss: LossSettings = LossSettings()
+    optimizer: OptimizerSettings
+    nonfinite: NonFiniteSettings = NonFiniteSettings()
+    mesh: MeshSettings = MeshSettings()
+    # An exponential moving average of the parameters (EMASettings; docs/training.md, "EMA").
+    ema: EMASettings = EMASettings()
+    # name, seed, prefetch_batches, decoding limits, data.tfds.*, data.webdataset.* (docs/data.md)
+    data: DataSettings = DataSettings()
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    eval: EvalSettings
+    init: InitSettings = InitSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    record: dict[str, Any] = schema.given(default_factory=dict)
+    step: StepSettings = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        _require(self.log_every_steps >= 1, "log_every_steps", self.log_every_steps, ">= 1")
+        _require(0 <= self.unmasked_tuning_steps <= self.total_steps, "unmasked_tuning_steps",
+                 self.unmasked_tuning_steps, f">= 0 and at most total_steps ({self.total_steps})")  # fmt: skip
+        step = StepSettings(
+            global_batch_size=self.global_batch_size,
+            optimizer=self.optimizer,
+            loss=self.loss,
+            nonfinite=self.nonfinite,
+            accumulation_steps=self.accumulation_steps,
+            train_batch_norm=self.train_batch_norm,
+            ema=self.ema,
+        )
+        object.__setattr__(self, "step", step)
 
 
-def _step(config: ml_collections.ConfigDict) -> StepSettings:
-    return StepSettings(
-        global_batch_size=config.global_batch_size,
-        optimizer=_optimizer(config),
-        loss=LossSettings(
-            name=config.loss.name,
-            impl=config.loss.impl,
-            max_logit_scale=_number(config.loss.max_logit_scale),
-            caption_weight=_number(config.loss.caption_weight),
-            contrastive_weight=_number(config.loss.contrastive_weight),
-        ),
-        nonfinite=NonFiniteSettings(
-            policy=config.nonfinite.policy, max_consecutive_skips=config.nonfinite.max_consecutive_skips
-        ),
-        accumulation_steps=config.accumulation_steps,
-        train_batch_norm=bool(config.train_batch_norm),
-        ema=EMASettings(decay=_number(config.ema.decay), warmup=config.ema.warmup),
-    )
+# --------------------------------------------------------------------------------------------
+# Reading the ConfigDict: every field once, by its type (clip_jax.settings_schema).
+# --------------------------------------------------------------------------------------------
 
 
-def _model(config: ml_collections.ConfigDict, loss: LossSettings) -> ModelSettings:
-    model = ModelSettings(name=str(config.model.name), overrides=config.model.overrides.to_dict())
+def _model(model: ModelSettings, loss: LossSettings) -> ModelSettings:
     # An unknown name or override raises here, naming it; then what the objective needs of the model.
     loss.objective.check_model(model.spec())
     return model
@@ -518,54 +435,20 @@ def _model(config: ml_collections.ConfigDict, loss: LossSettings) -> ModelSettin
 def validate(config: ml_collections.ConfigDict, process_count: int | None = None) -> Settings:
     """The settings of `config`, every field read and checked here; ValueError naming the field
     otherwise. Builds nothing (so it runs before anything is compiled or written)."""
-    step = _step(config)
+    settings = schema.read(Settings, config, record=json.loads(config.to_json_best_effort()))
     process_count = jax.process_count() if process_count is None else process_count
-    if step.global_batch_size % process_count:
+    if settings.global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size {step.global_batch_size} is not divisible by the {process_count} processes"
+            f"global_batch_size {settings.global_batch_size} is not divisible by the {process_count} processes"
         )
-    _require(
-        config.data.name in data_iterator.SOURCE_NAMES,
-        "data.name",
-        config.data.name,
-        f"one of {data_iterator.SOURCE_NAMES}",
-    )
-    log_every_steps = config.log_every_steps
-    _require(_is_integer(log_every_steps) and log_every_steps >= 1, "log_every_steps", log_every_steps, ">= 1")
-    tuning = config.unmasked_tuning_steps
-    _require(_is_integer(tuning) and 0 <= tuning <= step.optimizer.total_steps, "unmasked_tuning_steps", tuning,
-             f">= 0 and at most total_steps ({step.optimizer.total_steps})")  # fmt: skip
-    tokenizer = config.tokenizer
-    checkpoint = config.checkpoint
-    return Settings(
-        seed=int(config.seed),
-        total_steps=step.optimizer.total_steps,
-        log_every_steps=log_every_steps,
-        unmasked_tuning_steps=tuning,
-        model=_model(config, step.loss),
-        tokenizer=TokenizerSettings(
-            kind=tokenizer.kind,
-            vocab_size=tokenizer.vocab_size,
-            model_type=str(tokenizer.model_type),
-            context_length=tokenizer.context_length,
-            training_captions=tokenizer.training_captions,
-        ),
-        step=step,
-        checkpoint=CheckpointSettings(
-            every_steps=checkpoint.every_steps,
-            max_to_keep=checkpoint.max_to_keep,
-            keep_period=checkpoint.keep_period,
-            async_save=bool(checkpoint.async_save),
-        ),
-        mesh=MeshSettings(
-            data=config.mesh.data, fsdp=config.mesh.fsdp, model=config.mesh.model, dcn_data=config.mesh.dcn_data
-        ),
-        data=ml_collections.FrozenConfigDict(config.data),
-        eval=_evaluation(config),
-        init=InitSettings(
-            checkpoint=str(config.init.checkpoint),
-            regex=str(config.init.regex),
-            trust_torchscript=bool(config.init.trust_torchscript),
-        ),
-        record=json.loads(config.to_json_best_effort()),
-    )
+    _model(settings.model, settings.loss)
+    return settings
+
+
+def model_override_placeholders(config: ml_collections.ConfigDict, paths: list[str]) -> None:
+    """Give `config.model.overrides` an empty typed field for each `model.overrides.…` path of
+    `paths` it lacks (CLIPConfig's type), so that the command line can set any model field."""
+    prefix = "model.overrides."
+    wanted = [path[len(prefix) :] for path in paths if path.startswith(prefix)]
+    if wanted and "model" in config and "overrides" in config.model:
+        schema.placeholders(config.model.overrides, CLIPConfig, wanted, prefix)

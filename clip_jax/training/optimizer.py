@@ -55,18 +55,20 @@ def learning_rate_schedule(settings: OptimizerSettings) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
-    """AdamW from the settings: warmup then cosine, decoupled weight decay except on parameters
-    matching `no_decay_regex`, global-norm clipping (0 = none). Parameters matching
-    `freeze_regex` get zero updates and no optimizer state; the clipping norm is taken over the
-    trainable parameters only. Built once per run: the train state holds it (`TrainState.tx`)."""
+def make_optimizer(settings: OptimizerSettings, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """AdamW from the settings: `schedule` (a run builds its `learning_rate_schedule` once and
+    passes it here and to the train step, which logs its value; built here when None), decoupled
+    weight decay except on parameters matching `no_decay_regex`, global-norm clipping (0 = none).
+    Parameters matching `freeze_regex` get zero updates and no optimizer state; the clipping norm
+    is taken over the trainable parameters only. Built once per run: the train state holds it
+    (`TrainState.tx`)."""
     no_decay_regex = settings.no_decay_regex
 
     def decay_mask(params: Any) -> Any:
         return jax.tree.map(lambda excluded: not excluded, regex_mask(params, no_decay_regex))
 
     adamw = optax.adamw(
-        learning_rate_schedule(settings),
+        learning_rate_schedule(settings) if schedule is None else schedule,
         b1=settings.b1,
         b2=settings.b2,
         eps=settings.eps,

@@ -35,7 +35,7 @@ from clip_jax.models import CLIP, CLIPConfig
 from clip_jax.training import checkpointing, multihost, resume
 from clip_jax.training.config import Settings
 from clip_jax.training.nonfinite import Guard
-from clip_jax.training.optimizer import make_optimizer
+from clip_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from clip_jax.training.run_tokenizer import build_tokenizer, tokenizer_files_digest
 from clip_jax.training.state import TrainState, abstract_train_state, create_train_state, start_ema
 from clip_jax.training.step import make_train_step
@@ -85,7 +85,11 @@ class _Model:
 def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
     """A `Run` for `settings` in `workdir`; every part is closed when the block ends."""
     mesh = sharding.make_mesh(dataclasses.asdict(settings.mesh))
+    # Where the mesh is first known, before anything is built (make_train_step checks it for its
+    # other callers).
     sharding.check_batch_divisible(settings.step.global_batch_size, mesh, settings.step.accumulation_steps)
+    # One schedule: the optimizer follows it and the step logs its value (as flax's examples do).
+    schedule = learning_rate_schedule(settings.optimizer)
     with contextlib.ExitStack() as stack:
         source, caption_sample = _data_source(settings)  # checked before anything is written
         stack.callback(source.close)
@@ -97,12 +101,10 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
         checkpointer = checkpointing.TrainingCheckpointer(workdir, **dataclasses.asdict(settings.checkpoint))
         # A failure already being raised says what went wrong; a failed last save is raised otherwise.
         stack.push(lambda kind, error, traceback: checkpointer.close(raise_errors=kind is None))
-        built = _model_and_state(settings, workdir, mesh, checkpointer, caption_sample)
+        built = _model_and_state(settings, workdir, mesh, checkpointer, caption_sample, schedule)
         model = CLIP(built.spec)
-        compiled_step, flops_per_device, compile_seconds = _compile_step(
-            settings, model, mesh, built.state, built.state_shardings
-        )
-        unmasked_step = _compile_unmasked_step(settings, model, mesh, built.state, built.state_shardings)
+        compiled_step, flops_per_device, compile_seconds = _compile_step(settings, model, mesh, built, schedule)
+        unmasked_step = _compile_unmasked_step(settings, model, mesh, built, schedule)
         start_step = int(built.progress["step"])
         # The log keeps one record per step: those of the steps this run replays are dropped.
         writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step=start_step)))
@@ -163,13 +165,14 @@ def _model_and_state(
     mesh: jax.sharding.Mesh,
     checkpointer: checkpointing.TrainingCheckpointer,
     caption_sample: Callable[[int], list[str]],
+    schedule: Callable,
 ) -> _Model:
     """From the newest checkpoint that restores (its tokenizer and model, so a resumed run
     tokenizes and computes exactly as before; the settings it depends on are checked against its
     record by `resume.check_resume` before its state is read, so a refused change, another model
     included, stops the run before anything is compiled), else fresh. The optimizer is built here,
     once, and travels with the state."""
-    tx = make_optimizer(settings.optimizer)
+    tx = make_optimizer(settings.optimizer, schedule)
     ema = settings.ema.enabled
     restored: dict[str, Any] = {}
 
@@ -280,14 +283,15 @@ def abstract_batch(settings: Settings, spec: CLIPConfig, mesh: jax.sharding.Mesh
 
 
 def _compile_step(
-    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, state: TrainState, state_shardings: TrainState
+    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, built: _Model, schedule: Callable
 ) -> tuple[Callable, float | None, float]:
     """(the compiled step, its model FLOPs per device, seconds to compile), announced."""
     batch = abstract_batch(settings, model.config, mesh)
     started = time.perf_counter()
-    compiled = make_train_step(model, settings.step, mesh, state_shardings).lower(state, batch).compile()
+    step = make_train_step(model, settings.step, mesh, built.state_shardings, schedule)
+    compiled = step.lower(built.state, batch).compile()
     seconds = time.perf_counter() - started
-    flops = step_flops_per_device(compiled, model, settings, mesh, state.tx)
+    flops = step_flops_per_device(compiled, model, settings, mesh, built.state.tx)
     peak = metrics.device_peak_flops()
     metrics.announce(
         f"Compiled the train step in {seconds:.1f} s: "
@@ -306,7 +310,7 @@ def unmasked_tuning_model(settings: Settings, model: CLIP) -> CLIP | None:
 
 
 def _compile_unmasked_step(
-    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, state: TrainState, state_shardings: TrainState
+    settings: Settings, model: CLIP, mesh: jax.sharding.Mesh, built: _Model, schedule: Callable
 ) -> Callable | None:
     """The step of the unmasked tuning phase, compiled once beside the masked one; None if not needed."""
     unmasked = unmasked_tuning_model(settings, model)
@@ -314,7 +318,8 @@ def _compile_unmasked_step(
         return None
     batch = abstract_batch(settings, model.config, mesh)
     started = time.perf_counter()
-    compiled = make_train_step(unmasked, settings.step, mesh, state_shardings).lower(state, batch).compile()
+    step = make_train_step(unmasked, settings.step, mesh, built.state_shardings, schedule)
+    compiled = step.lower(built.state, batch).compile()
     metrics.announce(
         f"Compiled the unmasked step of the last {settings.unmasked_tuning_steps} steps "
         f"(FLIP's unmasked tuning) in {time.perf_counter() - started:.1f} s"

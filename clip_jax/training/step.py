@@ -41,8 +41,9 @@ Batch = dict[str, jax.Array]  # {"images": float32 (B, H, W, 3), "texts": int32 
 Metrics = dict[str, jax.Array]
 
 
-def _check_batch(batch: Batch, mesh: Mesh, accumulation_steps: int) -> None:
-    """Check the batch's keys and shapes (at trace time, so before compiling)."""
+def _check_batch(batch: Batch) -> None:
+    """Check the batch's keys and shapes (at trace time, so before compiling); its size against
+    the mesh was checked with the settings (`_check_step_settings`)."""
     missing = {"images", "texts"} - set(batch)
     if missing:
         raise ValueError(f"the batch lacks {sorted(missing)}; it has {sorted(batch)}")
@@ -51,7 +52,6 @@ def _check_batch(batch: Batch, mesh: Mesh, accumulation_steps: int) -> None:
         raise ValueError(
             f"expected images (B, H, W, 3) and texts (B, L) of one batch size; got {images.shape} and {texts.shape}"
         )
-    check_batch_divisible(images.shape[0], mesh, accumulation_steps)
 
 
 def _to_micro_batches(x: jax.Array, accumulation_steps: int, shards: int) -> jax.Array:
@@ -324,7 +324,7 @@ def _guarded_update(context: _StepContext, state: TrainState, gradients: Any, ne
 
 
 def _train_step(context: _StepContext, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    _check_batch(batch, context.mesh, context.settings.accumulation_steps)
+    _check_batch(batch)
     images = batch["images"].astype(jnp.float32)
     texts = batch["texts"].astype(jnp.int32)
     frozen = frozen_mask(context.settings.optimizer.freeze_regex, state.params)
@@ -402,12 +402,13 @@ def _contrastive_loss_fn(mesh: Mesh, settings: StepSettings) -> Callable:
 
 
 def make_train_step(
-    model: CLIP, settings: StepSettings, mesh: Mesh, state_shardings: TrainState
+    model: CLIP, settings: StepSettings, mesh: Mesh, state_shardings: TrainState, schedule: Callable | None = None
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (new_state, metrics)`, one jitted function that donates `state`.
 
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
-    sharded over `BATCH_AXES`. `metrics`: float32 scalars loss, accuracy_image_to_text and
+    sharded over `BATCH_AXES`. `schedule`: the one the state's optimizer follows, whose value the
+    step logs (None: built from `settings.optimizer`). `metrics`: float32 scalars loss, accuracy_image_to_text and
     accuracy_text_to_image (in-batch, global; contrastive objectives), each term of a captioning
     objective (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (exponentiated,
     clamped), learning_rate (of this update), grad_norm (before clipping), nonfinite (1 if this
@@ -452,7 +453,7 @@ def make_train_step(
             in_specs=(P(BATCH_AXES), P(BATCH_AXES)),
             out_specs=(P(), P()),
         ),
-        schedule=learning_rate_schedule(settings.optimizer),
+        schedule=learning_rate_schedule(settings.optimizer) if schedule is None else schedule,
         shards=batch_axis_size(mesh),
     )
     return jax.jit(
