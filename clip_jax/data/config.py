@@ -17,7 +17,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.seed = 0  # shuffling, caption choice and crops; the same seed replays the same batches
     config.prefetch_batches = 2  # batches prepared ahead of the train step
     config.num_workers = 0  # decoding workers per training process; 0 = one per CPU core it may use
-    # "process": decoding scales with the cores (the GIL caps threads at ~3x, measured on 16 cores);
+    # "process": decoding scales with the cores (threads share the GIL, which caps their scaling);
     # "thread": no start-up cost, and sees in-process state such as tfds.testing.mock_data.
     config.worker_kind = "process"
     # Bad-sample limits: examples outside them are skipped and counted.
@@ -26,7 +26,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_aspect_ratio = 10.0  # long side / short side
     config.crop_scale = transforms.DEFAULT_TRAIN_SCALE  # random resized crop, area fraction
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves every crop at least the
-    # model's image size (several times faster; a tiny change of pixels, none of geometry).
+    # model's image size (fewer pixels to decode; a tiny change of pixels, none of geometry).
     config.reduced_jpeg_decoding = True
 
     config.tfds = ml_collections.ConfigDict()
