@@ -247,6 +247,23 @@ def generate(
         raise ValueError(f"unknown generation method {method!r}; expected one of {METHODS}")
     if isinstance(beam_width, bool) or not isinstance(beam_width, (int, np.integer)) or beam_width < 1:
         raise ValueError(f"beam_width must be a positive int, got {beam_width!r}")
+    layout = _row_layout(model, start_ids, eot_id, pad_id)
+    length = _checked_length(model, layout, max_length)
+    vocab = model.config.text.vocab_size
+    if method == "beam" and beam_width > vocab:
+        raise ValueError(f"beam_width {beam_width} exceeds the vocabulary of {vocab} tokens")
+    banned = _never_generated(model, layout, banned_ids)
+    images = _checked_images(model, images)
+    rows = _generate(
+        model, variables, images, length, layout, method, int(beam_width) if method == "beam" else 1,
+        float(length_penalty), banned,
+    )  # fmt: skip
+    return np.asarray(rows)
+
+
+def _row_layout(model: CLIP, start_ids: Sequence[int] | None, eot_id: int | None, pad_id: int | None) -> CaptionFormat:
+    """The tokenizer's row layout (`caption_format`), or the one `start_ids`, `eot_id` and
+    `pad_id` override it with."""
     if start_ids is None:
         layout = caption_format(model, eot_id)
     elif eot_id is None:
@@ -255,6 +272,11 @@ def generate(
         layout = CaptionFormat(tuple(int(i) for i in start_ids), int(eot_id), model.config.text.pad_id)
     if pad_id is not None:
         layout = dataclasses.replace(layout, pad_id=int(pad_id))
+    return layout
+
+
+def _checked_length(model: CLIP, layout: CaptionFormat, max_length: int | None) -> int:
+    """The row length: `max_length` (default: the context length), longer than the start ids."""
     context = model.config.text.context_length
     length = context if max_length is None else max_length
     if (
@@ -266,25 +288,27 @@ def generate(
             f"max_length must be an int in ({len(layout.start_ids)}, {context}] (after the start ids, within the "
             f"context), got {max_length!r}"
         )
+    return int(length)
+
+
+def _never_generated(model: CLIP, layout: CaptionFormat, banned_ids: Sequence[int]) -> tuple[int, ...]:
+    """Sorted ids no step may choose: `banned_ids`, the start ids and SentencePiece's padding."""
     vocab = model.config.text.vocab_size
-    if method == "beam" and beam_width > vocab:
-        raise ValueError(f"beam_width {beam_width} exceeds the vocabulary of {vocab} tokens")
     banned = set(int(i) for i in banned_ids) | set(layout.start_ids)
     if model.config.text.pooling == "last":
         banned.add(layout.pad_id)  # SentencePiece's padding is no word; BPE pads with id 0, a real token
     outside = sorted(i for i in banned if not 0 <= i < vocab)
     if outside:
         raise ValueError(f"banned ids {outside[:5]} are outside the vocabulary of {vocab} tokens")
+    return tuple(sorted(banned))
+
+
+def _checked_images(model: CLIP, images: np.ndarray | jax.Array) -> jax.Array:
     size = model.config.vision.image_size
     if getattr(images, "ndim", 0) != 4 or tuple(images.shape[1:]) != (size, size, 3):
         shape = getattr(images, "shape", type(images).__name__)
         raise ValueError(f"expected preprocessed images (n, {size}, {size}, 3), got {shape}; see generate_captions")
-    images = jnp.asarray(images, jnp.float32)
-    rows = _generate(
-        model, variables, images, int(length), layout, method, int(beam_width) if method == "beam" else 1,
-        float(length_penalty), tuple(sorted(banned)),
-    )  # fmt: skip
-    return np.asarray(rows)
+    return jnp.asarray(images, jnp.float32)
 
 
 def _tokenizer_format(model: CLIP, tokenizer: Any) -> tuple[int, list[int]]:

@@ -6,172 +6,56 @@ Bounded cost: a row of context_length L reads at most `max_text_characters(L)` (
 text; a text that long or shorter is encoded exactly as open_clip encodes it. With truncate=True a
 longer text loses its leading whitespace and is cut to that many characters (at a space when there
 is one) before cleaning, and the CLIP tokenizer stops pre-tokenizing once the row is full and
-BPE-encodes only a bounded prefix of a word too long to fit, so a 1 MB caption or a 40,000-letter
-word costs a few milliseconds. Byte-pair merging runs on a heap, O(n log n) in a word's bytes.
+BPE-encodes only a bounded prefix of a word too long to fit, so a row costs a bounded amount of work
+whatever the length of its text or of its longest word. Byte-pair merging runs on a heap, O(n log n) in a
+word's bytes. Reading the vocabulary files: clip_jax.tokenizer_files; cleaning and bounding the
+texts: clip_jax.text_cleaning.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import heapq
-import html
-import importlib.util
 import io
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
-import ftfy
 import numpy as np
 import regex
 import sentencepiece
 from etils import epath
 
-from clip_jax import paths
+from clip_jax.text_cleaning import TextBatch, as_text_list, clean_clip_text, collapse_whitespace, readable_text, shorten
+from clip_jax.tokenizer_files import (
+    BPE_FILENAME,
+    END_OF_TEXT,
+    END_OF_WORD,
+    START_OF_TEXT,
+    byte_symbols,
+    find_bpe_path,
+    hf_tokenizer_files,
+    read_clip_bpe,
+    read_hf_files,
+)
 
 DEFAULT_CONTEXT_LENGTH = 77
-BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-BPE_ENVIRONMENT_VARIABLE = "CLIP_JAX_BPE"
-# The files of a Hugging Face CLIP tokenizer (a directory `get_tokenizer` and HF checkpoints name).
-HF_VOCAB_FILE = "vocab.json"
-HF_MERGES_FILE = "merges.txt"
-START_OF_TEXT = "<|startoftext|>"
-END_OF_TEXT = "<|endoftext|>"
-END_OF_WORD = "</w>"
-
-# OpenAI's merges file lists about 262k merges but CLIP keeps only the first 48,894, so that
-# 256 byte symbols + 256 end-of-word byte symbols + merges + 2 special tokens = 49,408 ids.
-CLIP_MERGE_COUNT = 49152 - 256 - 2
-
 # OpenAI's pre-tokenizer: its special tokens, common English contractions, runs of letters,
 # single digits, and runs of anything else that is not whitespace.
 _CLIP_WORD_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
-_WHITESPACE_RUN = regex.compile(r"\s+")
 
 # The per-word BPE cache is cleared when it reaches this size, to bound memory on endless streams;
 # only words up to _CACHED_WORD_CHARACTERS are kept, so one entry cannot hold a megabyte-long word.
 _BPE_CACHE_LIMIT = 200_000
 _CACHED_WORD_CHARACTERS = 64
 
-# How many characters of a text one row may read, per position of its context. The longest CLIP
-# token is 32 bytes and an ordinary caption needs about 5 characters per token, so a text longer
-# than 64 characters per position fits only if most of it vanishes in cleaning (whitespace runs,
-# control characters, HTML entities). ftfy costs up to ~15 us per character (a line per character),
-# so this also bounds the cleaning of one text (~75 ms at L=77 in the worst case, ~5 ms typically).
-TEXT_CHARACTERS_PER_POSITION = 64
-
 # When a word is too long to fit in the row, only a prefix of it is BPE-encoded: enough bytes for
 # this many tokens beyond the ones kept, so that the cut cannot reach the kept tokens (merges act
 # on neighbouring symbols; the kept ids equal those of the whole word in every test).
 _PREFIX_MARGIN_TOKENS = 64
-
-# html.unescape turns a decimal reference into int(digits), which raises for more than 4,300
-# digits (Python's limit on int from str); such references are shortened to the same value first.
-_LONG_DECIMAL_REFERENCE = regex.compile(r"&#([0-9]{8,})")
-_LAST_SPACE = regex.compile(r"\s", flags=regex.REVERSE)  # searches from the end of the window
-_LEADING_WHITESPACE = regex.compile(r"\s*")
-
-TextBatch = str | bytes | Sequence[str | bytes]
-
-
-def _byte_symbols() -> dict[int, str]:
-    """Byte value -> the printable character that stands for it in the BPE vocabulary.
-
-    Printable Latin-1 bytes stand for themselves; the others (control characters, space, soft
-    hyphen) are shifted to code points from 256 up, so that no symbol is whitespace. The dict's
-    insertion order is the order of the first 256 vocabulary ids.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = {byte: chr(byte) for byte in printable}
-    shifted = (byte for byte in range(256) if byte not in symbols)
-    for offset, byte in enumerate(shifted):
-        symbols[byte] = chr(256 + offset)
-    return symbols
-
-
-def _collapse_whitespace(text: str) -> str:
-    return _WHITESPACE_RUN.sub(" ", text).strip()
-
-
-def _short_decimal_reference(match: regex.Match) -> str:
-    # The same code point: leading zeros dropped; any value over 7 digits is above U+10FFFF,
-    # which html.unescape turns into U+FFFD whatever its digits, like 9999999.
-    digits = match.group(1).lstrip("0") or "0"
-    return "&#" + (digits if len(digits) <= 7 else "9999999")
-
-
-def _unescape_html(text: str) -> str:
-    if "&#" in text:
-        text = _LONG_DECIMAL_REFERENCE.sub(_short_decimal_reference, text)
-    return html.unescape(text)
-
-
-def clean_clip_text(text: str) -> str:
-    """OpenAI's normalisation: repair mojibake, unescape HTML twice (captions are often
-    double-escaped), collapse whitespace, lowercase. transformers' CLIPTokenizer does only the last
-    two, so texts passed through this first tokenize there as here (docs/conversion.md)."""
-    text = ftfy.fix_text(text)
-    text = _unescape_html(_unescape_html(text))
-    return _collapse_whitespace(text).lower()
-
-
-def max_text_characters(context_length: int) -> int:
-    """The most characters of one text that a row of `context_length` ids is encoded from; texts up
-    to this length are encoded exactly, longer ones are cut (truncate=True) or refused."""
-    return TEXT_CHARACTERS_PER_POSITION * int(context_length)
-
-
-def _cut_text(text: str, limit: int) -> str:
-    """At most `limit` characters from the start of the text after its leading whitespace, ending
-    before a whitespace character in the second half of the window if there is one (so that no
-    word is cut)."""
-    start = _LEADING_WHITESPACE.match(text).end()
-    if len(text) - start <= limit:
-        return text[start:]
-    end = start + limit
-    space = _LAST_SPACE.search(text, start + limit // 2, end + 1)
-    return text[start : space.start() if space is not None else end]
-
-
-def _check_text_characters(text: str, context_length: int, truncate: bool) -> str:
-    """The text itself if it is short enough to be read whole; else its cut (truncate) or an error."""
-    limit = max_text_characters(context_length)
-    if len(text) <= limit:
-        return text
-    if not truncate:
-        raise ValueError(
-            f"text {_shorten(text)!r} is {len(text)} characters long, more than the {limit} a row of "
-            f"context_length={context_length} reads; shorten it or pass truncate=True"
-        )
-    return _cut_text(text, limit)
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _as_text_list(texts: TextBatch) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        texts = [texts]
-    result = []
-    for index, text in enumerate(texts):
-        if isinstance(text, bytes):  # tf.data and grain hand strings over as UTF-8 bytes
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"texts[{index}] is not UTF-8: byte 0x{text[error.start]:02x} at position {error.start} "
-                    f"({error.reason}) in {_shorten(repr(text))}"
-                ) from None
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is a {type(text).__name__} ({text!r}); expected str")
-        result.append(text)
-    return result
 
 
 def _check_context_length(context_length: int, minimum: int) -> int:
@@ -188,7 +72,7 @@ def _fit_to_context(ids: list[int], context_length: int, truncate: bool, end_id:
         return ids
     if not truncate:
         raise ValueError(
-            f"text {_shorten(text)!r} is {len(ids)} tokens long (special tokens included), more than "
+            f"text {shorten(text)!r} is {len(ids)} tokens long (special tokens included), more than "
             f"context_length={context_length}; shorten it or pass truncate=True"
         )
     ids = ids[:context_length]
@@ -203,63 +87,34 @@ def _pad_rows(rows: list[list[int]], context_length: int, pad_id: int) -> np.nda
     return result
 
 
-def _file_beside_package(package: str, filename: str) -> str | None:
-    """Path of `filename` inside an installed top-level package, found without importing it
-    (importing open_clip or clip would import torch)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    directories = list(spec.submodule_search_locations or [])
-    if not directories and spec.origin:
-        directories = [os.fspath(epath.Path(spec.origin).parent)]
-    for directory in directories:
-        candidate = epath.Path(directory) / filename
-        if candidate.is_file():
-            return os.fspath(candidate)
-    return None
+class _RowTokenizer:
+    """What both tokenizers do alike: texts -> padded rows, one a text, each made by the subclass's
+    `_row(text, context_length, truncate)` and ended by its end token."""
+
+    min_context_length: int  # the shortest row the tokenizer can make: its special tokens
+    context_length: int
+    pad_token_id: int
+
+    def _row(self, text: str, context_length: int, truncate: bool) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        texts: TextBatch,
+        context_length: int | None = None,
+        truncate: bool = False,
+    ) -> np.ndarray:
+        """(n, context_length) int32 ids. A text too long for the context raises ValueError unless
+        truncate=True, which cuts it and keeps the end token (end-of-text, end-of-sentence) last."""
+        if context_length is None:
+            length = self.context_length
+        else:
+            length = _check_context_length(context_length, self.min_context_length)
+        rows = [self._row(text, length, truncate) for text in as_text_list(texts)]
+        return _pad_rows(rows, length, self.pad_token_id)
 
 
-def find_bpe_path() -> str:
-    """Path of OpenAI's `bpe_simple_vocab_16e6.txt.gz`: from $CLIP_JAX_BPE, else from an installed
-    open_clip or OpenAI clip package (located without importing it)."""
-    from_environment = os.environ.get(BPE_ENVIRONMENT_VARIABLE)
-    if from_environment:
-        if not epath.Path(from_environment).is_file():
-            raise FileNotFoundError(
-                f"{BPE_ENVIRONMENT_VARIABLE}={from_environment!r} does not name a file; point it at {BPE_FILENAME}"
-            )
-        return from_environment
-    for package in ("open_clip", "clip"):
-        candidate = _file_beside_package(package, BPE_FILENAME)
-        if candidate is not None:
-            return candidate
-    raise FileNotFoundError(
-        f"Cannot find the CLIP BPE merges file {BPE_FILENAME}: no bpe_path was given, "
-        f"{BPE_ENVIRONMENT_VARIABLE} is not set, and neither open_clip nor OpenAI's clip package is "
-        f"installed. Run `pip install open_clip_torch` (it ships the file), or set "
-        f"{BPE_ENVIRONMENT_VARIABLE} to the path of {BPE_FILENAME}."
-    )
-
-
-def _read_clip_merges(bpe_path: str) -> list[tuple[str, str]]:
-    lines = gzip.decompress(epath.Path(bpe_path).read_bytes()).decode("utf-8").split("\n")
-    merge_lines = lines[1 : 1 + CLIP_MERGE_COUNT]  # line 0 is a version header
-    if len(merge_lines) < CLIP_MERGE_COUNT:
-        raise ValueError(f"{bpe_path} holds {len(merge_lines)} merges; a CLIP BPE file needs {CLIP_MERGE_COUNT}")
-    return [_parse_merge(line, bpe_path, number) for number, line in enumerate(merge_lines, start=2)]
-
-
-def _parse_merge(line: str, path: str, line_number: int) -> tuple[str, str]:
-    parts = line.split()
-    if len(parts) != 2:
-        raise ValueError(f"{path}, line {line_number}: expected two symbols, got {line!r}")
-    return parts[0], parts[1]
-
-
-class ClipTokenizer:
+class ClipTokenizer(_RowTokenizer):
     """OpenAI CLIP's byte-level BPE tokenizer (the one every CLIP checkpoint was trained with).
 
     Rows are [start-of-text, text ids..., end-of-text, 0, 0, ...]. The end-of-text id is the largest
@@ -268,23 +123,13 @@ class ClipTokenizer:
 
     pooling = "argmax"
     pad_token_id = 0
+    min_context_length = 2  # start- and end-of-text
 
     def __init__(self, bpe_path: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH):
         if bpe_path is None:
             bpe_path = find_bpe_path()
         bpe_path = os.fspath(bpe_path)
-        if not epath.Path(bpe_path).is_file():
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path!r}")
-        merges = _read_clip_merges(bpe_path)
-        byte_symbols = list(_byte_symbols().values())
-        vocabulary = [
-            *byte_symbols,
-            *(symbol + END_OF_WORD for symbol in byte_symbols),
-            *(first + second for first, second in merges),
-            START_OF_TEXT,
-            END_OF_TEXT,
-        ]
-        token_to_id = {token: index for index, token in enumerate(vocabulary)}
+        token_to_id, merges = read_clip_bpe(bpe_path)
         self._initialise(token_to_id, merges, context_length, {"bpe_file": bpe_path})
 
     @classmethod
@@ -296,31 +141,7 @@ class ClipTokenizer:
     ) -> ClipTokenizer:
         """Build from a Hugging Face CLIPTokenizer's `vocab.json` (token -> id) and `merges.txt`."""
         vocab_json, merges_txt = os.fspath(vocab_json), os.fspath(merges_txt)
-        for path in (vocab_json, merges_txt):
-            if not epath.Path(path).is_file():
-                raise FileNotFoundError(f"Hugging Face tokenizer file not found: {path!r}")
-        vocabulary = json.loads(epath.Path(vocab_json).read_text(encoding="utf-8"))
-        token_to_id = {token: int(index) for token, index in vocabulary.items()}
-        for special in (START_OF_TEXT, END_OF_TEXT):
-            if special not in token_to_id:
-                raise ValueError(f"{vocab_json} has no {special!r} token; it is not a CLIP vocabulary")
-        lines = epath.Path(merges_txt).read_text(encoding="utf-8").split("\n")
-        merges = [
-            _parse_merge(line, merges_txt, number)
-            for number, line in enumerate(lines, start=1)
-            if line.strip() and not line.startswith("#version")
-        ]
-        # Like Hugging Face, use only as many merges as the vocabulary has merged tokens: a
-        # merges file may list more than the vocabulary was cut to.
-        merged_token_count = len(token_to_id) - 2 * 256 - 2
-        if len(merges) < merged_token_count:
-            raise ValueError(
-                f"{merges_txt} holds {len(merges)} merges but {vocab_json} has {merged_token_count} merged tokens"
-            )
-        merges = merges[:merged_token_count]
-        for first, second in merges:
-            if first + second not in token_to_id:
-                raise ValueError(f"merge {first!r} {second!r} of {merges_txt} makes a token missing from {vocab_json}")
+        token_to_id, merges = read_hf_files(vocab_json, merges_txt)
         tokenizer = cls.__new__(cls)
         tokenizer._initialise(
             token_to_id, merges, context_length, {"vocab_file": vocab_json, "merges_file": merges_txt}
@@ -334,11 +155,11 @@ class ClipTokenizer:
         context_length: int,
         assets: dict[str, str],
     ) -> None:
-        self.context_length = _check_context_length(context_length, minimum=2)
+        self.context_length = _check_context_length(context_length, self.min_context_length)
         self._token_to_id = token_to_id
         self._id_to_token = {index: token for token, index in token_to_id.items()}
         self._merge_ranks = {pair: rank for rank, pair in enumerate(merges)}
-        self._byte_to_symbol = _byte_symbols()
+        self._byte_to_symbol = byte_symbols()
         self._symbol_to_byte = {symbol: byte for byte, symbol in self._byte_to_symbol.items()}
         self._assets = assets  # config key -> source path
         self.sot_token_id = token_to_id[START_OF_TEXT]
@@ -463,7 +284,7 @@ class ClipTokenizer:
         return self._text_ids(text, None)
 
     def _row(self, text: str, context_length: int, truncate: bool) -> list[int]:
-        text = _check_text_characters(text, context_length, truncate)
+        text = readable_text(text, context_length, truncate)
         # One id more than fits tells that the text overflows; the ids after it do not matter.
         ids = self._text_ids(text, context_length - 1)
         if len(ids) > context_length - 2 and not truncate:
@@ -492,18 +313,6 @@ class ClipTokenizer:
                 data.extend(b" ")
         return data.decode("utf-8", errors="replace").strip()
 
-    def __call__(
-        self,
-        texts: TextBatch,
-        context_length: int | None = None,
-        truncate: bool = False,
-    ) -> np.ndarray:
-        """(n, context_length) int32 ids. A text too long for the context raises ValueError unless
-        truncate=True, which cuts it and keeps end-of-text as the last token."""
-        length = self.context_length if context_length is None else _check_context_length(context_length, 2)
-        rows = [self._row(text, length, truncate) for text in _as_text_list(texts)]
-        return _pad_rows(rows, length, self.pad_token_id)
-
     def asset_files(self) -> list[str]:
         """Files an exported model directory needs to rebuild this tokenizer."""
         return list(self._assets.values())
@@ -522,7 +331,7 @@ class ClipTokenizer:
         return f"ClipTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_RowTokenizer):
     """A SentencePiece model, e.g. one trained with `train_sentencepiece` on your captions.
 
     Text keeps its case (only whitespace is collapsed); rows are [ids..., eos, pad, pad, ...], so
@@ -530,13 +339,14 @@ class SentencePieceTokenizer:
     """
 
     pooling = "last"
+    min_context_length = 1  # end-of-sentence
 
     def __init__(self, model_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH):
         model_path = os.fspath(model_path)
         if not epath.Path(model_path).is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {model_path!r}")
         self.model_path = model_path
-        self.context_length = _check_context_length(context_length, minimum=1)
+        self.context_length = _check_context_length(context_length, self.min_context_length)
         self._load(epath.Path(model_path).read_bytes())
 
     def _load(self, model_proto: bytes) -> None:
@@ -565,7 +375,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Piece ids of the whitespace-collapsed text, without the end-of-sentence id."""
-        return self._processor.encode(_collapse_whitespace(text), out_type=int)
+        return self._processor.encode(collapse_whitespace(text), out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids, stopping at the first end-of-sentence id and skipping padding."""
@@ -578,26 +388,9 @@ class SentencePieceTokenizer:
                 kept.append(token_id)
         return self._processor.decode(kept)
 
-    def __call__(
-        self,
-        texts: TextBatch,
-        context_length: int | None = None,
-        truncate: bool = False,
-    ) -> np.ndarray:
-        """(n, context_length) int32 ids. A text too long for the context raises ValueError unless
-        truncate=True, which cuts it and keeps end-of-sentence as the last token."""
-        length = self.context_length if context_length is None else _check_context_length(context_length, 1)
-        rows = [
-            _fit_to_context(
-                [*self.encode(_check_text_characters(text, length, truncate)), self.eot_token_id],
-                length,
-                truncate,
-                self.eot_token_id,
-                text,
-            )
-            for text in _as_text_list(texts)
-        ]
-        return _pad_rows(rows, length, self.pad_token_id)
+    def _row(self, text: str, context_length: int, truncate: bool) -> list[int]:
+        ids = [*self.encode(readable_text(text, context_length, truncate)), self.eot_token_id]
+        return _fit_to_context(ids, context_length, truncate, self.eot_token_id, text)
 
     def asset_files(self) -> list[str]:
         """Files an exported model directory needs to rebuild this tokenizer."""
@@ -641,17 +434,6 @@ def tokenizer_from_config(config: dict, directory: str | os.PathLike) -> Tokeniz
     raise ValueError(f"unknown tokenizer type {kind!r} in config {config}; expected 'clip' or 'sentencepiece'")
 
 
-def hf_tokenizer_files(directory: str | os.PathLike) -> tuple[str, str] | None:
-    """(vocab.json, merges.txt) of a Hugging Face CLIP tokenizer in `directory` (as HF checkpoints
-    ship them beside the weights), or None unless both are there. The paths are absolute: a
-    tokenizer's asset files stay where they are if the working directory changes."""
-    directory = paths.absolute(directory)
-    vocab_json, merges_txt = directory / HF_VOCAB_FILE, directory / HF_MERGES_FILE
-    if vocab_json.is_file() and merges_txt.is_file():
-        return os.fspath(vocab_json), os.fspath(merges_txt)
-    return None
-
-
 def get_tokenizer(kind_or_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
     """ "clip" -> OpenAI's BPE; a `.model` file -> SentencePiece; a `.txt.gz` file -> BPE from that
     merges file; a directory with vocab.json and merges.txt -> BPE from Hugging Face files."""
@@ -678,7 +460,7 @@ def _iterate_training_texts(texts: Iterable[str] | str | os.PathLike, counter: l
             yield from _iterate_training_texts(handle, counter)
         return
     for text in texts:
-        text = _collapse_whitespace(text)
+        text = collapse_whitespace(text)
         if text:
             counter[0] += 1
             yield text

@@ -137,7 +137,7 @@ def normalize_pixels(
     # float32 throughout, with the same operation order as torch (divide, subtract, divide),
     # so results match open_clip to the last bit. In place on a (rows, W*3) view with the channel
     # constants tiled along the row: numpy's inner loop then spans whole rows rather than
-    # 3-element pixels, about 4x faster for the same operations.
+    # 3-element pixels, so the same operations pay far fewer loop starts.
     out = pixels.reshape(-1, width * 3).astype(np.float32)
     out /= np.float32(255)
     out -= np.tile(mean_array, width)

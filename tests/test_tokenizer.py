@@ -20,6 +20,7 @@ import ftfy
 import numpy as np
 import pytest
 
+from clip_jax import text_cleaning, tokenizer_files
 from clip_jax import tokenizer as tokenizers
 from clip_jax.tokenizer import (
     ClipTokenizer,
@@ -385,7 +386,7 @@ def test_bpe_path_from_environment_and_argument(tmp_path, monkeypatch):
 
 def test_missing_bpe_file_says_how_to_get_one(monkeypatch):
     monkeypatch.delenv("CLIP_JAX_BPE", raising=False)
-    monkeypatch.setattr(tokenizers.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(tokenizer_files.importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError) as error:
         find_bpe_path()
     assert "pip install open_clip_torch" in str(error.value)
@@ -718,7 +719,7 @@ def test_truncated_rows_of_long_words_and_texts_equal_open_clip(clip_tokenizer, 
 
 
 def test_text_character_cap_only_cuts_texts_that_cannot_fit(clip_tokenizer, reference_tokenizer):
-    cap = tokenizers.max_text_characters(77)
+    cap = text_cleaning.max_text_characters(77)
     assert cap >= 77 * 32  # more than 75 tokens of the longest kind
     words = "a photo of a small dog sitting on the grass in the park "
     at_cap = (words * (cap // len(words) + 1))[:cap]

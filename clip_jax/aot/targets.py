@@ -35,8 +35,8 @@ class Chip:
         return self.cores_in_name == 2
 
 
-# Cloud TPU's published HBM per chip. The compiler reserves a little of it (v5e: 15.75 GiB of 16
-# are available to a program); a report names both when the compiler says.
+# Cloud TPU's published HBM per chip. The compiler reserves a little of it for itself, so a
+# program gets somewhat less; a report names both when the compiler says.
 TPU_CHIPS: dict[str, Chip] = {
     "v4": Chip("v4", 32 * GiB, cores_in_name=2, grid_dimensions=3),
     "v5e": Chip("v5e", 16 * GiB, cores_in_name=1, grid_dimensions=2),

@@ -53,7 +53,7 @@ class DataSettings:
     seed: int = 0  # shuffling, caption choice and crops; the same seed replays the same batches
     prefetch_batches: int = 2  # batches prepared ahead of the train step
     num_workers: int = 0  # decoding workers per training process; 0 = one per CPU core it may use
-    # "process": decoding scales with the cores (the GIL caps threads at ~3x, measured on 16 cores);
+    # "process": decoding scales with the cores (threads share the GIL, which caps their scaling);
     # "thread": no start-up cost, and sees in-process state such as tfds.testing.mock_data.
     worker_kind: str = "process"
     # Bad-sample limits: examples outside them are skipped and counted.
@@ -62,7 +62,7 @@ class DataSettings:
     max_aspect_ratio: float = 10.0  # long side / short side
     crop_scale: tuple[float, float] = transforms.DEFAULT_TRAIN_SCALE  # random resized crop, area fraction
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves every crop at least the
-    # model's image size (several times faster; a tiny change of pixels, none of geometry).
+    # model's image size (fewer pixels to decode; a tiny change of pixels, none of geometry).
     reduced_jpeg_decoding: bool = True
     tfds: TfdsSettings = TfdsSettings()
     webdataset: WebDatasetSettings = WebDatasetSettings()

@@ -32,7 +32,7 @@ DEFAULT_TEXT_EXTENSION = "txt"
 
 # Default caps (config.data.webdataset.*). img2dataset writes images of tens to hundreds of KB and
 # captions of at most a few KB; a ViT's text tower reads at most ~5 KB of a caption
-# (tokenizer.max_text_characters).
+# (text_cleaning.max_text_characters).
 DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
 DEFAULT_MAX_CAPTION_BYTES = 64 * 2**10
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30

@@ -65,89 +65,123 @@ def markdown_summary(results: dict[str, Any]) -> str:
         lines += [f"Checkpoint: `{results['checkpoint']}`", ""]
     zero_shot = results.get("zero_shot") or {}
     if zero_shot:
-        modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
-        objectives = sorted({entry.get("objective", "contrastive") for entry in zero_shot.values()})
-        lines += [
-            f"## Zero-shot classification (top-1 %, top-5 % of the richest prompts; scored by {', '.join(objectives)})",
-            "",
-        ]
-        lines += [
-            "| dataset | "
-            + " | ".join(f"top-1 {m}" for m in modes)
-            + " | top-5 | mean per-class recall | classes | images |"
-        ]
-        lines += ["|---" * (len(modes) + 5) + "|"]
-        for name, entry in zero_shot.items():
-            best = entry[_best_mode(entry)]
-            cells = [_percent(entry[m]["top1"]) if m in entry else "–" for m in modes]
-            lines.append(
-                f"| {name} | "
-                + " | ".join(cells)
-                + f" | {_percent(best.get('top5'))} | {_percent(best['mean_per_class_recall'])} | {best['num_classes']} | {best['num_examples']} |"
-            )
-        lines.append("")
+        lines += _zero_shot_table(zero_shot)
     if results.get("retrieval"):
-        lines += ["## Retrieval (recall %)", ""]
-        names = [k for k in next(iter(results["retrieval"].values())) if "R@" in k]
-        lines += ["| dataset | " + " | ".join(names) + " | images | captions |", "|---" * (len(names) + 3) + "|"]
-        for name, entry in results["retrieval"].items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(_percent(entry[k]) for k in names)
-                + f" | {entry['num_images']} | {entry['num_texts']} |"
-            )
-        lines.append("")
+        lines += _retrieval_table(results["retrieval"])
     if results.get("linear_probe"):
-        lines += ["## Linear probe (L-BFGS logistic regression, L2 chosen on a validation split)", ""]
-        lines += [
-            "| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, entry in results["linear_probe"].items():
-            lines.append(
-                f"| {name} | {_percent(entry['top1'])} | {_percent(entry.get('top5'))} | "
-                f"{_percent(entry['mean_per_class_recall'])} | {entry['l2']:.3g} | {entry['num_train']} |"
-            )
-        lines.append("")
+        lines += _linear_probe_table(results["linear_probe"])
     if results.get("few_shot"):
-        shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
-        lines += ["## Few-shot linear probes (top-1 %, mean ± std over seeds) against zero-shot", ""]
-        lines += [
-            "| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-            "|---" * (len(shots) + 2) + "|",
-        ]
-        for name, entry in results["few_shot"].items():
-            zero = zero_shot.get(name, {})
-            zero_cell = _percent(zero[_best_mode(zero)]["top1"]) if _best_mode(zero) else "–"
-            cells = []
-            for k in shots:
-                run = entry["shots"].get(k) or entry["shots"].get(str(k))
-                cells.append(f"{_percent(run['top1_mean'])} ± {_percent(run['top1_std'])}" if run else "–")
-            lines.append(f"| {name} | {zero_cell} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _few_shot_table(results["few_shot"], zero_shot)
     if results.get("robustness"):
-        summary = results["robustness"]
-        lines += ["## Robustness to distribution shift (zero-shot top-1 %)", ""]
-        lines += [
-            "| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |",
-            "|---" * (len(summary["shift_top1"]) + 2) + "|",
-        ]
-        lines.append(
-            f"| {_percent(summary['imagenet_top1'])} | "
-            + " | ".join(_percent(v) for v in summary["shift_top1"].values())
-            + f" | {_percent(summary['mean_shift_top1'])} |"
-        )
-        lines.append("")
+        lines += _robustness_table(results["robustness"])
     examples = results.get("examples") or {}
     if examples.get("captions"):
-        lines += [f"## Generated captions ({examples['dataset']}, {examples.get('caption_method', 'greedy')})", ""]
-        lines += ["| image | label | caption |", "|---|---|---|"]
-        for index, (label, caption) in enumerate(zip(examples["labels"], examples["captions"])):
-            lines.append(f"| {index} | {label} | {caption.replace('|', '/')} |")
-        lines.append("")
+        lines += _captions_table(examples)
     if results.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {entry}" for entry in results["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _zero_shot_table(zero_shot: dict[str, Any]) -> list[str]:
+    modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
+    objectives = sorted({entry.get("objective", "contrastive") for entry in zero_shot.values()})
+    lines = [
+        f"## Zero-shot classification (top-1 %, top-5 % of the richest prompts; scored by {', '.join(objectives)})",
+        "",
+    ]
+    lines += [
+        "| dataset | "
+        + " | ".join(f"top-1 {m}" for m in modes)
+        + " | top-5 | mean per-class recall | classes | images |"
+    ]
+    lines += ["|---" * (len(modes) + 5) + "|"]
+    for name, entry in zero_shot.items():
+        best = entry[_best_mode(entry)]
+        cells = [_percent(entry[m]["top1"]) if m in entry else "–" for m in modes]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {_percent(best.get('top5'))} | {_percent(best['mean_per_class_recall'])} | {best['num_classes']} | {best['num_examples']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _retrieval_table(retrieval: dict[str, Any]) -> list[str]:
+    lines = ["## Retrieval (recall %)", ""]
+    names = [k for k in next(iter(retrieval.values())) if "R@" in k]
+    lines += ["| dataset | " + " | ".join(names) + " | images | captions |", "|---" * (len(names) + 3) + "|"]
+    for name, entry in retrieval.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_percent(entry[k]) for k in names)
+            + f" | {entry['num_images']} | {entry['num_texts']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _linear_probe_table(linear_probe: dict[str, Any]) -> list[str]:
+    lines = ["## Linear probe (L-BFGS logistic regression, L2 chosen on a validation split)", ""]
+    lines += [
+        "| dataset | top-1 | top-5 | mean per-class recall | L2 | training images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in linear_probe.items():
+        lines.append(
+            f"| {name} | {_percent(entry['top1'])} | {_percent(entry.get('top5'))} | "
+            f"{_percent(entry['mean_per_class_recall'])} | {entry['l2']:.3g} | {entry['num_train']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _shot_run(entry: dict[str, Any], k: int) -> dict[str, Any] | None:
+    """The k-shot run of a few-shot entry, keyed by int in memory and by str once read from JSON."""
+    return entry["shots"].get(k) or entry["shots"].get(str(k))
+
+
+def _few_shot_table(few_shot: dict[str, Any], zero_shot: dict[str, Any]) -> list[str]:
+    shots = sorted({int(k) for entry in few_shot.values() for k in entry["shots"]})
+    lines = ["## Few-shot linear probes (top-1 %, mean ± std over seeds) against zero-shot", ""]
+    lines += [
+        "| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        "|---" * (len(shots) + 2) + "|",
+    ]
+    for name, entry in few_shot.items():
+        zero = zero_shot.get(name, {})
+        zero_cell = _percent(zero[_best_mode(zero)]["top1"]) if _best_mode(zero) else "–"
+        cells = []
+        for k in shots:
+            run = _shot_run(entry, k)
+            cells.append(f"{_percent(run['top1_mean'])} ± {_percent(run['top1_std'])}" if run else "–")
+        lines.append(f"| {name} | {zero_cell} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _robustness_table(summary: dict[str, Any]) -> list[str]:
+    lines = ["## Robustness to distribution shift (zero-shot top-1 %)", ""]
+    lines += [
+        "| ImageNet | " + " | ".join(summary["shift_top1"]) + " | mean of shifts |",
+        "|---" * (len(summary["shift_top1"]) + 2) + "|",
+    ]
+    lines.append(
+        f"| {_percent(summary['imagenet_top1'])} | "
+        + " | ".join(_percent(v) for v in summary["shift_top1"].values())
+        + f" | {_percent(summary['mean_shift_top1'])} |"
+    )
+    lines.append("")
+    return lines
+
+
+def _captions_table(examples: dict[str, Any]) -> list[str]:
+    lines = [f"## Generated captions ({examples['dataset']}, {examples.get('caption_method', 'greedy')})", ""]
+    lines += ["| image | label | caption |", "|---|---|---|"]
+    for index, (label, caption) in enumerate(zip(examples["labels"], examples["captions"])):
+        lines.append(f"| {index} | {label} | {caption.replace('|', '/')} |")
+    lines.append("")
+    return lines
 
 
 def write_markdown(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
@@ -176,87 +210,105 @@ def check_plotting_available() -> None:
 def write_plots(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
     """The PNGs the results allow; returns their paths."""
     plt = _pyplot()
-    written = []
     zero_shot = results.get("zero_shot") or {}
+    figures = {
+        "few_shot": _few_shot_figure(plt, results.get("few_shot"), zero_shot),
+        "per_dataset": _per_dataset_figure(plt, zero_shot, results.get("linear_probe") or {}),
+        "prompt_modes": _prompt_modes_figure(plt, zero_shot),
+        "robustness": _robustness_figure(plt, results.get("robustness")),
+    }
+    return [_save(figure, output_dir, PLOT_FILES[kind]) for kind, figure in figures.items() if figure is not None]
 
-    if results.get("few_shot"):
-        # The paper's figure: k-shot linear probes against zero-shot (drawn at k = 0 and as a line).
-        figure, axis = plt.subplots(figsize=(6, 4.5))
-        for index, (name, entry) in enumerate(results["few_shot"].items()):
-            color = f"C{index % 10}"
-            shots = sorted(int(k) for k in entry["shots"])
-            runs = [entry["shots"].get(k) or entry["shots"].get(str(k)) for k in shots]
-            means = np.array([100 * run["top1_mean"] for run in runs])
-            stds = np.array([100 * run["top1_std"] for run in runs])
-            axis.errorbar(
-                shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe"
-            )
-            axis.fill_between(shots, means - stds, means + stds, color=color, alpha=0.15)
-            mode = _best_mode(zero_shot.get(name, {}))
-            if mode:
-                value = 100 * zero_shot[name][mode]["top1"]
-                axis.axhline(value, color=color, linestyle="--", label=f"{name}: zero-shot ({mode})")
-        axis.set_xscale("log", base=2)
-        all_shots = sorted({int(k) for entry in results["few_shot"].values() for k in entry["shots"]})
-        axis.set_xticks(all_shots, [str(k) for k in all_shots])
-        axis.set_xlabel("labelled training examples per class")
-        axis.set_ylabel("top-1 accuracy (%)")
-        axis.set_title("Zero-shot vs few-shot linear probes")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-        written.append(_save(figure, output_dir, PLOT_FILES["few_shot"]))
 
+def _few_shot_figure(plt: Any, few_shot: dict[str, Any] | None, zero_shot: dict[str, Any]) -> Any:
+    """The paper's figure: k-shot linear probes against zero-shot (drawn at k = 0 and as a line)."""
+    if not few_shot:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for index, (name, entry) in enumerate(few_shot.items()):
+        color = f"C{index % 10}"
+        shots = sorted(int(k) for k in entry["shots"])
+        runs = [_shot_run(entry, k) for k in shots]
+        means = np.array([100 * run["top1_mean"] for run in runs])
+        stds = np.array([100 * run["top1_std"] for run in runs])
+        axis.errorbar(shots, means, yerr=stds, marker="o", color=color, capsize=3, label=f"{name}: k-shot linear probe")
+        axis.fill_between(shots, means - stds, means + stds, color=color, alpha=0.15)
+        mode = _best_mode(zero_shot.get(name, {}))
+        if mode:
+            value = 100 * zero_shot[name][mode]["top1"]
+            axis.axhline(value, color=color, linestyle="--", label=f"{name}: zero-shot ({mode})")
+    axis.set_xscale("log", base=2)
+    all_shots = sorted({int(k) for entry in few_shot.values() for k in entry["shots"]})
+    axis.set_xticks(all_shots, [str(k) for k in all_shots])
+    axis.set_xlabel("labelled training examples per class")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_title("Zero-shot vs few-shot linear probes")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _grouped_bars(plt: Any, series: dict[str, list[float]], datasets: list[str], ylabel: str, title: str) -> Any:
+    """One group of bars per dataset, one bar per labelled series."""
+    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(datasets) + 2), 4))
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series.items()):
+        positions = np.arange(len(datasets)) + (index - (len(series) - 1) / 2) * width
+        axis.bar(positions, values, width, label=label)
+    axis.set_xticks(np.arange(len(datasets)), datasets, rotation=30, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend()
+    return figure
+
+
+def _per_dataset_figure(plt: Any, zero_shot: dict[str, Any], linear_probe: dict[str, Any]) -> Any:
     bars: dict[str, dict[str, float]] = {}
     for name, entry in zero_shot.items():
         mode = _best_mode(entry)
         if mode:
             bars.setdefault("zero-shot", {})[name] = 100 * entry[mode]["top1"]
-    for name, entry in (results.get("linear_probe") or {}).items():
+    for name, entry in linear_probe.items():
         bars.setdefault("linear probe", {})[name] = 100 * entry["top1"]
-    if bars:
-        datasets = list(dict.fromkeys(name for series in bars.values() for name in series))
-        figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(datasets) + 2), 4))
-        width = 0.8 / len(bars)
-        for index, (label, series) in enumerate(bars.items()):
-            positions = np.arange(len(datasets)) + (index - (len(bars) - 1) / 2) * width
-            axis.bar(positions, [series.get(name, 0.0) for name in datasets], width, label=label)
-        axis.set_xticks(np.arange(len(datasets)), datasets, rotation=30, ha="right")
-        axis.set_ylabel("top-1 accuracy (%)")
-        axis.set_title("Accuracy per dataset")
-        axis.legend()
-        written.append(_save(figure, output_dir, PLOT_FILES["per_dataset"]))
+    if not bars:
+        return None
+    datasets = list(dict.fromkeys(name for series in bars.values() for name in series))
+    series = {label: [values.get(name, 0.0) for name in datasets] for label, values in bars.items()}
+    return _grouped_bars(plt, series, datasets, "top-1 accuracy (%)", "Accuracy per dataset")
 
+
+def _prompt_modes_figure(plt: Any, zero_shot: dict[str, Any]) -> Any:
     modes = [m for m in ("class_name", "single", "ensemble") if any(m in entry for entry in zero_shot.values())]
-    if len(modes) > 1:
-        datasets = list(zero_shot)
-        figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(datasets) + 2), 4))
-        width = 0.8 / len(modes)
-        for index, mode in enumerate(modes):
-            positions = np.arange(len(datasets)) + (index - (len(modes) - 1) / 2) * width
-            values = [100 * zero_shot[name][mode]["top1"] if mode in zero_shot[name] else 0.0 for name in datasets]
-            axis.bar(positions, values, width, label=mode.replace("_", " "))
-        axis.set_xticks(np.arange(len(datasets)), datasets, rotation=30, ha="right")
-        axis.set_ylabel("zero-shot top-1 accuracy (%)")
-        axis.set_title("Prompts: class name only, one template, ensemble")
-        axis.legend()
-        written.append(_save(figure, output_dir, PLOT_FILES["prompt_modes"]))
+    if len(modes) <= 1:
+        return None
+    datasets = list(zero_shot)
+    series = {
+        mode.replace("_", " "): [
+            100 * zero_shot[name][mode]["top1"] if mode in zero_shot[name] else 0.0 for name in datasets
+        ]
+        for mode in modes
+    }
+    return _grouped_bars(
+        plt, series, datasets, "zero-shot top-1 accuracy (%)", "Prompts: class name only, one template, ensemble"
+    )
 
-    if results.get("robustness"):
-        summary = results["robustness"]
-        figure, axis = plt.subplots(figsize=(5, 5))
-        reference = 100 * summary["imagenet_top1"]
-        limit = max([reference, *[100 * v for v in summary["shift_top1"].values()], 1.0]) * 1.1
-        axis.plot([0, limit], [0, limit], "k--", linewidth=1, label="y = x (perfectly robust)")
-        for index, (name, value) in enumerate(summary["shift_top1"].items()):
-            axis.scatter([reference], [100 * value], color=f"C{index}", label=name, zorder=3)
-        axis.set_xlim(0, limit)
-        axis.set_ylim(0, limit)
-        axis.set_xlabel("ImageNet top-1 (%)")
-        axis.set_ylabel("top-1 under distribution shift (%)")
-        axis.set_title("Effective robustness")
-        axis.legend(fontsize=8)
-        written.append(_save(figure, output_dir, PLOT_FILES["robustness"]))
-    return written
+
+def _robustness_figure(plt: Any, summary: dict[str, Any] | None) -> Any:
+    if not summary:
+        return None
+    figure, axis = plt.subplots(figsize=(5, 5))
+    reference = 100 * summary["imagenet_top1"]
+    limit = max([reference, *[100 * v for v in summary["shift_top1"].values()], 1.0]) * 1.1
+    axis.plot([0, limit], [0, limit], "k--", linewidth=1, label="y = x (perfectly robust)")
+    for index, (name, value) in enumerate(summary["shift_top1"].items()):
+        axis.scatter([reference], [100 * value], color=f"C{index}", label=name, zorder=3)
+    axis.set_xlim(0, limit)
+    axis.set_ylim(0, limit)
+    axis.set_xlabel("ImageNet top-1 (%)")
+    axis.set_ylabel("top-1 under distribution shift (%)")
+    axis.set_title("Effective robustness")
+    axis.legend(fontsize=8)
+    return figure
 
 
 def _save(figure: Any, output_dir: str | os.PathLike, filename: str) -> str:

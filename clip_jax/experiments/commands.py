@@ -167,52 +167,28 @@ def shift(context: Context, tasks: tuple[str, ...]) -> str:
     )  # fmt: skip
     data: dict[str, Any] = {}
     for task in tasks:
-        section, data[task] = _shift_task(context, task)
-        markdown += section
+        results, kinds = _shift_correctness(context, task)
+        shifts = [s for s in next(iter(results.values())) if s is not None]
+        resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
+        summary = _effective_robustness(results, kinds, resample)
+        supervised_names = [n for n in summary["names"] if kinds[n] == "supervised"]
+        slope, intercept = _line_fit(
+            np.array([[results[n][None].mean()] for n in supervised_names]),
+            np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
+        )
+        point_fit = (float(slope[0]), float(intercept[0]))
+        rows, points = _shift_rows(results, kinds, shifts, summary, point_fit)
+        adapt = _adaptation(results, shifts, resample)
+        data[task] = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
+        markdown += _shift_task_section(context, task, shifts, rows, points, point_fit, adapt)
     return context.write("shift", markdown, data)
 
 
-def _shift_task(context: Context, task: str) -> tuple[str, dict[str, Any]]:
-    """(Markdown section, data) of one task of the shift experiment: its table, fit and figures."""
-    results, kinds = _shift_correctness(context, task)
-    shifts = [s for s in next(iter(results.values())) if s is not None]
-    resample = bootstrap_indices(len(results["zero-shot CLIP"][None]), context.sizes.bootstrap_samples)
-    summary = _effective_robustness(results, kinds, resample)
-    supervised_names = [n for n in summary["names"] if kinds[n] == "supervised"]
-    slope, intercept = _line_fit(
-        np.array([[results[n][None].mean()] for n in supervised_names]),
-        np.array([[np.mean([results[n][s].mean() for s in shifts])] for n in supervised_names]),
-    )
-    point_fit = (float(slope[0]), float(intercept[0]))
-    rows, points = _shift_rows(results, kinds, summary, shifts, point_fit)
-    adapt = _adaptation(results, shifts, resample)
-    task_data = {"points": points, "fit": [float(v) for v in point_fit], "adaptation": adapt}
-    figure = plots.robustness_scatter(
-        points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
-        plots.output_path(context.output, f"shift_{task}"),
-    )  # fmt: skip
-    bars = plots.difference_bars(
-        [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
-        "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
-    )  # fmt: skip
-    markdown = f"## Task: {task}\n\n" + markdown_table(
-        ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
-    )
-    markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
-    markdown += markdown_table(
-        ["set", "probe - zero-shot (points)", "ordering"],
-        [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
-         for s, e in adapt.items()],
-    )  # fmt: skip
-    markdown += f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
-    return markdown, task_data
-
-
 def _shift_rows(
-    results: dict, kinds: dict[str, str], summary: dict[str, Any], shifts: list[str], point_fit: tuple[float, float]
-) -> tuple[list[list], list[dict[str, Any]]]:
-    """The shift table's rows and the scatter's points: each model's original and shifted top-1 and
-    its effective robustness (distance above the supervised fit `point_fit`) with its interval."""
+    results: dict, kinds: dict[str, str], shifts: list[str], summary: dict, point_fit: tuple[float, float]
+) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """The table's rows and the scatter's points of one task, a model each: accuracy per set and the
+    effective robustness against the supervised models' fit (with its bootstrap interval)."""
     rows, points = [], []
     for row, name in enumerate(summary["names"]):
         original = results[name][None].mean()
@@ -238,6 +214,36 @@ def _shift_rows(
             "effective_robustness": [float(robust), low, high],
         })  # fmt: skip
     return rows, points
+
+
+def _shift_task_section(
+    context: Context,
+    task: str,
+    shifts: list[str],
+    rows: list[list[str]],
+    points: list[dict[str, Any]],
+    point_fit: tuple[float, float],
+    adapt: dict[str, dict[str, float]],
+) -> str:
+    """One task's figures (the scatter and the adaptation bars) and its Markdown section."""
+    figure = plots.robustness_scatter(
+        points, (float(point_fit[0]), float(point_fit[1])), f"Effective robustness: {task} task",
+        plots.output_path(context.output, f"shift_{task}"),
+    )  # fmt: skip
+    bars = plots.difference_bars(
+        [{"name": s, **entry} for s, entry in adapt.items()], "Adapting CLIP to the original (linear probe)",
+        "CLIP + linear probe - zero-shot CLIP (top-1 points)", plots.output_path(context.output, f"shift_{task}_adapt"),
+    )  # fmt: skip
+    markdown = f"## Task: {task}\n\n" + markdown_table(
+        ["model", "original", *shifts, "mean shifted", "effective robustness (points)", "ordering"], rows
+    )
+    markdown += f"\nSupervised fit: mean shifted = {point_fit[0]:.2f} x original {point_fit[1]:+.2f}.\n\n"
+    markdown += markdown_table(
+        ["set", "probe - zero-shot (points)", "ordering"],
+        [[s, fmt_ci(e["difference"], e["low"], e["high"]), compare(e["difference"], e["low"], e["high"], "adapted", "zero-shot")]
+         for s, e in adapt.items()],
+    )  # fmt: skip
+    return markdown + f"\n![scatter]({os.path.basename(figure)}) ![adaptation]({os.path.basename(bars)})\n\n"
 
 
 def _adaptation(results: dict, shifts: list[str], resample: np.ndarray) -> dict[str, dict[str, float]]:
@@ -280,7 +286,7 @@ def prompts(context: Context, tasks: tuple[str, ...]) -> str:
         context, "Prompt engineering and ensembling (paper §3.1.4, Fig. 4)", "prompts",
         "Paper: a prompt template (\"A photo of a {label}.\") beats the bare class name (+1.3 points on ImageNet) and "
         "an ensemble of 80 prompts adds 3.5 more. Here: the same three modes of the evaluation suite, with each "
-        "task's templates (clip_jax.data.synthetic_tasks.DOWNSTREAM_TASKS).",
+        "task's templates (clip_jax.data.synthetic.DOWNSTREAM_TASKS).",
     )  # fmt: skip
     markdown += markdown_table(
         ["task", *PROMPT_MODES, "single - class name", "ordering", "ensemble - single", "ordering"], rows
@@ -305,7 +311,9 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
             context.features(clip, task, "probe"), probe_labels, context.features(clip, task, "test"),
             context.labels(task, "test"), num_classes, shots=shots, seeds=context.sizes.few_shot_seeds,
         )["shots"]  # fmt: skip
-        cells, matched = _few_shot_cells(context, shots, int(counts.min()), result, (zero.mean(), zero_low, zero_high))
+        cells, matched = _few_shot_cells(
+            context, (float(zero.mean()), zero_low, zero_high), result, shots, counts.min()
+        )
         rows.append([task, fmt_ci(zero.mean(), zero_low, zero_high), *cells])
         panels[task] = {
             "k-shot linear probe": (
@@ -335,11 +343,12 @@ def few_shot(context: Context, tasks: tuple[str, ...]) -> str:
 
 
 def _few_shot_cells(
-    context: Context, shots: list[int], fewest: int, result: dict, zero: tuple[float, float, float]
+    context: Context, zero_interval: tuple[float, float, float], result: dict, shots: list[int], fewest: int
 ) -> tuple[list[str], int | None]:
-    """(The table's cells for each k of the sizes' shots and the k from which probes match
-    zero-shot, that k or None): each k-shot probe's mean ± std against zero-shot (mean, low, high)."""
-    zero_mean, zero_low, zero_high = zero
+    """One task's k-shot cells (each probe against zero-shot) and its last cell: the fewest shots
+    from which on no probe is worse than zero-shot (None: no such k). `fewest`: the probe images of
+    the rarest class, which bounds k (`shots`: the k it allows)."""
+    zero, zero_low, zero_high = zero_interval
     cells, matched = [], None
     for k in context.sizes.shots:
         if k not in shots:
@@ -352,9 +361,8 @@ def _few_shot_cells(
         half = float(
             np.hypot((zero_high - zero_low) / 2, t * std * np.sqrt(seeds / max(seeds - 1, 1)) / np.sqrt(seeds))
         )
-        difference = zero_mean - mean
+        difference = zero - mean
         order = "=" if abs(difference) <= half else (">" if difference > 0 else "<")
-        # The fewest shots from which on no probe is worse than zero-shot.
         if order == ">":
             matched = None
         elif matched is None:
@@ -367,43 +375,24 @@ def _few_shot_cells(
 def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     """§2.3, Fig. 2: zero-shot top-1 against images seen for a transformer caption model, a bag-of-words
     predictor and the contrastive objective, each a run of the default recipe (its loss changed)."""
-    scores_of = zero_shot.zero_shot_scores
     sizes = context.sizes
     period = max(1, sizes.efficiency_steps // sizes.efficiency_points)
     steps = list(range(period, sizes.efficiency_steps + 1, period))
     panels: dict[str, dict] = {task: {} for task in tasks}
-    data: dict[str, dict] = {}
+    data = {}
     final: dict[str, dict[str, np.ndarray]] = {task: {} for task in tasks}
     for loss_name, fields in OBJECTIVES.items():
         objective = losses.get_objective(loss_name).zero_shot
-        config = clip_runs.experiment_config(sizes.quick, **{"loss.name": loss_name, **fields})
-        config.total_steps = sizes.efficiency_steps
-        config.checkpoint.every_steps = period
-        config.checkpoint.keep_period = period
-        config.checkpoint.max_to_keep = len(steps) + 1
-        workdir = clip_runs.trained_workdir(
-            config, os.path.join(context.output, "models", f"clip_{loss_name}"), context.log
-        )
-        data[loss_name] = {}
-        for step in steps:
-            model, variables, tokenizer = clip_runs.load_clip(workdir, step)
-            for task in tasks:
-                # The single prompt, on the first efficiency_test_examples test images: a caption
-                # model scores every (image, class, template) with a decoder pass.
-                definition = context.dataset.downstream_task(task)
-                images = context.images(task, "test")
-                count = sizes.efficiency_test_examples
-                pixels = preprocess_images(images["images"][:count], model.config.vision.image_size)
-                scores = scores_of(
-                    model, variables, tokenizer, pixels, definition.class_names, (definition.single_template,), objective
-                )  # fmt: skip
-                correct = np.argmax(np.asarray(scores), axis=1) == images["labels"][:count]
-                data[loss_name].setdefault(task, []).append([step * config.global_batch_size, float(correct.mean())])
-                final[task][loss_name] = correct
+        workdir, batch_size = _efficiency_run(context, loss_name, fields, steps)
+        correct = {step: _checkpoint_correct(context, tasks, workdir, step, objective) for step in steps}
+        data[loss_name] = {
+            task: [[step * batch_size, float(correct[step][task].mean())] for step in steps] for task in tasks
+        }
         for task in tasks:
+            final[task][loss_name] = correct[steps[-1]][task]
             seen, accuracy = zip(*data[loss_name][task])
             panels[task][f"{loss_name} ({objective})"] = (list(seen), list(accuracy), [0.0] * len(seen))
-    rows = _efficiency_rows(sizes, tasks, data, final)
+    rows = _efficiency_rows(context, tasks, data, final)
     figure = plots.curves(
         panels, {}, "images seen", "Zero-shot top-1 vs images seen", plots.output_path(context.output, "efficiency")
     )
@@ -422,10 +411,49 @@ def efficiency(context: Context, tasks: tuple[str, ...]) -> str:
     return context.write("efficiency", markdown, data)
 
 
-def _efficiency_rows(sizes: Any, tasks: tuple[str, ...], data: dict, final: dict) -> list[list]:
-    """The efficiency table: per task and objective, zero-shot top-1 at each checkpoint, the final
-    one with its interval, and (but for softmax) the contrastive objective's lead over it."""
-    rows = []
+def _efficiency_run(context: Context, loss_name: str, fields: dict[str, Any], steps: list[int]) -> tuple[str, int]:
+    """(workdir, global batch size) of the default recipe trained with `loss_name` and the config
+    `fields` its objective needs, a checkpoint kept at each of `steps` (evenly spaced)."""
+    sizes = context.sizes
+    period = steps[0]  # evenly spaced: every `period` steps
+    config = clip_runs.experiment_config(sizes.quick, **{"loss.name": loss_name, **fields})
+    config.total_steps = sizes.efficiency_steps
+    config.checkpoint.every_steps = period
+    config.checkpoint.keep_period = period
+    config.checkpoint.max_to_keep = len(steps) + 1
+    workdir = clip_runs.trained_workdir(
+        config, os.path.join(context.output, "models", f"clip_{loss_name}"), context.log
+    )
+    return workdir, config.global_batch_size
+
+
+def _checkpoint_correct(
+    context: Context, tasks: tuple[str, ...], workdir: str, step: int, objective: str
+) -> dict[str, np.ndarray]:
+    """{task: bool (efficiency_test_examples,)}: which test images the checkpoint of `step` classifies
+    right zero-shot under `objective`."""
+    count = context.sizes.efficiency_test_examples
+    model, variables, tokenizer = clip_runs.load_clip(workdir, step)
+    correct = {}
+    for task in tasks:
+        # The single prompt, on the first efficiency_test_examples test images: a caption
+        # model scores every (image, class, template) with a decoder pass.
+        definition = context.dataset.downstream_task(task)
+        images = context.images(task, "test")
+        pixels = preprocess_images(images["images"][:count], model.config.vision.image_size)
+        scores = zero_shot.zero_shot_scores(
+            model, variables, tokenizer, pixels, definition.class_names, (definition.single_template,), objective
+        )  # fmt: skip
+        correct[task] = np.argmax(np.asarray(scores), axis=1) == images["labels"][:count]
+    return correct
+
+
+def _efficiency_rows(
+    context: Context, tasks: tuple[str, ...], data: dict[str, dict], final: dict[str, dict[str, np.ndarray]]
+) -> list[list[str]]:
+    """A row per task and loss: accuracy at each checkpoint, the final one's interval and, but for
+    the contrastive run, its difference from the contrastive run."""
+    sizes, rows = context.sizes, []
     for task in tasks:
         resample = bootstrap_indices(sizes.efficiency_test_examples, sizes.bootstrap_samples)
         for loss_name, correct in final[task].items():

@@ -26,7 +26,9 @@ from clip_jax.models.layers import (
     constrain,
     normal,
     partitioned,
+    positional_embedding,
     stacked_blocks,
+    token_embedding,
 )
 
 
@@ -85,24 +87,17 @@ class CaptionDecoder(nn.Module):
         batch, length = prefix.shape
         if length + 1 > text.context_length:
             raise ValueError(f"a caption prefix of {length} tokens; the decoder predicts at most {text.context_length}")
-        token_embedding = self.param(
-            "token_embedding", partitioned(normal(0.02), (VOCAB, EMBED)), (text.vocab_size, decoder.width), param_dtype
-        )
+        tokens = token_embedding(self, text.vocab_size, decoder.width, param_dtype)
         start = self.param("start_embedding", partitioned(normal(0.02), (EMBED,)), (decoder.width,), param_dtype)
-        positional_embedding = self.param(
-            "positional_embedding",
-            partitioned(normal(0.01), (LENGTH, EMBED)),
-            (text.context_length, decoder.width),
-            param_dtype,
-        )
+        positions = positional_embedding(self, text.context_length, decoder.width, 0.01, param_dtype)
         x = jnp.concatenate(
             [
                 jnp.broadcast_to(start.astype(dtype), (batch, 1, decoder.width)),
-                jnp.take(token_embedding, prefix, axis=0).astype(dtype),
+                jnp.take(tokens, prefix, axis=0).astype(dtype),
             ],
             axis=1,
         )
-        x = x + positional_embedding[: length + 1].astype(dtype)
+        x = x + positions[: length + 1].astype(dtype)
         image_tokens = constrain(image_tokens.astype(dtype), (BATCH, LENGTH, EMBED))
         x = stacked_blocks(DecoderBlock, decoder.layers, x, image_tokens, config=cfg)
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_final")(x)

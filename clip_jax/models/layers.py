@@ -38,6 +38,32 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+def token_embedding(module: nn.Module, vocab_size: int, width: int, param_dtype: jnp.dtype) -> jax.Array:
+    """`module`'s (vocab, width) "token_embedding" table, OpenAI's N(0, 0.02) initialisation."""
+    return module.param("token_embedding", partitioned(normal(0.02), (VOCAB, EMBED)), (vocab_size, width), param_dtype)
+
+
+def positional_embedding(
+    module: nn.Module, length: int, width: int, stddev: float, param_dtype: jnp.dtype
+) -> jax.Array:
+    """`module`'s learned (length, width) "positional_embedding", N(0, stddev) initialised."""
+    return module.param(
+        "positional_embedding", partitioned(normal(stddev), (LENGTH, EMBED)), (length, width), param_dtype
+    )
+
+
+def project_to_embedding(
+    module: nn.Module, x: jax.Array, embed_dim: int, stddev: float, dtype: jnp.dtype, param_dtype: jnp.dtype
+) -> jax.Array:
+    """(..., width) -> (..., embed_dim) through `module`'s bias-free "projection" into the space the
+    two towers share."""
+    width = x.shape[-1]
+    projection = module.param(
+        "projection", partitioned(normal(stddev), (EMBED, "projection")), (width, embed_dim), param_dtype
+    )
+    return x @ projection.astype(dtype)
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     if name == "quick_gelu":  # OpenAI's x * sigmoid(1.702 x)
         return lambda x: x * jax.nn.sigmoid(1.702 * x)

@@ -18,8 +18,8 @@ from clip_jax.models.layers import (
     NORM,
     Attention,
     constrain,
-    normal,
     partitioned,
+    positional_embedding,
 )
 
 
@@ -103,13 +103,8 @@ class AttentionPool2d(nn.Module):
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # (batch, HW + 1, C)
-        positional_embedding = self.param(
-            "positional_embedding",
-            partitioned(normal(channels**-0.5), (LENGTH, EMBED)),
-            (height * width + 1, channels),
-            param_dtype,
-        )
-        x = constrain(x + positional_embedding.astype(dtype), (BATCH, LENGTH, EMBED))
+        positions = positional_embedding(self, height * width + 1, channels, channels**-0.5, param_dtype)
+        x = constrain(x + positions.astype(dtype), (BATCH, LENGTH, EMBED))
         std = channels**-0.5
         out = Attention(
             num_heads=self.num_heads,

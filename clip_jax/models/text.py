@@ -11,12 +11,12 @@ from clip_jax.models.layers import (
     BATCH,
     EMBED,
     LENGTH,
-    VOCAB,
     LayerNorm,
     Transformer,
     constrain,
-    normal,
-    partitioned,
+    positional_embedding,
+    project_to_embedding,
+    token_embedding,
 )
 
 
@@ -40,22 +40,12 @@ class TextTransformer(nn.Module):
         batch, length = texts.shape
         if length > text.context_length:
             raise ValueError(f"texts have {length} tokens; the context length is {text.context_length}")
-        token_embedding = self.param(
-            "token_embedding",
-            partitioned(normal(0.02), (VOCAB, EMBED)),
-            (text.vocab_size, text.width),
-            param_dtype,
-        )
-        positional_embedding = self.param(
-            "positional_embedding",
-            partitioned(normal(0.01), (LENGTH, EMBED)),
-            (text.context_length, text.width),
-            param_dtype,
-        )
-        x = jnp.take(token_embedding, texts, axis=0).astype(dtype)
+        tokens = token_embedding(self, text.vocab_size, text.width, param_dtype)
+        positions = positional_embedding(self, text.context_length, text.width, 0.01, param_dtype)
+        x = jnp.take(tokens, texts, axis=0).astype(dtype)
         # Causal attention makes the pooled token blind to what follows it, so a shorter
         # (unpadded) input gives the same embedding as the padded one.
-        x = x + positional_embedding[:length].astype(dtype)
+        x = x + positions[:length].astype(dtype)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         x = Transformer(
             cfg,
@@ -68,10 +58,4 @@ class TextTransformer(nn.Module):
         )(x)
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_final")(x)
         x = x[jnp.arange(batch), end_of_text_index(texts, text)]  # (batch, width)
-        projection = self.param(
-            "projection",
-            partitioned(normal(text.width**-0.5), (EMBED, "projection")),
-            (text.width, cfg.embed_dim),
-            param_dtype,
-        )
-        return x @ projection.astype(dtype)
+        return project_to_embedding(self, x, cfg.embed_dim, text.width**-0.5, dtype, param_dtype)

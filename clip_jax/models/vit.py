@@ -27,6 +27,8 @@ from clip_jax.models.layers import (
     constrain,
     normal,
     partitioned,
+    positional_embedding,
+    project_to_embedding,
 )
 
 
@@ -71,37 +73,10 @@ class VisionTransformer(nn.Module):
         patches as it says (training); ignored without patch dropout."""
         cfg, vision = self.config, self.config.vision
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        batch, height, width, channels = images.shape
-        if (height, width) != (vision.image_size, vision.image_size):
-            raise ValueError(f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}")
-        patch, grid = vision.patch_size, vision.image_size // vision.patch_size
-        scale = vision.width**-0.5
-
-        # The stride-p, kernel-p, bias-free conv of OpenAI written as one matmul over flattened patches:
-        # identical numbers, and XLA's CPU matmul is several times faster than its convolution.
-        kernel = self.param(
-            "patch_embedding",
-            partitioned(nn.initializers.lecun_normal(), (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
-            (patch, patch, channels, vision.width),
-            param_dtype,
-        )
-        x = images.astype(dtype).reshape(batch, grid, patch, grid, patch, channels)
-        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, patch * patch * channels)
-        x = x @ kernel.astype(dtype).reshape(patch * patch * channels, vision.width)
-
-        class_embedding = self.param(
-            "class_embedding", partitioned(normal(scale), (EMBED,)), (vision.width,), param_dtype
-        )
-        positional_embedding = self.param(
-            "positional_embedding",
-            partitioned(normal(scale), (LENGTH, EMBED)),
-            (grid * grid + 1, vision.width),
-            param_dtype,
-        )
-        class_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, vision.width))
-        x = jnp.concatenate([class_tokens, x], axis=1) + positional_embedding.astype(dtype)
-        keep = kept_patches(grid * grid, vision.patch_dropout)
-        if patch_noise is not None and keep < grid * grid:
+        x = self._tokens(images)  # (batch, 1 + N, width): the class token and the patches, positions added
+        num_patches = x.shape[1] - 1
+        keep = kept_patches(num_patches, vision.patch_dropout)
+        if patch_noise is not None and keep < num_patches:
             x = _drop_patches(x, patch_noise, keep)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         x = LayerNorm(param_dtype=param_dtype, dtype=dtype, name="ln_pre")(x)
@@ -117,11 +92,35 @@ class VisionTransformer(nn.Module):
         # The class token alone unless the tokens are wanted: the contrastive path stays as it was.
         tokens = ln_post(x) if return_tokens else None
         x = tokens[:, 0] if return_tokens else ln_post(x[:, 0])
-        projection = self.param(
-            "projection",
-            partitioned(normal(scale), (EMBED, "projection")),
-            (vision.width, cfg.embed_dim),
+        x = project_to_embedding(self, x, cfg.embed_dim, vision.width**-0.5, dtype, param_dtype)
+        return (x, tokens) if return_tokens else x
+
+    def _tokens(self, images: jax.Array) -> jax.Array:
+        """(batch, H, W, 3) -> (batch, 1 + N, width): the class token then the N patch embeddings,
+        with the positional embeddings added."""
+        cfg, vision = self.config, self.config.vision
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, height, width, channels = images.shape
+        if (height, width) != (vision.image_size, vision.image_size):
+            raise ValueError(f"images are {height}x{width}; this model takes {vision.image_size}x{vision.image_size}")
+        patch, grid = vision.patch_size, vision.image_size // vision.patch_size
+        scale = vision.width**-0.5
+
+        # The stride-p, kernel-p, bias-free conv of OpenAI written as one matmul over flattened patches:
+        # identical numbers, and XLA's CPU matmul is faster than its convolution.
+        kernel = self.param(
+            "patch_embedding",
+            partitioned(nn.initializers.lecun_normal(), (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
+            (patch, patch, channels, vision.width),
             param_dtype,
         )
-        x = x @ projection.astype(dtype)
-        return (x, tokens) if return_tokens else x
+        x = images.astype(dtype).reshape(batch, grid, patch, grid, patch, channels)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, patch * patch * channels)
+        x = x @ kernel.astype(dtype).reshape(patch * patch * channels, vision.width)
+
+        class_embedding = self.param(
+            "class_embedding", partitioned(normal(scale), (EMBED,)), (vision.width,), param_dtype
+        )
+        positions = positional_embedding(self, grid * grid + 1, vision.width, scale, param_dtype)
+        class_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, vision.width))
+        return jnp.concatenate([class_tokens, x], axis=1) + positions.astype(dtype)
