@@ -34,9 +34,22 @@ TRAINING_IMPORTERS = {f"{PACKAGE}.experiments.clip_runs", f"{PACKAGE}.aot.compil
 # The package's layers, lowest first: a module may import its own layer and those below it, never
 # one above. A name stands for the module and everything under it (a package's modules).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # the base: models, tokenizers, image transforms, paths, sharding rules and the collectives
-    # the losses run over the mesh, the TorchScript reader
-    ("paths", "cli", "sharding", "collectives", "models", "tokenizer", "transforms", "torchscript"),
+    # the base: models, tokenizers (their vocabulary files and text cleaning), image transforms,
+    # paths, sharding rules and the collectives the losses run over the mesh, the TorchScript
+    # reader, and the settings schema (a frozen dataclass as a ConfigDict and back)
+    (
+        "paths",
+        "cli",
+        "settings_schema",
+        "sharding",
+        "collectives",
+        "models",
+        "tokenizer",
+        "tokenizer_files",
+        "text_cleaning",
+        "transforms",
+        "torchscript",
+    ),  # fmt: skip
     ("data", "losses", "metrics"),  # the data pipeline (and its prompt templates), objectives, logs
     ("io",),  # reading and writing models in every format: `load_any`
     ("captioning",),

@@ -407,9 +407,9 @@ def make_train_step(
     """`train_step(state, batch) -> (new_state, metrics)`, one jitted function that donates `state`.
 
     `batch` = {"images": float32 (B, H, W, 3) normalised, "texts": int32 (B, L)}, global arrays
-    sharded over `BATCH_AXES`. `schedule`: the one the state's optimizer follows, whose value the
-    step logs (None: built from `settings.optimizer`). `metrics`: float32 scalars loss, accuracy_image_to_text and
-    accuracy_text_to_image (in-batch, global; contrastive objectives), each term of a captioning
+    sharded over `BATCH_AXES`. `schedule`: the optimizer's, logged (None: from `settings.optimizer`).
+    `metrics`: float32 scalars loss, accuracy_image_to_text and accuracy_text_to_image (in-batch,
+    global; contrastive objectives), each term of a captioning
     objective (contrastive_loss, caption_loss, bag_of_words_loss), logit_scale (exponentiated,
     clamped), learning_rate (of this update), grad_norm (before clipping), nonfinite (1 if this
     update was not finite), skipped_steps (total after this step), logit_bias (objectives that
@@ -431,9 +431,8 @@ def make_train_step(
     ResNet normalises with the statistics of each micro-batch (the only departure from the
     full-batch step) and its running statistics become the mean of the micro-batches' updates.
 
-    With `settings.ema` enabled the state carries `ema_params` (abstract_train_state(ema=True)),
-    moved toward the new parameters with each applied update only (`_updated_ema`; the warm-up
-    counts applied updates, as the optimizer does); a skipped step leaves it bit for bit.
+    With `settings.ema` the state's `ema_params` move toward the new parameters with each applied
+    update only (`_updated_ema`); a skipped step leaves them bit for bit.
 
     With the model's `vision.patch_dropout` > 0 (FLIP) the image tower runs on a random subset of
     each image's patches, drawn from (state.rng, state.step) for the whole batch (`_patch_noise`);
