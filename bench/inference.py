@@ -1,4 +1,4 @@
-"""encode_image / encode_text throughput, clip_jax vs open_clip, same spec, batch, precision, threads.
+"""encode_image / encode_text throughput, clip_jax vs open_clip, same model config, batch, precision, threads.
 
     python bench/inference.py --model RN50 --batch-size 16 --tower image
     python bench/inference.py --model ViT-B-32 --batch-size 64
@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch too
 
-from train_step import _random_inputs, open_clip_model_from_spec  # noqa: E402  (bench/ is on sys.path)
+from train_step import _random_inputs, open_clip_model_from_config  # noqa: E402  (bench/ is on sys.path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
     torch.set_num_threads(args.threads)
     model = create_model(args.model, dtype=dtype)
-    spec = model.config
-    images, texts = _random_inputs(spec, args.batch_size)
+    model_config = model.config
+    images, texts = _random_inputs(model_config, args.batch_size)
     variables = jax.jit(lambda: nn.unbox(model.init_variables(jax.random.key(0))))()
     encoders = {
         "image": (jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image)), images),
         "text": (jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text)), texts),
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reference = open_clip_model_from_spec(spec).to(device).eval()
+    reference = open_clip_model_from_config(model_config).to(device).eval()
     torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     torch_texts = torch.from_numpy(texts.astype("int64")).to(device)
     autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")

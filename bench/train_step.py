@@ -1,4 +1,4 @@
-"""clip_jax vs open_clip train step, side by side: same spec, global batch, precision and threads.
+"""clip_jax vs open_clip train step, side by side: same model config, global batch, precision and threads.
 
     python bench/train_step.py --model ViT-B-32 --batch-size 16                 # CPU: fp32
     python bench/train_step.py --model ViT-B-16 --batch-size 512,384,256 --dtype bfloat16   # GPU
@@ -73,12 +73,16 @@ def _batch_sizes(args: argparse.Namespace) -> list[int]:
     return [int(b) for b in str(args.batch_size).split(",") if b.strip()]
 
 
-def _random_inputs(spec, batch: int, seed: int = 0):
+def _random_inputs(model_config, batch: int, seed: int = 0):
     """Random images and token ids, one end-of-text (the largest id) per row."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    size, context, vocab = spec.vision.image_size, spec.text.context_length, spec.text.vocab_size
+    size, context, vocab = (
+        model_config.vision.image_size,
+        model_config.text.context_length,
+        model_config.text.vocab_size,
+    )
     images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
     texts = rng.integers(1, vocab - 1, size=(batch, context)).astype(np.int32)
     texts[np.arange(batch), rng.integers(2, context, size=batch)] = vocab - 1
@@ -293,11 +297,11 @@ class ClipJaxRunner(_Runner):
 # --------------------------------------------------------------------------------------------
 
 
-def open_clip_model_from_spec(spec):
-    """An open_clip CLIP with exactly the clip_jax spec's architecture (heads and activation too)."""
+def open_clip_model_from_config(model_config):
+    """An open_clip CLIP with exactly the clip_jax model config's architecture (heads and activation too)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    vision = spec.vision
+    vision = model_config.vision
     width_per_head = (vision.width if vision.is_vit else vision.width * 32) // vision.num_heads
     vision_cfg = CLIPVisionCfg(
         layers=vision.layers if vision.is_vit else list(vision.layers),
@@ -307,7 +311,7 @@ def open_clip_model_from_spec(spec):
         patch_size=vision.patch_size or 16,
         image_size=vision.image_size,
     )
-    text = spec.text
+    text = model_config.text
     text_cfg = CLIPTextCfg(
         context_length=text.context_length,
         vocab_size=text.vocab_size,
@@ -316,7 +320,7 @@ def open_clip_model_from_spec(spec):
         layers=text.layers,
         mlp_ratio=text.mlp_ratio,
     )
-    return CLIP(spec.embed_dim, vision_cfg, text_cfg, quick_gelu=spec.activation == "quick_gelu")
+    return CLIP(model_config.embed_dim, vision_cfg, text_cfg, quick_gelu=model_config.activation == "quick_gelu")
 
 
 class OpenClipRunner(_Runner):
@@ -335,15 +339,15 @@ class OpenClipRunner(_Runner):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backend = self.device
         self.dtype = args.dtype or ("float32" if self.device == "cpu" else "bfloat16")
-        spec = get_model_config(args.model)
+        model_config = get_model_config(args.model)
 
         def setup(batch_size: int) -> None:
-            self.model = open_clip_model_from_spec(spec).to(self.device).train()
+            self.model = open_clip_model_from_config(model_config).to(self.device).train()
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
             )
             self.loss_fn = ClipLoss()
-            images, texts = _random_inputs(spec, batch_size)
+            images, texts = _random_inputs(model_config, batch_size)
             self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
             self.texts = torch.from_numpy(texts.astype("int64")).to(self.device)
             self.autocast = torch.autocast(

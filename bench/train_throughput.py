@@ -40,7 +40,7 @@ flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.")
 flags.DEFINE_list("patch_dropout", None, "Compare these model.vision.patch_dropout values (FLIP) side by side.")
 
 
-def compare_patch_dropout(settings, spec, mesh, state, shardings, batch, values: list[float]) -> None:
+def compare_patch_dropout(settings, model_config, mesh, state, shardings, batch, values: list[float]) -> None:
     """Time the step at each patch dropout value in turns, one step each per round; print a table."""
     import statistics
 
@@ -53,7 +53,7 @@ def compare_patch_dropout(settings, spec, mesh, state, shardings, batch, values:
 
     steps = {}
     for value in values:
-        model = CLIP(spec.replace(vision={"patch_dropout": value}))
+        model = CLIP(model_config.replace(vision={"patch_dropout": value}))
         start = time.perf_counter()
         compiled = make_train_step(model, settings.step, mesh, shardings).lower(state, batch).compile()
         flops = step_flops_per_device(compiled, model, settings, mesh, state.tx)
@@ -69,9 +69,9 @@ def compare_patch_dropout(settings, spec, mesh, state, shardings, batch, values:
                 times[value].append(time.perf_counter() - start)
         if round_index >= FLAGS.warmup_steps:
             print("round " + ", ".join(f"p={value}: {times[value][-1]:.2f} s" for value in values), flush=True)
-    patches = (spec.vision.image_size // spec.vision.patch_size) ** 2
+    patches = (model_config.vision.image_size // model_config.vision.patch_size) ** 2
     batch_size = settings.step.global_batch_size
-    print(f"\nconfig: {settings.model.name}, dtype {spec.dtype}, global batch {batch_size}, {jax.device_count()} x "
+    print(f"\nconfig: {settings.model.name}, dtype {model_config.dtype}, global batch {batch_size}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}; median of {FLAGS.steps} steps each")  # fmt: skip
     print("| patch_dropout | patches kept | step time | vs first | pairs/s | FLOPs per step |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -112,11 +112,11 @@ def main(argv: list[str]) -> None:
         pooling="argmax" if tokenizer.kind == "clip" else "last",
         pad_token_id=0,
     )
-    spec = settings.model.spec(tokenizer_shape)
-    model = CLIP(spec)
+    model_config = settings.model.model_config(tokenizer_shape)
+    model = CLIP(model_config)
     state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    size, length = spec.vision.image_size, spec.text.context_length
+    size, length = model_config.vision.image_size, model_config.text.context_length
     rng = np.random.default_rng(0)
     batch = {
         "images": jax.device_put(
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
     }
     if FLAGS.patch_dropout:
         compare_patch_dropout(
-            settings, spec, mesh, state, state_shardings, batch, [float(value) for value in FLAGS.patch_dropout]
+            settings, model_config, mesh, state, state_shardings, batch, [float(value) for value in FLAGS.patch_dropout]
         )
         return
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> None:
     mfu = metrics.model_flops_utilization(flops_per_device, step_seconds, peak)
     parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
     print(
-        f"config: {settings.model.name}, {parameters / 1e6:.1f}M parameters, dtype {spec.dtype}, "
+        f"config: {settings.model.name}, {parameters / 1e6:.1f}M parameters, dtype {model_config.dtype}, "
         f"global batch {global_batch_size}, mesh {dict(mesh.shape)}"
     )
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")

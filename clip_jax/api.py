@@ -39,7 +39,7 @@ def load(
     workdir of `train.py` (its newest complete checkpoint), a transformers `CLIPModel` directory
     (config.json + model.safetensors, e.g. from `--to-hf`), or an OpenAI `.pt`, open_clip
     `.pt`/`.bin`/`.safetensors` or Hugging Face safetensors file (converted in memory; `model` names the
-    spec if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
+    model config if it should not be read off the shapes). Weights holding NaN or inf load with a RuntimeWarning.
 
     A training workdir whose run kept a moving average of the parameters (config.ema) gives the
     average; `ema=False` gives the trained parameters instead. Which was loaded is said in one

@@ -73,7 +73,7 @@ def parse_model():
     from clip_jax.training.config import validate
 
     settings = validate(tiny_config(), process_count=1)
-    return settings.model.spec(tokenizer_shape(settings.tokenizer))
+    return settings.model.model_config(tokenizer_shape(settings.tokenizer))
 
 
 def test_model_flops_per_chip_are_the_whole_steps_divided_by_the_chips():

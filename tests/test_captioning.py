@@ -170,7 +170,7 @@ def test_generate_captions_from_raw_images(sp_model, tokenizer, synthetic, tmp_p
     assert captions[:2] == [tokenizer.decode(row) for row in rows]
     with pytest.raises(ValueError, match="batch_size"):
         clip_jax.generate_captions(model, variables, batch, tokenizer, batch_size=0)
-    # Saved and loaded back (decoder spec, weights, tokenizer): the same captions.
+    # Saved and loaded back (decoder config, weights, tokenizer): the same captions.
     from clip_jax.io.model_directory import save_model_directory
 
     directory = save_model_directory(str(tmp_path / "model"), model.config, variables, tokenizer)

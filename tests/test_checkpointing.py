@@ -225,15 +225,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint_of_8_devices(tmp_path_factory):
     """A training state created on 8 devices over a (data=2, fsdp=4) mesh, every leaf given
-    distinct values, saved through the run's checkpointer. Returns (workdir, config, model spec,
+    distinct values, saved through the run's checkpointer. Returns (workdir, config, model config,
     the values as numpy)."""
     config = default_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 4, 1
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.devices.size == 8
     settings = validate(config)
-    spec = CLIPConfig.from_dict(settings.model.spec().to_dict())
-    model = CLIP(spec)
+    model_config = CLIPConfig.from_dict(settings.model.model_config().to_dict())
+    model = CLIP(model_config)
     state, state_shardings = create_train_state(model, make_optimizer(settings.optimizer), settings.seed, mesh)
 
     def distinct_values(state):
@@ -250,22 +250,24 @@ def checkpoint_of_8_devices(tmp_path_factory):
     assert {shard.data.shape[1] for shard in embedding.addressable_shards} == {embedding.shape[1] // 4}
     workdir = str(tmp_path_factory.mktemp("eight_devices"))
     checkpointer = checkpointing.TrainingCheckpointer(workdir, every_steps=100)
-    checkpointer.save(3, state, {"step": 3, "data_position": 3}, {"model": spec.to_dict()}, force=True)
+    checkpointer.save(3, state, {"step": 3, "data_position": 3}, {"model": model_config.to_dict()}, force=True)
     checkpointer.close()
-    return workdir, config, spec, jax.tree.map(np.asarray, state)
+    return workdir, config, model_config, jax.tree.map(np.asarray, state)
 
 
 @pytest.mark.parametrize(
     "mesh_shape", [(1, 1, 1), (8, 1, 1), (1, 8, 1), (4, 2, 1)], ids=["1-device", "data8", "fsdp8", "data4-fsdp2"]
 )
 def test_checkpoint_of_8_devices_restores_onto_other_meshes(checkpoint_of_8_devices, mesh_shape):
-    workdir, config, spec, expected = checkpoint_of_8_devices
+    workdir, config, model_config, expected = checkpoint_of_8_devices
     config = copy.deepcopy(config)
     config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
     device_count = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:device_count])
     settings = validate(config)
-    abstract_state, _ = abstract_train_state(CLIP(spec), make_optimizer(settings.optimizer), settings.seed, mesh)
+    abstract_state, _ = abstract_train_state(
+        CLIP(model_config), make_optimizer(settings.optimizer), settings.seed, mesh
+    )
     checkpointer = checkpointing.TrainingCheckpointer(workdir, read_only=True)
     try:
         state, progress = checkpointer.restore(checkpointer.latest_step(), abstract_state)

@@ -121,12 +121,12 @@ PARITY_CASES = {
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_parity_with_open_clip_and_exact_export(case):
-    build_reference, spec = PARITY_CASES[case]
+    build_reference, model_config = PARITY_CASES[case]
     torch.manual_seed(0)
     reference_model = _randomise(build_reference())
     state_dict = _state_dict(reference_model)
-    config, variables = openclip_layout.convert_state_dict(state_dict, spec())
-    if case in ("ViT-B-32", "RN50"):  # full size: the shapes alone must give back the registered spec
+    config, variables = openclip_layout.convert_state_dict(state_dict, model_config())
+    if case in ("ViT-B-32", "RN50"):  # full size: the shapes alone must give back the registered model config
         assert openclip_layout.infer_config(state_dict, "quick_gelu") == clip_jax.get_model_config(case)
     model = clip_jax.create_model(config)
     images, texts = _inputs(config.vision.image_size)
@@ -164,7 +164,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_openai_torchscript_converts_and_loads_in_a_fresh_process(tmp_path):
-    """An OpenAI-style TorchScript archive -> CLI (spec read off the shapes) -> clip_jax.load in a new process."""
+    """An OpenAI-style TorchScript archive -> CLI (model config read off the shapes) -> clip_jax.load in a new process."""
     # Heads follow OpenAI's width // 64, so the architecture can be read off the shapes alone.
     reference_model = _randomise(
         OpenClipModel(
@@ -216,7 +216,7 @@ def test_cli_round_trip_through_safetensors(tmp_path):
     """A ResNet open_clip .safetensors -> clip_jax directory -> --to-open-clip -> loads strictly into open_clip."""
     from safetensors.torch import save_file
 
-    def small_openai_resnet():  # heads = width * 32 // 64, OpenAI's rule, so the shapes give the spec
+    def small_openai_resnet():  # heads = width * 32 // 64, OpenAI's rule, so the shapes give the model config
         return OpenClipModel(
             64,
             CLIPVisionCfg(layers=(1, 1, 2, 1), width=16, image_size=64),
@@ -282,7 +282,7 @@ def test_hugging_face_safetensors_parity(tmp_path):
         _small_vit_config().replace(activation="gelu"),
         announce=choices.append,
     )
-    assert config.activation == "quick_gelu"  # config.json's hidden_act, over the spec's
+    assert config.activation == "quick_gelu"  # config.json's hidden_act, over the model config's
     assert len(choices) == 1 and "hidden_act" in choices[0].describe(cli=True), choices
     model = clip_jax.create_model(config)
     images, texts = _inputs(32)
@@ -742,11 +742,11 @@ def test_cli_says_an_openai_archive_implies_quick_gelu(tmp_path):
 
 def test_a_given_spec_is_named_as_the_activation_source(tmp_path, small_state_dict):
     source = _open_clip_safetensors(tmp_path, small_state_dict)
-    for spec in (_small_vit_config(), _small_vit_config().replace(activation="gelu")):
+    for model_config in (_small_vit_config(), _small_vit_config().replace(activation="gelu")):
         choices = []
-        config, _ = convert.load_checkpoint(source, spec, announce=choices.append)
-        assert [c.activation for c in choices] == [config.activation] == [spec.activation]
-        assert not choices[0].guessed and "spec" in choices[0].describe(cli=True)
+        config, _ = convert.load_checkpoint(source, model_config, announce=choices.append)
+        assert [c.activation for c in choices] == [config.activation] == [model_config.activation]
+        assert not choices[0].guessed and "model config" in choices[0].describe(cli=True)
 
 
 def test_load_warns_once_about_a_guessed_activation(tmp_path, small_state_dict):
@@ -877,19 +877,19 @@ def test_truncated_variables_give_one_line(saved_model_directory):
     _assert_one_short_error(raised.value, "variables", saved_model_directory, "re-convert")
 
 
-@pytest.mark.parametrize("damage", ["invalid-json", "invalid-spec", "missing-tokenizer-file"])
+@pytest.mark.parametrize("damage", ["invalid-json", "invalid-model-config", "missing-tokenizer-file"])
 def test_damaged_model_directory_files_give_one_line(saved_model_directory, damage):
     config_path = os.path.join(saved_model_directory, "config.json")
     if damage == "invalid-json":
         with open(config_path, "w") as file:
             file.write('{"format": ')
         needles = ("config.json", "not valid JSON", "line 1", "re-convert")
-    elif damage == "invalid-spec":
+    elif damage == "invalid-model-config":
         data = json.loads(open(config_path).read())
         data["model"]["embed_dim"] = "wide"
         with open(config_path, "w") as file:
             json.dump(data, file)
-        needles = ("config.json", "model spec", "re-convert")
+        needles = ("config.json", "model config", "re-convert")
     else:
         os.remove(os.path.join(saved_model_directory, "bpe_simple_vocab_16e6.txt.gz"))
         needles = ("tokenizer", "bpe_simple_vocab_16e6.txt.gz", "re-convert")

@@ -194,7 +194,7 @@ def test_the_unmasked_tuning_phase_runs_the_step_of_a_model_without_patch_dropou
     settings = validate(tuning_config(tuning_steps=0))
     assert setup.unmasked_tuning_model(settings, model) is None
     settings = validate(tuning_config(patch_dropout=0.0))
-    assert setup.unmasked_tuning_model(settings, CLIP(settings.model.spec())) is None
+    assert setup.unmasked_tuning_model(settings, CLIP(settings.model.model_config())) is None
 
 
 def small_config():
@@ -227,7 +227,7 @@ def test_patch_dropout_on_a_resnet_and_too_many_tuning_steps_are_errors():
 def test_patch_dropout_does_not_change_which_model_a_workdir_holds():
     """A workdir resumes with another patch dropout, or from before the field existed; another width does not."""
     before = flip_model(0.0).config.to_dict()
-    del before["vision"]["patch_dropout"]  # a spec saved before FLIP
+    del before["vision"]["patch_dropout"]  # a model config saved before FLIP
     checkpointing.check_same_model(before, flip_model(0.5).config.to_dict(), "workdir")
     wider = flip_model(0.5).config.replace(vision={"width": 128}).to_dict()
     with pytest.raises(ValueError, match="width"):

@@ -201,7 +201,7 @@ def _cleaned_the_same_by_transformers(text: str) -> bool:
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory):
     """A converted small open_clip ViT (two heads a tower, which shapes alone do not tell) saved as a
-    clip_jax model directory and exported by the command line; its clip_jax spec and variables."""
+    clip_jax model directory and exported by the command line; its clip_jax model config and variables."""
     root = tmp_path_factory.mktemp("hf_export")
     config, variables = openclip_layout.convert_state_dict(_small_open_clip_state_dict(), _small_config())
     source = root / "clip_jax_model"
@@ -305,7 +305,7 @@ def test_import_of_the_export_gives_back_the_same_variables(small_export, tmp_pa
 
 
 def test_a_pytorch_file_exports_through_the_command_line(tmp_path):
-    """SRC may be an open_clip file: read (spec off the shapes), converted and exported in one command."""
+    """SRC may be an open_clip file: read (model config off the shapes), converted and exported in one command."""
     state = _small_open_clip_state_dict(head_width=64)  # one head a tower: OpenAI's width // 64 rule
     source = tmp_path / "open_clip.safetensors"
     convert.save_state_dict(state, str(source))
@@ -384,7 +384,7 @@ def test_imported_mlp_width_is_the_stated_one():
 
 
 def _random_variables(config, seed: int = 0) -> dict:
-    """Random variables of a spec without running the model's init (numpy draws are faster)."""
+    """Random variables of a model config without running the model's init (numpy draws are faster)."""
     shapes = jax.eval_shape(lambda: nn.unbox(clip_jax.CLIP(config).init_variables(jax.random.key(0))))
     rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(shapes)

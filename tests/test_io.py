@@ -86,7 +86,7 @@ def test_load_any_reads_an_open_clip_file_as_its_reader_does(tmp_path, tiny, nam
     expected_config, expected_variables = torch_checkpoint.load_checkpoint(path, activation="quick_gelu")
     expected = (expected_config, expected_variables, torch_checkpoint.checkpoint_tokenizer(path, 77))
     _assert_same(expected, load_any(path, activation="quick_gelu"))
-    # The spec read off the shapes counts heads its own way: given the model's, the same model comes back.
+    # The model config read off the shapes counts heads its own way: given the model's, the same model comes back.
     _assert_same((config, variables, ClipTokenizer()), load_any(path, config))
 
 

@@ -1,4 +1,4 @@
-"""Model tests: registry specs against open_clip's configs, scan/remat equivalence, bf16, logical axes."""
+"""Model tests: registry's model configs against open_clip's configs, scan/remat equivalence, bf16, logical axes."""
 
 import json
 import os

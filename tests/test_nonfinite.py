@@ -204,13 +204,13 @@ def test_the_guard_stops_on_the_consecutive_skip_counter(policy, consecutive, st
 
 
 def _tiny_vit_variables(nan: bool) -> tuple:
-    spec = get_model_config("tiny-vit")
-    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(spec).init_variables(jax.random.key(0))))
+    model_config = get_model_config("tiny-vit")
+    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(model_config).init_variables(jax.random.key(0))))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), shapes)
     if nan:
         variables["params"]["text"]["token_embedding"][0, 0] = np.nan
-    return spec, variables
+    return model_config, variables
 
 
 def _nonfinite_warnings(record) -> list[str]:
@@ -220,8 +220,8 @@ def _nonfinite_warnings(record) -> list[str]:
 def test_load_warns_about_a_model_directory_with_non_finite_weights(tmp_path):
     tokenizer = ClipTokenizer()
     for name, nan in (("finite", False), ("nan", True)):
-        spec, variables = _tiny_vit_variables(nan)
-        save_model_directory(str(tmp_path / name), spec, variables, tokenizer)
+        model_config, variables = _tiny_vit_variables(nan)
+        save_model_directory(str(tmp_path / name), model_config, variables, tokenizer)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         load(str(tmp_path / "finite"))
@@ -235,11 +235,11 @@ def test_load_warns_about_a_model_directory_with_non_finite_weights(tmp_path):
 
 
 def test_load_warns_about_a_training_workdir_with_non_finite_weights(tmp_path):
-    spec, variables = _tiny_vit_variables(nan=True)
+    model_config, variables = _tiny_vit_variables(nan=True)
     tokenizer = ClipTokenizer()
     workdir = str(tmp_path / "workdir")
     checkpointer = checkpointing.TrainingCheckpointer(workdir, async_save=False)
-    record = {"model": spec.to_dict(), "tokenizer": tokenizer.to_config()}
+    record = {"model": model_config.to_dict(), "tokenizer": tokenizer.to_config()}
     checkpointer.save(1, variables, {"step": 1, "data_position": 1}, record, force=True)
     checkpointer.close()
     for asset in tokenizer.asset_files():

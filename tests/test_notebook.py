@@ -1,5 +1,5 @@
 """examples/zero_shot.ipynb executes top to bottom in a fresh kernel, on a small model directory
-(the spec and tokenizer train.py would make, random weights: the notebook's API is what is tested)."""
+(the model config and tokenizer train.py would make, random weights: the notebook's API is what is tested)."""
 
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ def model_directory(tmp_path_factory):
         captions, int(config.tokenizer.vocab_size), str(directory / "spm.model"), hard_vocab_limit=False
     )
     tokenizer = SentencePieceTokenizer(tokenizer_path, int(config.tokenizer.context_length))
-    spec = validate(config).model.spec(tokenizer)
+    model_config = validate(config).model.model_config(tokenizer)
     # Random values of the right shapes, drawn by numpy: running Flax's initialisers op by op costs
     # tens of seconds here, and any finite weights exercise the notebook's API.
-    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(spec).init_variables(jax.random.key(0))))
+    shapes = jax.eval_shape(lambda: nn.unbox(CLIP(model_config).init_variables(jax.random.key(0))))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), shapes)
-    return save_model_directory(str(directory / "model"), spec, variables, tokenizer)
+    return save_model_directory(str(directory / "model"), model_config, variables, tokenizer)
 
 
 def test_example_notebook_executes(model_directory, monkeypatch):

@@ -27,8 +27,8 @@ def _check(before: dict, after: dict) -> list[str]:
     """check_resume of a checkpoint written with `before` (changes of the default config) by a run
     with `after`."""
     old, new = _settings(before), _settings(after)
-    record = {"model": old.model.spec().to_dict(), "tokenizer": {}, "training": old.record}
-    return resume.check_resume(record, new.record, new.model.spec().to_dict(), WORKDIR, STEP)
+    record = {"model": old.model.model_config().to_dict(), "tokenizer": {}, "training": old.record}
+    return resume.check_resume(record, new.record, new.model.model_config().to_dict(), WORKDIR, STEP)
 
 
 @pytest.mark.parametrize(
@@ -101,13 +101,13 @@ def test_a_replaced_sentencepiece_model_is_refused(tmp_path):
     settings = _settings({})
     tokenizer = {"type": "sentencepiece", "model_file": "tokenizer.model", "context_length": 16}
     record = {
-        "model": settings.model.spec().to_dict(),
+        "model": settings.model.model_config().to_dict(),
         "tokenizer": tokenizer,
         "tokenizer_files": tokenizer_files_digest(tokenizer, workdir),
         "training": settings.record,
     }
-    spec = settings.model.spec().to_dict()
-    assert resume.check_resume(record, settings.record, spec, workdir, STEP) == []
+    model_config = settings.model.model_config().to_dict()
+    assert resume.check_resume(record, settings.record, model_config, workdir, STEP) == []
     model_file.write_bytes(b"other pieces of the same vocabulary size")
     with pytest.raises(resume.ResumeRefused, match=f"tokenizer file tokenizer.model .* step {STEP}"):
-        resume.check_resume(record, settings.record, spec, workdir, STEP)
+        resume.check_resume(record, settings.record, model_config, workdir, STEP)

@@ -208,7 +208,7 @@ def test_model_overrides_are_checked_against_the_model_config_types():
     config.model.name = "tiny-resnet"
     settings = validate(config, process_count=1)
     assert settings.model.overrides["vision"]["layers"] == (1, 1, 1, 1)
-    assert settings.model.spec().logit_scale_init == 2.0 and settings.model.spec().embed_dim == 32
+    assert settings.model.model_config().logit_scale_init == 2.0 and settings.model.model_config().embed_dim == 32
 
 
 def test_the_data_modules_take_data_settings():
@@ -233,8 +233,8 @@ from clip_jax.training.config import validate
 cli.parse_flags(sys.argv)
 with cli.one_line_errors(False):  # as train.py's main reports a failure
     settings = validate(train.FLAGS.config, process_count=1)
-spec = settings.model.spec()
-print(json.dumps({{"overrides": settings.record["model"]["overrides"], "decoder": spec.decoder and dataclasses.asdict(spec.decoder), "text_layers": spec.text.layers}}))
+model_config = settings.model.model_config()
+print(json.dumps({{"overrides": settings.record["model"]["overrides"], "decoder": model_config.decoder and dataclasses.asdict(model_config.decoder), "text_layers": model_config.text.layers}}))
 """
     environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPOSITORY}
     return subprocess.run(

@@ -40,7 +40,7 @@ def _validated(**changes):
 def test_config_validation_accepts_it_and_refuses_a_model_without_what_it_needs():
     settings = _validated(**{"model.overrides.logit_bias_init": -10.0, "model.overrides.decoder": DECODER})
     assert settings.step.loss.objective is losses.OBJECTIVES[NAME]
-    assert settings.model.spec().decoder is not None
+    assert settings.model.model_config().decoder is not None
     missing = {
         "model.overrides.decoder": {"model.overrides.logit_bias_init": -10.0},
         "model.overrides.logit_bias_init": {"model.overrides.decoder": DECODER},

@@ -100,7 +100,7 @@ def test_default_run_resumes_its_data_from_the_iterator_state_every_source_has(s
         return np.zeros((len(texts), 4), np.int32)
 
     config = default_config()
-    image_size = validate(config).model.spec().vision.image_size
+    image_size = validate(config).model.model_config().vision.image_size
     with data_iterator.make_train_iterator(
         config.data, no_tokenizer, config.global_batch_size, image_size, 0, 1
     ) as iterator:

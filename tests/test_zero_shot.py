@@ -32,7 +32,7 @@ CLASS_NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerh
 @pytest.fixture(scope="module")
 def open_clip_pair():
     """A random tiny open_clip ViT (noise on every tensor, so no zero-initialised tensor hides a
-    mismatch) and the same weights converted to clip_jax, with an explicit spec: head counts of
+    mismatch) and the same weights converted to clip_jax, with an explicit model config: head counts of
     these widths cannot be read off the shapes."""
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
@@ -52,14 +52,14 @@ def open_clip_pair():
         for tensor in reference.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(0.02 * torch.randn_like(tensor))
-    spec = CLIPConfig(
+    model_config = CLIPConfig(
         embed_dim=32,
         vision=VisionConfig(image_size=32, width=64, layers=2, heads=2, patch_size=8),
         text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
         activation="quick_gelu",
     )
     state_dict = {name: tensor.detach().numpy() for name, tensor in reference.state_dict().items()}
-    config, variables = convert_state_dict(state_dict, spec)
+    config, variables = convert_state_dict(state_dict, model_config)
     return reference, open_clip.get_tokenizer("ViT-B-32"), clip_jax.CLIP(config), variables
 
 

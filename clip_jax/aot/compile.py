@@ -135,8 +135,8 @@ def compile_run(
     settings = validate(config, process_count=len({device.process_index for device in devices}))
     mesh = sharding.make_mesh(dataclasses.asdict(settings.mesh), devices)
     sharding.check_batch_divisible(settings.step.global_batch_size, mesh, settings.step.accumulation_steps)
-    spec = settings.model.spec(tokenizer_shape(settings.tokenizer))
-    model = CLIP(spec)
+    model_config = settings.model.model_config(tokenizer_shape(settings.tokenizer))
+    model = CLIP(model_config)
     report = Report(
         config=name or settings.model.name,
         target=target.describe(num_slices),
@@ -146,7 +146,7 @@ def compile_run(
         global_batch_size=settings.step.global_batch_size,
         pairs_per_chip=settings.step.global_batch_size // len(devices),
         accumulation_steps=settings.step.accumulation_steps,
-        remat_policy=spec.remat_policy,
+        remat_policy=model_config.remat_policy,
         capacity_bytes=memory_bytes or target.memory_bytes,
         state_bytes=0,
         fits=False,
@@ -155,7 +155,7 @@ def compile_run(
     tx = make_optimizer(settings.optimizer)
     state, state_shardings = abstract_train_state(model, tx, settings.seed, mesh, settings.ema.enabled)
     report.state_bytes = _bytes_per_chip(state)
-    batch = abstract_batch(settings, spec, mesh)
+    batch = abstract_batch(settings, model_config, mesh)
     started = time.perf_counter()
     steps = [model] + [m for m in [unmasked_tuning_model(settings, model)] if m is not None]
     compiled = None

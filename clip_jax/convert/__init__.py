@@ -85,7 +85,7 @@ def export_to_hf(
     return hf.write_hf_directory(output_dir, config, state_dict, tokenizer, overwrite)
 
 
-# (path, model, activation, trust_torchscript) -> (spec, variables, tokenizer) of anything clip_jax loads.
+# (path, model, activation, trust_torchscript) -> (model_config, variables, tokenizer) of anything clip_jax loads.
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a .pt/.bin/.safetensors checkpoint, or a clip_jax directory or train.py workdir with --to-hf / --to-open-clip",
     )
     parser.add_argument("output", help="the directory to create (or the state-dict file with --to-open-clip)")
-    parser.add_argument("--model", help="a registered spec name (default: read off the tensor shapes)")
+    parser.add_argument("--model", help="a registered model name (default: read off the tensor shapes)")
     parser.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the MLP activation")
     parser.add_argument("--bpe", help="path of bpe_simple_vocab_16e6.txt.gz (default: CLIP_JAX_BPE or open_clip's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

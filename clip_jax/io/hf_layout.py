@@ -186,11 +186,11 @@ def hf_hints(path: str) -> dict[str, Any]:
         return {}
     hints: dict[str, Any] = {}
     try:
-        spec = clip_config_from_hf(hf_config)
+        model_config = clip_config_from_hf(hf_config)
     except ValueError as error:
         raise ConversionError(f"{config_path!r}: {error}") from None
-    if spec is not None:  # a whole CLIPModel config: heads and MLP widths stated, not guessed
-        hints["config"] = spec
+    if model_config is not None:  # a whole CLIPModel config: heads and MLP widths stated, not guessed
+        hints["config"] = model_config
     bias = logit_bias_from_hf(hf_config)
     if bias is not None:
         hints["logit_bias"] = bias

@@ -36,8 +36,8 @@ def load_any(
     `path` is a clip_jax model directory (`model_directory`), a training workdir of `train.py` (its
     newest complete checkpoint, `training_workdir`), a transformers `CLIPModel` directory
     (config.json + model.safetensors), or an OpenAI `.pt`, open_clip `.pt`/`.bin`/`.safetensors` or
-    Hugging Face safetensors file (`torch_checkpoint`, converted in memory; `model` names the spec
-    if it should not be read off the shapes). `activation` and `overrides` replace spec fields that
+    Hugging Face safetensors file (`torch_checkpoint`, converted in memory; `model` names the model config
+    if it should not be read off the shapes). `activation` and `overrides` replace model-config fields that
     leave the parameters' meaning as it is (dtype, scan_layers, ...). Weights holding NaN or inf
     load with a RuntimeWarning.
 

@@ -58,7 +58,7 @@ def save_model_directory(
     tokenizer: Any,
     overwrite: bool = False,
 ) -> str:
-    """Write `variables` (numpy or jax arrays), the spec and the tokenizer's assets; atomic
+    """Write `variables` (numpy or jax arrays), the model config and the tokenizer's assets; atomic
     (`write_directory_atomically`). Returns the directory's absolute path."""
 
     def write(staging: epath.Path) -> None:
@@ -263,19 +263,19 @@ def _single_device_sharding() -> jax.sharding.Sharding:
 def load_model_directory(
     directory: str | os.PathLike, sharding: jax.sharding.Sharding | None = None, **overrides: Any
 ) -> tuple[CLIPConfig, dict[str, Any]]:
-    """(spec, variables) of a model directory, restored onto `sharding` (default: the first local device).
+    """(model_config, variables) of a model directory, restored onto `sharding` (default: the first local device).
 
-    `overrides` replace spec fields that do not change the parameters' meaning (dtype, scan_layers, …).
+    `overrides` replace model-config fields that do not change the parameters' meaning (dtype, scan_layers, …).
     """
     directory = os.fspath(directory)
     data = read_model_config(directory)
-    try:  # a spec that parses may still fail to build (a string where a size belongs): both are damage
+    try:  # a model config that parses may still fail to build (a string where a size belongs): both are damage
         stored = CLIPConfig.from_dict(data["model"]).validate()
         abstract = jax.eval_shape(lambda: nn.unbox(CLIP(stored).init_variables(jax.random.key(0))))
     except (TypeError, ValueError, KeyError) as error:
         first_line = (str(error).splitlines() or [""])[0]
         reason = f"{type(error).__name__}: {first_line}"
-        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model spec", reason) from None
+        raise _damaged(directory, f"{CONFIG_FILE} holds an invalid model config", reason) from None
     config = stored.replace(**overrides) if overrides else stored
     sharding = sharding or _single_device_sharding()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)

@@ -1,4 +1,4 @@
-"""open_clip's state-dict layout <-> clip_jax's Flax variables, and the model spec read off its shapes.
+"""open_clip's state-dict layout <-> clip_jax's Flax variables, and the model config read off its shapes.
 
 Every PyTorch source (OpenAI, open_clip, transformers) is first brought to open_clip's layout
 (numpy arrays keyed like `visual.transformer.resblocks.0.attn.in_proj_weight`, see
@@ -37,7 +37,7 @@ def _count(state_dict: StateDict, pattern: str) -> int:
 
 
 def infer_config(state_dict: StateDict, activation: str = "quick_gelu") -> CLIPConfig:
-    """The model spec read off tensor shapes, as OpenAI's `build_model` does."""
+    """The model config read off tensor shapes, as OpenAI's `build_model` does."""
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
@@ -339,14 +339,14 @@ def variables_to_openclip(variables: dict[str, Any], config: CLIPConfig) -> Stat
 
 
 # ----------------------------------------------------------------------------------------------
-# A state dict and its spec
+# A state dict and its model config
 # ----------------------------------------------------------------------------------------------
 
 
 def convert_state_dict(
     state_dict: StateDict, model: str | CLIPConfig | None = None, activation: str | None = None, **overrides: Any
 ) -> tuple[CLIPConfig, dict[str, Any]]:
-    """(spec, variables) for an open_clip-layout state dict; the spec from `model` or read off the shapes."""
+    """(model_config, variables) for an open_clip-layout state dict; the model config from `model` or read off the shapes."""
     if isinstance(model, CLIPConfig):
         config = model
     elif model is not None:

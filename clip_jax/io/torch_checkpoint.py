@@ -2,7 +2,7 @@
 
 Every source is first brought to open_clip's state-dict layout (`read_checkpoint`), which
 `clip_jax.io.openclip_layout` maps to the Flax variable tree; `load_checkpoint` does both, with the
-model spec read off the shapes (or named) and the activation chosen as the file allows.
+model config read off the shapes (or named) and the activation chosen as the file allows.
 
 PyTorch files are read where they lie on a local (or mounted) filesystem: safetensors maps them
 into memory, and torch and the TorchScript reader open them as zip archives. Everything else (the
@@ -128,7 +128,7 @@ def _torch_load_reason(error: Exception) -> str:
 
 
 def read_checkpoint(path: str, trust_torchscript: bool = False) -> tuple[StateDict, str, dict[str, Any]]:
-    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model spec).
+    """(open_clip-layout state dict, source kind "openai"|"open_clip"|"hf", hints for the model config).
 
     Runs nothing the file contains. A TorchScript archive (recognised by its content, whatever its
     extension) is read by `clip_jax.torchscript`; one that reader refuses raises
@@ -187,8 +187,8 @@ class ActivationChoice:
     """Which MLP activation a conversion used, and why: it cannot be read off the weights."""
 
     activation: str
-    source: str  # "argument", "file" (OpenAI's format or an HF config.json), "spec" or "default"
-    detail: str = ""  # what the file said, or the spec's name
+    source: str  # "argument", "file" (OpenAI's format or an HF config.json), "model_config" or "default"
+    detail: str = ""  # what the file said, or the model config's name
 
     @property
     def guessed(self) -> bool:
@@ -198,7 +198,7 @@ class ActivationChoice:
         """One line, e.g. "activation: gelu (open_clip's default; pass --activation quick_gelu ...)"."""
         if self.source == "argument":
             why = "from --activation" if cli else "from the activation argument"
-        elif self.source in ("file", "spec"):
+        elif self.source in ("file", "model_config"):
             why = self.detail
         else:
             flag = "--activation quick_gelu" if cli else "activation='quick_gelu'"
@@ -215,9 +215,9 @@ def load_checkpoint(
     announce: Callable[[ActivationChoice], None] | None = None,
     **overrides: Any,
 ) -> tuple[CLIPConfig, dict[str, Any]]:
-    """(spec, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
+    """(model_config, variables) from an OpenAI `.pt`, an open_clip `.pt`/`.bin`/`.safetensors` or an HF safetensors.
 
-    Without `model`, the spec is read off the tensor shapes. The activation cannot be: OpenAI files
+    Without `model`, the model config is read off the tensor shapes. The activation cannot be: OpenAI files
     imply QuickGELU, HF files carry it in their config.json, and other open_clip files default to GELU
     (open_clip's default) unless `activation="quick_gelu"` is passed (the "-quickgelu" models).
     The choice is passed to `announce`; without one, a guessed activation is a warning
@@ -232,7 +232,7 @@ def load_checkpoint(
         chosen, source, detail = hints["activation"], "file", hints["activation_source"]
     elif model is not None:
         name = model if isinstance(model, str) else "given model"
-        chosen, source, detail = None, "spec", f"from the {name} spec"
+        chosen, source, detail = None, "model_config", f"from the {name} model config"
     else:
         chosen, source, detail = "gelu", "default", ""
     config, variables = convert_state_dict(state_dict, model, chosen, **overrides)

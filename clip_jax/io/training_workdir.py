@@ -1,5 +1,5 @@
 """Reading a training workdir of `train.py`, read-only: the newest restorable checkpoint's model
-variables, the run's record (model spec, tokenizer, training settings) and its tokenizer. The
+variables, the run's record (model config, tokenizer, training settings) and its tokenizer. The
 writer, the checkpoint manager of a run and resuming live in `clip_jax.training.checkpointing`,
 which builds on `WorkdirReader`.
 
@@ -41,7 +41,7 @@ STATE_ITEM = "state"
 PROGRESS_ITEM = "progress"
 CONFIG_ITEM = "config"
 
-# The fields of a model spec that make it the same model: the parameters' shapes and layout and
+# The fields of a model config that make it the same model: the parameters' shapes and layout and
 # the function they compute. Others (compute dtype, remat policy, attention kernel, initial values)
 # may change between runs of one workdir.
 IDENTITY_MODEL_FIELDS = ("embed_dim", "vision", "text", "activation", "param_dtype", "scan_layers")
@@ -235,7 +235,7 @@ def load_training_workdir(
     The variables' "params" are the checkpoint's moving average when it has one (config.ema) and
     `ema` is True, else the trained parameters; `announce` (default: logging.info) gets one line
     saying which. Safe to call on the workdir of a running `train.py`: see `_read_live`.
-    `overrides` replace spec fields that leave the parameters as they are (dtype, remat_policy, ...).
+    `overrides` replace model-config fields that leave the parameters as they are (dtype, remat_policy, ...).
     """
     changed = sorted(set(overrides) & set(IDENTITY_MODEL_FIELDS))
     if changed:

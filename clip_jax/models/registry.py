@@ -1,4 +1,4 @@
-"""Named model specifications: OpenAI's released architectures at their exact hyper-parameters, and tiny ones."""
+"""Named specifications: OpenAI's released architectures at their exact hyper-parameters, and tiny ones."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ _MODELS: dict[str, CLIPConfig] = {
     "ViT-B-16": _vit(512, 224, 12, 768, 16, 512),
     "ViT-L-14": _vit(768, 224, 24, 1024, 14, 768),
     "ViT-L-14-336": _vit(768, 336, 24, 1024, 14, 768),
-    # Tiny specs for tests and CPU runs.
+    # Tiny models for tests and CPU runs.
     "tiny-vit": CLIPConfig(
         embed_dim=32,
         vision=VisionConfig(image_size=32, width=64, layers=2, heads=2, patch_size=8),
@@ -54,7 +54,7 @@ def available_models() -> list[str]:
 
 
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
-    """The spec called `name`, with fields replaced (`vision=dict(...)`, `text=dict(...)` for the towers)."""
+    """The model config called `name`, with fields replaced (`vision=dict(...)`, `text=dict(...)` for the towers)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
     return _MODELS[name].replace(**overrides)

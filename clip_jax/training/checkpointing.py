@@ -297,15 +297,15 @@ class TrainingCheckpointer(WorkdirReader):
                 pass
 
 
-def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
+def _model_identity(model_config: dict[str, Any]) -> dict[str, Any]:
     # JSON turns tuples into lists; compare through JSON on both sides.
-    spec = json.loads(json.dumps(spec))
-    identity = {field: spec.get(field) for field in IDENTITY_MODEL_FIELDS}
+    model_config = json.loads(json.dumps(model_config))
+    identity = {field: model_config.get(field) for field in IDENTITY_MODEL_FIELDS}
     if isinstance(identity["vision"], dict):
         # Patch dropout (FLIP) is how the model trains, not which parameters it has: a run may
         # change it, and workdirs written before the field existed resume.
         identity["vision"].pop("patch_dropout", None)
-    identity["logit_bias"] = "learned" if spec.get("logit_bias_init") is not None else "none"
+    identity["logit_bias"] = "learned" if model_config.get("logit_bias_init") is not None else "none"
     return identity
 
 

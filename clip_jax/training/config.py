@@ -294,11 +294,11 @@ class ModelSettings:
             overrides = schema.partial(CLIPConfig, self.overrides, "model.overrides.")
         except ValueError as wrong:
             with contextlib.suppress(TypeError, AttributeError):
-                self.spec()  # the model's own check says it in its words, where it has one
+                self.model_config()  # the model's own check says it in its words, where it has one
             raise wrong from None
         object.__setattr__(self, "overrides", overrides)
 
-    def spec(self, tokenizer: Any | None = None) -> CLIPConfig:
+    def model_config(self, tokenizer: Any | None = None) -> CLIPConfig:
         """The CLIPConfig the run trains: the registry entry and the overrides, with the text tower's
         vocabulary, context length, pooling and pad id taken from the tokenizer (when given)."""
         overrides = dict(self.overrides)
@@ -428,7 +428,7 @@ class Settings:
 
 def _model(model: ModelSettings, loss: LossSettings) -> ModelSettings:
     # An unknown name or override raises here, naming it; then what the objective needs of the model.
-    loss.objective.check_model(model.spec())
+    loss.objective.check_model(model.model_config())
     return model
 
 

@@ -137,7 +137,7 @@ def _replaced_tokenizer_files(record: dict[str, Any], workdir: str, step: int) -
 def check_resume(
     record: dict[str, Any], training: dict[str, Any], model: dict[str, Any], workdir: str, step: int
 ) -> list[str]:
-    """Compare the run's settings (`training`: its config record; `model`: the spec it would train,
+    """Compare the run's settings (`training`: its config record; `model`: the model config it would train,
     with the checkpoint's tokenizer) with checkpoint `step`'s run `record`, before its state is
     restored. Raises ResumeRefused (one line, every refused setting named with both values) or
     `check_same_model`'s ValueError; returns the lines that announce the honoured changes.

@@ -75,7 +75,7 @@ class Run:
 @dataclasses.dataclass
 class _Model:
     tokenizer: Any
-    spec: CLIPConfig
+    model_config: CLIPConfig
     state: TrainState
     state_shardings: TrainState
     progress: dict[str, Any]  # {"step", "data_states"} of the restored checkpoint; {"step": 0} when fresh
@@ -102,7 +102,7 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
         # A failure already being raised says what went wrong; a failed last save is raised otherwise.
         stack.push(lambda kind, error, traceback: checkpointer.close(raise_errors=kind is None))
         built = _model_and_state(settings, workdir, mesh, checkpointer, caption_sample, schedule)
-        model = CLIP(built.spec)
+        model = CLIP(built.model_config)
         compiled_step, flops_per_device, compile_seconds = _compile_step(settings, model, mesh, built, schedule)
         unmasked_step = _compile_unmasked_step(settings, model, mesh, built, schedule)
         start_step = int(built.progress["step"])
@@ -128,7 +128,7 @@ def prepared_run(settings: Settings, workdir: str) -> Iterator[Run]:
             evaluator=Evaluator(settings, model, built.tokenizer, mesh, dataset, writer),
             batches=batches,
             record={
-                "model": built.spec.to_dict(),
+                "model": built.model_config.to_dict(),
                 "tokenizer": built.tokenizer.to_config(),
                 "tokenizer_files": tokenizer_files_digest(built.tokenizer.to_config(), workdir),
                 "training": settings.record,
@@ -178,14 +178,20 @@ def _model_and_state(
 
     def abstract_state_for(step: int, record: dict[str, Any]) -> TrainState:
         tokenizer = tokenizer_from_workdir(record["tokenizer"], workdir)
-        spec = settings.model.spec(tokenizer)
+        model_config = settings.model.model_config(tokenizer)
         # Before its state is read: a refused change is one line, not taken for damage.
-        honoured = resume.check_resume(record, settings.record, spec.to_dict(), workdir, step)
+        honoured = resume.check_resume(record, settings.record, model_config.to_dict(), workdir, step)
         # Restored as written (with or without a moving average), then made as this run wants it.
         had_ema = record_has_ema(record)
-        abstract, shardings = abstract_train_state(CLIP(spec), tx, settings.seed, mesh, had_ema)
+        abstract, shardings = abstract_train_state(CLIP(model_config), tx, settings.seed, mesh, had_ema)
         shardings = shardings.replace(ema_params=shardings.params if ema else None)  # laid out like params
-        restored.update(tokenizer=tokenizer, spec=spec, state_shardings=shardings, had_ema=had_ema, honoured=honoured)
+        restored.update(
+            tokenizer=tokenizer,
+            model_config=model_config,
+            state_shardings=shardings,
+            had_ema=had_ema,
+            honoured=honoured,
+        )
         return abstract
 
     resumed = checkpointer.restore_newest(abstract_state_for, announce=metrics.announce)
@@ -194,14 +200,14 @@ def _model_and_state(
         for line in restored["honoured"]:  # said once its checkpoint has restored
             metrics.announce(line)
         state = _ema_as_configured(state, restored["had_ema"], ema, restored["state_shardings"], step)
-        built = _Model(restored["tokenizer"], restored["spec"], state, restored["state_shardings"], progress)
-        _announce_model(settings, built.spec, mesh, workdir)
+        built = _Model(restored["tokenizer"], restored["model_config"], state, restored["state_shardings"], progress)
+        _announce_model(settings, built.model_config, mesh, workdir)
         metrics.announce(f"Resumed from the checkpoint of step {step} in {checkpointer.directory}")
         return built
     tokenizer = build_tokenizer(settings.tokenizer, caption_sample, workdir)
-    spec = settings.model.spec(tokenizer)
-    _announce_model(settings, spec, mesh, workdir)
-    state, state_shardings = create_train_state(CLIP(spec), tx, settings.seed, mesh, ema)
+    model_config = settings.model.model_config(tokenizer)
+    _announce_model(settings, model_config, mesh, workdir)
+    state, state_shardings = create_train_state(CLIP(model_config), tx, settings.seed, mesh, ema)
     if settings.init.checkpoint:
         state = load_pretrained_params(
             state, state_shardings, settings.init.checkpoint, settings.init.regex, settings.init.trust_torchscript
@@ -213,7 +219,7 @@ def _model_and_state(
             f"Warning: optimizer.freeze_regex {settings.optimizer.freeze_regex!r} freezes parameters that keep "
             "their random initialisation; set config.init.checkpoint to load pre-trained ones"
         )
-    return _Model(tokenizer, spec, state, state_shardings, {"step": 0})
+    return _Model(tokenizer, model_config, state, state_shardings, {"step": 0})
 
 
 def _ema_as_configured(state: TrainState, had_ema: bool, ema: bool, shardings: TrainState, step: int) -> TrainState:
@@ -228,8 +234,8 @@ def _ema_as_configured(state: TrainState, had_ema: bool, ema: bool, shardings: T
     return state
 
 
-def _announce_model(settings: Settings, spec: CLIPConfig, mesh: jax.sharding.Mesh, workdir: str) -> None:
-    abstract = jax.eval_shape(lambda: CLIP(spec).init_variables(jax.random.key(0)))["params"]
+def _announce_model(settings: Settings, model_config: CLIPConfig, mesh: jax.sharding.Mesh, workdir: str) -> None:
+    abstract = jax.eval_shape(lambda: CLIP(model_config).init_variables(jax.random.key(0)))["params"]
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract))
     metrics.announce(
         f"Model {settings.model.name}: {count:,} parameters; mesh {dict(mesh.shape)} over {jax.device_count()} "
@@ -272,13 +278,15 @@ def load_pretrained_params(
 # --------------------------------------------------------------------------------------------
 
 
-def abstract_batch(settings: Settings, spec: CLIPConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    settings: Settings, model_config: CLIPConfig, mesh: jax.sharding.Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the step takes: normalised float32 images and int32 token ids."""
     batch_sharding = sharding.batch_sharding(mesh)
-    size, batch = spec.vision.image_size, settings.step.global_batch_size
+    size, batch = model_config.vision.image_size, settings.step.global_batch_size
     return {
         "images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=batch_sharding),
-        "texts": jax.ShapeDtypeStruct((batch, spec.text.context_length), jnp.int32, sharding=batch_sharding),
+        "texts": jax.ShapeDtypeStruct((batch, model_config.text.context_length), jnp.int32, sharding=batch_sharding),
     }
 
 
@@ -341,19 +349,19 @@ def step_flops_per_device(
     ahead-of-time target's devices give no cost analysis of a lowered program (clip_jax.aot
     lowers on one CPU device).
     """
-    spec = model.config
-    if not spec.scan_layers and spec.remat_policy == "none" and settings.step.accumulation_steps == 1:
+    model_config = model.config
+    if not model_config.scan_layers and model_config.remat_policy == "none" and settings.step.accumulation_steps == 1:
         flops = metrics.compiled_flops(compiled)
         if flops is not None:  # else (no cost analysis, e.g. a GPU compiled ahead of time): lowered
             return flops
     lowering_mesh = mesh if lowering_mesh is None else lowering_mesh
-    unrolled = CLIP(spec.replace(scan_layers=False, remat_policy="none"))
+    unrolled = CLIP(model_config.replace(scan_layers=False, remat_policy="none"))
     step_settings = dataclasses.replace(settings.step, accumulation_steps=1)
     abstract_state, state_shardings = abstract_train_state(
         unrolled, tx, settings.seed, lowering_mesh, settings.ema.enabled
     )
     lowered = make_train_step(unrolled, step_settings, lowering_mesh, state_shardings).lower(
-        abstract_state, abstract_batch(settings, spec, lowering_mesh)
+        abstract_state, abstract_batch(settings, model_config, lowering_mesh)
     )
     return metrics.lowered_flops(lowered, mesh.devices.size)
 
@@ -408,7 +416,7 @@ def _data_source(settings: Settings) -> tuple[ExampleSource, Callable[[int], lis
     dataset, TFDS or shards, all behind one interface. Shards are found and TFDS datasets opened
     here, so a bad path fails before anything is written."""
     layout = {
-        "image_size": settings.model.spec().vision.image_size,
+        "image_size": settings.model.model_config().vision.image_size,
         "global_batch_size": settings.step.global_batch_size,
     }
     source = data_iterator.make_train_source(settings.data, jax.process_index(), jax.process_count(), **layout)
@@ -421,7 +429,7 @@ def _data_feed(
     """(global batch, data state after it) from the next step on, prepared ahead in a thread; the
     iterator resumes from the checkpoint's `data_states`, whatever the source."""
     iterator = data_iterator.make_train_iterator(
-        settings.data, built.tokenizer, settings.step.global_batch_size, built.spec.vision.image_size,
+        settings.data, built.tokenizer, settings.step.global_batch_size, built.model_config.vision.image_size,
         jax.process_index(), jax.process_count(),
         start_state=data_iterator.local_state(built.progress.get("data_states"), jax.process_index(), jax.process_count()),
         source=source,
