@@ -516,7 +516,7 @@ class Need:
 
 
 LOGIT_BIAS = Need("a learned logit bias", "logit_bias_init", "-10.0, SigLIP's")
-CAPTION_DECODER = Need("a caption decoder", "decoder", "{'width': 512, 'heads': 8, 'layers': 6}")
+CAPTION_DECODER = Need("a caption decoder", "decoder", "--config.model.overrides.decoder.layers=6")
 BAG_OF_WORDS_HEAD = Need("a bag-of-words head", "bag_of_words", "True")
 
 # The terms an objective may sum, in the order zero-shot prefers their heads: "contrastive" (a loss

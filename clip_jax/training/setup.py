@@ -185,13 +185,8 @@ def _model_and_state(
         had_ema = record_has_ema(record)
         abstract, shardings = abstract_train_state(CLIP(model_config), tx, settings.seed, mesh, had_ema)
         shardings = shardings.replace(ema_params=shardings.params if ema else None)  # laid out like params
-        restored.update(
-            tokenizer=tokenizer,
-            model_config=model_config,
-            state_shardings=shardings,
-            had_ema=had_ema,
-            honoured=honoured,
-        )
+        restored.update(tokenizer=tokenizer, model_config=model_config, state_shardings=shardings)
+        restored.update(had_ema=had_ema, honoured=honoured)
         return abstract
 
     resumed = checkpointer.restore_newest(abstract_state_for, announce=metrics.announce)
