@@ -18,9 +18,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, model directory or checkpoint file.", required=True)
-flags.DEFINE_string(
-    "model", None, "Model name for a PyTorch file whose architecture should not be read off shapes."
-)
+flags.DEFINE_string("model", None, "Model name for a PyTorch file whose architecture should not be read off shapes.")
 flags.DEFINE_list("tasks", None, "Comma-separated: zero_shot, retrieval, linear_probe, few_shot (default: zero_shot).")
 flags.DEFINE_list(
     "datasets", None,
