@@ -52,6 +52,9 @@ import os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
 from clip_jax.training import checkpointing
 
+# A Ctrl-C reaches a run started from a terminal: Python's own handler, even when the tests run as
+# a background job (whose shell starts it, and so this process, with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SIGNALS = {int(step): getattr(signal, name)
            for step, name in (item.split(":") for item in os.environ["SIGNAL_AT"].split(","))}
 original_save = checkpointing.TrainingCheckpointer.save
