@@ -95,11 +95,13 @@ def config_dict(cls: type) -> ml_collections.ConfigDict:
     return config
 
 
-def _refuse(name: str, expected: str, value: Any) -> None:
+def refuse(name: str, expected: str, value: Any) -> None:
+    """The one-line error of every setting: `name must be expected; got value`."""
     raise ValueError(f"{name} must be {expected}; got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (True is an int to isinstance)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -116,13 +118,13 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
                 return coerce(value, option, name)
             except ValueError:
                 continue
-        _refuse(name, " or ".join(_describe(option) for option in options), value)
+        refuse(name, " or ".join(_describe(option) for option in options), value)
     origin = typing.get_origin(hint)
     if hint is float:
-        if _is_int(value) or isinstance(value, float):
+        if is_int(value) or isinstance(value, float):
             return float(value)
     elif hint is int:
-        if _is_int(value):
+        if is_int(value):
             return value
     elif hint is bool:
         if isinstance(value, bool):
@@ -142,18 +144,18 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return read(hint, value, f"{name}.")
     else:
         return value
-    _refuse(name, _describe(hint), value)
+    refuse(name, _describe(hint), value)
 
 
 def _coerce_tuple(value: Any, arguments: tuple[Any, ...], name: str) -> tuple[Any, ...]:
     if isinstance(value, str) and arguments[:1] == (str,):
         return tuple(item.strip() for item in value.split(",") if item.strip())
     if not isinstance(value, Sequence) or isinstance(value, str):
-        _refuse(name, f"a sequence of {_describe(arguments[0])}", value)
+        refuse(name, f"a sequence of {_describe(arguments[0])}", value)
     if len(arguments) == 2 and arguments[1] is Ellipsis:
         return tuple(coerce(item, arguments[0], name) for item in value)
     if len(value) != len(arguments):
-        _refuse(name, f"{len(arguments)} values", value)
+        refuse(name, f"{len(arguments)} values", value)
     return tuple(coerce(item, argument, name) for item, argument in zip(value, arguments))
 
 

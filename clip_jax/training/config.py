@@ -78,11 +78,7 @@ def paper_config() -> ml_collections.ConfigDict:
 
 def _require(condition: bool, field: str, value: Any, expected: str) -> None:
     if not condition:
-        raise ValueError(f"{field} must be {expected}; got {value!r}")
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        schema.refuse(field, expected, value)
 
 
 def _finite(value: float) -> bool:
@@ -115,9 +111,9 @@ class OptimizerSettings:
         # A negative rate trains uphill, zero not at all, and NaN or inf poisons the first update.
         _require(_finite(self.learning_rate) and self.learning_rate > 0, "optimizer.learning_rate",
                  self.learning_rate, "a finite number > 0")  # fmt: skip
-        _require(_is_integer(self.total_steps) and self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
+        _require(schema.is_int(self.total_steps) and self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
         # The cosine divides by total - warmup.
-        _require(_is_integer(self.warmup_steps) and 0 <= self.warmup_steps < self.total_steps,
+        _require(schema.is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.total_steps,
                  "optimizer.warmup_steps", self.warmup_steps, f">= 0 and below total_steps ({self.total_steps})")  # fmt: skip
         for name in ("b1", "b2"):  # Adam's bias correction divides by 1 - beta ** t
             value = getattr(self, name)
@@ -182,7 +178,7 @@ class NonFiniteSettings:
         _require(self.policy in NONFINITE_POLICIES, "nonfinite.policy", self.policy, f"one of {NONFINITE_POLICIES}")
         # No "unlimited": a run whose every step is non-finite is not training, only spending its
         # budget; a large limit says the same thing explicitly.
-        _require(_is_integer(self.max_consecutive_skips) and self.max_consecutive_skips >= 1,
+        _require(schema.is_int(self.max_consecutive_skips) and self.max_consecutive_skips >= 1,
                  "nonfinite.max_consecutive_skips", self.max_consecutive_skips,
                  ">= 1 (nonfinite.policy='stop' stops at the first non-finite step)")  # fmt: skip
 
@@ -228,9 +224,9 @@ class StepSettings:
     ema: EMASettings = EMASettings()
 
     def __post_init__(self) -> None:
-        _require(_is_integer(self.global_batch_size) and self.global_batch_size >= 1, "global_batch_size",
+        _require(schema.is_int(self.global_batch_size) and self.global_batch_size >= 1, "global_batch_size",
                  self.global_batch_size, ">= 1")  # fmt: skip
-        _require(_is_integer(self.accumulation_steps) and self.accumulation_steps >= 1, "accumulation_steps",
+        _require(schema.is_int(self.accumulation_steps) and self.accumulation_steps >= 1, "accumulation_steps",
                  self.accumulation_steps, ">= 1")  # fmt: skip
 
 
@@ -243,12 +239,18 @@ class CheckpointSettings:
 
     def __post_init__(self) -> None:
         _require(
-            _is_integer(self.every_steps) and self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, ">= 1"
+            schema.is_int(self.every_steps) and self.every_steps >= 1,
+            "checkpoint.every_steps",
+            self.every_steps,
+            ">= 1",
         )
         _require(
-            _is_integer(self.max_to_keep) and self.max_to_keep >= 1, "checkpoint.max_to_keep", self.max_to_keep, ">= 1"
+            schema.is_int(self.max_to_keep) and self.max_to_keep >= 1,
+            "checkpoint.max_to_keep",
+            self.max_to_keep,
+            ">= 1",
         )
-        _require(_is_integer(self.keep_period) and self.keep_period >= 0, "checkpoint.keep_period",
+        _require(schema.is_int(self.keep_period) and self.keep_period >= 0, "checkpoint.keep_period",
                  self.keep_period, ">= 0 (0 = off)")  # fmt: skip
 
 
@@ -262,13 +264,13 @@ class TokenizerSettings:
 
     def __post_init__(self) -> None:
         _require(self.kind in TOKENIZER_KINDS, "tokenizer.kind", self.kind, f"one of {TOKENIZER_KINDS}")
-        _require(_is_integer(self.context_length) and self.context_length >= 2, "tokenizer.context_length",
+        _require(schema.is_int(self.context_length) and self.context_length >= 2, "tokenizer.context_length",
                  self.context_length, ">= 2")  # fmt: skip
         if self.kind == "sentencepiece":
             _require(
-                _is_integer(self.vocab_size) and self.vocab_size >= 1, "tokenizer.vocab_size", self.vocab_size, ">= 1"
+                schema.is_int(self.vocab_size) and self.vocab_size >= 1, "tokenizer.vocab_size", self.vocab_size, ">= 1"
             )
-            _require(_is_integer(self.training_captions) and self.training_captions >= 1,
+            _require(schema.is_int(self.training_captions) and self.training_captions >= 1,
                      "tokenizer.training_captions", self.training_captions, ">= 1")  # fmt: skip
 
 
@@ -354,7 +356,9 @@ class EvalSettings:
     suite: EvaluationSettings | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        _require(_is_integer(self.every_steps) and self.every_steps >= 1, "eval_every_steps", self.every_steps, ">= 1")
+        _require(
+            schema.is_int(self.every_steps) and self.every_steps >= 1, "eval_every_steps", self.every_steps, ">= 1"
+        )
         _require(
             self.num_examples >= 0, "eval.num_examples", self.num_examples, ">= 0 (0 = no evaluation during training)"
         )
@@ -426,12 +430,6 @@ class Settings:
 # --------------------------------------------------------------------------------------------
 
 
-def _model(model: ModelSettings, loss: LossSettings) -> ModelSettings:
-    # An unknown name or override raises here, naming it; then what the objective needs of the model.
-    loss.objective.check_model(model.model_config())
-    return model
-
-
 def validate(config: ml_collections.ConfigDict, process_count: int | None = None) -> Settings:
     """The settings of `config`, every field read and checked here; ValueError naming the field
     otherwise. Builds nothing (so it runs before anything is compiled or written)."""
@@ -441,7 +439,8 @@ def validate(config: ml_collections.ConfigDict, process_count: int | None = None
         raise ValueError(
             f"global_batch_size {settings.global_batch_size} is not divisible by the {process_count} processes"
         )
-    _model(settings.model, settings.loss)
+    # An unknown model name or override raises here, naming it; then what the objective needs of it.
+    settings.loss.objective.check_model(settings.model.model_config())
     return settings
 
 
